@@ -1,0 +1,9 @@
+//! Edgefold's offline compressor: imports trained models, measures their redundancy, compresses
+//! them and packs them into the file format that `edgefold-runtime` opens.
+#![warn(missing_docs)]
+
+pub mod npy;
+pub mod reference;
+pub mod spectrum;
+pub mod tensor;
+pub mod text;
