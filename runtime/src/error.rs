@@ -1,0 +1,244 @@
+//! The runtime's error type. It never allocates, so it works without `alloc`.
+
+use core::fmt;
+
+/// A section of a packed file, named in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// The fixed-size header at the start of the file.
+    Header,
+    /// The table that locates every other section.
+    SectionTable,
+    /// UTF-8 names of tensors, ops and symbols.
+    Strings,
+    /// Symbolic dimensions with their maximum values.
+    Symbols,
+    /// The tensor table.
+    Tensors,
+    /// The op list.
+    Ops,
+    /// Graph inputs and outputs.
+    Io,
+    /// Key-value metadata.
+    Metadata,
+    /// Constant tensor data.
+    Weights,
+}
+
+/// Everything that can go wrong when opening a file or running a session.
+///
+/// Messages name the offending value and the limit it broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The buffer is shorter than a structure that must fit in it.
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Bytes needed from the start of the buffer.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// The file does not start with the Edgefold magic bytes.
+    BadMagic,
+    /// The file was written by an incompatible format version.
+    UnsupportedVersion {
+        /// Major version found in the file.
+        major: u16,
+        /// Minor version found in the file.
+        minor: u16,
+    },
+    /// A stored checksum does not match the bytes it covers.
+    ChecksumMismatch {
+        /// The section whose bytes changed.
+        section: Section,
+        /// Checksum stored in the file.
+        stored: u32,
+        /// Checksum of the bytes as found.
+        computed: u32,
+    },
+    /// A section is missing, repeated, misplaced or has an inconsistent length.
+    InvalidSection {
+        /// The section concerned.
+        section: Section,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The file's buffer does not start at an address aligned as the format requires.
+    MisalignedBuffer {
+        /// Required alignment in bytes.
+        required: usize,
+    },
+    /// The runtime only maps files zero-copy on little-endian processors.
+    BigEndianHost,
+    /// A tensor table entry is invalid.
+    InvalidTensor {
+        /// Index of the tensor in the table.
+        tensor: u32,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An op record is invalid or inconsistent with its tensors.
+    InvalidOp {
+        /// Index of the op in the op list.
+        op: u32,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A name or metadata string is out of bounds or not UTF-8.
+    InvalidString {
+        /// Offset of the string in the strings section.
+        offset: u32,
+    },
+    /// The arena passed to a session is smaller than the file requires.
+    ArenaTooSmall {
+        /// Bytes required, including the padding needed to align the arena's start.
+        required: u64,
+        /// Bytes provided.
+        provided: u64,
+    },
+    /// No graph input or output has this index or name.
+    UnknownIo {
+        /// Index asked for (`u32::MAX` when looked up by name).
+        index: u32,
+    },
+    /// An input was given with the wrong element type.
+    InputDtypeMismatch {
+        /// Input index.
+        input: u32,
+        /// Element type the model expects.
+        expected: crate::format::DType,
+        /// Element type given.
+        given: crate::format::DType,
+    },
+    /// An input shape does not match the model's declared shape.
+    InputShapeMismatch {
+        /// Input index.
+        input: u32,
+        /// Axis that does not match.
+        axis: u32,
+        /// Extent the model expects at that axis (for a symbolic axis: its maximum).
+        expected: u64,
+        /// Extent given.
+        given: u64,
+    },
+    /// Two inputs bind the same symbolic dimension to different values.
+    SymbolConflict {
+        /// Index of the symbol.
+        symbol: u32,
+        /// Value bound first.
+        first: u64,
+        /// Conflicting value.
+        second: u64,
+    },
+    /// `run` was called before every input was set.
+    InputNotSet {
+        /// Index of the first input not yet set.
+        input: u32,
+    },
+    /// An output was read before a successful `run`.
+    NotRun,
+    /// An index read from a tensor at run time is out of range.
+    IndexOutOfRange {
+        /// Op that read the index.
+        op: u32,
+        /// The index value.
+        index: i64,
+        /// Extent of the indexed axis.
+        extent: u64,
+    },
+    /// A shape computed at run time is inconsistent (for example a slice past the end).
+    RuntimeShape {
+        /// Op that found it.
+        op: u32,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for Section {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Section::Header => "header",
+            Section::SectionTable => "section table",
+            Section::Strings => "strings",
+            Section::Symbols => "symbols",
+            Section::Tensors => "tensor table",
+            Section::Ops => "op list",
+            Section::Io => "inputs and outputs",
+            Section::Metadata => "metadata",
+            Section::Weights => "weights",
+        };
+        f.write_str(name)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Error::Truncated { what, needed, available } => write!(
+                f,
+                "file truncated: {what} needs {needed} bytes but only {available} are present"
+            ),
+            Error::BadMagic => f.write_str("not an Edgefold file: the magic bytes are missing"),
+            Error::UnsupportedVersion { major, minor } => write!(
+                f,
+                "format version {major}.{minor} is not supported by this runtime (reads {}.x); \
+                 rebuild the file with a matching compressor or upgrade the runtime",
+                crate::format::VERSION_MAJOR
+            ),
+            Error::ChecksumMismatch { section, stored, computed } => write!(
+                f,
+                "checksum mismatch in the {section} section: stored {stored:#010x}, computed \
+                 {computed:#010x}; the file is corrupted"
+            ),
+            Error::InvalidSection { section, reason } => {
+                write!(f, "invalid {section} section: {reason}")
+            }
+            Error::MisalignedBuffer { required } => write!(
+                f,
+                "the file's buffer must start at an address aligned to {required} bytes; \
+                 place it in an aligned static or memory-map it"
+            ),
+            Error::BigEndianHost => {
+                f.write_str("this runtime reads files zero-copy only on little-endian processors")
+            }
+            Error::InvalidTensor { tensor, reason } => {
+                write!(f, "invalid tensor {tensor}: {reason}")
+            }
+            Error::InvalidOp { op, reason } => write!(f, "invalid op {op}: {reason}"),
+            Error::InvalidString { offset } => {
+                write!(f, "invalid string at offset {offset}: out of bounds or not UTF-8")
+            }
+            Error::ArenaTooSmall { required, provided } => write!(
+                f,
+                "arena too small: the model needs {required} bytes, {provided} were provided"
+            ),
+            Error::UnknownIo { index } => write!(f, "no graph input or output with index {index}"),
+            Error::InputDtypeMismatch { input, expected, given } => {
+                write!(f, "input {input} expects {expected:?} elements, got {given:?}")
+            }
+            Error::InputShapeMismatch { input, axis, expected, given } => write!(
+                f,
+                "input {input} axis {axis}: extent {given} does not fit the model's {expected}"
+            ),
+            Error::SymbolConflict { symbol, first, second } => write!(
+                f,
+                "symbolic dimension {symbol} bound to {first} by one input and {second} by another"
+            ),
+            Error::InputNotSet { input } => write!(f, "input {input} was not set before run"),
+            Error::NotRun => f.write_str("outputs are only available after a successful run"),
+            Error::IndexOutOfRange { op, index, extent } => {
+                write!(f, "op {op}: index {index} out of range for an axis of extent {extent}")
+            }
+            Error::RuntimeShape { op, reason } => write!(f, "op {op}: {reason}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for Error {}
+
+/// Result type of the runtime.
+pub type Result<T> = core::result::Result<T, Error>;

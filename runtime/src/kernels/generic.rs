@@ -1,0 +1,418 @@
+//! Portable kernels over plain slices. Callers pass slices of exactly the lengths the shapes
+//! imply; the executor checks this before every call.
+
+use crate::format::MAX_RANK;
+use crate::ops::{BinaryKind, ReduceKind, UnaryKind};
+use crate::shape::Shape;
+
+/// Columns of weights dequantized at once into a stack buffer by [`linear`].
+pub const LINEAR_CHUNK: usize = 256;
+
+/// Source of weight rows for [`linear`]: writes `out.len()` values of row `row` starting at
+/// column `col` as f32.
+pub trait WeightRows {
+    /// Fills `out` with `w[row, col..col + out.len()]`.
+    fn fill(&self, row: usize, col: usize, out: &mut [f32]);
+}
+
+/// Dense f32 weights, row-major `[n, k]`.
+pub struct F32Rows<'a> {
+    /// The values.
+    pub w: &'a [f32],
+    /// Row length.
+    pub k: usize,
+}
+
+impl WeightRows for F32Rows<'_> {
+    fn fill(&self, row: usize, col: usize, out: &mut [f32]) {
+        let start = row * self.k + col;
+        out.copy_from_slice(&self.w[start..start + out.len()]);
+    }
+}
+
+/// Dense f16 weights, row-major `[n, k]`, as raw bits.
+pub struct F16Rows<'a> {
+    /// The values as IEEE binary16 bits.
+    pub w: &'a [u16],
+    /// Row length.
+    pub k: usize,
+}
+
+impl WeightRows for F16Rows<'_> {
+    fn fill(&self, row: usize, col: usize, out: &mut [f32]) {
+        let start = row * self.k + col;
+        let len = out.len();
+        for (o, &bits) in out.iter_mut().zip(&self.w[start..start + len]) {
+            *o = half::f16::from_bits(bits).to_f32();
+        }
+    }
+}
+
+/// Int8 weights with one scale per row.
+pub struct I8Rows<'a> {
+    /// Quantized values, row-major `[n, k]`.
+    pub q: &'a [i8],
+    /// One scale per row.
+    pub scales: &'a [f32],
+    /// Row length.
+    pub k: usize,
+}
+
+impl WeightRows for I8Rows<'_> {
+    fn fill(&self, row: usize, col: usize, out: &mut [f32]) {
+        let start = row * self.k + col;
+        let s = self.scales[row];
+        let len = out.len();
+        for (o, &q) in out.iter_mut().zip(&self.q[start..start + len]) {
+            *o = q as f32 * s;
+        }
+    }
+}
+
+/// Int4 weights in groups along each row, two per byte (low nibble first), one f16 scale per group.
+pub struct I4Rows<'a> {
+    /// Packed values; each row takes `k.div_ceil(2)` bytes.
+    pub packed: &'a [u8],
+    /// Scales as f16 bits, `[n, k / group]`.
+    pub scales: &'a [u16],
+    /// Row length.
+    pub k: usize,
+    /// Group length (even, divides `k`).
+    pub group: usize,
+}
+
+impl WeightRows for I4Rows<'_> {
+    fn fill(&self, row: usize, col: usize, out: &mut [f32]) {
+        let row_bytes = self.k.div_ceil(2);
+        let groups = self.k / self.group;
+        for (i, o) in out.iter_mut().enumerate() {
+            let c = col + i;
+            let byte = self.packed[row * row_bytes + c / 2];
+            let nibble = if c % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+            let q = ((nibble as i8) << 4) >> 4;
+            let scale = half::f16::from_bits(self.scales[row * groups + c / self.group]).to_f32();
+            *o = q as f32 * scale;
+        }
+    }
+}
+
+/// Dot product with eight independent accumulators, which compilers vectorize.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// `y[m, j] = bias[j] + Σ_c x[m, c] · w[j, c]` for `m < rows`, `j < n`, `c < k`.
+///
+/// Weights are turned into f32 [`LINEAR_CHUNK`] columns at a time, once per call, whatever
+/// `rows` is.
+pub fn linear<W: WeightRows>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &W,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    debug_assert!(x.len() >= rows * k && y.len() >= rows * n);
+    for m in 0..rows {
+        let out = &mut y[m * n..(m + 1) * n];
+        match bias {
+            Some(b) => out.copy_from_slice(&b[..n]),
+            None => out.fill(0.0),
+        }
+    }
+    let mut buf = [0f32; LINEAR_CHUNK];
+    for j in 0..n {
+        let mut col = 0;
+        while col < k {
+            let len = LINEAR_CHUNK.min(k - col);
+            let chunk = &mut buf[..len];
+            w.fill(j, col, chunk);
+            for m in 0..rows {
+                let xs = &x[m * k + col..m * k + col + len];
+                y[m * n + j] += dot(xs, chunk);
+            }
+            col += len;
+        }
+    }
+}
+
+/// One matrix product `c[m, n] = Σ_k a[m, k] · b[k, n]` (row-major), overwriting `c`.
+pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+    debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    for i in 0..m {
+        let row = &mut c[i * n..(i + 1) * n];
+        row.fill(0.0);
+        for p in 0..k {
+            let av = a[i * k + p];
+            let brow = &b[p * n..(p + 1) * n];
+            for (o, &bv) in row.iter_mut().zip(brow) {
+                *o += av * bv;
+            }
+        }
+    }
+}
+
+/// Iterates over every index of `shape` except the last axis, calling `f` with the element
+/// offsets that `strides_a` and `strides_b` give for that index.
+#[inline]
+pub fn for_each_outer(
+    shape: &Shape,
+    strides_a: &[usize; MAX_RANK],
+    strides_b: &[usize; MAX_RANK],
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let rank = shape.rank;
+    if rank == 0 {
+        f(0, 0, 0);
+        return;
+    }
+    let outer: usize = shape.dims[..rank - 1].iter().product();
+    let mut index = [0usize; MAX_RANK];
+    for o in 0..outer {
+        let mut off_a = 0;
+        let mut off_b = 0;
+        for ax in 0..rank - 1 {
+            off_a += index[ax] * strides_a[ax];
+            off_b += index[ax] * strides_b[ax];
+        }
+        f(o, off_a, off_b);
+        for ax in (0..rank - 1).rev() {
+            index[ax] += 1;
+            if index[ax] < shape.dims[ax] {
+                break;
+            }
+            index[ax] = 0;
+        }
+    }
+}
+
+fn binary_fn(kind: BinaryKind) -> fn(f32, f32) -> f32 {
+    match kind {
+        BinaryKind::Add => |a, b| a + b,
+        BinaryKind::Sub => |a, b| a - b,
+        BinaryKind::Mul => |a, b| a * b,
+        BinaryKind::Div => |a, b| a / b,
+        BinaryKind::Pow => |a, b| if b == 2.0 { a * a } else { libm::powf(a, b) },
+        BinaryKind::Max => |a, b| if a >= b || b.is_nan() { a } else { b },
+        BinaryKind::Min => |a, b| if a <= b || b.is_nan() { a } else { b },
+    }
+}
+
+/// Element-wise `out = a ∘ b` with NumPy broadcasting of `a` and `b` to `out_shape`.
+pub fn binary(
+    kind: BinaryKind,
+    a: &[f32],
+    a_shape: &Shape,
+    b: &[f32],
+    b_shape: &Shape,
+    out: &mut [f32],
+    out_shape: &Shape,
+) {
+    let f = binary_fn(kind);
+    if a_shape == out_shape && b_shape == out_shape {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = f(x, y);
+        }
+        return;
+    }
+    let sa = a_shape.broadcast_strides(out_shape);
+    let sb = b_shape.broadcast_strides(out_shape);
+    let last = if out_shape.rank == 0 { 1 } else { out_shape.dims[out_shape.rank - 1] };
+    let (la, lb) =
+        if out_shape.rank == 0 { (0, 0) } else { (sa[out_shape.rank - 1], sb[out_shape.rank - 1]) };
+    for_each_outer(out_shape, &sa, &sb, |o, off_a, off_b| {
+        let row = &mut out[o * last..(o + 1) * last];
+        for (i, r) in row.iter_mut().enumerate() {
+            *r = f(a[off_a + i * la], b[off_b + i * lb]);
+        }
+    });
+}
+
+/// Gauss error function.
+#[inline]
+pub fn erf(x: f32) -> f32 {
+    libm::erff(x)
+}
+
+/// Element-wise unary op, `out[i] = f(x[i])`.
+pub fn unary(kind: UnaryKind, alpha: f32, beta: f32, x: &[f32], out: &mut [f32]) {
+    fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    }
+    match kind {
+        UnaryKind::Neg => map(x, out, |v| -v),
+        UnaryKind::Abs => map(x, out, libm::fabsf),
+        UnaryKind::Sqrt => map(x, out, libm::sqrtf),
+        UnaryKind::Exp => map(x, out, libm::expf),
+        UnaryKind::Log => map(x, out, libm::logf),
+        UnaryKind::Erf => map(x, out, erf),
+        UnaryKind::Tanh => map(x, out, libm::tanhf),
+        UnaryKind::Sigmoid => map(x, out, |v| 1.0 / (1.0 + libm::expf(-v))),
+        UnaryKind::Relu => map(x, out, |v| if v > 0.0 { v } else { 0.0 }),
+        UnaryKind::Gelu => {
+            map(x, out, |v| 0.5 * v * (1.0 + erf(v * core::f32::consts::FRAC_1_SQRT_2)))
+        }
+        UnaryKind::GeluTanh => map(x, out, |v| {
+            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+            0.5 * v * (1.0 + libm::tanhf(C * (v + 0.044_715 * v * v * v)))
+        }),
+        UnaryKind::Reciprocal => map(x, out, |v| 1.0 / v),
+        UnaryKind::Clip => map(x, out, |v| {
+            let lo = if v < alpha { alpha } else { v };
+            if lo > beta {
+                beta
+            } else {
+                lo
+            }
+        }),
+        UnaryKind::Silu => map(x, out, |v| v / (1.0 + libm::expf(-v))),
+    }
+}
+
+/// Layer normalization of each row of length `d`.
+pub fn layer_norm(
+    x: &[f32],
+    gamma: &[f32],
+    beta: Option<&[f32]>,
+    eps: f32,
+    d: usize,
+    out: &mut [f32],
+) {
+    if d == 0 {
+        return;
+    }
+    for (row, orow) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = row.iter().sum::<f32>() / d as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / libm::sqrtf(var + eps);
+        for (i, o) in orow.iter_mut().enumerate() {
+            let b = beta.map_or(0.0, |b| b[i]);
+            *o = (row[i] - mean) * inv * gamma[i] + b;
+        }
+    }
+}
+
+/// Softmax over the middle axis of an `[outer, axis, inner]` view.
+pub fn softmax(x: &[f32], out: &mut [f32], outer: usize, axis: usize, inner: usize) {
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |a: usize| o * axis * inner + a * inner + i;
+            let mut max = f32::NEG_INFINITY;
+            for a in 0..axis {
+                max = if x[at(a)] > max { x[at(a)] } else { max };
+            }
+            let mut sum = 0.0;
+            for a in 0..axis {
+                let e = libm::expf(x[at(a)] - max);
+                out[at(a)] = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            for a in 0..axis {
+                out[at(a)] *= inv;
+            }
+        }
+    }
+}
+
+/// Reduction of `x` (shape `shape`) over the axes in the bit mask `axes` into `out`, laid out as
+/// the input shape with reduced axes of extent 1.
+pub fn reduce(kind: ReduceKind, x: &[f32], shape: &Shape, axes: u32, out: &mut [f32]) {
+    let mut out_shape = *shape;
+    let mut count = 1usize;
+    for ax in 0..shape.rank {
+        if axes & (1 << ax) != 0 {
+            out_shape.dims[ax] = 1;
+            count *= shape.dims[ax];
+        }
+    }
+    let init = match kind {
+        ReduceKind::Max => f32::NEG_INFINITY,
+        _ => 0.0,
+    };
+    out.fill(init);
+    let so = out_shape.broadcast_strides(shape);
+    let mut index = [0usize; MAX_RANK];
+    for &v in x.iter().take(shape.numel()) {
+        let mut o = 0;
+        for ax in 0..shape.rank {
+            o += index[ax] * so[ax];
+        }
+        match kind {
+            ReduceKind::Max => {
+                if v > out[o] {
+                    out[o] = v
+                }
+            }
+            _ => out[o] += v,
+        }
+        for ax in (0..shape.rank).rev() {
+            index[ax] += 1;
+            if index[ax] < shape.dims[ax] {
+                break;
+            }
+            index[ax] = 0;
+        }
+    }
+    if kind == ReduceKind::Mean && count > 0 {
+        let inv = 1.0 / count as f32;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// Copies `x` (shape `in_shape`) into `out` with axes permuted: output axis i is input axis
+/// `perm[i]`.
+pub fn transpose<T: Copy>(x: &[T], in_shape: &Shape, perm: &[u8; MAX_RANK], out: &mut [T]) {
+    let rank = in_shape.rank;
+    let in_strides = in_shape.strides();
+    let mut out_shape = *in_shape;
+    let mut strides = [0usize; MAX_RANK];
+    for i in 0..rank {
+        out_shape.dims[i] = in_shape.dims[perm[i] as usize];
+        strides[i] = in_strides[perm[i] as usize];
+    }
+    let zero = [0usize; MAX_RANK];
+    let last = if rank == 0 { 1 } else { out_shape.dims[rank - 1] };
+    let step = if rank == 0 { 0 } else { strides[rank - 1] };
+    for_each_outer(&out_shape, &strides, &zero, |o, off, _| {
+        let row = &mut out[o * last..(o + 1) * last];
+        for (i, r) in row.iter_mut().enumerate() {
+            *r = x[off + i * step];
+        }
+    });
+}
+
+/// Broadcasts `x` (shape `in_shape`) to `out_shape`.
+pub fn expand<T: Copy>(x: &[T], in_shape: &Shape, out: &mut [T], out_shape: &Shape) {
+    let s = in_shape.broadcast_strides(out_shape);
+    let zero = [0usize; MAX_RANK];
+    let last = if out_shape.rank == 0 { 1 } else { out_shape.dims[out_shape.rank - 1] };
+    let step = if out_shape.rank == 0 { 0 } else { s[out_shape.rank - 1] };
+    for_each_outer(out_shape, &s, &zero, |o, off, _| {
+        let row = &mut out[o * last..(o + 1) * last];
+        for (i, r) in row.iter_mut().enumerate() {
+            *r = x[off + i * step];
+        }
+    });
+}

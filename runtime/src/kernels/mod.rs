@@ -1,0 +1,4 @@
+//! Compute kernels. `generic` holds the portable versions every target can run; CPU-specific
+//! versions are added beside it and chosen at run time.
+
+pub mod generic;

@@ -1,0 +1,421 @@
+//! The runtime's op set and the binary encoding of op parameters.
+//!
+//! An op record in the op list is a 16-byte header (code u16, input count u8, output count u8,
+//! parameter bytes u16, reserved u16, name offset u32, name length u32), then the input tensor
+//! indices and the output tensor indices (u32 each, [`NO_TENSOR`](crate::format::NO_TENSOR) for an
+//! absent optional input), then the parameters as little-endian u32 words.
+
+use crate::error::{Error, Result};
+use crate::format::{MAX_RANK, OP_HEADER_LEN};
+
+/// Maximum number of parameter words of any op.
+pub const MAX_PARAM_WORDS: usize = 16;
+
+/// Element-wise binary operations, with NumPy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum BinaryKind {
+    /// a + b
+    Add = 0,
+    /// a - b
+    Sub = 1,
+    /// a × b
+    Mul = 2,
+    /// a / b
+    Div = 3,
+    /// a raised to b
+    Pow = 4,
+    /// max(a, b)
+    Max = 5,
+    /// min(a, b)
+    Min = 6,
+}
+
+/// Element-wise unary operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum UnaryKind {
+    /// -x
+    Neg = 0,
+    /// |x|
+    Abs = 1,
+    /// Square root.
+    Sqrt = 2,
+    /// e^x
+    Exp = 3,
+    /// Natural logarithm.
+    Log = 4,
+    /// Gauss error function.
+    Erf = 5,
+    /// Hyperbolic tangent.
+    Tanh = 6,
+    /// 1 / (1 + e^-x)
+    Sigmoid = 7,
+    /// max(x, 0)
+    Relu = 8,
+    /// x · Φ(x) with the exact normal CDF (the erf form).
+    Gelu = 9,
+    /// GELU by its tanh approximation.
+    GeluTanh = 10,
+    /// 1 / x
+    Reciprocal = 11,
+    /// x clamped to [alpha, beta].
+    Clip = 12,
+    /// x · sigmoid(x)
+    Silu = 13,
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ReduceKind {
+    /// Arithmetic mean.
+    Mean = 0,
+    /// Sum.
+    Sum = 1,
+    /// Maximum.
+    Max = 2,
+}
+
+/// An op with its parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Op {
+    /// `y[.., n] = Σ_k x[.., k] · w[n, k] + bias[n]`. Inputs: x (f32), w (constant `[N, K]`: f32,
+    /// f16, int8 per row or int4 groups), optional bias (f32 `[N]`).
+    Linear,
+    /// Batched matrix product with broadcast leading axes: `[.., M, K] × [.., K, N]`, f32.
+    MatMul,
+    /// Element-wise binary op on f32 with broadcasting.
+    Binary(BinaryKind),
+    /// Element-wise unary op on f32; `alpha` and `beta` are the bounds of [`UnaryKind::Clip`].
+    Unary {
+        /// Which function.
+        kind: UnaryKind,
+        /// First parameter (lower bound of Clip).
+        alpha: f32,
+        /// Second parameter (upper bound of Clip).
+        beta: f32,
+    },
+    /// Layer normalization over the last axis. Inputs: x, gamma, optional beta.
+    LayerNorm {
+        /// Added to the variance before the square root.
+        epsilon: f32,
+    },
+    /// Softmax along one axis.
+    Softmax {
+        /// The axis, non-negative.
+        axis: u32,
+    },
+    /// Reduction over the axes set in `axes` (bit i for axis i).
+    Reduce {
+        /// Which reduction.
+        kind: ReduceKind,
+        /// Bit mask of reduced axes.
+        axes: u32,
+        /// Whether reduced axes stay as extent 1.
+        keep_dims: bool,
+    },
+    /// Gathers slices of `data` along `axis` at integer `indices` (negative ones count from the
+    /// end). A [`Quant::PerRow`](crate::format::Quant::PerRow) int8 table along axis 0 yields f32.
+    Gather {
+        /// The indexed axis of `data`.
+        axis: u32,
+    },
+    /// Reinterprets the input with the output's shape (same elements, row-major order).
+    Reshape,
+    /// Permutes axes: output axis i is input axis `perm[i]`.
+    Transpose {
+        /// The permutation; entries past the rank are ignored.
+        perm: [u8; MAX_RANK],
+    },
+    /// Joins the inputs along `axis`.
+    Concat {
+        /// The joined axis.
+        axis: u32,
+    },
+    /// Takes `output extent` elements along each axis from `starts[i]` in steps of `steps[i]`.
+    Slice {
+        /// First index per axis.
+        starts: [u32; MAX_RANK],
+        /// Step per axis (non-zero; negative walks backwards).
+        steps: [i32; MAX_RANK],
+    },
+    /// Broadcasts the input to the output's shape.
+    Expand,
+    /// Converts elements to the output's element type.
+    Cast,
+    /// Chooses `x` where the boolean condition holds, else `y`, with broadcasting.
+    Where,
+}
+
+impl Op {
+    /// The op code stored in the record header.
+    pub fn code(&self) -> u16 {
+        match self {
+            Op::Linear => 1,
+            Op::MatMul => 2,
+            Op::Binary(_) => 3,
+            Op::Unary { .. } => 4,
+            Op::LayerNorm { .. } => 5,
+            Op::Softmax { .. } => 6,
+            Op::Reduce { .. } => 7,
+            Op::Gather { .. } => 8,
+            Op::Reshape => 9,
+            Op::Transpose { .. } => 10,
+            Op::Concat { .. } => 11,
+            Op::Slice { .. } => 12,
+            Op::Expand => 13,
+            Op::Cast => 14,
+            Op::Where => 15,
+        }
+    }
+
+    /// A short name for logs and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Linear => "Linear",
+            Op::MatMul => "MatMul",
+            Op::Binary(_) => "Binary",
+            Op::Unary { .. } => "Unary",
+            Op::LayerNorm { .. } => "LayerNorm",
+            Op::Softmax { .. } => "Softmax",
+            Op::Reduce { .. } => "Reduce",
+            Op::Gather { .. } => "Gather",
+            Op::Reshape => "Reshape",
+            Op::Transpose { .. } => "Transpose",
+            Op::Concat { .. } => "Concat",
+            Op::Slice { .. } => "Slice",
+            Op::Expand => "Expand",
+            Op::Cast => "Cast",
+            Op::Where => "Where",
+        }
+    }
+
+    /// Encodes the parameters into `words`, returning how many were used.
+    pub fn encode_params(&self, words: &mut [u32; MAX_PARAM_WORDS]) -> usize {
+        match *self {
+            Op::Linear | Op::MatMul | Op::Reshape | Op::Expand | Op::Cast | Op::Where => 0,
+            Op::Binary(kind) => {
+                words[0] = kind as u32;
+                1
+            }
+            Op::Unary { kind, alpha, beta } => {
+                words[0] = kind as u32;
+                words[1] = alpha.to_bits();
+                words[2] = beta.to_bits();
+                3
+            }
+            Op::LayerNorm { epsilon } => {
+                words[0] = epsilon.to_bits();
+                1
+            }
+            Op::Softmax { axis } | Op::Gather { axis } | Op::Concat { axis } => {
+                words[0] = axis;
+                1
+            }
+            Op::Reduce { kind, axes, keep_dims } => {
+                words[0] = kind as u32;
+                words[1] = axes;
+                words[2] = keep_dims as u32;
+                3
+            }
+            Op::Transpose { perm } => {
+                for (w, &p) in words.iter_mut().zip(perm.iter()) {
+                    *w = p as u32;
+                }
+                MAX_RANK
+            }
+            Op::Slice { starts, steps } => {
+                for i in 0..MAX_RANK {
+                    words[i] = starts[i];
+                    words[MAX_RANK + i] = steps[i] as u32;
+                }
+                2 * MAX_RANK
+            }
+        }
+    }
+
+    /// Decodes an op from its code and parameter words; `index` is used in errors.
+    pub fn decode(code: u16, words: &[u32], index: u32) -> Result<Op> {
+        let invalid = |reason| Error::InvalidOp { op: index, reason };
+        let word = |i: usize| words.get(i).copied().ok_or(invalid("too few parameters"));
+        let op = match code {
+            1 => Op::Linear,
+            2 => Op::MatMul,
+            3 => Op::Binary(match word(0)? {
+                0 => BinaryKind::Add,
+                1 => BinaryKind::Sub,
+                2 => BinaryKind::Mul,
+                3 => BinaryKind::Div,
+                4 => BinaryKind::Pow,
+                5 => BinaryKind::Max,
+                6 => BinaryKind::Min,
+                _ => return Err(invalid("unknown binary op kind")),
+            }),
+            4 => {
+                let kind = match word(0)? {
+                    0 => UnaryKind::Neg,
+                    1 => UnaryKind::Abs,
+                    2 => UnaryKind::Sqrt,
+                    3 => UnaryKind::Exp,
+                    4 => UnaryKind::Log,
+                    5 => UnaryKind::Erf,
+                    6 => UnaryKind::Tanh,
+                    7 => UnaryKind::Sigmoid,
+                    8 => UnaryKind::Relu,
+                    9 => UnaryKind::Gelu,
+                    10 => UnaryKind::GeluTanh,
+                    11 => UnaryKind::Reciprocal,
+                    12 => UnaryKind::Clip,
+                    13 => UnaryKind::Silu,
+                    _ => return Err(invalid("unknown unary op kind")),
+                };
+                Op::Unary { kind, alpha: f32::from_bits(word(1)?), beta: f32::from_bits(word(2)?) }
+            }
+            5 => Op::LayerNorm { epsilon: f32::from_bits(word(0)?) },
+            6 => Op::Softmax { axis: word(0)? },
+            7 => {
+                let kind = match word(0)? {
+                    0 => ReduceKind::Mean,
+                    1 => ReduceKind::Sum,
+                    2 => ReduceKind::Max,
+                    _ => return Err(invalid("unknown reduction kind")),
+                };
+                Op::Reduce { kind, axes: word(1)?, keep_dims: word(2)? != 0 }
+            }
+            8 => Op::Gather { axis: word(0)? },
+            9 => Op::Reshape,
+            10 => {
+                let mut perm = [0u8; MAX_RANK];
+                for (i, p) in perm.iter_mut().enumerate() {
+                    let w = word(i)?;
+                    if w as usize >= MAX_RANK {
+                        return Err(invalid("transpose permutation entry out of range"));
+                    }
+                    *p = w as u8;
+                }
+                Op::Transpose { perm }
+            }
+            11 => Op::Concat { axis: word(0)? },
+            12 => {
+                let mut starts = [0u32; MAX_RANK];
+                let mut steps = [1i32; MAX_RANK];
+                for i in 0..MAX_RANK {
+                    starts[i] = word(i)?;
+                    steps[i] = word(MAX_RANK + i)? as i32;
+                }
+                Op::Slice { starts, steps }
+            }
+            13 => Op::Expand,
+            14 => Op::Cast,
+            15 => Op::Where,
+            _ => return Err(invalid("unknown op code")),
+        };
+        Ok(op)
+    }
+}
+
+/// Decoded header of one op record.
+#[derive(Clone, Copy, Debug)]
+pub struct OpRecord<'a> {
+    /// The op with its parameters.
+    pub op: Op,
+    /// Name offset and length in the strings section.
+    pub name: crate::format::StrRef,
+    /// Input tensor indices as raw little-endian bytes.
+    inputs: &'a [u8],
+    /// Output tensor indices as raw little-endian bytes.
+    outputs: &'a [u8],
+}
+
+impl<'a> OpRecord<'a> {
+    /// Number of inputs, absent optional ones included.
+    pub fn input_count(&self) -> usize {
+        self.inputs.len() / 4
+    }
+
+    /// Number of outputs.
+    pub fn output_count(&self) -> usize {
+        self.outputs.len() / 4
+    }
+
+    /// Tensor index of input `i` ([`NO_TENSOR`](crate::format::NO_TENSOR) when absent).
+    pub fn input(&self, i: usize) -> u32 {
+        read_u32(self.inputs, i)
+    }
+
+    /// Tensor index of output `i`.
+    pub fn output(&self, i: usize) -> u32 {
+        read_u32(self.outputs, i)
+    }
+
+    /// Decodes the record at the start of `bytes`, returning it and its total length.
+    pub fn parse(bytes: &'a [u8], index: u32) -> Result<(OpRecord<'a>, usize)> {
+        let r = crate::format::Reader::new(bytes, "op record");
+        let invalid = |reason| Error::InvalidOp { op: index, reason };
+        let code = r.u16(0)?;
+        let n_in = r.u8(2)? as usize;
+        let n_out = r.u8(3)? as usize;
+        let params_len = r.u16(4)? as usize;
+        if n_in > crate::format::MAX_OP_ARITY || n_out > crate::format::MAX_OP_ARITY {
+            return Err(invalid("too many inputs or outputs"));
+        }
+        if params_len % 4 != 0 || params_len / 4 > MAX_PARAM_WORDS {
+            return Err(invalid("parameter length is not a multiple of 4 or exceeds 64 bytes"));
+        }
+        let name = crate::format::StrRef { offset: r.u32(8)?, len: r.u32(12)? };
+        let in_end = OP_HEADER_LEN + 4 * n_in;
+        let out_end = in_end + 4 * n_out;
+        let total = out_end + params_len;
+        let record = bytes.get(..total).ok_or(Error::Truncated {
+            what: "op record",
+            needed: total as u64,
+            available: bytes.len() as u64,
+        })?;
+        let mut words = [0u32; MAX_PARAM_WORDS];
+        for (i, w) in words.iter_mut().take(params_len / 4).enumerate() {
+            *w = read_u32(&record[out_end..], i);
+        }
+        let op = Op::decode(code, &words[..params_len / 4], index)?;
+        let rec = OpRecord {
+            op,
+            name,
+            inputs: &record[OP_HEADER_LEN..in_end],
+            outputs: &record[in_end..out_end],
+        };
+        Ok((rec, total))
+    }
+}
+
+fn read_u32(bytes: &[u8], i: usize) -> u32 {
+    match bytes.get(4 * i..4 * i + 4) {
+        Some(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]),
+        _ => crate::format::NO_TENSOR,
+    }
+}
+
+/// Appends an encoded op record to `out`.
+#[cfg(feature = "alloc")]
+pub fn encode_op(
+    out: &mut alloc::vec::Vec<u8>,
+    op: &Op,
+    name: crate::format::StrRef,
+    inputs: &[u32],
+    outputs: &[u32],
+) {
+    let mut words = [0u32; MAX_PARAM_WORDS];
+    let n = op.encode_params(&mut words);
+    out.extend_from_slice(&op.code().to_le_bytes());
+    out.push(inputs.len() as u8);
+    out.push(outputs.len() as u8);
+    out.extend_from_slice(&((4 * n) as u16).to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&name.offset.to_le_bytes());
+    out.extend_from_slice(&name.len.to_le_bytes());
+    for &t in inputs.iter().chain(outputs) {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    for w in &words[..n] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}

@@ -1,0 +1,271 @@
+//! Per-op checks done once when a file is opened: tensor indices, element types, symbolic shapes
+//! and arena overlap. A shape relation that holds symbolically holds for every symbol value, so
+//! the executor only has to re-check what depends on data (indices, slice bounds).
+
+use crate::error::{Error, Result};
+use crate::format::{DType, Dim, Quant, TensorEntry, TensorKind, MAX_RANK};
+use crate::model::{is_absent, Model};
+use crate::ops::{Op, OpRecord};
+use crate::shape::{broadcasts_to, dims_product, expands_to};
+
+/// Checks one op record against the tensor table.
+pub(crate) fn check_op(model: &Model<'_>, index: u32, rec: &OpRecord<'_>) -> Result<()> {
+    let fail = |reason| Error::InvalidOp { op: index, reason };
+    model.string(rec.name)?;
+    let (n_in, n_out) = (rec.input_count(), rec.output_count());
+    let (min_in, max_in, outs) = arity(&rec.op);
+    if n_in < min_in || n_in > max_in || n_out != outs {
+        return Err(fail("wrong number of inputs or outputs for this op"));
+    }
+
+    let mut inputs = [None; crate::format::MAX_OP_ARITY];
+    for (i, slot) in inputs.iter_mut().enumerate().take(n_in) {
+        let t = rec.input(i);
+        if is_absent(t) {
+            if i < min_in {
+                return Err(fail("a required input is absent"));
+            }
+            continue;
+        }
+        let entry = model.tensor(t).map_err(|_| fail("input tensor index out of range"))?;
+        let quantized_ok = matches!((&rec.op, i), (Op::Linear, 1) | (Op::Gather { .. }, 0));
+        if entry.quant != Quant::None && !quantized_ok {
+            return Err(fail("a quantized tensor is used where only plain values are read"));
+        }
+        *slot = Some(entry);
+    }
+    let out_index = rec.output(0);
+    let out = model.tensor(out_index).map_err(|_| fail("output tensor index out of range"))?;
+    if out.kind != TensorKind::Activation || model.is_graph_input(out_index) {
+        return Err(fail("an output must be an activation that is not a graph input"));
+    }
+    check_overlap(index, rec, &inputs[..n_in], &out)?;
+
+    let input = |i: usize| inputs.get(i).copied().flatten().ok_or(fail("missing input"));
+    check_shapes(index, &rec.op, &input, n_in, &out)
+}
+
+/// Minimum inputs, maximum inputs and output count of each op.
+fn arity(op: &Op) -> (usize, usize, usize) {
+    match op {
+        Op::Linear => (2, 3, 1),
+        Op::MatMul | Op::Binary(_) | Op::Gather { .. } => (2, 2, 1),
+        Op::LayerNorm { .. } => (2, 3, 1),
+        Op::Concat { .. } => (1, crate::format::MAX_OP_ARITY, 1),
+        Op::Where => (3, 3, 1),
+        _ => (1, 1, 1),
+    }
+}
+
+/// Inputs and the output of one op must not share arena bytes, except a reshape in place.
+fn check_overlap(
+    index: u32,
+    rec: &OpRecord<'_>,
+    inputs: &[Option<TensorEntry>],
+    out: &TensorEntry,
+) -> Result<()> {
+    let out_range = (out.offset, out.offset + out.byte_len);
+    for t in inputs.iter().flatten() {
+        if t.kind != TensorKind::Activation {
+            continue;
+        }
+        let same_place = t.offset == out.offset && t.byte_len == out.byte_len;
+        if matches!(rec.op, Op::Reshape) && same_place {
+            continue;
+        }
+        let disjoint = t.offset + t.byte_len <= out_range.0 || out_range.1 <= t.offset;
+        if !disjoint {
+            return Err(Error::InvalidOp {
+                op: index,
+                reason: "output overlaps an input in the arena",
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_shapes(
+    index: u32,
+    op: &Op,
+    input: &dyn Fn(usize) -> Result<TensorEntry>,
+    n_in: usize,
+    out: &TensorEntry,
+) -> Result<()> {
+    let fail = |reason| Error::InvalidOp { op: index, reason };
+    let ensure = |ok: bool, reason| if ok { Ok(()) } else { Err(fail(reason)) };
+    let one = Dim::constant(1);
+    match *op {
+        Op::Linear => {
+            let (x, w) = (input(0)?, input(1)?);
+            ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "linear works on f32")?;
+            ensure(w.kind == TensorKind::Const && w.rank == 2, "linear weight must be a constant")?;
+            let weight_ok = matches!(
+                (w.dtype, w.quant),
+                (DType::F32, Quant::None)
+                    | (DType::F16, Quant::None)
+                    | (DType::I8, Quant::PerRow)
+                    | (DType::I4, Quant::Grouped)
+            );
+            ensure(weight_ok, "unsupported weight storage")?;
+            let (n, k) = (w.dims[0], w.dims[1]);
+            let xs = x.shape();
+            ensure(!xs.is_empty() && xs[xs.len() - 1] == k, "input width differs from weight")?;
+            let os = out.shape();
+            ensure(os.len() == xs.len(), "output rank differs from input rank")?;
+            ensure(os[..os.len() - 1] == xs[..xs.len() - 1], "output leading axes differ")?;
+            ensure(os[os.len() - 1] == n, "output width differs from weight rows")?;
+            if n_in > 2 {
+                if let Ok(b) = input(2) {
+                    ensure(b.dtype == DType::F32 && b.shape() == [n], "bias must be f32 [N]")?;
+                }
+            }
+            Ok(())
+        }
+        Op::MatMul => {
+            let (a, b) = (input(0)?, input(1)?);
+            let all_f32 = [a.dtype, b.dtype, out.dtype].iter().all(|&d| d == DType::F32);
+            ensure(all_f32, "matmul works on f32")?;
+            let (sa, sb, so) = (a.shape(), b.shape(), out.shape());
+            ensure(sa.len() >= 2 && sb.len() >= 2 && so.len() >= 2, "matmul needs rank >= 2")?;
+            let (m, k) = (sa[sa.len() - 2], sa[sa.len() - 1]);
+            let (k2, n) = (sb[sb.len() - 2], sb[sb.len() - 1]);
+            ensure(k == k2, "inner extents differ")?;
+            ensure(so[so.len() - 2] == m && so[so.len() - 1] == n, "output extents differ")?;
+            let batch_ok =
+                broadcasts_to(&sa[..sa.len() - 2], &sb[..sb.len() - 2], &so[..so.len() - 2]);
+            ensure(batch_ok, "batch axes do not broadcast")
+        }
+        Op::Binary(_) => {
+            let (a, b) = (input(0)?, input(1)?);
+            let all_f32 = [a.dtype, b.dtype, out.dtype].iter().all(|&d| d == DType::F32);
+            ensure(all_f32, "binary ops work on f32")?;
+            ensure(broadcasts_to(a.shape(), b.shape(), out.shape()), "shapes do not broadcast")
+        }
+        Op::Unary { .. } => {
+            let x = input(0)?;
+            ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "unary ops work on f32")?;
+            ensure(x.shape() == out.shape(), "unary output shape differs from input")
+        }
+        Op::LayerNorm { .. } => {
+            let (x, gamma) = (input(0)?, input(1)?);
+            ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "layer norm works on f32")?;
+            ensure(x.shape() == out.shape() && x.rank >= 1, "layer norm shape mismatch")?;
+            let d = x.dims[x.rank as usize - 1];
+            ensure(gamma.dtype == DType::F32 && gamma.shape() == [d], "gamma must be f32 [D]")?;
+            if n_in > 2 {
+                if let Ok(beta) = input(2) {
+                    ensure(
+                        beta.dtype == DType::F32 && beta.shape() == [d],
+                        "beta must be f32 [D]",
+                    )?;
+                }
+            }
+            Ok(())
+        }
+        Op::Softmax { axis } => {
+            let x = input(0)?;
+            ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "softmax works on f32")?;
+            ensure(x.shape() == out.shape(), "softmax output shape differs")?;
+            ensure((axis as usize) < x.rank as usize, "softmax axis out of range")
+        }
+        Op::Reduce { axes, keep_dims, .. } => {
+            let x = input(0)?;
+            ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "reductions work on f32")?;
+            ensure(axes >> x.rank == 0 && axes != 0, "reduced axes out of range")?;
+            let mut expected = [one; MAX_RANK];
+            let mut rank = 0;
+            for (i, d) in x.shape().iter().enumerate() {
+                let reduced = axes & (1 << i) != 0;
+                if !reduced || keep_dims {
+                    expected[rank] = if reduced { one } else { *d };
+                    rank += 1;
+                }
+            }
+            ensure(out.shape() == &expected[..rank], "reduced shape mismatch")
+        }
+        Op::Gather { axis } => {
+            let (data, indices) = (input(0)?, input(1)?);
+            let axis = axis as usize;
+            ensure(axis < data.rank as usize, "gather axis out of range")?;
+            ensure(matches!(indices.dtype, DType::I64 | DType::I32), "indices must be integers")?;
+            let out_dtype = match (data.dtype, data.quant) {
+                (DType::I8, Quant::PerRow) => {
+                    ensure(axis == 0, "quantized tables are gathered along axis 0")?;
+                    DType::F32
+                }
+                (DType::I4, _) => return Err(fail("int4 tables cannot be gathered")),
+                (dtype, _) => dtype,
+            };
+            ensure(out.dtype == out_dtype, "gather output type mismatch")?;
+            let (ds, is) = (data.shape(), indices.shape());
+            let rank = ds.len() - 1 + is.len();
+            ensure(rank == out.rank as usize, "gather output rank mismatch")?;
+            let os = out.shape();
+            let ok = os[..axis] == ds[..axis]
+                && os[axis..axis + is.len()] == *is
+                && os[axis + is.len()..] == ds[axis + 1..];
+            ensure(ok, "gather output shape mismatch")
+        }
+        Op::Reshape => {
+            let x = input(0)?;
+            ensure(x.dtype == out.dtype, "reshape changes the element type")?;
+            let same = dims_product(x.shape()).is_some()
+                && dims_product(x.shape()) == dims_product(out.shape());
+            ensure(same, "reshape changes the element count")
+        }
+        Op::Transpose { perm } => {
+            let x = input(0)?;
+            let rank = x.rank as usize;
+            ensure(x.dtype == out.dtype && out.rank as usize == rank, "transpose mismatch")?;
+            let mut seen = [false; MAX_RANK];
+            for i in 0..rank {
+                let p = perm[i] as usize;
+                ensure(p < rank && !seen[p], "transpose permutation is invalid")?;
+                seen[p] = true;
+                ensure(out.dims[i] == x.dims[p], "transposed shape mismatch")?;
+            }
+            Ok(())
+        }
+        Op::Concat { axis } => {
+            let axis = axis as usize;
+            ensure(axis < out.rank as usize, "concat axis out of range")?;
+            let mut total = Dim { factor: 0, exponents: out.dims[axis].exponents };
+            for i in 0..n_in {
+                let x = input(i)?;
+                ensure(x.dtype == out.dtype && x.rank == out.rank, "concat input mismatch")?;
+                for a in 0..out.rank as usize {
+                    if a != axis {
+                        ensure(x.dims[a] == out.dims[a], "concat inputs differ off the axis")?;
+                    }
+                }
+                let d = x.dims[axis];
+                ensure(d.same_symbols(&total), "concat of unlike symbolic extents")?;
+                total.factor = total.factor.checked_add(d.factor).ok_or(fail("overflow"))?;
+            }
+            ensure(total == out.dims[axis], "concat output extent mismatch")
+        }
+        Op::Slice { steps, .. } => {
+            let x = input(0)?;
+            ensure(x.dtype == out.dtype && x.rank == out.rank, "slice input mismatch")?;
+            ensure(steps.iter().all(|&s| s != 0), "slice step is 0")
+        }
+        Op::Expand => {
+            let x = input(0)?;
+            ensure(x.dtype == out.dtype, "expand changes the element type")?;
+            ensure(expands_to(x.shape(), out.shape()), "input does not broadcast")
+        }
+        Op::Cast => {
+            let x = input(0)?;
+            ensure(x.shape() == out.shape(), "cast changes the shape")?;
+            let castable = |d: DType| d != DType::I4;
+            ensure(castable(x.dtype) && castable(out.dtype), "cast of int4 data")
+        }
+        Op::Where => {
+            let (c, x, y) = (input(0)?, input(1)?, input(2)?);
+            ensure(c.dtype == DType::Bool, "condition must be boolean")?;
+            ensure(x.dtype == out.dtype && y.dtype == out.dtype, "where branch type mismatch")?;
+            let xy = broadcasts_to(x.shape(), y.shape(), out.shape());
+            ensure(xy && expands_to(c.shape(), out.shape()), "shapes do not broadcast")
+        }
+    }
+}
