@@ -2,8 +2,12 @@
 //! them and packs them into the file format that `edgefold-runtime` opens.
 #![warn(missing_docs)]
 
+pub mod ir;
 pub mod npy;
+pub mod onnx;
+pub mod plan;
 pub mod reference;
 pub mod spectrum;
 pub mod tensor;
 pub mod text;
+pub mod writer;

@@ -201,10 +201,7 @@ pub fn attr_string(node: &NodeProto, name: &str) -> Option<String> {
 /// Element type and extents (None for unknown ones) of a graph input or output.
 pub fn value_type(v: &pb::ValueInfoProto) -> Option<(i32, Vec<DimSpec>)> {
     let ty = v.r#type.as_ref()?;
-    let tensor = match ty.value.as_ref()? {
-        pb::type_proto::Value::TensorType(t) => t,
-        _ => return None,
-    };
+    let pb::type_proto::Value::TensorType(tensor) = ty.value.as_ref()?;
     let dims = tensor
         .shape
         .as_ref()

@@ -1,0 +1,605 @@
+//! Lowering of ONNX nodes with run-time inputs into runtime ops, with symbolic shape inference.
+
+use edgefold_runtime::format::{DType, Dim, MAX_RANK};
+use edgefold_runtime::ops::{BinaryKind, Op, ReduceKind, UnaryKind};
+use tract_onnx::pb::NodeProto;
+
+use super::consts::{ConstTensor, SymInt};
+use super::fold::{
+    axes_of, norm_axis, perm_of, shape_slice, slice_axis, slice_spec, squeeze_shape,
+    unsqueeze_shape,
+};
+use super::proto::{attr_int, attr_string, dtype_of};
+use super::{invalid, Importer, NodeError, NodeResult, Val};
+use crate::ir::{Node, Storage};
+
+/// ONNX op types the importer handles (by folding, lowering or both).
+pub const SUPPORTED: &[&str] = &[
+    "Abs", "Add", "And", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape",
+    "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand", "Flatten", "Gather",
+    "Gelu", "Gemm", "Greater", "Identity", "LayerNormalization", "Less", "Log", "MatMul", "Max",
+    "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Range", "Reciprocal", "ReduceMax",
+    "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Size", "Slice", "Softmax",
+    "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+];
+
+impl From<u8> for SymDim {
+    fn from(v: u8) -> Self {
+        SymDim(Dim::constant(v as u32))
+    }
+}
+
+/// A [`Dim`] usable with the generic shape helpers of the folding code.
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct SymDim(Dim);
+
+struct Ctx<'a> {
+    node: &'a NodeProto,
+    name: &'a str,
+    inputs: &'a [Option<Val>],
+}
+
+impl Ctx<'_> {
+    fn input(&self, i: usize) -> NodeResult<&Val> {
+        self.inputs.get(i).and_then(Option::as_ref).ok_or_else(|| NodeError::Invalid(format!("input {i} is missing")))
+    }
+
+    fn opt(&self, i: usize) -> Option<&Val> {
+        self.inputs.get(i).and_then(Option::as_ref)
+    }
+
+    fn konst(&self, i: usize) -> NodeResult<&ConstTensor> {
+        match self.input(i)? {
+            Val::Const(c) => Ok(c),
+            _ => Err(NodeError::Unsupported(format!("input {i} must be a constant"))),
+        }
+    }
+
+    fn hint(&self, i: usize) -> String {
+        self.node.input.get(i).cloned().unwrap_or_else(|| format!("{}.{i}", self.name))
+    }
+}
+
+/// Lowers one node whose inputs are not all constant.
+pub(crate) fn lower(
+    imp: &mut Importer,
+    node: &NodeProto,
+    name: &str,
+    inputs: &[Option<Val>],
+) -> NodeResult<Vec<Val>> {
+    let cx = Ctx { node, name, inputs };
+    let op_type = node.op_type.as_str();
+    let val = match op_type {
+        "Identity" | "Dropout" => cx.input(0)?.clone(),
+        "Shape" => {
+            let id = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let dims = imp.graph.values[id].shape.iter().map(|&d| SymInt::from_dim(d)).collect();
+            Val::Const(shape_slice(node, dims))
+        }
+        "Size" => {
+            let id = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let mut n = SymInt::Int(1);
+            for &d in &imp.graph.values[id].shape {
+                n = n.mul(SymInt::from_dim(d)).ok_or(NodeError::Unsupported("size overflows".into()))?;
+            }
+            Val::Const(ConstTensor::Int { shape: vec![], data: vec![n], dtype: DType::I64 })
+        }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" => {
+            let kind = match op_type {
+                "Add" => BinaryKind::Add,
+                "Sub" => BinaryKind::Sub,
+                "Mul" => BinaryKind::Mul,
+                "Div" => BinaryKind::Div,
+                "Pow" => BinaryKind::Pow,
+                "Max" => BinaryKind::Max,
+                _ => BinaryKind::Min,
+            };
+            binary(imp, &cx, kind)?
+        }
+        "Sqrt" | "Exp" | "Log" | "Erf" | "Tanh" | "Sigmoid" | "Relu" | "Neg" | "Abs"
+        | "Reciprocal" | "Gelu" => {
+            let kind = match op_type {
+                "Sqrt" => UnaryKind::Sqrt,
+                "Exp" => UnaryKind::Exp,
+                "Log" => UnaryKind::Log,
+                "Erf" => UnaryKind::Erf,
+                "Tanh" => UnaryKind::Tanh,
+                "Sigmoid" => UnaryKind::Sigmoid,
+                "Relu" => UnaryKind::Relu,
+                "Neg" => UnaryKind::Neg,
+                "Abs" => UnaryKind::Abs,
+                "Reciprocal" => UnaryKind::Reciprocal,
+                _ => match attr_string(node, "approximate").as_deref() {
+                    Some("tanh") => UnaryKind::GeluTanh,
+                    _ => UnaryKind::Gelu,
+                },
+            };
+            unary(imp, &cx, kind, 0.0, 0.0)?
+        }
+        "Clip" => {
+            let bound = |i: usize, attr: &str, default: f32| -> NodeResult<f32> {
+                if imp.opset() >= 11 {
+                    match cx.opt(i) {
+                        Some(Val::Const(c)) => c.to_f32().and_then(|v| v.first().copied()).ok_or(NodeError::Invalid("invalid clip bound".into())),
+                        Some(_) => Err(NodeError::Unsupported("clip bounds computed at run time".into())),
+                        None => Ok(default),
+                    }
+                } else {
+                    Ok(super::fold::float_attr(node, attr, default))
+                }
+            };
+            let (lo, hi) = (bound(1, "min", f32::NEG_INFINITY)?, bound(2, "max", f32::INFINITY)?);
+            unary(imp, &cx, UnaryKind::Clip, lo, hi)?
+        }
+        "MatMul" => matmul(imp, &cx)?,
+        "Gemm" => gemm(imp, &cx)?,
+        "LayerNormalization" => {
+            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let rank = imp.graph.values[x].shape.len();
+            let axis = norm_axis(attr_int(node, "axis", -1), rank)?;
+            if axis + 1 != rank {
+                return Err(NodeError::Unsupported("normalization over more than the last axis".into()));
+            }
+            if node.output.iter().skip(1).any(|o| !o.is_empty()) {
+                return Err(NodeError::Unsupported("mean and inverse deviation outputs".into()));
+            }
+            let gamma = imp.value_id(cx.input(1)?, &cx.hint(1))?;
+            let beta = match cx.opt(2) {
+                Some(v) => Some(imp.value_id(v, &cx.hint(2))?),
+                None => None,
+            };
+            let epsilon = super::fold::float_attr(node, "epsilon", 1e-5);
+            emit_same(imp, &cx, Op::LayerNorm { epsilon }, vec![Some(x), Some(gamma), beta], x)?
+        }
+        "Softmax" => {
+            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let rank = imp.graph.values[x].shape.len();
+            let axis = norm_axis(attr_int(node, "axis", if imp.opset() >= 13 { -1 } else { 1 }), rank)?;
+            if imp.opset() < 13 && axis + 1 != rank {
+                return Err(NodeError::Unsupported("opset < 13 softmax over several axes".into()));
+            }
+            emit_same(imp, &cx, Op::Softmax { axis: axis as u32 }, vec![Some(x)], x)?
+        }
+        "ReduceMean" | "ReduceSum" | "ReduceMax" => reduce(imp, &cx)?,
+        "Gather" => gather(imp, &cx)?,
+        "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" => reshape(imp, &cx)?,
+        "Transpose" => {
+            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let v = &imp.graph.values[x];
+            let perm = perm_of(node, v.shape.len())?;
+            if perm.len() > MAX_RANK {
+                return Err(NodeError::Unsupported("rank above 6".into()));
+            }
+            let shape: Vec<Dim> = perm.iter().map(|&p| v.shape[p]).collect();
+            let mut p = [0u8; MAX_RANK];
+            for (i, &a) in perm.iter().enumerate() {
+                p[i] = a as u8;
+            }
+            for (i, slot) in p.iter_mut().enumerate().skip(perm.len()) {
+                *slot = i as u8;
+            }
+            let dtype = v.dtype;
+            emit(imp, &cx, Op::Transpose { perm: p }, vec![Some(x)], dtype, shape)?
+        }
+        "Concat" => concat(imp, &cx)?,
+        "Slice" => slice(imp, &cx)?,
+        "Expand" => {
+            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let target = dims_of(cx.konst(1)?)?;
+            let v = &imp.graph.values[x];
+            let shape = broadcast_dims(&v.shape, &target).ok_or(NodeError::Invalid("expand shapes do not broadcast".into()))?;
+            let dtype = v.dtype;
+            if shape == v.shape {
+                Val::Runtime(x)
+            } else {
+                emit(imp, &cx, Op::Expand, vec![Some(x)], dtype, shape)?
+            }
+        }
+        "ConstantOfShape" => {
+            let target = dims_of(cx.konst(0)?)?;
+            let value = match super::proto::attr(node, "value").and_then(|a| a.t.as_ref()) {
+                Some(t) => super::proto::tensor(t, std::path::Path::new(".")).map_err(NodeError::Invalid)?,
+                None => ConstTensor::F32 { shape: vec![1], data: vec![0.0] },
+            };
+            let scalar = Val::Const(value.reshaped(vec![1]));
+            let id = imp.value_id(&scalar, &format!("{}.value", cx.name))?;
+            let dtype = imp.graph.values[id].dtype;
+            emit(imp, &cx, Op::Expand, vec![Some(id)], dtype, target)?
+        }
+        "Cast" => {
+            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let to = dtype_of(attr_int(node, "to", 1) as i32).ok_or(NodeError::Unsupported("cast to this element type".into()))?;
+            let v = &imp.graph.values[x];
+            if v.dtype == to {
+                Val::Runtime(x)
+            } else {
+                let shape = v.shape.clone();
+                emit(imp, &cx, Op::Cast, vec![Some(x)], to, shape)?
+            }
+        }
+        "Where" => {
+            let ids = (0..3).map(|i| imp.value_id(cx.input(i)?, &cx.hint(i))).collect::<NodeResult<Vec<_>>>()?;
+            let v = &imp.graph.values;
+            if v[ids[0]].dtype != DType::Bool {
+                return invalid("where condition is not boolean");
+            }
+            let shape = broadcast_dims(&v[ids[1]].shape, &v[ids[2]].shape)
+                .and_then(|s| broadcast_dims(&v[ids[0]].shape, &s))
+                .ok_or(NodeError::Invalid("where operands do not broadcast".into()))?;
+            let dtype = v[ids[1]].dtype;
+            emit(imp, &cx, Op::Where, ids.into_iter().map(Some).collect(), dtype, shape)?
+        }
+        other => return Err(NodeError::Unsupported(format!("{other} on values computed at run time"))),
+    };
+    Ok(vec![val])
+}
+
+/// Adds a node with one new output value.
+fn emit(
+    imp: &mut Importer,
+    cx: &Ctx<'_>,
+    op: Op,
+    inputs: Vec<Option<usize>>,
+    dtype: DType,
+    shape: Vec<Dim>,
+) -> NodeResult<Val> {
+    if shape.len() > MAX_RANK {
+        return Err(NodeError::Unsupported("rank above 6".into()));
+    }
+    let out_name = cx.node.output.first().cloned().unwrap_or_else(|| cx.name.to_owned());
+    let out = imp.activation(&out_name, dtype, shape);
+    imp.graph.nodes.push(Node { name: cx.name.to_owned(), op, inputs, outputs: vec![out] });
+    Ok(Val::Runtime(out))
+}
+
+/// Adds a node whose output has the type and shape of value `like`.
+fn emit_same(imp: &mut Importer, cx: &Ctx<'_>, op: Op, inputs: Vec<Option<usize>>, like: usize) -> NodeResult<Val> {
+    let (dtype, shape) = (imp.graph.values[like].dtype, imp.graph.values[like].shape.clone());
+    if dtype != DType::F32 {
+        return Err(NodeError::Unsupported(format!("{:?} elements (only f32 is computed)", dtype)));
+    }
+    emit(imp, cx, op, inputs, dtype, shape)
+}
+
+fn unary(imp: &mut Importer, cx: &Ctx<'_>, kind: UnaryKind, alpha: f32, beta: f32) -> NodeResult<Val> {
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    emit_same(imp, cx, Op::Unary { kind, alpha, beta }, vec![Some(x)], x)
+}
+
+/// NumPy broadcast of symbolic shapes.
+pub(crate) fn broadcast_dims(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
+    let rank = a.len().max(b.len());
+    let one = Dim::constant(1);
+    (0..rank)
+        .map(|i| {
+            let x = if i + a.len() >= rank { a[i + a.len() - rank] } else { one };
+            let y = if i + b.len() >= rank { b[i + b.len() - rank] } else { one };
+            match (x, y) {
+                (x, y) if x == y => Some(x),
+                (x, y) if x == one => Some(y),
+                (x, y) if y == one => Some(x),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn dims_of(t: &ConstTensor) -> NodeResult<Vec<Dim>> {
+    let ints = t.as_ints().ok_or(NodeError::Invalid("a shape must be integers".into()))?;
+    ints.iter()
+        .map(|v| v.to_dim().ok_or(NodeError::Unsupported(format!("extent {v:?} (zero or negative)"))))
+        .collect()
+}
+
+fn binary(imp: &mut Importer, cx: &Ctx<'_>, kind: BinaryKind) -> NodeResult<Val> {
+    let a = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let b = imp.value_id(cx.input(1)?, &cx.hint(1))?;
+    let (va, vb) = (&imp.graph.values[a], &imp.graph.values[b]);
+    if va.dtype != DType::F32 || vb.dtype != DType::F32 {
+        return Err(NodeError::Unsupported(format!("arithmetic on {:?} values at run time", va.dtype)));
+    }
+    let shape = broadcast_dims(&va.shape, &vb.shape).ok_or_else(|| {
+        NodeError::Invalid(format!("shapes {:?} and {:?} do not broadcast", va.shape, vb.shape))
+    })?;
+    emit(imp, cx, Op::Binary(kind), vec![Some(a), Some(b)], DType::F32, shape)
+}
+
+/// Transposes a constant 2-D f32 matrix `[k, n]` into the kernel layout `[n, k]`.
+fn transposed(data: &[f32], k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; k * n];
+    for r in 0..k {
+        for c in 0..n {
+            out[c * k + r] = data[r * n + c];
+        }
+    }
+    out
+}
+
+fn linear(
+    imp: &mut Importer,
+    cx: &Ctx<'_>,
+    x: usize,
+    weight_nk: Vec<f32>,
+    n: usize,
+    k: usize,
+    bias: Option<Vec<f32>>,
+) -> NodeResult<Val> {
+    let xv = &imp.graph.values[x];
+    if xv.dtype != DType::F32 || xv.shape.last() != Some(&Dim::constant(k as u32)) {
+        return invalid(format!("matmul input {:?} does not end in the weight's {k} rows", xv.shape));
+    }
+    let mut shape = xv.shape.clone();
+    *shape.last_mut().expect("checked non-empty") = Dim::constant(n as u32);
+    let w_name = imp.unique_name(&format!("{}.weight", cx.name));
+    let w = imp.graph.add_const(w_name, vec![n, k], Storage::F32(weight_nk));
+    let b = bias.map(|b| {
+        let name = imp.unique_name(&format!("{}.bias", cx.name));
+        imp.graph.add_const(name, vec![n], Storage::F32(b))
+    });
+    emit(imp, cx, Op::Linear, vec![Some(x), Some(w), b], DType::F32, shape)
+}
+
+fn matmul(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    if let (Val::Runtime(_), Val::Const(ConstTensor::F32 { shape, data })) = (cx.input(0)?, cx.input(1)?) {
+        if shape.len() == 2 {
+            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+            let (k, n) = (shape[0], shape[1]);
+            return linear(imp, cx, x, transposed(data, k, n), n, k, None);
+        }
+    }
+    let a = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let b = imp.value_id(cx.input(1)?, &cx.hint(1))?;
+    let (sa, sb) = (imp.graph.values[a].shape.clone(), imp.graph.values[b].shape.clone());
+    if sa.len() < 2 || sb.len() < 2 {
+        return Err(NodeError::Unsupported("matmul of vectors".into()));
+    }
+    if sa[sa.len() - 1] != sb[sb.len() - 2] {
+        return invalid(format!("matmul inner extents differ: {sa:?} x {sb:?}"));
+    }
+    let mut shape = broadcast_dims(&sa[..sa.len() - 2], &sb[..sb.len() - 2])
+        .ok_or(NodeError::Invalid("matmul batch axes do not broadcast".into()))?;
+    shape.push(sa[sa.len() - 2]);
+    shape.push(sb[sb.len() - 1]);
+    emit(imp, cx, Op::MatMul, vec![Some(a), Some(b)], DType::F32, shape)
+}
+
+fn gemm(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let node = cx.node;
+    if attr_int(node, "transA", 0) != 0 {
+        return Err(NodeError::Unsupported("transA".into()));
+    }
+    let (shape, data) = match cx.konst(1)? {
+        ConstTensor::F32 { shape, data } if shape.len() == 2 => (shape.clone(), data.clone()),
+        _ => return Err(NodeError::Unsupported("a weight that is not a constant f32 matrix".into())),
+    };
+    let alpha = super::fold::float_attr(node, "alpha", 1.0);
+    let beta = super::fold::float_attr(node, "beta", 1.0);
+    let (n, k, mut w) = if attr_int(node, "transB", 0) != 0 {
+        (shape[0], shape[1], data)
+    } else {
+        (shape[1], shape[0], transposed(&data, shape[0], shape[1]))
+    };
+    w.iter_mut().for_each(|v| *v *= alpha);
+    let bias = match cx.opt(2) {
+        Some(Val::Const(c)) => {
+            let v = c.to_f32().ok_or(NodeError::Invalid("invalid gemm bias".into()))?;
+            let b: Vec<f32> = match v.len() {
+                1 => vec![v[0] * beta; n],
+                len if len == n => v.iter().map(|x| x * beta).collect(),
+                _ => return Err(NodeError::Unsupported("a gemm bias that is not per output".into())),
+            };
+            Some(b)
+        }
+        Some(_) => return Err(NodeError::Unsupported("a gemm bias computed at run time".into())),
+        None => None,
+    };
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    linear(imp, cx, x, w, n, k, bias)
+}
+
+fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let node = cx.node;
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let shape = imp.graph.values[x].shape.clone();
+    let input_from = if node.op_type == "ReduceSum" { 13 } else { 18 };
+    let consts: Vec<Option<&ConstTensor>> = cx.inputs.iter().map(|v| match v {
+        Some(Val::Const(c)) => Some(c),
+        _ => None,
+    }).collect();
+    let axes = axes_of(node, &consts, imp.opset(), input_from)?;
+    let keep = attr_int(node, "keepdims", 1) != 0;
+    let axes: Vec<usize> = match axes {
+        Some(a) if !a.is_empty() => a.iter().map(|&v| norm_axis(v, shape.len())).collect::<NodeResult<_>>()?,
+        _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(Val::Runtime(x)),
+        _ => (0..shape.len()).collect(),
+    };
+    let mut mask = 0u32;
+    for &a in &axes {
+        mask |= 1 << a;
+    }
+    let out: Vec<Dim> = shape
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &d)| match (mask & (1 << i) != 0, keep) {
+            (true, true) => Some(Dim::constant(1)),
+            (true, false) => None,
+            (false, _) => Some(d),
+        })
+        .collect();
+    let kind = match node.op_type.as_str() {
+        "ReduceMean" => ReduceKind::Mean,
+        "ReduceSum" => ReduceKind::Sum,
+        _ => ReduceKind::Max,
+    };
+    if imp.graph.values[x].dtype != DType::F32 {
+        return Err(NodeError::Unsupported("reductions of non-f32 values".into()));
+    }
+    emit(imp, cx, Op::Reduce { kind, axes: mask, keep_dims: keep }, vec![Some(x)], DType::F32, out)
+}
+
+fn gather(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let data = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let indices = imp.value_id(cx.input(1)?, &cx.hint(1))?;
+    let (dv, iv) = (&imp.graph.values[data], &imp.graph.values[indices]);
+    if !matches!(iv.dtype, DType::I64 | DType::I32) {
+        return invalid("gather indices must be integers");
+    }
+    let axis = norm_axis(attr_int(cx.node, "axis", 0), dv.shape.len())?;
+    let mut shape = dv.shape[..axis].to_vec();
+    shape.extend_from_slice(&iv.shape);
+    shape.extend_from_slice(&dv.shape[axis + 1..]);
+    let dtype = dv.dtype;
+    emit(imp, cx, Op::Gather { axis: axis as u32 }, vec![Some(data), Some(indices)], dtype, shape)
+}
+
+fn reshape(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let node = cx.node;
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let v = &imp.graph.values[x];
+    let input: Vec<SymDim> = v.shape.iter().map(|&d| SymDim(d)).collect();
+    let consts: Vec<Option<&ConstTensor>> = cx.inputs.iter().map(|v| match v {
+        Some(Val::Const(c)) => Some(c),
+        _ => None,
+    }).collect();
+    let shape: Vec<Dim> = match node.op_type.as_str() {
+        "Reshape" => {
+            let spec = cx.konst(1)?.as_ints().ok_or(NodeError::Invalid("reshape target must be integers".into()))?;
+            symbolic_reshape(&v.shape, spec, attr_int(node, "allowzero", 0) != 0)?
+        }
+        "Flatten" => {
+            let axis = norm_axis(attr_int(node, "axis", 1), v.shape.len() + 1)?;
+            let prod = |s: &[Dim]| s.iter().try_fold(Dim::constant(1), |a, d| a.checked_mul(*d));
+            vec![
+                prod(&v.shape[..axis]).ok_or(NodeError::Invalid("overflow".into()))?,
+                prod(&v.shape[axis..]).ok_or(NodeError::Invalid("overflow".into()))?,
+            ]
+        }
+        "Unsqueeze" => {
+            let axes = axes_of(node, &consts, imp.opset(), 13)?.unwrap_or_default();
+            unsqueeze_shape(&input, &axes)?.into_iter().map(|d| d.0).collect()
+        }
+        _ => {
+            let axes = axes_of(node, &consts, imp.opset(), 13)?;
+            squeeze_shape(&input, axes.as_deref())?.into_iter().map(|d| d.0).collect()
+        }
+    };
+    let dtype = v.dtype;
+    if shape == v.shape {
+        return Ok(Val::Runtime(x));
+    }
+    emit(imp, cx, Op::Reshape, vec![Some(x)], dtype, shape)
+}
+
+/// Resolves a reshape target (with 0 = copy and -1 = infer) against a symbolic input shape.
+fn symbolic_reshape(input: &[Dim], spec: &[SymInt], allow_zero: bool) -> NodeResult<Vec<Dim>> {
+    let mut total = SymInt::Int(1);
+    for &d in input {
+        total = total.mul(SymInt::from_dim(d)).ok_or(NodeError::Invalid("overflow".into()))?;
+    }
+    let mut out: Vec<Option<Dim>> = Vec::new();
+    for (i, &s) in spec.iter().enumerate() {
+        out.push(match s {
+            SymInt::Int(0) if !allow_zero => Some(*input.get(i).ok_or(NodeError::Invalid("reshape copies a missing axis".into()))?),
+            SymInt::Int(-1) => None,
+            other => Some(other.to_dim().ok_or(NodeError::Unsupported(format!("reshape extent {other:?}")))?),
+        });
+    }
+    let mut known = SymInt::Int(1);
+    for d in out.iter().flatten() {
+        known = known.mul(SymInt::from_dim(*d)).ok_or(NodeError::Invalid("overflow".into()))?;
+    }
+    let inferred = total.div(known);
+    let mut result = Vec::with_capacity(out.len());
+    let mut infers = 0;
+    for d in out {
+        match d {
+            Some(d) => result.push(d),
+            None => {
+                infers += 1;
+                let d = inferred
+                    .and_then(SymInt::to_dim)
+                    .ok_or(NodeError::Unsupported("reshape whose -1 extent is not a product of the input's".into()))?;
+                result.push(d);
+            }
+        }
+    }
+    if infers > 1 {
+        return invalid("reshape with more than one -1");
+    }
+    if infers == 0 && known != total {
+        return invalid(format!("reshape from {input:?} changes the element count"));
+    }
+    Ok(result)
+}
+
+fn concat(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let ids: Vec<usize> = (0..cx.inputs.len())
+        .filter(|&i| cx.opt(i).is_some())
+        .map(|i| imp.value_id(cx.input(i)?, &cx.hint(i)))
+        .collect::<NodeResult<_>>()?;
+    let first = imp.graph.values[ids[0]].clone();
+    let axis = norm_axis(attr_int(cx.node, "axis", 0), first.shape.len())?;
+    let mut total = SymInt::Int(0);
+    for &id in &ids {
+        let v = &imp.graph.values[id];
+        if v.dtype != first.dtype || v.shape.len() != first.shape.len() {
+            return invalid("concat inputs differ in type or rank");
+        }
+        total = total.add(SymInt::from_dim(v.shape[axis])).ok_or(NodeError::Unsupported("concat of unlike symbolic extents".into()))?;
+    }
+    let mut shape = first.shape.clone();
+    shape[axis] = total.to_dim().ok_or(NodeError::Invalid("empty concat".into()))?;
+    emit(imp, cx, Op::Concat { axis: axis as u32 }, ids.into_iter().map(Some).collect(), first.dtype, shape)
+}
+
+fn slice(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let consts: Vec<Option<&ConstTensor>> = cx.inputs.iter().map(|v| match v {
+        Some(Val::Const(c)) => Some(c),
+        Some(_) => None,
+        None => None,
+    }).collect();
+    if cx.inputs.iter().skip(1).flatten().any(|v| !matches!(v, Val::Const(_))) {
+        return Err(NodeError::Unsupported("slice bounds computed at run time".into()));
+    }
+    let spec = slice_spec(cx.node, &consts, imp.opset())?;
+    let v = imp.graph.values[x].clone();
+    let rank = v.shape.len();
+    let mut starts = [0u32; MAX_RANK];
+    let mut steps = [1i32; MAX_RANK];
+    let mut shape = v.shape.clone();
+    for i in 0..spec.axes.len() {
+        let axis = norm_axis(spec.axes[i], rank)?;
+        let step = spec.steps[i];
+        let dim = v.shape[axis];
+        let (start, len) = match (dim.as_constant(), spec.starts[i], spec.ends[i]) {
+            (Some(d), SymInt::Int(s), SymInt::Int(e)) => {
+                let (s, l) = slice_axis(d as i64, s, e, step);
+                (s, Dim::constant(l.max(0) as u32))
+            }
+            (_, SymInt::Int(0), end) if step == 1 => {
+                // Bounds that depend on a symbol: only prefixes [0, end) are representable.
+                let end_dim = match end {
+                    SymInt::Int(e) if e >= i32::MAX as i64 => dim,
+                    SymInt::Int(e) if dim.as_constant().is_none() && e > 0 => {
+                        return Err(NodeError::Unsupported(format!("slice end {e} on a variable axis")))
+                    }
+                    other => other.to_dim().ok_or(NodeError::Unsupported("slice to a negative end on a variable axis".into()))?,
+                };
+                (0, end_dim)
+            }
+            _ => return Err(NodeError::Unsupported("slice bounds that depend on a variable extent".into())),
+        };
+        if len.factor == 0 {
+            return Err(NodeError::Unsupported("empty slices".into()));
+        }
+        starts[axis] = start as u32;
+        steps[axis] = step as i32;
+        shape[axis] = len;
+    }
+    let dtype = v.dtype;
+    if shape == v.shape && steps.iter().all(|&s| s == 1) && starts.iter().all(|&s| s == 0) {
+        return Ok(Val::Runtime(x));
+    }
+    emit(imp, cx, Op::Slice { starts, steps }, vec![Some(x)], dtype, shape)
+}
