@@ -2,10 +2,14 @@
 //! them and packs them into the file format that `edgefold-runtime` opens.
 #![warn(missing_docs)]
 
+pub mod embed;
 pub mod ir;
 pub mod npy;
 pub mod onnx;
+pub mod passes;
+pub mod pipeline;
 pub mod plan;
+pub mod quantize;
 pub mod reference;
 pub mod spectrum;
 pub mod tensor;

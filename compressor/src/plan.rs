@@ -1,7 +1,7 @@
 //! Offline arena planning: every activation gets an offset in one arena, with buffers whose
 //! lifetimes overlap kept apart, and reshapes sharing their input's bytes.
 
-use edgefold_runtime::format::{SECTION_ALIGN, MAX_SYMBOLS};
+use edgefold_runtime::format::{MAX_SYMBOLS, SECTION_ALIGN};
 use edgefold_runtime::ops::Op;
 
 use crate::ir::{Graph, ValueId};

@@ -33,7 +33,9 @@ impl std::fmt::Display for WriteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WriteError::Unrepresentable(m) => write!(f, "cannot pack the model: {m}"),
-            WriteError::Io { path, source } => write!(f, "cannot write {}: {source}", path.display()),
+            WriteError::Io { path, source } => {
+                write!(f, "cannot write {}: {source}", path.display())
+            }
         }
     }
 }
@@ -69,7 +71,11 @@ fn dims_array(shape: &[Dim]) -> [Dim; MAX_RANK] {
 ///
 /// # Errors
 /// [`WriteError::Unrepresentable`] when a value exceeds the format's limits.
-pub fn pack(graph: &Graph, plan: &ArenaPlan, metadata: &[(String, Vec<u8>)]) -> Result<Vec<u8>, WriteError> {
+pub fn pack(
+    graph: &Graph,
+    plan: &ArenaPlan,
+    metadata: &[(String, Vec<u8>)],
+) -> Result<Vec<u8>, WriteError> {
     let bad = |m: String| WriteError::Unrepresentable(m);
     let mut strings = Strings::default();
     let mut weights: Vec<u8> = Vec::new();
@@ -99,19 +105,41 @@ pub fn pack(graph: &Graph, plan: &ArenaPlan, metadata: &[(String, Vec<u8>)]) -> 
                 quant: Quant::None,
                 scale_tensor: NO_TENSOR,
                 group_size: 0,
-                offset: plan.offsets[i].ok_or_else(|| bad(format!("{} has no arena offset", v.name)))?,
+                offset: plan.offsets[i]
+                    .ok_or_else(|| bad(format!("{} has no arena offset", v.name)))?,
                 byte_len: plan.sizes[i],
                 dims,
             },
             Some(data) => {
                 let (bytes, quant, scale, group): (Vec<u8>, Quant, u32, u32) = match data {
-                    Storage::F32(d) => (d.iter().flat_map(|x| x.to_le_bytes()).collect(), Quant::None, NO_TENSOR, 0),
-                    Storage::I64(d) => (d.iter().flat_map(|x| x.to_le_bytes()).collect(), Quant::None, NO_TENSOR, 0),
-                    Storage::I32(d) => (d.iter().flat_map(|x| x.to_le_bytes()).collect(), Quant::None, NO_TENSOR, 0),
+                    Storage::F32(d) => (
+                        d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        Quant::None,
+                        NO_TENSOR,
+                        0,
+                    ),
+                    Storage::I64(d) => (
+                        d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        Quant::None,
+                        NO_TENSOR,
+                        0,
+                    ),
+                    Storage::I32(d) => (
+                        d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        Quant::None,
+                        NO_TENSOR,
+                        0,
+                    ),
                     Storage::Bool(d) => (d.clone(), Quant::None, NO_TENSOR, 0),
-                    Storage::F16(d) => (d.iter().flat_map(|x| x.to_le_bytes()).collect(), Quant::None, NO_TENSOR, 0),
+                    Storage::F16(d) => (
+                        d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                        Quant::None,
+                        NO_TENSOR,
+                        0,
+                    ),
                     Storage::I8PerRow { q, scales } => {
-                        let scale_bytes: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        let scale_bytes: Vec<u8> =
+                            scales.iter().flat_map(|x| x.to_le_bytes()).collect();
                         let offset = put(&mut weights, &scale_bytes);
                         let scale_index = n + extra.len() as u32;
                         extra.push(TensorEntry {
@@ -129,7 +157,8 @@ pub fn pack(graph: &Graph, plan: &ArenaPlan, metadata: &[(String, Vec<u8>)]) -> 
                         (q.iter().map(|&x| x as u8).collect(), Quant::PerRow, scale_index, 0)
                     }
                     Storage::I4Grouped { packed, scales, group } => {
-                        let scale_bytes: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        let scale_bytes: Vec<u8> =
+                            scales.iter().flat_map(|x| x.to_le_bytes()).collect();
                         let offset = put(&mut weights, &scale_bytes);
                         let scale_index = n + extra.len() as u32;
                         let groups = v.shape[1].factor / *group as u32;
@@ -169,12 +198,15 @@ pub fn pack(graph: &Graph, plan: &ArenaPlan, metadata: &[(String, Vec<u8>)]) -> 
 
     let mut symbols = Vec::new();
     for s in &graph.symbols {
-        symbols.extend_from_slice(&SymbolEntry { name: strings.add(&s.name), max_value: s.max }.to_bytes());
+        symbols.extend_from_slice(
+            &SymbolEntry { name: strings.add(&s.name), max_value: s.max }.to_bytes(),
+        );
     }
     let mut ops = Vec::new();
     for node in &graph.nodes {
         let name = strings.add(&node.name);
-        let inputs: Vec<u32> = node.inputs.iter().map(|i| i.map_or(NO_TENSOR, |v| v as u32)).collect();
+        let inputs: Vec<u32> =
+            node.inputs.iter().map(|i| i.map_or(NO_TENSOR, |v| v as u32)).collect();
         let outputs: Vec<u32> = node.outputs.iter().map(|&o| o as u32).collect();
         encode_op(&mut ops, &node.op, name, &inputs, &outputs);
     }
@@ -205,7 +237,12 @@ pub fn pack(graph: &Graph, plan: &ArenaPlan, metadata: &[(String, Vec<u8>)]) -> 
     let mut entries = Vec::new();
     for (kind, body) in bodies {
         pad_to(&mut out, SECTION_ALIGN);
-        entries.push(SectionEntry { kind, offset: out.len() as u64, len: body.len() as u64, crc32: crc32(body) });
+        entries.push(SectionEntry {
+            kind,
+            offset: out.len() as u64,
+            len: body.len() as u64,
+            crc32: crc32(body),
+        });
         out.extend_from_slice(body);
     }
     for (i, e) in entries.iter().enumerate() {

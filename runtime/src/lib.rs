@@ -23,6 +23,8 @@ pub mod crc32;
 pub mod error;
 pub mod format;
 pub mod kernels;
+#[cfg(feature = "mmap")]
+pub mod mmap;
 pub mod model;
 pub mod ops;
 pub mod session;
@@ -31,6 +33,8 @@ mod validate;
 
 pub use error::{Error, Result};
 pub use format::DType;
+#[cfg(feature = "mmap")]
+pub use mmap::MappedFile;
 pub use model::{Model, OpenOptions};
 pub use session::{Element, Session};
 pub use shape::Shape;

@@ -504,6 +504,23 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             return Ok(());
         }
+        if data.dtype == DType::F16 {
+            let bad = Error::RuntimeShape { op, reason: "f16 table does not match its shape" };
+            let table = self.typed::<u16>(data, ds.numel(), op)?;
+            let y = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
+            for o in 0..outer {
+                for i in 0..count {
+                    let row = index_at(i)?;
+                    let from = (o * extent + row) * inner;
+                    let src = table.get(from..from + inner).ok_or(bad)?;
+                    let to = (o * count + i) * inner;
+                    for (dst, &bits) in y[to..to + inner].iter_mut().zip(src) {
+                        *dst = half::f16::from_bits(bits).to_f32();
+                    }
+                }
+            }
+            return Ok(());
+        }
         let esize = data.dtype.size();
         let src = self.bytes(data, ds.numel() * esize, op)?;
         let dst = self.activation_mut(out, out_shape.numel() * esize, op)?;

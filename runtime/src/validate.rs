@@ -193,6 +193,7 @@ fn check_shapes(
                     ensure(axis == 0, "quantized tables are gathered along axis 0")?;
                     DType::F32
                 }
+                (DType::F16, Quant::None) => DType::F32,
                 (DType::I4, _) => return Err(fail("int4 tables cannot be gathered")),
                 (dtype, _) => dtype,
             };

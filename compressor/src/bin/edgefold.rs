@@ -1,1 +1,721 @@
-fn main(){}
+//! The `edgefold` command line: compress models, inspect and run packed files, evaluate quality.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value as Json};
+
+use edgefold_compressor::embed::{PackedEmbedder, ReferenceEmbedder};
+use edgefold_compressor::npy::{read_npy, write_npy};
+use edgefold_compressor::onnx::ImportOptions;
+use edgefold_compressor::pipeline::{compress, load_graph, CompressOptions};
+use edgefold_compressor::quantize::{LowRank, Quantize};
+use edgefold_compressor::spectrum::summarize;
+use edgefold_compressor::tensor::{HostTensor, TensorData};
+use edgefold_compressor::text::{cosine, read_sts, spearman, TextEncoder};
+use edgefold_compressor::writer::write_atomic;
+use edgefold_runtime::format::{Quant, SectionKind, TensorKind};
+use edgefold_runtime::{DType, MappedFile, Model, Session};
+
+/// Compress trained neural networks and run them on devices.
+#[derive(Parser)]
+#[command(name = "edgefold", version, about)]
+struct Cli {
+    /// Log more (-v: info, -vv: debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compress an ONNX model into a packed .fold file.
+    Compress(CompressArgs),
+    /// Show what a packed file contains.
+    Inspect {
+        /// The packed file.
+        file: PathBuf,
+        /// List every tensor.
+        #[arg(long)]
+        tensors: bool,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the redundancy of a model's weight matrices (singular spectra).
+    Analyze {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a packed file on inputs read from .npy files.
+    Run {
+        /// The packed file.
+        file: PathBuf,
+        /// Input .npy file, one per graph input in order, or NAME=FILE.
+        #[arg(long = "input", required = true)]
+        inputs: Vec<String>,
+        /// Write an output to this .npy file.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Index of the output written by --output.
+        #[arg(long, default_value_t = 0)]
+        output_index: usize,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Embed sentences with a packed sentence encoder and print their similarities.
+    Embed {
+        /// The packed file.
+        file: PathBuf,
+        /// Sentences to embed.
+        #[arg(required = true)]
+        sentences: Vec<String>,
+        /// Tokenizer to use instead of the one embedded in the file.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Output to use as the embedding (default: the first [batch, dim] float output).
+        #[arg(long)]
+        output: Option<String>,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare a packed file's quality with the original model's.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct CompressArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Output file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Weight storage: f32, f16, int8 (per output channel) or int4 (groups of 32).
+    #[arg(long, default_value = "int8")]
+    quantize: Quantize,
+    /// Low-rank factorization of linear weights: off, elbow or energy:F.
+    #[arg(long, default_value = "off")]
+    low_rank: LowRank,
+    /// Largest sequence length (every variable axis but the batch); sizes the arena.
+    #[arg(long, default_value_t = 128)]
+    max_seq: u32,
+    /// Largest batch size; sizes the arena.
+    #[arg(long, default_value_t = 1)]
+    max_batch: u32,
+    /// Tokenizer to embed (default: tokenizer.json beside the model, if present).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The original ONNX model.
+    original: PathBuf,
+    /// The packed file.
+    file: PathBuf,
+    /// Metric: sts (Spearman correlation of cosine similarities with gold scores).
+    #[arg(long)]
+    task: String,
+    /// Evaluation data (for sts: an STS Benchmark .csv file).
+    #[arg(long)]
+    data: PathBuf,
+    /// Evaluate only the first N pairs.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Tokenizer to use instead of the one embedded in the file.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Output to use as the embedding.
+    #[arg(long)]
+    output: Option<String>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
+    let result = match cli.command {
+        Command::Compress(args) => cmd_compress(args),
+        Command::Inspect { file, tensors, json } => cmd_inspect(&file, tensors, json),
+        Command::Analyze { model, json } => cmd_analyze(&model, json),
+        Command::Run { file, inputs, output, output_index, json } => {
+            cmd_run(&file, &inputs, output.as_deref(), output_index, json)
+        }
+        Command::Embed { file, sentences, tokenizer, output, json } => {
+            cmd_embed(&file, &sentences, tokenizer.as_deref(), output.as_deref(), json)
+        }
+        Command::Eval(args) => cmd_eval(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn print_json(value: &Json) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialize"));
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn spinner(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
+fn cmd_compress(args: CompressArgs) -> Result<()> {
+    if args.max_seq == 0 || args.max_batch == 0 {
+        bail!("--max-seq and --max-batch must be at least 1");
+    }
+    if let Some(t) = &args.tokenizer {
+        TextEncoder::from_file(t, args.max_seq as usize).with_context(|| {
+            format!("--tokenizer {} is not a usable tokenizer.json", t.display())
+        })?;
+    }
+    let options = CompressOptions {
+        quantize: args.quantize,
+        low_rank: args.low_rank,
+        import: ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq },
+        tokenizer: args.tokenizer.clone(),
+    };
+    let started = Instant::now();
+    let bar = spinner(&format!("compressing {}", args.model.display()));
+    let result = compress(&args.model, &options);
+    bar.finish_and_clear();
+    let (bytes, report) = result?;
+    write_atomic(&args.output, &bytes)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let ratio = report.output_bytes as f64 / report.source_bytes.max(1) as f64;
+    if args.json {
+        print_json(&json!({
+            "model": args.model,
+            "output": args.output,
+            "source_bytes": report.source_bytes,
+            "output_bytes": report.output_bytes,
+            "ratio": ratio,
+            "weight_bytes_before": report.weight_bytes_before,
+            "weight_bytes_after": report.weight_bytes_after,
+            "arena_bytes": report.arena_bytes,
+            "ops": report.ops,
+            "quantize": args.quantize.to_string(),
+            "low_rank": args.low_rank.to_string(),
+            "factorized": report.factorized.iter().map(|f| json!({
+                "node": f.node, "rows": f.shape.0, "cols": f.shape.1, "rank": f.rank
+            })).collect::<Vec<_>>(),
+            "fused": {"gelu": report.fused.gelu, "layer_norm": report.fused.layer_norm, "bias": report.fused.bias},
+            "tokenizer": report.tokenizer,
+            "seconds": seconds,
+        }));
+    } else {
+        eprintln!(
+            "{} -> {}: {} -> {} ({:.1} % of the original), arena {}, {} ops, {:.1} s",
+            args.model.display(),
+            args.output.display(),
+            human_bytes(report.source_bytes),
+            human_bytes(report.output_bytes),
+            100.0 * ratio,
+            human_bytes(report.arena_bytes),
+            report.ops,
+            seconds
+        );
+        if args.low_rank != LowRank::Off {
+            eprintln!(
+                "low-rank ({}): {} matrices factorized",
+                args.low_rank,
+                report.factorized.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn open_mapped(path: &Path) -> Result<MappedFile> {
+    MappedFile::open(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn dims_string(model: &Model<'_>, dims: &[edgefold_runtime::format::Dim]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| match d.as_constant() {
+            Some(c) => c.to_string(),
+            None => {
+                let mut s = if d.factor == 1 { String::new() } else { format!("{}*", d.factor) };
+                let names: Vec<String> = d
+                    .exponents
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &e)| e > 0)
+                    .map(|(i, &e)| {
+                        let name = model.symbol(i).map_or("?", |s| s.0);
+                        if e == 1 {
+                            name.to_owned()
+                        } else {
+                            format!("{name}^{e}")
+                        }
+                    })
+                    .collect();
+                s.push_str(&names.join("*"));
+                s
+            }
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+fn storage_name(dtype: DType, quant: Quant) -> String {
+    match quant {
+        Quant::None => format!("{dtype:?}").to_lowercase(),
+        Quant::PerRow => "int8 per row".into(),
+        Quant::Grouped => "int4 groups".into(),
+    }
+}
+
+fn cmd_inspect(path: &Path, list_tensors: bool, as_json: bool) -> Result<()> {
+    let map = open_mapped(path)?;
+    let model = Model::open(map.bytes())
+        .with_context(|| format!("{} is not a valid packed file", path.display()))?;
+    let header = model.header();
+    let io =
+        |count: usize, get: &dyn Fn(usize) -> edgefold_runtime::Result<u32>| -> Result<Vec<Json>> {
+            (0..count)
+                .map(|i| {
+                    let t = model.tensor(get(i)?)?;
+                    Ok(json!({
+                        "name": model.string(t.name)?,
+                        "dtype": format!("{:?}", t.dtype).to_lowercase(),
+                        "shape": dims_string(&model, t.shape()),
+                    }))
+                })
+                .collect()
+        };
+    let inputs = io(model.input_count(), &|i| model.input_tensor(i))?;
+    let outputs = io(model.output_count(), &|i| model.output_tensor(i))?;
+    let mut storage: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    let mut tensors = Vec::new();
+    for i in 0..model.tensor_count() {
+        let t = model.tensor(i)?;
+        if t.kind == TensorKind::Const {
+            let e = storage.entry(storage_name(t.dtype, t.quant)).or_default();
+            e.0 += 1;
+            e.1 += t.byte_len;
+        }
+        if list_tensors {
+            tensors.push(json!({
+                "index": i,
+                "name": model.string(t.name)?,
+                "kind": if t.kind == TensorKind::Const { "const" } else { "activation" },
+                "storage": storage_name(t.dtype, t.quant),
+                "shape": dims_string(&model, t.shape()),
+                "offset": t.offset,
+                "bytes": t.byte_len,
+            }));
+        }
+    }
+    let mut op_counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for item in model.ops() {
+        let (record, _) = item?;
+        *op_counts.entry(record.op.name()).or_default() += 1;
+    }
+    let symbols: Vec<Json> = (0..model.symbol_count())
+        .filter_map(|i| model.symbol(i))
+        .map(|(name, max)| json!({"name": name, "max": max}))
+        .collect();
+    let metadata: serde_json::Map<String, Json> = model
+        .metadata_entries()
+        .map(|(k, v)| {
+            let value = match std::str::from_utf8(v) {
+                Ok(s) if v.len() <= 256 => json!(s),
+                _ => json!(format!("<{} bytes>", v.len())),
+            };
+            (k.to_owned(), value)
+        })
+        .collect();
+    let _ = SectionKind::ALL;
+    let summary = json!({
+        "file": path,
+        "version": format!("{}.{}", header.version_major, header.version_minor),
+        "file_bytes": header.file_len,
+        "weight_bytes": model.weights_len(),
+        "arena_bytes": header.arena_bytes,
+        "tensors": model.tensor_count(),
+        "ops": model.op_count(),
+        "symbols": symbols,
+        "inputs": inputs,
+        "outputs": outputs,
+        "storage": storage.iter().map(|(k, (n, b))| json!({"storage": k, "tensors": n, "bytes": b})).collect::<Vec<_>>(),
+        "op_counts": op_counts,
+        "metadata": metadata,
+        "tensor_list": tensors,
+    });
+    if as_json {
+        print_json(&summary);
+        return Ok(());
+    }
+    println!("{} (format {}.{})", path.display(), header.version_major, header.version_minor);
+    println!(
+        "  file {}  weights {}  arena {}",
+        human_bytes(header.file_len),
+        human_bytes(model.weights_len() as u64),
+        human_bytes(header.arena_bytes)
+    );
+    for (name, max) in (0..model.symbol_count()).filter_map(|i| model.symbol(i)) {
+        println!("  symbol {name} <= {max}");
+    }
+    for (label, list) in [("input", &summary["inputs"]), ("output", &summary["outputs"])] {
+        for v in list.as_array().into_iter().flatten() {
+            println!(
+                "  {label} {} {} {}",
+                v["name"].as_str().unwrap_or(""),
+                v["dtype"].as_str().unwrap_or(""),
+                v["shape"].as_str().unwrap_or("")
+            );
+        }
+    }
+    println!("  constants:");
+    for (k, (n, b)) in &storage {
+        println!("    {k:<14} {n:>5} tensors {:>12}", human_bytes(*b));
+    }
+    let ops: Vec<String> = op_counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("  ops ({}): {}", model.op_count(), ops.join(", "));
+    for (k, v) in &metadata {
+        println!("  {k}: {}", v.as_str().unwrap_or(""));
+    }
+    for t in &tensors {
+        println!(
+            "  #{:<4} {:<10} {:<14} {:<22} {:>10}  {}",
+            t["index"],
+            t["kind"].as_str().unwrap_or(""),
+            t["storage"].as_str().unwrap_or(""),
+            t["shape"].as_str().unwrap_or(""),
+            t["bytes"],
+            t["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn cmd_analyze(model_path: &Path, as_json: bool) -> Result<()> {
+    let (graph, _) = load_graph(model_path, &ImportOptions::default())?;
+    let weights: Vec<(String, usize, usize, Vec<f32>)> = graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == edgefold_runtime::ops::Op::Linear)
+        .filter_map(|n| {
+            let v = &graph.values[n.inputs[1]?];
+            let data = v.data.as_ref()?.as_f32()?.to_vec();
+            Some((n.name.clone(), v.shape[0].factor as usize, v.shape[1].factor as usize, data))
+        })
+        .collect();
+    let bar = ProgressBar::new(weights.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}").expect("valid template"),
+    );
+    bar.set_message("singular spectra");
+    let mut rows = Vec::new();
+    for (name, n, k, data) in &weights {
+        let s = summarize(data, *n, *k).with_context(|| format!("spectrum of {name}"))?;
+        rows.push((name.clone(), s));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if as_json {
+        let list: Vec<Json> = rows
+            .iter()
+            .map(|(name, s)| {
+                json!({
+                    "name": name, "rows": s.rows, "cols": s.cols, "elbow": s.elbow,
+                    "energy_90": s.energy_90, "energy_99": s.energy_99, "break_even": s.break_even,
+                    "singular_values": s.singular_values,
+                })
+            })
+            .collect();
+        print_json(&json!({"model": model_path, "matrices": list}));
+        return Ok(());
+    }
+    println!(
+        "{:<60} {:>11} {:>6} {:>6} {:>6} {:>10}",
+        "linear weight", "shape", "elbow", "90%", "99%", "break-even"
+    );
+    for (name, s) in &rows {
+        println!(
+            "{:<60} {:>11} {:>6} {:>6} {:>6} {:>10}",
+            name,
+            format!("{}x{}", s.rows, s.cols),
+            s.elbow,
+            s.energy_90,
+            s.energy_99,
+            s.break_even
+        );
+    }
+    let below = rows.iter().filter(|(_, s)| s.energy_99 < s.break_even).count();
+    println!(
+        "{} matrices; {below} keep 99 % of their energy below the break-even rank",
+        rows.len()
+    );
+    Ok(())
+}
+
+fn to_input<'a>(
+    t: &'a HostTensor,
+    want: DType,
+    name: &str,
+) -> Result<std::borrow::Cow<'a, HostTensor>> {
+    use std::borrow::Cow;
+    Ok(match (&t.data, want) {
+        (TensorData::F32(_), DType::F32)
+        | (TensorData::I64(_), DType::I64)
+        | (TensorData::I32(_), DType::I32) => Cow::Borrowed(t),
+        (TensorData::I32(v), DType::I64) => {
+            Cow::Owned(HostTensor::i64(t.shape.clone(), v.iter().map(|&x| x as i64).collect()))
+        }
+        (TensorData::I64(v), DType::I32) => Cow::Owned(HostTensor {
+            shape: t.shape.clone(),
+            data: TensorData::I32(v.iter().map(|&x| x as i32).collect()),
+        }),
+        (data, want) => bail!(
+            "input {name} expects {want:?} elements, the .npy file holds {}",
+            match data {
+                TensorData::F32(_) => "f32",
+                TensorData::I64(_) => "i64",
+                TensorData::I32(_) => "i32",
+                TensorData::Bool(_) => "bool",
+            }
+        ),
+    })
+}
+
+fn cmd_run(
+    path: &Path,
+    inputs: &[String],
+    output: Option<&Path>,
+    output_index: usize,
+    as_json: bool,
+) -> Result<()> {
+    let map = open_mapped(path)?;
+    let model = Model::open(map.bytes())
+        .with_context(|| format!("{} is not a valid packed file", path.display()))?;
+    if inputs.len() != model.input_count() {
+        bail!(
+            "{} has {} inputs; {} --input files were given",
+            path.display(),
+            model.input_count(),
+            inputs.len()
+        );
+    }
+    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut session = Session::new(&model, &mut arena)?;
+    for (position, spec) in inputs.iter().enumerate() {
+        let (index, file) = match spec.split_once('=') {
+            Some((name, file)) => (
+                model
+                    .input_index(name)
+                    .with_context(|| format!("the model has no input named {name:?}"))?,
+                file,
+            ),
+            None => (position, spec.as_str()),
+        };
+        let tensor =
+            read_npy(Path::new(file)).with_context(|| format!("cannot read input {file}"))?;
+        let entry = model.tensor(model.input_tensor(index)?)?;
+        let name = model.tensor_name(model.input_tensor(index)?);
+        let t = to_input(&tensor, entry.dtype, name)?;
+        let result = match &t.data {
+            TensorData::F32(v) => session.set_input::<f32>(index, &t.shape, v),
+            TensorData::I64(v) => session.set_input::<i64>(index, &t.shape, v),
+            TensorData::I32(v) => session.set_input::<i32>(index, &t.shape, v),
+            TensorData::Bool(_) => bail!("boolean inputs are not supported"),
+        };
+        result.with_context(|| format!("input {name} from {file}"))?;
+    }
+    let started = Instant::now();
+    session.run()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut outs = Vec::new();
+    for i in 0..model.output_count() {
+        let name = model.tensor_name(model.output_tensor(i)?);
+        let (shape, preview, tensor) = match session.output_dtype(i)? {
+            DType::F32 => {
+                let (s, v) = session.output::<f32>(i)?;
+                (
+                    s,
+                    v.iter().take(8).map(|x| json!(x)).collect::<Vec<_>>(),
+                    HostTensor::f32(s.as_slice().to_vec(), v.to_vec()),
+                )
+            }
+            DType::I64 => {
+                let (s, v) = session.output::<i64>(i)?;
+                (
+                    s,
+                    v.iter().take(8).map(|x| json!(x)).collect(),
+                    HostTensor::i64(s.as_slice().to_vec(), v.to_vec()),
+                )
+            }
+            other => bail!("output {name} has element type {other:?}, which run cannot print"),
+        };
+        if output.is_some() && i == output_index {
+            let p = output.expect("checked");
+            write_npy(p, &tensor).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        outs.push(json!({"name": name, "shape": shape.as_slice(), "first_values": preview}));
+    }
+    if output.is_some() && output_index >= model.output_count() {
+        bail!(
+            "--output-index {output_index} is out of range: the model has {} outputs",
+            model.output_count()
+        );
+    }
+    if as_json {
+        print_json(&json!({"file": path, "seconds": elapsed, "outputs": outs}));
+    } else {
+        for o in &outs {
+            println!("{} {} {}", o["name"].as_str().unwrap_or(""), o["shape"], o["first_values"]);
+        }
+        eprintln!("ran in {:.2} ms", elapsed * 1e3);
+    }
+    Ok(())
+}
+
+fn cmd_embed(
+    path: &Path,
+    sentences: &[String],
+    tokenizer: Option<&Path>,
+    output: Option<&str>,
+    as_json: bool,
+) -> Result<()> {
+    let mut embedder = PackedEmbedder::open(path, tokenizer, output)?;
+    let mut vectors = Vec::new();
+    for s in sentences {
+        vectors.push(embedder.embed(s).with_context(|| format!("embedding {s:?}"))?);
+    }
+    let mut pairs = Vec::new();
+    for i in 0..vectors.len() {
+        for j in i + 1..vectors.len() {
+            pairs.push((i, j, cosine(&vectors[i], &vectors[j])));
+        }
+    }
+    if as_json {
+        print_json(&json!({
+            "file": path,
+            "embeddings": sentences.iter().zip(&vectors).map(|(s, v)| json!({"sentence": s, "dim": v.len(), "vector": v})).collect::<Vec<_>>(),
+            "cosine": pairs.iter().map(|(i, j, c)| json!({"a": i, "b": j, "cosine": c})).collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    for (s, v) in sentences.iter().zip(&vectors) {
+        let head: Vec<String> = v.iter().take(6).map(|x| format!("{x:+.4}")).collect();
+        println!("[{}, ...] ({} dims)  {s}", head.join(", "), v.len());
+    }
+    for (i, j, c) in pairs {
+        println!("cosine({i}, {j}) = {c:.4}");
+    }
+    Ok(())
+}
+
+fn cmd_eval(args: EvalArgs) -> Result<()> {
+    if args.task != "sts" {
+        bail!("--task {} is not supported yet; supported: sts", args.task);
+    }
+    let mut pairs = read_sts(&args.data)?;
+    if let Some(limit) = args.limit {
+        pairs.truncate(limit);
+    }
+    if pairs.len() < 2 {
+        bail!(
+            "{} has fewer than 2 pairs; Spearman correlation needs at least 2",
+            args.data.display()
+        );
+    }
+    let mut packed =
+        PackedEmbedder::open(&args.file, args.tokenizer.as_deref(), args.output.as_deref())?;
+    let reference =
+        ReferenceEmbedder::load(&args.original, args.output.as_deref(), packed.encoder())?;
+    let bar = ProgressBar::new(pairs.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}").expect("valid template"),
+    );
+    bar.set_message("sts");
+    let (mut gold, mut ours, mut theirs, mut agreement) = (vec![], vec![], vec![], vec![]);
+    let (mut t_ours, mut t_theirs) = (0f64, 0f64);
+    for pair in &pairs {
+        let mut e_ours = Vec::new();
+        let mut e_theirs = Vec::new();
+        for s in [&pair.sentence1, &pair.sentence2] {
+            let t = Instant::now();
+            e_ours.push(packed.embed(s)?);
+            t_ours += t.elapsed().as_secs_f64();
+            let encoded = packed.encoder().encode(s)?;
+            let t = Instant::now();
+            e_theirs.push(reference.embed(&encoded)?);
+            t_theirs += t.elapsed().as_secs_f64();
+        }
+        gold.push(pair.score);
+        ours.push(cosine(&e_ours[0], &e_ours[1]));
+        theirs.push(cosine(&e_theirs[0], &e_theirs[1]));
+        agreement.push(cosine(&e_ours[0], &e_theirs[0]));
+        agreement.push(cosine(&e_ours[1], &e_theirs[1]));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let original = spearman(&theirs, &gold);
+    let compressed = spearman(&ours, &gold);
+    let retained = compressed / original;
+    let mean_agreement = agreement.iter().sum::<f64>() / agreement.len() as f64;
+    let min_agreement = agreement.iter().copied().fold(f64::INFINITY, f64::min);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (original_bytes, packed_bytes) = (size(&args.original), size(&args.file));
+    if args.json {
+        print_json(&json!({
+            "task": "sts",
+            "pairs": pairs.len(),
+            "original": original,
+            "compressed": compressed,
+            "retained": retained,
+            "embedding_cosine_mean": mean_agreement,
+            "embedding_cosine_min": min_agreement,
+            "original_bytes": original_bytes,
+            "compressed_bytes": packed_bytes,
+            "size_ratio": packed_bytes as f64 / original_bytes.max(1) as f64,
+            "seconds_original": t_theirs,
+            "seconds_compressed": t_ours,
+        }));
+    } else {
+        println!("STS Spearman over {} pairs: original {original:.4}, compressed {compressed:.4}, retained {:.2} %", pairs.len(), 100.0 * retained);
+        println!(
+            "embedding cosine to the original: mean {mean_agreement:.5}, min {min_agreement:.5}"
+        );
+        println!(
+            "size: {} -> {} ({:.1} %)",
+            human_bytes(original_bytes),
+            human_bytes(packed_bytes),
+            100.0 * packed_bytes as f64 / original_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}

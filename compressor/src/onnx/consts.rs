@@ -160,7 +160,9 @@ impl ConstTensor {
     pub fn to_f32(&self) -> Option<Vec<f32>> {
         match self {
             ConstTensor::F32 { data, .. } => Some(data.clone()),
-            ConstTensor::Int { data, .. } => data.iter().map(|v| v.as_int().map(|i| i as f32)).collect(),
+            ConstTensor::Int { data, .. } => {
+                data.iter().map(|v| v.as_int().map(|i| i as f32)).collect()
+            }
         }
     }
 

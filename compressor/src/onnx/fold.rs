@@ -22,37 +22,57 @@ pub(crate) fn fold(
     model_dir: &Path,
 ) -> NodeResult<Option<Vec<ConstTensor>>> {
     let input = |i: usize| -> NodeResult<&ConstTensor> {
-        inputs.get(i).copied().flatten().ok_or_else(|| NodeError::Invalid(format!("input {i} is missing")))
+        inputs
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| NodeError::Invalid(format!("input {i} is missing")))
     };
     let one = |t: ConstTensor| Ok(Some(vec![t]));
     match node.op_type.as_str() {
         "Constant" => {
             if let Some(a) = attr(node, "value") {
-                let t = a.t.as_ref().ok_or(NodeError::Invalid("value attribute without a tensor".into()))?;
+                let t =
+                    a.t.as_ref()
+                        .ok_or(NodeError::Invalid("value attribute without a tensor".into()))?;
                 return one(tensor(t, model_dir).map_err(NodeError::Invalid)?);
             }
             if let Some(a) = attr(node, "value_float") {
                 return one(ConstTensor::F32 { shape: vec![], data: vec![a.f] });
             }
             if let Some(a) = attr(node, "value_floats") {
-                return one(ConstTensor::F32 { shape: vec![a.floats.len()], data: a.floats.clone() });
+                return one(ConstTensor::F32 {
+                    shape: vec![a.floats.len()],
+                    data: a.floats.clone(),
+                });
             }
             if let Some(a) = attr(node, "value_int") {
-                return one(ConstTensor::Int { shape: vec![], data: vec![SymInt::Int(a.i)], dtype: DType::I64 });
+                return one(ConstTensor::Int {
+                    shape: vec![],
+                    data: vec![SymInt::Int(a.i)],
+                    dtype: DType::I64,
+                });
             }
             if let Some(a) = attr(node, "value_ints") {
                 return one(ConstTensor::ints(a.ints.iter().map(|&v| SymInt::Int(v)).collect()));
             }
-            Err(NodeError::Unsupported("Constant without a value, value_float(s) or value_int(s)".into()))
+            Err(NodeError::Unsupported(
+                "Constant without a value, value_float(s) or value_int(s)".into(),
+            ))
         }
         "Identity" | "Dropout" => Ok(Some(vec![input(0)?.clone()])),
         "Shape" => {
-            let dims: Vec<SymInt> = input(0)?.shape().iter().map(|&d| SymInt::Int(d as i64)).collect();
+            let dims: Vec<SymInt> =
+                input(0)?.shape().iter().map(|&d| SymInt::Int(d as i64)).collect();
             one(shape_slice(node, dims))
         }
         "Size" => {
             let n: usize = input(0)?.shape().iter().product();
-            one(ConstTensor::Int { shape: vec![], data: vec![SymInt::Int(n as i64)], dtype: DType::I64 })
+            one(ConstTensor::Int {
+                shape: vec![],
+                data: vec![SymInt::Int(n as i64)],
+                dtype: DType::I64,
+            })
         }
         "Cast" => {
             let to = dtype_of(attr_int(node, "to", 1) as i32)
@@ -61,7 +81,9 @@ pub(crate) fn fold(
         }
         "Gather" => {
             let data = input(0)?;
-            let idx = input(1)?.known_ints().ok_or(NodeError::Unsupported("symbolic gather indices".into()))?;
+            let idx = input(1)?
+                .known_ints()
+                .ok_or(NodeError::Unsupported("symbolic gather indices".into()))?;
             let axis = norm_axis(attr_int(node, "axis", 0), data.shape().len())?;
             let (at, shape) = gather_index(data.shape(), axis, &idx, input(1)?.shape())?;
             one(rearrange(data, &at, shape))
@@ -70,7 +92,9 @@ pub(crate) fn fold(
             let data = input(0)?;
             let shape = match node.op_type.as_str() {
                 "Reshape" => {
-                    let spec = input(1)?.known_ints().ok_or(NodeError::Unsupported("symbolic reshape".into()))?;
+                    let spec = input(1)?
+                        .known_ints()
+                        .ok_or(NodeError::Unsupported("symbolic reshape".into()))?;
                     reshape_target(data.shape(), &spec, attr_int(node, "allowzero", 0) != 0)?
                 }
                 "Flatten" => {
@@ -120,12 +144,15 @@ pub(crate) fn fold(
             };
             one(match value {
                 ConstTensor::F32 { data, .. } => ConstTensor::F32 { shape, data: vec![data[0]; n] },
-                ConstTensor::Int { data, dtype, .. } => ConstTensor::Int { shape, data: vec![data[0]; n], dtype },
+                ConstTensor::Int { data, dtype, .. } => {
+                    ConstTensor::Int { shape, data: vec![data[0]; n], dtype }
+                }
             })
         }
         "Expand" => {
             let data = input(0)?;
-            let target = input(1)?.known_ints().ok_or(NodeError::Unsupported("symbolic expand".into()))?;
+            let target =
+                input(1)?.known_ints().ok_or(NodeError::Unsupported("symbolic expand".into()))?;
             let target: Vec<usize> = target.iter().map(|&d| d.max(0) as usize).collect();
             let shape = broadcast_shape(data.shape(), &target)
                 .ok_or(NodeError::Invalid("expand shapes do not broadcast".into()))?;
@@ -164,10 +191,12 @@ pub(crate) fn fold(
             let choose = |i: usize| cond[ic[i]] != 0;
             let n = ic.len();
             match (x, y) {
-                (ConstTensor::F32 { data: a, .. }, ConstTensor::F32 { data: b, .. }) => one(ConstTensor::F32 {
-                    shape,
-                    data: (0..n).map(|i| if choose(i) { a[ix[i]] } else { b[iy[i]] }).collect(),
-                }),
+                (ConstTensor::F32 { data: a, .. }, ConstTensor::F32 { data: b, .. }) => {
+                    one(ConstTensor::F32 {
+                        shape,
+                        data: (0..n).map(|i| if choose(i) { a[ix[i]] } else { b[iy[i]] }).collect(),
+                    })
+                }
                 (ConstTensor::Int { data: a, dtype, .. }, ConstTensor::Int { data: b, .. }) => {
                     one(ConstTensor::Int {
                         shape,
@@ -179,7 +208,9 @@ pub(crate) fn fold(
             }
         }
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Equal" | "Less" | "Greater"
-        | "And" | "Or" | "Mod" => binary(&node.op_type, input(0)?, input(1)?).map(|t| t.map(|t| vec![t])),
+        | "And" | "Or" | "Mod" => {
+            binary(&node.op_type, input(0)?, input(1)?).map(|t| t.map(|t| vec![t]))
+        }
         "Not" => {
             let v = input(0)?.known_ints().ok_or(NodeError::Unsupported("symbolic Not".into()))?;
             one(ConstTensor::Int {
@@ -194,9 +225,14 @@ pub(crate) fn fold(
             if let ConstTensor::Int { data, dtype, .. } = x {
                 if node.op_type == "Neg" || node.op_type == "Abs" {
                     let f = |v: i64| if node.op_type == "Neg" { -v } else { v.abs() };
-                    let data: Option<Vec<SymInt>> = data.iter().map(|v| v.as_int().map(|v| SymInt::Int(f(v)))).collect();
+                    let data: Option<Vec<SymInt>> =
+                        data.iter().map(|v| v.as_int().map(|v| SymInt::Int(f(v)))).collect();
                     let data = data.ok_or(NodeError::Unsupported("symbolic arithmetic".into()))?;
-                    return one(ConstTensor::Int { shape: x.shape().to_vec(), data, dtype: *dtype });
+                    return one(ConstTensor::Int {
+                        shape: x.shape().to_vec(),
+                        data,
+                        dtype: *dtype,
+                    });
                 }
             }
             let data = x.to_f32().ok_or(NodeError::Unsupported("symbolic arithmetic".into()))?;
@@ -212,10 +248,14 @@ pub(crate) fn fold(
                 "Sigmoid" => |v| 1.0 / (1.0 + (-v).exp()),
                 _ => f32::ln,
             };
-            one(ConstTensor::F32 { shape: x.shape().to_vec(), data: data.into_iter().map(f).collect() })
+            one(ConstTensor::F32 {
+                shape: x.shape().to_vec(),
+                data: data.into_iter().map(f).collect(),
+            })
         }
         "DequantizeLinear" => {
-            let x = input(0)?.to_f32().ok_or(NodeError::Invalid("symbolic quantized data".into()))?;
+            let x =
+                input(0)?.to_f32().ok_or(NodeError::Invalid("symbolic quantized data".into()))?;
             let scale = input(1)?.to_f32().ok_or(NodeError::Invalid("invalid scale".into()))?;
             let zero = match inputs.get(2).copied().flatten() {
                 Some(z) => z.to_f32().ok_or(NodeError::Invalid("invalid zero point".into()))?,
@@ -245,9 +285,10 @@ fn libm_erf(v: f32) -> f32 {
 fn scalar_f(t: &ConstTensor) -> NodeResult<f64> {
     match t {
         ConstTensor::F32 { data, .. } if data.len() == 1 => Ok(data[0] as f64),
-        ConstTensor::Int { data, .. } if data.len() == 1 => {
-            data[0].as_int().map(|v| v as f64).ok_or(NodeError::Unsupported("symbolic range".into()))
-        }
+        ConstTensor::Int { data, .. } if data.len() == 1 => data[0]
+            .as_int()
+            .map(|v| v as f64)
+            .ok_or(NodeError::Unsupported("symbolic range".into())),
         _ => invalid("expected a scalar"),
     }
 }
@@ -289,7 +330,8 @@ where
     T: From<u8>,
 {
     let rank = shape.len() + axes.len();
-    let mut norm: Vec<usize> = axes.iter().map(|&a| norm_axis(a, rank)).collect::<NodeResult<_>>()?;
+    let mut norm: Vec<usize> =
+        axes.iter().map(|&a| norm_axis(a, rank)).collect::<NodeResult<_>>()?;
     norm.sort_unstable();
     let mut out = Vec::with_capacity(rank);
     let mut it = shape.iter();
@@ -311,25 +353,37 @@ pub(crate) fn squeeze_shape<T: Copy + PartialEq + From<u8>>(
     match axes {
         None => Ok(shape.iter().copied().filter(|&d| d != one).collect()),
         Some(axes) => {
-            let norm: Vec<usize> = axes.iter().map(|&a| norm_axis(a, shape.len())).collect::<NodeResult<_>>()?;
+            let norm: Vec<usize> =
+                axes.iter().map(|&a| norm_axis(a, shape.len())).collect::<NodeResult<_>>()?;
             for &a in &norm {
                 if shape[a] != one {
                     return invalid(format!("squeezed axis {a} has extent other than 1"));
                 }
             }
-            Ok(shape.iter().enumerate().filter(|(i, _)| !norm.contains(i)).map(|(_, &d)| d).collect())
+            Ok(shape
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !norm.contains(i))
+                .map(|(_, &d)| d)
+                .collect())
         }
     }
 }
 
 /// Resolves a Reshape target with 0 (copy) and -1 (infer) entries, for concrete shapes.
-pub(crate) fn reshape_target(input: &[usize], spec: &[i64], allow_zero: bool) -> NodeResult<Vec<usize>> {
+pub(crate) fn reshape_target(
+    input: &[usize],
+    spec: &[i64],
+    allow_zero: bool,
+) -> NodeResult<Vec<usize>> {
     let total: usize = input.iter().product();
     let mut out = Vec::with_capacity(spec.len());
     let mut infer = None;
     for (i, &s) in spec.iter().enumerate() {
         match s {
-            0 if !allow_zero => out.push(*input.get(i).ok_or(NodeError::Invalid("reshape copies a missing axis".into()))?),
+            0 if !allow_zero => out.push(
+                *input.get(i).ok_or(NodeError::Invalid("reshape copies a missing axis".into()))?,
+            ),
             -1 => {
                 infer = Some(i);
                 out.push(1);
@@ -354,18 +408,24 @@ pub(crate) fn reshape_target(input: &[usize], spec: &[i64], allow_zero: bool) ->
 fn cast(t: &ConstTensor, to: DType) -> NodeResult<ConstTensor> {
     let shape = t.shape().to_vec();
     Ok(match (t, to) {
-        (ConstTensor::F32 { data, .. }, DType::F32) => ConstTensor::F32 { shape, data: data.clone() },
+        (ConstTensor::F32 { data, .. }, DType::F32) => {
+            ConstTensor::F32 { shape, data: data.clone() }
+        }
         (ConstTensor::F32 { data, .. }, dtype) => ConstTensor::Int {
             shape,
             data: data
                 .iter()
-                .map(|&v| SymInt::Int(if dtype == DType::Bool { (v != 0.0) as i64 } else { v as i64 }))
+                .map(|&v| {
+                    SymInt::Int(if dtype == DType::Bool { (v != 0.0) as i64 } else { v as i64 })
+                })
                 .collect(),
             dtype,
         },
         (ConstTensor::Int { .. }, DType::F32) => ConstTensor::F32 {
             shape,
-            data: t.to_f32().ok_or(NodeError::Unsupported("cast of a symbolic value to float".into()))?,
+            data: t
+                .to_f32()
+                .ok_or(NodeError::Unsupported("cast of a symbolic value to float".into()))?,
         },
         (ConstTensor::Int { data, .. }, dtype) => ConstTensor::Int {
             shape,
@@ -425,7 +485,9 @@ fn concat(parts: &[&ConstTensor], axis: usize) -> NodeResult<ConstTensor> {
         let mut data = Vec::new();
         for o in 0..outer {
             for p in parts {
-                let v = p.to_f32().ok_or(NodeError::Unsupported("concat of symbolic values with floats".into()))?;
+                let v = p.to_f32().ok_or(NodeError::Unsupported(
+                    "concat of symbolic values with floats".into(),
+                ))?;
                 let block = v.len() / outer.max(1);
                 data.extend_from_slice(&v[o * block..(o + 1) * block]);
             }
@@ -444,8 +506,9 @@ fn concat(parts: &[&ConstTensor], axis: usize) -> NodeResult<ConstTensor> {
 }
 
 fn binary(op: &str, a: &ConstTensor, b: &ConstTensor) -> NodeResult<Option<ConstTensor>> {
-    let shape = broadcast_shape(a.shape(), b.shape())
-        .ok_or_else(|| NodeError::Invalid(format!("shapes {:?} and {:?} do not broadcast", a.shape(), b.shape())))?;
+    let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| {
+        NodeError::Invalid(format!("shapes {:?} and {:?} do not broadcast", a.shape(), b.shape()))
+    })?;
     let (ia, ib) = (broadcast_index(a.shape(), &shape), broadcast_index(b.shape(), &shape));
     let float = matches!(a, ConstTensor::F32 { .. }) || matches!(b, ConstTensor::F32 { .. });
     if float {
@@ -553,7 +616,10 @@ pub(crate) fn slice_spec(
 ) -> NodeResult<SliceSpec> {
     let ints = |i: usize| -> NodeResult<Option<Vec<SymInt>>> {
         match inputs.get(i).copied().flatten() {
-            Some(t) => t.as_ints().map(|v| Some(v.to_vec())).ok_or(NodeError::Invalid("slice parameters must be integers".into())),
+            Some(t) => t
+                .as_ints()
+                .map(|v| Some(v.to_vec()))
+                .ok_or(NodeError::Invalid("slice parameters must be integers".into())),
             None => Ok(None),
         }
     };
@@ -562,13 +628,19 @@ pub(crate) fn slice_spec(
         let ends = ints(2)?.ok_or(NodeError::Invalid("slice without ends".into()))?;
         let known = |v: Option<Vec<SymInt>>| -> NodeResult<Option<Vec<i64>>> {
             match v {
-                Some(v) => v.iter().map(|x| x.as_int()).collect::<Option<Vec<_>>>().map(Some).ok_or(NodeError::Unsupported("symbolic slice axes or steps".into())),
+                Some(v) => v
+                    .iter()
+                    .map(|x| x.as_int())
+                    .collect::<Option<Vec<_>>>()
+                    .map(Some)
+                    .ok_or(NodeError::Unsupported("symbolic slice axes or steps".into())),
                 None => Ok(None),
             }
         };
         (starts, ends, known(ints(3)?)?, known(ints(4)?)?)
     } else {
-        let get = |n| attr_ints(node, n).map(|v| v.into_iter().map(SymInt::Int).collect::<Vec<_>>());
+        let get =
+            |n| attr_ints(node, n).map(|v| v.into_iter().map(SymInt::Int).collect::<Vec<_>>());
         (
             get("starts").ok_or(NodeError::Invalid("slice without starts".into()))?,
             get("ends").ok_or(NodeError::Invalid("slice without ends".into()))?,
@@ -597,7 +669,11 @@ pub(crate) fn slice_axis(dim: i64, start: i64, end: i64, step: i64) -> (i64, i64
     } else {
         (start.clamp(-1, dim - 1), end.clamp(-1, dim - 1))
     };
-    let len = if step > 0 { (end - start + step - 1) / step } else { (start - end + (-step) - 1) / (-step) };
+    let len = if step > 0 {
+        (end - start + step - 1) / step
+    } else {
+        (start - end + (-step) - 1) / (-step)
+    };
     (start, len.max(0))
 }
 
@@ -618,7 +694,8 @@ fn slice_index(shape: &[usize], spec: &KnownSlice) -> NodeResult<(Vec<usize>, Ve
     let mut at = Vec::with_capacity(n);
     let mut index = vec![0usize; rank];
     for _ in 0..n {
-        let flat: i64 = (0..rank).map(|a| (starts[a] + index[a] as i64 * steps[a]) * st[a] as i64).sum();
+        let flat: i64 =
+            (0..rank).map(|a| (starts[a] + index[a] as i64 * steps[a]) * st[a] as i64).sum();
         at.push(flat as usize);
         for ax in (0..rank).rev() {
             index[ax] += 1;

@@ -15,12 +15,58 @@ use crate::ir::{Node, Storage};
 
 /// ONNX op types the importer handles (by folding, lowering or both).
 pub const SUPPORTED: &[&str] = &[
-    "Abs", "Add", "And", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape",
-    "DequantizeLinear", "Div", "Dropout", "Equal", "Erf", "Exp", "Expand", "Flatten", "Gather",
-    "Gelu", "Gemm", "Greater", "Identity", "LayerNormalization", "Less", "Log", "MatMul", "Max",
-    "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Range", "Reciprocal", "ReduceMax",
-    "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Size", "Slice", "Softmax",
-    "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+    "Abs",
+    "Add",
+    "And",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "DequantizeLinear",
+    "Div",
+    "Dropout",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "Gelu",
+    "Gemm",
+    "Greater",
+    "Identity",
+    "LayerNormalization",
+    "Less",
+    "Log",
+    "MatMul",
+    "Max",
+    "Min",
+    "Mod",
+    "Mul",
+    "Neg",
+    "Not",
+    "Or",
+    "Pow",
+    "Range",
+    "Reciprocal",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Size",
+    "Slice",
+    "Softmax",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
 ];
 
 impl From<u8> for SymDim {
@@ -41,7 +87,10 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn input(&self, i: usize) -> NodeResult<&Val> {
-        self.inputs.get(i).and_then(Option::as_ref).ok_or_else(|| NodeError::Invalid(format!("input {i} is missing")))
+        self.inputs
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| NodeError::Invalid(format!("input {i} is missing")))
     }
 
     fn opt(&self, i: usize) -> Option<&Val> {
@@ -80,7 +129,9 @@ pub(crate) fn lower(
             let id = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let mut n = SymInt::Int(1);
             for &d in &imp.graph.values[id].shape {
-                n = n.mul(SymInt::from_dim(d)).ok_or(NodeError::Unsupported("size overflows".into()))?;
+                n = n
+                    .mul(SymInt::from_dim(d))
+                    .ok_or(NodeError::Unsupported("size overflows".into()))?;
             }
             Val::Const(ConstTensor::Int { shape: vec![], data: vec![n], dtype: DType::I64 })
         }
@@ -120,8 +171,13 @@ pub(crate) fn lower(
             let bound = |i: usize, attr: &str, default: f32| -> NodeResult<f32> {
                 if imp.opset() >= 11 {
                     match cx.opt(i) {
-                        Some(Val::Const(c)) => c.to_f32().and_then(|v| v.first().copied()).ok_or(NodeError::Invalid("invalid clip bound".into())),
-                        Some(_) => Err(NodeError::Unsupported("clip bounds computed at run time".into())),
+                        Some(Val::Const(c)) => c
+                            .to_f32()
+                            .and_then(|v| v.first().copied())
+                            .ok_or(NodeError::Invalid("invalid clip bound".into())),
+                        Some(_) => {
+                            Err(NodeError::Unsupported("clip bounds computed at run time".into()))
+                        }
                         None => Ok(default),
                     }
                 } else {
@@ -138,7 +194,9 @@ pub(crate) fn lower(
             let rank = imp.graph.values[x].shape.len();
             let axis = norm_axis(attr_int(node, "axis", -1), rank)?;
             if axis + 1 != rank {
-                return Err(NodeError::Unsupported("normalization over more than the last axis".into()));
+                return Err(NodeError::Unsupported(
+                    "normalization over more than the last axis".into(),
+                ));
             }
             if node.output.iter().skip(1).any(|o| !o.is_empty()) {
                 return Err(NodeError::Unsupported("mean and inverse deviation outputs".into()));
@@ -154,7 +212,8 @@ pub(crate) fn lower(
         "Softmax" => {
             let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let rank = imp.graph.values[x].shape.len();
-            let axis = norm_axis(attr_int(node, "axis", if imp.opset() >= 13 { -1 } else { 1 }), rank)?;
+            let axis =
+                norm_axis(attr_int(node, "axis", if imp.opset() >= 13 { -1 } else { 1 }), rank)?;
             if imp.opset() < 13 && axis + 1 != rank {
                 return Err(NodeError::Unsupported("opset < 13 softmax over several axes".into()));
             }
@@ -187,7 +246,8 @@ pub(crate) fn lower(
             let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let target = dims_of(cx.konst(1)?)?;
             let v = &imp.graph.values[x];
-            let shape = broadcast_dims(&v.shape, &target).ok_or(NodeError::Invalid("expand shapes do not broadcast".into()))?;
+            let shape = broadcast_dims(&v.shape, &target)
+                .ok_or(NodeError::Invalid("expand shapes do not broadcast".into()))?;
             let dtype = v.dtype;
             if shape == v.shape {
                 Val::Runtime(x)
@@ -198,7 +258,8 @@ pub(crate) fn lower(
         "ConstantOfShape" => {
             let target = dims_of(cx.konst(0)?)?;
             let value = match super::proto::attr(node, "value").and_then(|a| a.t.as_ref()) {
-                Some(t) => super::proto::tensor(t, std::path::Path::new(".")).map_err(NodeError::Invalid)?,
+                Some(t) => super::proto::tensor(t, std::path::Path::new("."))
+                    .map_err(NodeError::Invalid)?,
                 None => ConstTensor::F32 { shape: vec![1], data: vec![0.0] },
             };
             let scalar = Val::Const(value.reshaped(vec![1]));
@@ -208,7 +269,8 @@ pub(crate) fn lower(
         }
         "Cast" => {
             let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-            let to = dtype_of(attr_int(node, "to", 1) as i32).ok_or(NodeError::Unsupported("cast to this element type".into()))?;
+            let to = dtype_of(attr_int(node, "to", 1) as i32)
+                .ok_or(NodeError::Unsupported("cast to this element type".into()))?;
             let v = &imp.graph.values[x];
             if v.dtype == to {
                 Val::Runtime(x)
@@ -218,7 +280,9 @@ pub(crate) fn lower(
             }
         }
         "Where" => {
-            let ids = (0..3).map(|i| imp.value_id(cx.input(i)?, &cx.hint(i))).collect::<NodeResult<Vec<_>>>()?;
+            let ids = (0..3)
+                .map(|i| imp.value_id(cx.input(i)?, &cx.hint(i)))
+                .collect::<NodeResult<Vec<_>>>()?;
             let v = &imp.graph.values;
             if v[ids[0]].dtype != DType::Bool {
                 return invalid("where condition is not boolean");
@@ -229,7 +293,9 @@ pub(crate) fn lower(
             let dtype = v[ids[1]].dtype;
             emit(imp, &cx, Op::Where, ids.into_iter().map(Some).collect(), dtype, shape)?
         }
-        other => return Err(NodeError::Unsupported(format!("{other} on values computed at run time"))),
+        other => {
+            return Err(NodeError::Unsupported(format!("{other} on values computed at run time")))
+        }
     };
     Ok(vec![val])
 }
@@ -253,7 +319,13 @@ fn emit(
 }
 
 /// Adds a node whose output has the type and shape of value `like`.
-fn emit_same(imp: &mut Importer, cx: &Ctx<'_>, op: Op, inputs: Vec<Option<usize>>, like: usize) -> NodeResult<Val> {
+fn emit_same(
+    imp: &mut Importer,
+    cx: &Ctx<'_>,
+    op: Op,
+    inputs: Vec<Option<usize>>,
+    like: usize,
+) -> NodeResult<Val> {
     let (dtype, shape) = (imp.graph.values[like].dtype, imp.graph.values[like].shape.clone());
     if dtype != DType::F32 {
         return Err(NodeError::Unsupported(format!("{:?} elements (only f32 is computed)", dtype)));
@@ -261,7 +333,13 @@ fn emit_same(imp: &mut Importer, cx: &Ctx<'_>, op: Op, inputs: Vec<Option<usize>
     emit(imp, cx, op, inputs, dtype, shape)
 }
 
-fn unary(imp: &mut Importer, cx: &Ctx<'_>, kind: UnaryKind, alpha: f32, beta: f32) -> NodeResult<Val> {
+fn unary(
+    imp: &mut Importer,
+    cx: &Ctx<'_>,
+    kind: UnaryKind,
+    alpha: f32,
+    beta: f32,
+) -> NodeResult<Val> {
     let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
     emit_same(imp, cx, Op::Unary { kind, alpha, beta }, vec![Some(x)], x)
 }
@@ -287,7 +365,9 @@ pub(crate) fn broadcast_dims(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
 fn dims_of(t: &ConstTensor) -> NodeResult<Vec<Dim>> {
     let ints = t.as_ints().ok_or(NodeError::Invalid("a shape must be integers".into()))?;
     ints.iter()
-        .map(|v| v.to_dim().ok_or(NodeError::Unsupported(format!("extent {v:?} (zero or negative)"))))
+        .map(|v| {
+            v.to_dim().ok_or(NodeError::Unsupported(format!("extent {v:?} (zero or negative)")))
+        })
         .collect()
 }
 
@@ -296,7 +376,10 @@ fn binary(imp: &mut Importer, cx: &Ctx<'_>, kind: BinaryKind) -> NodeResult<Val>
     let b = imp.value_id(cx.input(1)?, &cx.hint(1))?;
     let (va, vb) = (&imp.graph.values[a], &imp.graph.values[b]);
     if va.dtype != DType::F32 || vb.dtype != DType::F32 {
-        return Err(NodeError::Unsupported(format!("arithmetic on {:?} values at run time", va.dtype)));
+        return Err(NodeError::Unsupported(format!(
+            "arithmetic on {:?} values at run time",
+            va.dtype
+        )));
     }
     let shape = broadcast_dims(&va.shape, &vb.shape).ok_or_else(|| {
         NodeError::Invalid(format!("shapes {:?} and {:?} do not broadcast", va.shape, vb.shape))
@@ -326,7 +409,10 @@ fn linear(
 ) -> NodeResult<Val> {
     let xv = &imp.graph.values[x];
     if xv.dtype != DType::F32 || xv.shape.last() != Some(&Dim::constant(k as u32)) {
-        return invalid(format!("matmul input {:?} does not end in the weight's {k} rows", xv.shape));
+        return invalid(format!(
+            "matmul input {:?} does not end in the weight's {k} rows",
+            xv.shape
+        ));
     }
     let mut shape = xv.shape.clone();
     *shape.last_mut().expect("checked non-empty") = Dim::constant(n as u32);
@@ -340,7 +426,9 @@ fn linear(
 }
 
 fn matmul(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
-    if let (Val::Runtime(_), Val::Const(ConstTensor::F32 { shape, data })) = (cx.input(0)?, cx.input(1)?) {
+    if let (Val::Runtime(_), Val::Const(ConstTensor::F32 { shape, data })) =
+        (cx.input(0)?, cx.input(1)?)
+    {
         if shape.len() == 2 {
             let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let (k, n) = (shape[0], shape[1]);
@@ -370,7 +458,9 @@ fn gemm(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     }
     let (shape, data) = match cx.konst(1)? {
         ConstTensor::F32 { shape, data } if shape.len() == 2 => (shape.clone(), data.clone()),
-        _ => return Err(NodeError::Unsupported("a weight that is not a constant f32 matrix".into())),
+        _ => {
+            return Err(NodeError::Unsupported("a weight that is not a constant f32 matrix".into()))
+        }
     };
     let alpha = super::fold::float_attr(node, "alpha", 1.0);
     let beta = super::fold::float_attr(node, "beta", 1.0);
@@ -386,7 +476,9 @@ fn gemm(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
             let b: Vec<f32> = match v.len() {
                 1 => vec![v[0] * beta; n],
                 len if len == n => v.iter().map(|x| x * beta).collect(),
-                _ => return Err(NodeError::Unsupported("a gemm bias that is not per output".into())),
+                _ => {
+                    return Err(NodeError::Unsupported("a gemm bias that is not per output".into()))
+                }
             };
             Some(b)
         }
@@ -402,14 +494,20 @@ fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
     let shape = imp.graph.values[x].shape.clone();
     let input_from = if node.op_type == "ReduceSum" { 13 } else { 18 };
-    let consts: Vec<Option<&ConstTensor>> = cx.inputs.iter().map(|v| match v {
-        Some(Val::Const(c)) => Some(c),
-        _ => None,
-    }).collect();
+    let consts: Vec<Option<&ConstTensor>> = cx
+        .inputs
+        .iter()
+        .map(|v| match v {
+            Some(Val::Const(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
     let axes = axes_of(node, &consts, imp.opset(), input_from)?;
     let keep = attr_int(node, "keepdims", 1) != 0;
     let axes: Vec<usize> = match axes {
-        Some(a) if !a.is_empty() => a.iter().map(|&v| norm_axis(v, shape.len())).collect::<NodeResult<_>>()?,
+        Some(a) if !a.is_empty() => {
+            a.iter().map(|&v| norm_axis(v, shape.len())).collect::<NodeResult<_>>()?
+        }
         _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(Val::Runtime(x)),
         _ => (0..shape.len()).collect(),
     };
@@ -457,13 +555,20 @@ fn reshape(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
     let v = &imp.graph.values[x];
     let input: Vec<SymDim> = v.shape.iter().map(|&d| SymDim(d)).collect();
-    let consts: Vec<Option<&ConstTensor>> = cx.inputs.iter().map(|v| match v {
-        Some(Val::Const(c)) => Some(c),
-        _ => None,
-    }).collect();
+    let consts: Vec<Option<&ConstTensor>> = cx
+        .inputs
+        .iter()
+        .map(|v| match v {
+            Some(Val::Const(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
     let shape: Vec<Dim> = match node.op_type.as_str() {
         "Reshape" => {
-            let spec = cx.konst(1)?.as_ints().ok_or(NodeError::Invalid("reshape target must be integers".into()))?;
+            let spec = cx
+                .konst(1)?
+                .as_ints()
+                .ok_or(NodeError::Invalid("reshape target must be integers".into()))?;
             symbolic_reshape(&v.shape, spec, attr_int(node, "allowzero", 0) != 0)?
         }
         "Flatten" => {
@@ -499,9 +604,15 @@ fn symbolic_reshape(input: &[Dim], spec: &[SymInt], allow_zero: bool) -> NodeRes
     let mut out: Vec<Option<Dim>> = Vec::new();
     for (i, &s) in spec.iter().enumerate() {
         out.push(match s {
-            SymInt::Int(0) if !allow_zero => Some(*input.get(i).ok_or(NodeError::Invalid("reshape copies a missing axis".into()))?),
+            SymInt::Int(0) if !allow_zero => Some(
+                *input.get(i).ok_or(NodeError::Invalid("reshape copies a missing axis".into()))?,
+            ),
             SymInt::Int(-1) => None,
-            other => Some(other.to_dim().ok_or(NodeError::Unsupported(format!("reshape extent {other:?}")))?),
+            other => Some(
+                other
+                    .to_dim()
+                    .ok_or(NodeError::Unsupported(format!("reshape extent {other:?}")))?,
+            ),
         });
     }
     let mut known = SymInt::Int(1);
@@ -516,9 +627,9 @@ fn symbolic_reshape(input: &[Dim], spec: &[SymInt], allow_zero: bool) -> NodeRes
             Some(d) => result.push(d),
             None => {
                 infers += 1;
-                let d = inferred
-                    .and_then(SymInt::to_dim)
-                    .ok_or(NodeError::Unsupported("reshape whose -1 extent is not a product of the input's".into()))?;
+                let d = inferred.and_then(SymInt::to_dim).ok_or(NodeError::Unsupported(
+                    "reshape whose -1 extent is not a product of the input's".into(),
+                ))?;
                 result.push(d);
             }
         }
@@ -545,20 +656,33 @@ fn concat(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
         if v.dtype != first.dtype || v.shape.len() != first.shape.len() {
             return invalid("concat inputs differ in type or rank");
         }
-        total = total.add(SymInt::from_dim(v.shape[axis])).ok_or(NodeError::Unsupported("concat of unlike symbolic extents".into()))?;
+        total = total
+            .add(SymInt::from_dim(v.shape[axis]))
+            .ok_or(NodeError::Unsupported("concat of unlike symbolic extents".into()))?;
     }
     let mut shape = first.shape.clone();
     shape[axis] = total.to_dim().ok_or(NodeError::Invalid("empty concat".into()))?;
-    emit(imp, cx, Op::Concat { axis: axis as u32 }, ids.into_iter().map(Some).collect(), first.dtype, shape)
+    emit(
+        imp,
+        cx,
+        Op::Concat { axis: axis as u32 },
+        ids.into_iter().map(Some).collect(),
+        first.dtype,
+        shape,
+    )
 }
 
 fn slice(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-    let consts: Vec<Option<&ConstTensor>> = cx.inputs.iter().map(|v| match v {
-        Some(Val::Const(c)) => Some(c),
-        Some(_) => None,
-        None => None,
-    }).collect();
+    let consts: Vec<Option<&ConstTensor>> = cx
+        .inputs
+        .iter()
+        .map(|v| match v {
+            Some(Val::Const(c)) => Some(c),
+            Some(_) => None,
+            None => None,
+        })
+        .collect();
     if cx.inputs.iter().skip(1).flatten().any(|v| !matches!(v, Val::Const(_))) {
         return Err(NodeError::Unsupported("slice bounds computed at run time".into()));
     }
@@ -582,13 +706,21 @@ fn slice(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
                 let end_dim = match end {
                     SymInt::Int(e) if e >= i32::MAX as i64 => dim,
                     SymInt::Int(e) if dim.as_constant().is_none() && e > 0 => {
-                        return Err(NodeError::Unsupported(format!("slice end {e} on a variable axis")))
+                        return Err(NodeError::Unsupported(format!(
+                            "slice end {e} on a variable axis"
+                        )))
                     }
-                    other => other.to_dim().ok_or(NodeError::Unsupported("slice to a negative end on a variable axis".into()))?,
+                    other => other.to_dim().ok_or(NodeError::Unsupported(
+                        "slice to a negative end on a variable axis".into(),
+                    ))?,
                 };
                 (0, end_dim)
             }
-            _ => return Err(NodeError::Unsupported("slice bounds that depend on a variable extent".into())),
+            _ => {
+                return Err(NodeError::Unsupported(
+                    "slice bounds that depend on a variable extent".into(),
+                ))
+            }
         };
         if len.factor == 0 {
             return Err(NodeError::Unsupported("empty slices".into()));

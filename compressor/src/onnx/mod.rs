@@ -142,9 +142,8 @@ pub(crate) fn invalid<T>(message: impl Into<String>) -> NodeResult<T> {
 /// [`ImportError::Unsupported`] lists every unsupported op at once.
 pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError> {
     let read_error = |message: String| ImportError::Read { path: path.to_owned(), message };
-    let proto = tract_onnx::onnx()
-        .proto_model_for_path(path)
-        .map_err(|e| read_error(format!("{e:#}")))?;
+    let proto =
+        tract_onnx::onnx().proto_model_for_path(path).map_err(|e| read_error(format!("{e:#}")))?;
     let graph = proto.graph.as_ref().ok_or_else(|| read_error("the file has no graph".into()))?;
     let opset = proto
         .opset_import
@@ -233,9 +232,7 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
                         .into(),
                 })
             }
-            _ => {
-                return Err(read_error(format!("graph output {} is never produced", output.name)))
-            }
+            _ => return Err(read_error(format!("graph output {} is never produced", output.name))),
         };
         imp.graph.outputs.push(id);
     }
@@ -330,7 +327,10 @@ impl Importer {
     }
 
     fn get(&self, name: &str) -> NodeResult<Val> {
-        self.vals.get(name).cloned().ok_or_else(|| NodeError::Invalid(format!("input {name} is never defined")))
+        self.vals
+            .get(name)
+            .cloned()
+            .ok_or_else(|| NodeError::Invalid(format!("input {name} is never defined")))
     }
 
     /// The id of a runtime value, adding a constant to the graph when `val` is one.

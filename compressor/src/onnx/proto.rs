@@ -75,7 +75,11 @@ pub fn tensor(t: &TensorProto, model_dir: &Path) -> Result<ConstTensor, String> 
             return Ok(None);
         }
         if raw.len() != count * size {
-            return Err(format!("raw data has {} bytes, the shape needs {}", raw.len(), count * size));
+            return Err(format!(
+                "raw data has {} bytes, the shape needs {}",
+                raw.len(),
+                count * size
+            ));
         }
         Ok(Some(raw))
     };
@@ -87,11 +91,17 @@ pub fn tensor(t: &TensorProto, model_dir: &Path) -> Result<ConstTensor, String> 
     let floats = |v: Vec<f32>| ConstTensor::F32 { shape: shape.clone(), data: v };
     let result = match t.data_type {
         FLOAT => match from_raw(4)? {
-            Some(r) => floats(r.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+            Some(r) => floats(
+                r.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            ),
             None => floats(t.float_data.clone()),
         },
         DOUBLE => match from_raw(8)? {
-            Some(r) => floats(r.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()),
+            Some(r) => floats(
+                r.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect(),
+            ),
             None => floats(t.double_data.iter().map(|&v| v as f32).collect()),
         },
         FLOAT16 | BFLOAT16 => {
@@ -109,19 +119,33 @@ pub fn tensor(t: &TensorProto, model_dir: &Path) -> Result<ConstTensor, String> 
             floats(bits.into_iter().map(conv).collect())
         }
         INT64 => match from_raw(8)? {
-            Some(r) => ints(r.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+            Some(r) => {
+                ints(r.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
+            }
             None => ints(t.int64_data.clone()),
         },
         UINT64 => match from_raw(8)? {
-            Some(r) => ints(r.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            Some(r) => ints(
+                r.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
             None => ints(t.uint64_data.iter().map(|&v| v as i64).collect()),
         },
         UINT32 => match from_raw(4)? {
-            Some(r) => ints(r.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            Some(r) => ints(
+                r.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
             None => ints(t.uint64_data.iter().map(|&v| v as i64).collect()),
         },
         INT32 => match from_raw(4)? {
-            Some(r) => ints(r.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            Some(r) => ints(
+                r.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
             None => ints(t.int32_data.iter().map(|&v| v as i64).collect()),
         },
         INT16 | UINT16 => match from_raw(2)? {
@@ -129,7 +153,11 @@ pub fn tensor(t: &TensorProto, model_dir: &Path) -> Result<ConstTensor, String> 
                 r.chunks_exact(2)
                     .map(|c| {
                         let v = u16::from_le_bytes([c[0], c[1]]);
-                        if t.data_type == INT16 { v as i16 as i64 } else { v as i64 }
+                        if t.data_type == INT16 {
+                            v as i16 as i64
+                        } else {
+                            v as i64
+                        }
                     })
                     .collect(),
             ),
@@ -212,7 +240,9 @@ pub fn value_type(v: &pb::ValueInfoProto) -> Option<(i32, Vec<DimSpec>)> {
                     Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if *v > 0 => {
                         DimSpec::Fixed(*v as u32)
                     }
-                    Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
+                    Some(pb::tensor_shape_proto::dimension::Value::DimParam(p))
+                        if !p.is_empty() =>
+                    {
                         DimSpec::Named(p.clone())
                     }
                     _ => DimSpec::Unknown,

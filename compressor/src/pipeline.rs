@@ -1,0 +1,169 @@
+//! The compression pipeline behind `edgefold compress`: import, fuse, factorize, quantize, plan and
+//! pack, with the settings and the source's checksum recorded in the file's metadata.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::ir::Graph;
+use crate::onnx::{import, ImportError, ImportOptions};
+use crate::passes::{fuse, FuseCounts};
+use crate::plan::plan_arena;
+use crate::quantize::{factorize, quantize, Factorized, LowRank, Quantize};
+use crate::spectrum::SpectrumError;
+use crate::writer::{pack, WriteError};
+
+/// Settings of one compression run.
+#[derive(Clone, Debug)]
+pub struct CompressOptions {
+    /// Weight storage type.
+    pub quantize: Quantize,
+    /// Low-rank factorization of linear weights.
+    pub low_rank: LowRank,
+    /// Limits of the variable dimensions.
+    pub import: ImportOptions,
+    /// Tokenizer to embed; `None` looks for `tokenizer.json` beside the model.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// What a compression run did.
+#[derive(Clone, Debug)]
+pub struct CompressReport {
+    /// Bytes of the source model file.
+    pub source_bytes: u64,
+    /// Bytes of the packed file.
+    pub output_bytes: u64,
+    /// Bytes of constant data before compression (f32).
+    pub weight_bytes_before: u64,
+    /// Bytes of constant data after compression.
+    pub weight_bytes_after: u64,
+    /// Arena bytes the packed model needs.
+    pub arena_bytes: u64,
+    /// Number of ops in the packed model.
+    pub ops: usize,
+    /// Patterns fused into single ops.
+    pub fused: FuseCounts,
+    /// Linear weights replaced by low-rank pairs.
+    pub factorized: Vec<Factorized>,
+    /// Tensors stored in a compressed element type.
+    pub quantized: usize,
+    /// Tokenizer file embedded, if any.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Why compression failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CompressError {
+    /// Import failed.
+    Import(ImportError),
+    /// Factorization failed.
+    Spectrum(SpectrumError),
+    /// Packing failed.
+    Write(WriteError),
+    /// A file could not be read.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for CompressError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompressError::Import(e) => write!(f, "{e}"),
+            CompressError::Spectrum(e) => write!(f, "low-rank factorization failed: {e}"),
+            CompressError::Write(e) => write!(f, "{e}"),
+            CompressError::Io { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for CompressError {}
+
+/// Imports and fuses a model: the graph every transform starts from.
+///
+/// # Errors
+/// [`CompressError::Import`].
+pub fn load_graph(
+    path: &Path,
+    options: &ImportOptions,
+) -> Result<(Graph, FuseCounts), CompressError> {
+    log::info!("importing {}", path.display());
+    let mut graph = import(path, options).map_err(CompressError::Import)?;
+    let fused = fuse(&mut graph);
+    log::info!(
+        "{} ops, {} values, {} bytes of weights",
+        graph.nodes.len(),
+        graph.values.len(),
+        graph.weight_bytes()
+    );
+    Ok((graph, fused))
+}
+
+/// Compresses the model at `path` into the bytes of a packed file.
+///
+/// # Errors
+/// Any import, factorization or packing failure, naming the file.
+pub fn compress(
+    path: &Path,
+    options: &CompressOptions,
+) -> Result<(Vec<u8>, CompressReport), CompressError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CompressError::Io { path, source }
+    };
+    let source = std::fs::read(path).map_err(io(path))?;
+    let sha = Sha256::digest(&source);
+    let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+
+    let (mut graph, fused) = load_graph(path, &options.import)?;
+    let weight_bytes_before = graph.weight_bytes() as u64;
+    let factorized = factorize(&mut graph, options.low_rank).map_err(CompressError::Spectrum)?;
+    if options.low_rank != LowRank::Off {
+        log::info!("factorized {} of the linear weights ({})", factorized.len(), options.low_rank);
+    }
+    let quantized = quantize(&mut graph, options.quantize);
+    log::info!("stored {quantized} tensors as {}", options.quantize);
+    let plan = plan_arena(&graph);
+
+    let tokenizer = match &options.tokenizer {
+        Some(p) => Some(p.clone()),
+        None => path.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()),
+    };
+    let mut metadata: Vec<(String, Vec<u8>)> = vec![
+        ("edgefold.compressor".into(), env!("CARGO_PKG_VERSION").into()),
+        (
+            "source.name".into(),
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().into(),
+        ),
+        ("source.sha256".into(), sha_hex.into()),
+        ("source.bytes".into(), source.len().to_string().into()),
+        ("compress.quantize".into(), options.quantize.to_string().into()),
+        ("compress.low_rank".into(), options.low_rank.to_string().into()),
+        ("compress.max_batch".into(), options.import.max_batch.to_string().into()),
+        ("compress.max_seq".into(), options.import.max_seq.to_string().into()),
+    ];
+    if let Some(t) = &tokenizer {
+        log::info!("embedding tokenizer {}", t.display());
+        metadata.push(("tokenizer.json".into(), std::fs::read(t).map_err(io(t))?));
+    }
+    let bytes = pack(&graph, &plan, &metadata).map_err(CompressError::Write)?;
+    let report = CompressReport {
+        source_bytes: source.len() as u64,
+        output_bytes: bytes.len() as u64,
+        weight_bytes_before,
+        weight_bytes_after: graph.weight_bytes() as u64,
+        arena_bytes: plan.arena_bytes,
+        ops: graph.nodes.len(),
+        fused,
+        factorized,
+        quantized,
+        tokenizer,
+    };
+    Ok((bytes, report))
+}

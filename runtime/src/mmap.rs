@@ -1,0 +1,31 @@
+//! Read-only memory maps of packed files (Linux, Android, macOS).
+
+use std::fs::File;
+use std::path::Path;
+
+/// A packed file mapped read-only into memory; pages are loaded on first touch and shared with the
+/// page cache, so opening costs no copy of the weights.
+#[derive(Debug)]
+pub struct MappedFile {
+    map: memmap2::Mmap,
+}
+
+impl MappedFile {
+    /// Maps the file at `path`.
+    ///
+    /// # Errors
+    /// Any I/O error from opening or mapping the file.
+    pub fn open(path: &Path) -> std::io::Result<MappedFile> {
+        let file = File::open(path)?;
+        // SAFETY: the map is read-only. Rust's aliasing rules would be broken if another process
+        // truncated or rewrote the file while it is mapped; the compressor never rewrites a file in
+        // place (it writes a new file and renames it), so a running model keeps the old inode.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(MappedFile { map })
+    }
+
+    /// The file's bytes; the start is page-aligned.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
