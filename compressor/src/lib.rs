@@ -13,5 +13,6 @@ pub mod quantize;
 pub mod reference;
 pub mod spectrum;
 pub mod tensor;
+pub mod testdata;
 pub mod text;
 pub mod writer;

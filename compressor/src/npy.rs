@@ -1254,7 +1254,7 @@ mod tests {
     fn read_npz_kws_reference() {
         let path = Path::new(KWS_NPZ);
         if !path.exists() {
-            eprintln!("skipping: {KWS_NPZ} not found");
+            crate::testdata::skip(&format!("{KWS_NPZ} not found"));
             return;
         }
         let arrays = read_npz(path).unwrap();

@@ -730,7 +730,7 @@ mod tests {
             Some(ReferenceModel::load(Path::new(path)).unwrap())
         });
         if model.is_none() {
-            eprintln!("skipping: {path} not found ({how_to_get})");
+            crate::testdata::skip(&format!("{path} not found ({how_to_get})"));
         }
         model.as_ref()
     }
@@ -819,7 +819,7 @@ mod tests {
     #[test]
     fn per_shape_plans_match_onnxruntime() {
         if !Path::new(L3_MODEL).is_file() {
-            eprintln!("skipping: {L3_MODEL} not found (run scripts/fetch-models.sh)");
+            crate::testdata::skip(&format!("{L3_MODEL} not found (run scripts/fetch-models.sh)"));
             return;
         }
         let model = ReferenceModel::load_with(Path::new(L3_MODEL), false).unwrap();

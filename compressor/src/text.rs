@@ -439,7 +439,7 @@ mod tests {
     fn encoder(max_len: usize) -> Option<TextEncoder> {
         let path = Path::new(TOKENIZER);
         if !path.exists() {
-            eprintln!("skipping: tokenizer {TOKENIZER} not found");
+            crate::testdata::skip(&format!("tokenizer {TOKENIZER} not found"));
             return None;
         }
         Some(TextEncoder::from_file(path, max_len).unwrap())
@@ -448,7 +448,7 @@ mod tests {
     fn sts_dev() -> Option<Vec<StsPair>> {
         let path = Path::new(STS_DEV);
         if !path.exists() {
-            eprintln!("skipping: STS Benchmark file {STS_DEV} not found");
+            crate::testdata::skip(&format!("STS Benchmark file {STS_DEV} not found"));
             return None;
         }
         Some(read_sts(path).unwrap())
@@ -517,7 +517,7 @@ mod tests {
     fn encoder_rejects_max_len_without_room() {
         let path = Path::new(TOKENIZER);
         if !path.exists() {
-            eprintln!("skipping: tokenizer {TOKENIZER} not found");
+            crate::testdata::skip(&format!("tokenizer {TOKENIZER} not found"));
             return;
         }
         for max_len in [0, 1, 2] {

@@ -15,7 +15,7 @@ fn shared(path: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipping: {} is absent", p.display());
+        edgefold_compressor::testdata::skip(&format!("{} is absent", p.display()));
         None
     }
 }
@@ -26,7 +26,10 @@ fn tokenizer() -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipping: {} is absent; run scripts/fetch-models.sh", p.display());
+        edgefold_compressor::testdata::skip(&format!(
+            "{} is absent; run scripts/fetch-models.sh",
+            p.display()
+        ));
         None
     }
 }

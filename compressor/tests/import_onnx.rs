@@ -1,0 +1,78 @@
+//! Importer tests on small generated ONNX graphs (see fixtures/onnx/make.py), checked against
+//! tract running the same files.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{max_abs_diff, pack_graph, random_f32, run};
+use edgefold_compressor::onnx::{import, ImportError, ImportOptions};
+use edgefold_compressor::passes::fuse;
+use edgefold_compressor::reference::ReferenceModel;
+use edgefold_compressor::tensor::HostTensor;
+use edgefold_runtime::ops::{Op, UnaryKind};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name)
+}
+
+#[test]
+fn unsupported_ops_are_listed_together() {
+    let err = import(&fixture("unsupported.onnx"), &ImportOptions::default()).unwrap_err();
+    let ImportError::Unsupported { ops, .. } = &err else { panic!("unexpected error {err}") };
+    assert_eq!(
+        ops.get("TopK").map(Vec::as_slice),
+        Some(&["topk_a".to_string(), "topk_b".to_string()][..])
+    );
+    assert_eq!(ops.get("Hardmax").map(Vec::as_slice), Some(&["hardmax_a".to_string()][..]));
+    assert_eq!(ops.len(), 2, "only TopK and Hardmax are unsupported: {ops:?}");
+    let message = err.to_string();
+    for name in ["topk_a", "topk_b", "hardmax_a", "unsupported.onnx"] {
+        assert!(message.contains(name), "message lacks {name}: {message}");
+    }
+}
+
+#[test]
+fn dequantized_weights_and_patterns_fold() {
+    let path = fixture("patterns.onnx");
+    let mut graph = import(&path, &ImportOptions { max_batch: 4, max_seq: 1 }).unwrap();
+    let counts = fuse(&mut graph);
+    assert_eq!(counts.gelu, 1);
+    assert_eq!(counts.layer_norm, 1);
+    assert_eq!(counts.bias, 1);
+    let ops: Vec<Op> = graph.nodes.iter().map(|n| n.op).collect();
+    assert_eq!(ops.len(), 3, "expected linear, gelu, layer norm: {ops:?}");
+    assert_eq!(ops[0], Op::Linear);
+    assert!(matches!(ops[1], Op::Unary { kind: UnaryKind::Gelu, .. }));
+    assert!(matches!(ops[2], Op::LayerNorm { .. }));
+
+    let file = pack_graph(&graph);
+    let reference = ReferenceModel::load(&path).unwrap();
+    for batch in [1, 3, 4] {
+        let x = HostTensor::f32(vec![batch, 6], random_f32(batch * 6, batch as u64));
+        let ours = run(&file, std::slice::from_ref(&x));
+        let theirs = reference.run(&[x]).unwrap();
+        let diff = max_abs_diff(&ours[0], &theirs[0]);
+        assert!(diff < 1e-5, "batch {batch}: max abs difference {diff}");
+    }
+}
+
+#[test]
+fn shapes_computed_from_sequence_length() {
+    let path = fixture("dynamic_shapes.onnx");
+    let graph = import(&path, &ImportOptions { max_batch: 2, max_seq: 16 }).unwrap();
+    assert!(
+        graph.nodes.iter().all(|n| !matches!(n.op, Op::Concat { .. })),
+        "shape arithmetic should fold away: {:?}",
+        graph.nodes.iter().map(|n| n.op.name()).collect::<Vec<_>>()
+    );
+    let file = pack_graph(&graph);
+    let reference = ReferenceModel::load(&path).unwrap();
+    for (batch, seq) in [(1, 3), (2, 11), (2, 16), (1, 1)] {
+        let x = HostTensor::f32(vec![batch, seq, 8], random_f32(batch * seq * 8, seq as u64));
+        let ours = run(&file, std::slice::from_ref(&x));
+        let theirs = reference.run(&[x]).unwrap();
+        let diff = max_abs_diff(&ours[0], &theirs[0]);
+        assert!(diff < 1e-6, "batch {batch}, seq {seq}: max abs difference {diff}");
+    }
+}
