@@ -90,6 +90,26 @@ enum Command {
     },
     /// Compare a packed file's quality with the original model's.
     Eval(EvalArgs),
+    /// Time loading and inference of a packed text encoder (or of the original ONNX with tract).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The packed file, or with --engine tract the ONNX model.
+    file: PathBuf,
+    /// What runs the model: edgefold (the packed file) or tract (an ONNX file).
+    #[arg(long, default_value = "edgefold")]
+    engine: String,
+    /// Sequence length of the synthetic token input.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed runs after the first one.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -166,6 +186,7 @@ fn main() {
             cmd_embed(&file, &sentences, tokenizer.as_deref(), output.as_deref(), json)
         }
         Command::Eval(args) => cmd_eval(args),
+        Command::Bench(args) => cmd_bench(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -715,6 +736,87 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             human_bytes(original_bytes),
             human_bytes(packed_bytes),
             100.0 * packed_bytes as f64 / original_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+/// Synthetic text-encoder input of `seq` tokens for an input named like a BERT input.
+fn token_input(name: &str, seq: usize) -> Result<Vec<i64>> {
+    Ok(match name {
+        "input_ids" => (0..seq)
+            .map(|i| match i {
+                0 => 101,
+                i if i + 1 == seq => 102,
+                i => 1000 + (i as i64 * 7919) % 20000,
+            })
+            .collect(),
+        "attention_mask" => vec![1; seq],
+        "token_type_ids" => vec![0; seq],
+        other => bail!("bench feeds token inputs only; the model has an input named {other:?}"),
+    })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn cmd_bench(args: BenchArgs) -> Result<()> {
+    if args.seq == 0 {
+        bail!("--seq must be at least 1");
+    }
+    let started = Instant::now();
+    let mut times = Vec::with_capacity(args.runs);
+    let first;
+    match args.engine.as_str() {
+        "edgefold" => {
+            let map = open_mapped(&args.file)?;
+            let model = Model::open(map.bytes())
+                .with_context(|| format!("{} is not a valid packed file", args.file.display()))?;
+            let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+            let mut session = Session::new(&model, &mut arena)?;
+            for i in 0..model.input_count() {
+                let name = model.tensor_name(model.input_tensor(i)?);
+                let values = token_input(name, args.seq)?;
+                session.set_input::<i64>(i, &[1, args.seq], &values)?;
+            }
+            session.run()?;
+            first = started.elapsed().as_secs_f64();
+            for _ in 0..args.runs {
+                let t = Instant::now();
+                session.run()?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        "tract" => {
+            let model = edgefold_compressor::reference::ReferenceModel::load(&args.file)?;
+            let inputs: Vec<HostTensor> = model
+                .input_names()
+                .iter()
+                .map(|n| token_input(n, args.seq).map(|v| HostTensor::i64(vec![1, args.seq], v)))
+                .collect::<Result<_>>()?;
+            model.run(&inputs)?;
+            first = started.elapsed().as_secs_f64();
+            for _ in 0..args.runs {
+                let t = Instant::now();
+                model.run(&inputs)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        other => bail!("--engine {other} is not known; use edgefold or tract"),
+    }
+    let med = median(&mut times);
+    if args.json {
+        print_json(&json!({
+            "file": args.file, "engine": args.engine, "seq": args.seq, "runs": args.runs,
+            "load_to_first_output_ms": first * 1e3, "latency_ms_median": med * 1e3,
+            "latency_ms_min": times.first().map(|t| t * 1e3),
+        }));
+    } else {
+        println!(
+            "{} ({}), sequence {}: load to first output {:.2} ms, median latency {:.2} ms over {} runs",
+            args.file.display(), args.engine, args.seq, first * 1e3, med * 1e3, args.runs
         );
     }
     Ok(())

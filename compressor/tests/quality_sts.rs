@@ -1,0 +1,99 @@
+//! Quality of compressed sentence encoders against their originals on STS Benchmark dev pairs.
+
+use std::path::{Path, PathBuf};
+
+use edgefold_compressor::embed::{PackedEmbedder, ReferenceEmbedder};
+use edgefold_compressor::onnx::ImportOptions;
+use edgefold_compressor::pipeline::{compress, CompressOptions};
+use edgefold_compressor::quantize::{LowRank, Quantize};
+use edgefold_compressor::testdata::skip;
+use edgefold_compressor::text::{cosine, read_sts, spearman};
+use edgefold_compressor::writer::write_atomic;
+
+const PAIRS: usize = 200;
+
+fn existing(path: PathBuf, how: &str) -> Option<PathBuf> {
+    if path.exists() {
+        Some(path)
+    } else {
+        skip(&format!("{} is absent ({how})", path.display()));
+        None
+    }
+}
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Returns (original Spearman, compressed Spearman, size ratio) over the first pairs of sts-dev.
+fn measure(model: &Path, quantize: Quantize, tokenizer: &Path, sts: &Path) -> (f64, f64, f64) {
+    let options = CompressOptions {
+        quantize,
+        low_rank: LowRank::Off,
+        import: ImportOptions { max_batch: 1, max_seq: 128 },
+        tokenizer: Some(tokenizer.to_owned()),
+    };
+    let (bytes, report) = compress(model, &options).unwrap();
+    let dir = std::env::temp_dir().join(format!("edgefold-quality-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("{quantize}.fold"));
+    write_atomic(&out, &bytes).unwrap();
+
+    let mut packed = PackedEmbedder::open(&out, None, None).unwrap();
+    let reference = ReferenceEmbedder::load(model, None, packed.encoder()).unwrap();
+    let pairs = read_sts(sts).unwrap();
+    let (mut gold, mut ours, mut theirs) = (vec![], vec![], vec![]);
+    for pair in pairs.iter().take(PAIRS) {
+        let a = packed.embed(&pair.sentence1).unwrap();
+        let b = packed.embed(&pair.sentence2).unwrap();
+        let ea = packed.encoder().encode(&pair.sentence1).unwrap();
+        let eb = packed.encoder().encode(&pair.sentence2).unwrap();
+        let (ra, rb) = (reference.embed(&ea).unwrap(), reference.embed(&eb).unwrap());
+        gold.push(pair.score);
+        ours.push(cosine(&a, &b));
+        theirs.push(cosine(&ra, &rb));
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    let ratio = report.output_bytes as f64 / report.source_bytes as f64;
+    (spearman(&theirs, &gold), spearman(&ours, &gold), ratio)
+}
+
+#[test]
+fn default_model_int8_keeps_quality() {
+    let fetch = "run scripts/fetch-models.sh";
+    let (Some(model), Some(tokenizer), Some(sts)) = (
+        existing(root().join("models/paraphrase-MiniLM-L3-v2/model.onnx"), fetch),
+        existing(root().join("models/paraphrase-MiniLM-L3-v2/tokenizer.json"), fetch),
+        existing(root().join("../shared/data/stsb/sts-dev.csv"), "evaluation data"),
+    ) else {
+        return;
+    };
+    let (original, compressed, ratio) = measure(&model, Quantize::Int8, &tokenizer, &sts);
+    eprintln!("int8: original {original:.4}, compressed {compressed:.4}, size {ratio:.3}");
+    assert!(original > 0.7, "the original's Spearman {original} is implausibly low");
+    assert!(ratio <= 0.30, "int8 file is {:.1} % of the ONNX file", 100.0 * ratio);
+    assert!(
+        compressed / original >= 0.99,
+        "int8 keeps {:.4} of the Spearman",
+        compressed / original
+    );
+}
+
+#[test]
+fn default_model_f16_keeps_quality() {
+    let fetch = "run scripts/fetch-models.sh";
+    let (Some(model), Some(tokenizer), Some(sts)) = (
+        existing(root().join("models/paraphrase-MiniLM-L3-v2/model.onnx"), fetch),
+        existing(root().join("models/paraphrase-MiniLM-L3-v2/tokenizer.json"), fetch),
+        existing(root().join("../shared/data/stsb/sts-dev.csv"), "evaluation data"),
+    ) else {
+        return;
+    };
+    let (original, compressed, ratio) = measure(&model, Quantize::F16, &tokenizer, &sts);
+    eprintln!("f16: original {original:.4}, compressed {compressed:.4}, size {ratio:.3}");
+    assert!(ratio <= 0.52, "f16 file is {:.1} % of the ONNX file", 100.0 * ratio);
+    assert!(
+        (compressed - original).abs() < 1e-3,
+        "f16 moved the Spearman from {original} to {compressed}"
+    );
+}
