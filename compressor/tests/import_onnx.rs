@@ -76,3 +76,34 @@ fn shapes_computed_from_sequence_length() {
         assert!(diff < 1e-6, "batch {batch}, seq {seq}: max abs difference {diff}");
     }
 }
+
+#[test]
+fn blocks_of_minilm_models() {
+    use edgefold_compressor::blocks::find_blocks;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cases = [
+        (root.join("../shared/data/models/all-MiniLM-L6-v2-fp32.onnx"), 6),
+        (root.join("models/paraphrase-MiniLM-L3-v2/model.onnx"), 3),
+    ];
+    for (path, expected) in cases {
+        if !path.exists() {
+            edgefold_compressor::testdata::skip(&format!("{} is absent", path.display()));
+            continue;
+        }
+        let mut graph = import(&path, &ImportOptions::default()).unwrap();
+        fuse(&mut graph);
+        let blocks = find_blocks(&graph);
+        let indices: Vec<usize> = blocks.iter().map(|b| b.index).collect();
+        assert_eq!(indices, (0..expected).collect::<Vec<_>>(), "{}", path.display());
+        for b in &blocks {
+            let node = graph.nodes.iter().find(|n| n.outputs.contains(&b.output)).unwrap();
+            assert!(
+                matches!(node.op, Op::LayerNorm { .. }),
+                "block {} ends in {:?}",
+                b.index,
+                node.op
+            );
+            assert!(b.nodes.iter().filter(|&&n| graph.nodes[n].op == Op::Linear).count() == 6);
+        }
+    }
+}

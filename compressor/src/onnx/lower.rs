@@ -416,7 +416,8 @@ fn linear(
     }
     let mut shape = xv.shape.clone();
     *shape.last_mut().expect("checked non-empty") = Dim::constant(n as u32);
-    let w_name = imp.unique_name(&format!("{}.weight", cx.name));
+    // Keep the source weight's name: it carries the layer structure (e.g. encoder.layer.3...).
+    let w_name = imp.unique_name(&cx.hint(1));
     let w = imp.graph.add_const(w_name, vec![n, k], Storage::F32(weight_nk));
     let b = bias.map(|b| {
         let name = imp.unique_name(&format!("{}.bias", cx.name));
