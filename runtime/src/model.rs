@@ -59,6 +59,14 @@ impl<'a> Model<'a> {
             return Err(Error::MisalignedBuffer { required: BUFFER_ALIGN });
         }
         let header = Header::parse(bytes)?;
+        // No slice, and so no arena, exceeds isize::MAX bytes, and `arena_bytes_unaligned` adds
+        // up to SECTION_ALIGN - 1 bytes of padding to the stated size.
+        if header.arena_bytes > isize::MAX as u64 - (SECTION_ALIGN as u64 - 1) {
+            return Err(Error::InvalidSection {
+                section: Section::Header,
+                reason: "the arena size exceeds what this processor can address",
+            });
+        }
         let file_len = usize::try_from(header.file_len).unwrap_or(usize::MAX);
         let bytes = bytes.get(..file_len).ok_or(Error::Truncated {
             what: "file",
