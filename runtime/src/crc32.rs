@@ -39,9 +39,10 @@ static TABLES: [[u32; 256]; 1] = make_tables::<1>();
 /// Computes the CRC-32 of `bytes` (the same value as zlib's `crc32`).
 pub fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
-    let mut rest = bytes;
+    #[cfg(target_os = "none")]
+    let rest = bytes;
     #[cfg(not(target_os = "none"))]
-    {
+    let rest = {
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
             let lo = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) ^ crc;
@@ -55,8 +56,8 @@ pub fn crc32(bytes: &[u8]) -> u32 {
                 ^ TABLES[1][((hi >> 16) & 0xFF) as usize]
                 ^ TABLES[0][(hi >> 24) as usize];
         }
-        rest = chunks.remainder();
-    }
+        chunks.remainder()
+    };
     for &b in rest {
         crc = TABLES[0][((crc ^ b as u32) & 0xFF) as usize] ^ (crc >> 8);
     }
@@ -87,7 +88,8 @@ mod tests {
 
     #[test]
     fn crc32_matches_bitwise_for_all_lengths() {
-        let data: std::vec::Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let data: std::vec::Vec<u8> =
+            (0..1000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         for len in 0..data.len() {
             for start in [0, 1, 3, 7] {
                 let s = &data[start.min(len)..len];

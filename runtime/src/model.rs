@@ -55,7 +55,7 @@ impl<'a> Model<'a> {
         if cfg!(target_endian = "big") {
             return Err(Error::BigEndianHost);
         }
-        if (bytes.as_ptr() as usize) % BUFFER_ALIGN != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(BUFFER_ALIGN) {
             return Err(Error::MisalignedBuffer { required: BUFFER_ALIGN });
         }
         let header = Header::parse(bytes)?;
@@ -153,7 +153,7 @@ impl<'a> Model<'a> {
     pub fn tensor(&self, i: u32) -> Result<TensorEntry> {
         let start = (i as usize).checked_mul(TENSOR_ENTRY_LEN);
         let bytes = start
-            .and_then(|s| self.tensors.get(s..s + TENSOR_ENTRY_LEN))
+            .and_then(|s| self.tensors.get(s..s.checked_add(TENSOR_ENTRY_LEN)?))
             .ok_or(Error::InvalidTensor { tensor: i, reason: "tensor index out of range" })?;
         TensorEntry::parse(bytes, i)
     }
@@ -230,7 +230,7 @@ impl<'a> Model<'a> {
     }
 
     fn symbol_entry(&self, i: usize) -> Result<SymbolEntry> {
-        let start = i.checked_mul(SYMBOL_ENTRY_LEN).unwrap_or(usize::MAX);
+        let start = i.saturating_mul(SYMBOL_ENTRY_LEN);
         let bytes = self.symbols.get(start..start.saturating_add(SYMBOL_ENTRY_LEN)).ok_or(
             Error::InvalidSection {
                 section: Section::Symbols,
@@ -304,7 +304,7 @@ impl<'a> Model<'a> {
         if t.byte_len != max_bytes {
             return Err(invalid("byte length does not match shape and element type"));
         }
-        if t.offset % SECTION_ALIGN as u64 != 0 {
+        if !t.offset.is_multiple_of(SECTION_ALIGN as u64) {
             return Err(invalid("offset is not a multiple of 64"));
         }
         let end = t.offset.checked_add(t.byte_len).ok_or(invalid("offset overflows"))?;
@@ -370,7 +370,7 @@ impl<'a> Model<'a> {
                     return Err(invalid("grouped quantization needs a constant int4 tensor"));
                 }
                 let group = t.group_size;
-                if group == 0 || group % 2 != 0 || cols.factor % group != 0 {
+                if group == 0 || !group.is_multiple_of(2) || !cols.factor.is_multiple_of(group) {
                     return Err(invalid("group size must be even and divide the row length"));
                 }
                 let s = self.tensor(t.scale_tensor).map_err(|_| invalid("scale tensor missing"))?;
@@ -504,8 +504,10 @@ fn locate_sections<'a>(
                 reason: "offset is not 64-byte aligned or overlaps the previous section",
             });
         }
-        let end = entry.offset.checked_add(entry.len).unwrap_or(u64::MAX);
-        let data = bytes.get(entry.offset as usize..end as usize).ok_or(Error::Truncated {
+        let end = entry.offset.saturating_add(entry.len);
+        // On 32-bit targets a u64 that does not fit usize must not be truncated into range.
+        let range = usize::try_from(entry.offset).ok().zip(usize::try_from(end).ok());
+        let data = range.and_then(|(s, e)| bytes.get(s..e)).ok_or(Error::Truncated {
             what: "section",
             needed: end,
             available: bytes.len() as u64,

@@ -360,7 +360,7 @@ impl<'a> OpRecord<'a> {
         if n_in > crate::format::MAX_OP_ARITY || n_out > crate::format::MAX_OP_ARITY {
             return Err(invalid("too many inputs or outputs"));
         }
-        if params_len % 4 != 0 || params_len / 4 > MAX_PARAM_WORDS {
+        if !params_len.is_multiple_of(4) || params_len / 4 > MAX_PARAM_WORDS {
             return Err(invalid("parameter length is not a multiple of 4 or exceeds 64 bytes"));
         }
         let name = crate::format::StrRef { offset: r.u32(8)?, len: r.u32(12)? };

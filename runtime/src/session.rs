@@ -245,6 +245,12 @@ impl<'m, 'a> Session<'m, 'a> {
         }
     }
 
+    /// Mutable bytes of an activation.
+    ///
+    /// Takes `&self` so an op can hold its input views while writing its output; callers ask for
+    /// at most one mutable view per op, and only of that op's output (or of a graph input between
+    /// runs), which the file's op checks keep disjoint from the op's inputs.
+    #[allow(clippy::mut_from_ref)]
     fn activation_mut(&self, t: &TensorEntry, len: usize, op: u32) -> Result<&mut [u8]> {
         let start = t.offset as usize;
         let bad = Error::RuntimeShape { op, reason: "output outside the arena" };
@@ -261,12 +267,12 @@ impl<'m, 'a> Session<'m, 'a> {
     }
 
     fn typed<T: Plain>(&self, t: &TensorEntry, count: usize, op: u32) -> Result<&[T]> {
-        let len = count.checked_mul(core::mem::size_of::<T>()).unwrap_or(usize::MAX);
+        let len = count.saturating_mul(core::mem::size_of::<T>());
         cast(self.bytes(t, len, op)?).ok_or(Error::RuntimeShape { op, reason: "misaligned tensor" })
     }
 
     fn typed_mut<T: Plain>(&self, t: &TensorEntry, count: usize, op: u32) -> Result<&mut [T]> {
-        let len = count.checked_mul(core::mem::size_of::<T>()).unwrap_or(usize::MAX);
+        let len = count.saturating_mul(core::mem::size_of::<T>());
         cast_mut(self.activation_mut(t, len, op)?)
             .ok_or(Error::RuntimeShape { op, reason: "misaligned tensor" })
     }

@@ -219,8 +219,8 @@ fn check_shapes(
             let rank = x.rank as usize;
             ensure(x.dtype == out.dtype && out.rank as usize == rank, "transpose mismatch")?;
             let mut seen = [false; MAX_RANK];
-            for i in 0..rank {
-                let p = perm[i] as usize;
+            for (i, &p) in perm.iter().enumerate().take(rank) {
+                let p = p as usize;
                 ensure(p < rank && !seen[p], "transpose permutation is invalid")?;
                 seen[p] = true;
                 ensure(out.dims[i] == x.dims[p], "transposed shape mismatch")?;

@@ -88,7 +88,7 @@ impl WeightRows for I4Rows<'_> {
         for (i, o) in out.iter_mut().enumerate() {
             let c = col + i;
             let byte = self.packed[row * row_bytes + c / 2];
-            let nibble = if c % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+            let nibble = if c.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
             let q = ((nibble as i8) << 4) >> 4;
             let scale = half::f16::from_bits(self.scales[row * groups + c / self.group]).to_f32();
             *o = q as f32 * scale;
