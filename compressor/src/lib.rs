@@ -3,7 +3,10 @@
 #![warn(missing_docs)]
 
 pub mod blocks;
+pub mod calibrate;
 pub mod embed;
+pub mod exec;
+pub mod gptq;
 pub mod ir;
 pub mod npy;
 pub mod onnx;
@@ -16,4 +19,5 @@ pub mod spectrum;
 pub mod tensor;
 pub mod testdata;
 pub mod text;
+pub mod whiten;
 pub mod writer;

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     DType, Quant, TensorEntry, TensorKind, MAX_GRAPH_INPUTS, MAX_RANK, MAX_SYMBOLS, SECTION_ALIGN,
 };
-use crate::kernels::generic as k;
+use crate::kernels::generic::{self as k, WeightRows};
 use crate::model::{is_absent, Model};
 use crate::ops::{Op, OpRecord};
 use crate::shape::{concrete_broadcasts_to, Shape};
@@ -507,6 +507,23 @@ impl<'m, 'a> Session<'m, 'a> {
                 for (o, &v) in y[i * inner..(i + 1) * inner].iter_mut().zip(src) {
                     *o = v as f32 * scale;
                 }
+            }
+            return Ok(());
+        }
+        if data.quant == Quant::Grouped {
+            let bad = Error::RuntimeShape { op, reason: "int4 table does not match its shape" };
+            let s = self.model.tensor(data.scale_tensor)?;
+            let scales = cast::<u16>(self.model.const_bytes(&s)).ok_or(bad)?;
+            let rows = k::I4Rows {
+                packed: self.model.const_bytes(data),
+                scales,
+                k: inner,
+                group: data.group_size as usize,
+            };
+            let y = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
+            for i in 0..count {
+                let row = index_at(i)?;
+                rows.fill(row, 0, &mut y[i * inner..(i + 1) * inner]);
             }
             return Ok(());
         }

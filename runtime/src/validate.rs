@@ -194,7 +194,11 @@ fn check_shapes(
                     DType::F32
                 }
                 (DType::F16, Quant::None) => DType::F32,
-                (DType::I4, _) => return Err(fail("int4 tables cannot be gathered")),
+                (DType::I4, Quant::Grouped) => {
+                    ensure(axis == 0, "quantized tables are gathered along axis 0")?;
+                    DType::F32
+                }
+                (DType::I4, _) => return Err(fail("int4 tables need grouped scales")),
                 (dtype, _) => dtype,
             };
             ensure(out.dtype == out_dtype, "gather output type mismatch")?;

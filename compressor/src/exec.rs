@@ -1,0 +1,120 @@
+//! Running an in-memory graph with the runtime: the compressor's own measurements (calibration,
+//! candidate evaluation) go through the same code path as the packed file on a device.
+
+use edgefold_runtime::{DType, Model, Session};
+
+use crate::ir::Graph;
+use crate::plan::plan_arena;
+use crate::tensor::{HostTensor, TensorData};
+use crate::writer::{pack, WriteError};
+
+/// Why an in-memory run failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ExecError {
+    /// The graph could not be packed.
+    Pack(WriteError),
+    /// The runtime rejected the file or failed while running.
+    Runtime(edgefold_runtime::Error),
+    /// An input or output has an element type this helper does not handle.
+    Unsupported(String),
+}
+
+impl std::fmt::Display for ExecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExecError::Pack(e) => write!(f, "{e}"),
+            ExecError::Runtime(e) => write!(f, "runtime error: {e}"),
+            ExecError::Unsupported(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ExecError {}
+
+impl From<edgefold_runtime::Error> for ExecError {
+    fn from(e: edgefold_runtime::Error) -> Self {
+        ExecError::Runtime(e)
+    }
+}
+
+/// A graph packed into an aligned buffer, with an arena, ready to run repeatedly.
+pub struct PackedGraph {
+    words: Vec<u128>,
+    len: usize,
+    arena: Vec<u8>,
+}
+
+impl PackedGraph {
+    /// Plans and packs `graph`.
+    ///
+    /// # Errors
+    /// [`ExecError::Pack`] or a validation error from the runtime.
+    pub fn new(graph: &Graph) -> Result<Self, ExecError> {
+        let plan = plan_arena(graph);
+        let bytes = pack(graph, &plan, &[]).map_err(ExecError::Pack)?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// Copies packed file bytes into an aligned buffer.
+    ///
+    /// # Errors
+    /// A validation error from the runtime.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ExecError> {
+        let mut words = vec![0u128; bytes.len().div_ceil(16)];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks(16)) {
+            let mut b = [0u8; 16];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u128::from_le_bytes(b);
+        }
+        let mut packed = PackedGraph { words, len: bytes.len(), arena: Vec::new() };
+        let model = Model::open(packed.bytes())?;
+        packed.arena = vec![0u8; model.arena_bytes_unaligned()];
+        Ok(packed)
+    }
+
+    /// The packed file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` is `16 * words.len()` initialized bytes (u128 has no padding) and `len`
+        // never exceeds that.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+
+    /// Runs the graph and returns every output.
+    ///
+    /// # Errors
+    /// Runtime errors, or an element type this helper does not convert.
+    pub fn run(&mut self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, ExecError> {
+        // SAFETY: same buffer as `bytes`; the arena is a separate allocation, so the shared view
+        // of the file and the mutable arena never alias.
+        let file =
+            unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) };
+        let options = edgefold_runtime::OpenOptions { verify_weights: false };
+        let model = Model::open_with(file, options)?;
+        let mut session = Session::new(&model, &mut self.arena)?;
+        for (i, t) in inputs.iter().enumerate() {
+            match &t.data {
+                TensorData::F32(v) => session.set_input::<f32>(i, &t.shape, v)?,
+                TensorData::I64(v) => session.set_input::<i64>(i, &t.shape, v)?,
+                TensorData::I32(v) => session.set_input::<i32>(i, &t.shape, v)?,
+                TensorData::Bool(_) => return Err(ExecError::Unsupported("boolean inputs".into())),
+            }
+        }
+        session.run()?;
+        let mut outputs = Vec::with_capacity(model.output_count());
+        for i in 0..model.output_count() {
+            outputs.push(match session.output_dtype(i)? {
+                DType::F32 => {
+                    let (s, v) = session.output::<f32>(i)?;
+                    HostTensor::f32(s.as_slice().to_vec(), v.to_vec())
+                }
+                DType::I64 => {
+                    let (s, v) = session.output::<i64>(i)?;
+                    HostTensor::i64(s.as_slice().to_vec(), v.to_vec())
+                }
+                other => return Err(ExecError::Unsupported(format!("{other:?} outputs"))),
+            });
+        }
+        Ok(outputs)
+    }
+}
