@@ -57,8 +57,9 @@ pub struct BlockStats {
 /// Everything calibration measures.
 #[derive(Clone, Debug, Default)]
 pub struct Calibration {
-    /// Statistics keyed by the linear input value (several linear ops may share one input).
-    pub inputs: BTreeMap<ValueId, InputStats>,
+    /// Statistics keyed by the name of the linear input value (several linear ops may share one
+    /// input). Names survive graph rewrites that renumber values.
+    pub inputs: BTreeMap<String, InputStats>,
     /// Block statistics, when blocks were found.
     pub blocks: Option<BlockStats>,
     /// Samples run.
@@ -175,7 +176,7 @@ pub fn calibrate(
         .into_iter()
         .map(|(v, (k, g, abs_sum, rows))| {
             let gram = (0..k * k).map(|i| g[(i / k, i % k)]).collect();
-            (v, InputStats { k, gram, abs_sum, rows })
+            (graph.values[v].name.clone(), InputStats { k, gram, abs_sum, rows })
         })
         .collect();
     let blocks = (nb >= 2).then(|| {

@@ -97,7 +97,7 @@ pub fn choose_output(
 }
 
 /// The token arrays matching each model input name.
-fn input_for<'e>(name: &str, e: &'e Encoded) -> Result<&'e [i64], EmbedError> {
+pub(crate) fn input_for<'e>(name: &str, e: &'e Encoded) -> Result<&'e [i64], EmbedError> {
     match name {
         "input_ids" => Ok(&e.ids),
         "attention_mask" => Ok(&e.attention_mask),
@@ -106,7 +106,7 @@ fn input_for<'e>(name: &str, e: &'e Encoded) -> Result<&'e [i64], EmbedError> {
     }
 }
 
-fn finish(values: &[f32], dim: usize, pooled: bool, mask: &[i64]) -> Vec<f32> {
+pub(crate) fn finish(values: &[f32], dim: usize, pooled: bool, mask: &[i64]) -> Vec<f32> {
     let mut v = if pooled { mean_pool(values, dim, mask) } else { values[..dim].to_vec() };
     l2_normalize(&mut v);
     v

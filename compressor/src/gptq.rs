@@ -91,7 +91,7 @@ pub fn quantize_linear_gptq(
         if k % INT4_GROUP != 0 || jobs.iter().any(|&(v, ..)| v == w) {
             continue;
         }
-        if let Some(stats) = calibration.inputs.get(&x) {
+        if let Some(stats) = calibration.inputs.get(&graph.values[x].name) {
             if stats.k == k {
                 jobs.push((w, x, n, k));
             }
@@ -99,7 +99,7 @@ pub fn quantize_linear_gptq(
     }
     for &(w, x, n, k) in &jobs {
         let data = graph.values[w].data.as_ref().and_then(Storage::as_f32).unwrap_or(&[]).to_vec();
-        let gram = &calibration.inputs[&x].gram;
+        let gram = &calibration.inputs[&graph.values[x].name].gram;
         let (packed, scales) = gptq_i4(&data, n, k, gram, INT4_GROUP)?;
         let value = &mut graph.values[w];
         value.data = Some(Storage::I4Grouped { packed, scales, group: INT4_GROUP });

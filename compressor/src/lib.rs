@@ -4,6 +4,7 @@
 
 pub mod blocks;
 pub mod calibrate;
+pub mod datasets;
 pub mod embed;
 pub mod exec;
 pub mod gptq;
@@ -13,6 +14,8 @@ pub mod onnx;
 pub mod passes;
 pub mod pipeline;
 pub mod plan;
+pub mod planner;
+pub mod plots;
 pub mod quantize;
 pub mod reference;
 pub mod spectrum;

@@ -167,3 +167,39 @@ pub fn compress(
     };
     Ok((bytes, report))
 }
+
+/// Packs an already transformed graph with the standard metadata; `settings` describes what was
+/// done to it (recorded as `compress.plan`).
+///
+/// # Errors
+/// Read or packing failures.
+pub fn pack_graph(
+    path: &Path,
+    graph: &Graph,
+    options: &CompressOptions,
+    settings: &str,
+) -> Result<Vec<u8>, CompressError> {
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |source| CompressError::Io { path: p, source }
+    };
+    let source = std::fs::read(path).map_err(io(path))?;
+    let sha_hex: String = Sha256::digest(&source).iter().map(|b| format!("{b:02x}")).collect();
+    let mut metadata: Vec<(String, Vec<u8>)> = vec![
+        ("edgefold.compressor".into(), env!("CARGO_PKG_VERSION").into()),
+        (
+            "source.name".into(),
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().into(),
+        ),
+        ("source.sha256".into(), sha_hex.into()),
+        ("source.bytes".into(), source.len().to_string().into()),
+        ("compress.plan".into(), settings.as_bytes().to_vec()),
+        ("compress.max_batch".into(), options.import.max_batch.to_string().into()),
+        ("compress.max_seq".into(), options.import.max_seq.to_string().into()),
+    ];
+    if let Some(t) = &options.tokenizer {
+        metadata.push(("tokenizer.json".into(), std::fs::read(t).map_err(io(t))?));
+    }
+    let plan = plan_arena(graph);
+    pack(graph, &plan, &metadata).map_err(CompressError::Write)
+}

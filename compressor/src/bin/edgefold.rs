@@ -134,6 +134,28 @@ struct CompressArgs {
     /// Tokenizer to embed (default: tokenizer.json beside the model, if present).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Let the planner pick the smallest model keeping this fraction of the original's quality.
+    #[arg(long, conflicts_with = "target_size")]
+    min_quality: Option<f64>,
+    /// Let the planner pick the best model of at most this size: bytes (suffixes K, M, G) or a
+    /// percentage of the input file such as 20%.
+    #[arg(long)]
+    target_size: Option<String>,
+    /// Planner metric: sts (Spearman of embedding similarities) or raw (cosine of outputs).
+    #[arg(long, default_value = "sts")]
+    task: String,
+    /// Calibration data for the planner: .csv (STS pairs), .txt (sentences) or .npz (inputs).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Evaluation data for the planner (default: the last fifth of the calibration data).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Calibration samples used.
+    #[arg(long, default_value_t = 256)]
+    samples: usize,
+    /// Evaluation pairs or samples used by the planner.
+    #[arg(long, default_value_t = 300)]
+    eval_samples: usize,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -216,6 +238,9 @@ fn spinner(message: &str) -> ProgressBar {
 fn cmd_compress(args: CompressArgs) -> Result<()> {
     if args.max_seq == 0 || args.max_batch == 0 {
         bail!("--max-seq and --max-batch must be at least 1");
+    }
+    if args.min_quality.is_some() || args.target_size.is_some() {
+        return cmd_plan(args);
     }
     if let Some(t) = &args.tokenizer {
         TextEncoder::from_file(t, args.max_seq as usize).with_context(|| {
@@ -818,6 +843,198 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             "{} ({}), sequence {}: load to first output {:.2} ms, median latency {:.2} ms over {} runs",
             args.file.display(), args.engine, args.seq, first * 1e3, med * 1e3, args.runs
         );
+    }
+    Ok(())
+}
+
+/// Parses a size: plain bytes, with a K/M/G suffix (powers of 1000), or a percentage of `reference`.
+fn parse_size(text: &str, reference: u64) -> Result<u64> {
+    let t = text.trim();
+    let invalid = || {
+        anyhow::anyhow!("invalid --target-size {text:?}; use bytes (e.g. 20000000 or 20M) or a percentage (e.g. 25%)")
+    };
+    if let Some(p) = t.strip_suffix('%') {
+        let p: f64 = p.trim().parse().map_err(|_| invalid())?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(invalid());
+        }
+        return Ok((reference as f64 * p / 100.0) as u64);
+    }
+    let (number, scale) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1e3),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1e6),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    let v: f64 = number.trim().parse().map_err(|_| invalid())?;
+    if v <= 0.0 {
+        return Err(invalid());
+    }
+    Ok((v * scale) as u64)
+}
+
+fn cmd_plan(args: CompressArgs) -> Result<()> {
+    use edgefold_compressor::calibrate::calibrate;
+    use edgefold_compressor::datasets::{self, Dataset};
+    use edgefold_compressor::planner::{plan, Evaluator, Goal, Task};
+
+    let started = Instant::now();
+    let source_bytes = std::fs::metadata(&args.model)
+        .with_context(|| format!("cannot read {}", args.model.display()))?
+        .len();
+    let goal = match (args.min_quality, &args.target_size) {
+        (Some(q), _) if q > 0.0 && q <= 1.0 => Goal::MinQuality(q),
+        (Some(q), _) => {
+            bail!("--min-quality {q} must be in (0, 1]: it is a fraction of the original's quality")
+        }
+        (None, Some(t)) => Goal::TargetSize(parse_size(t, source_bytes)?),
+        (None, None) => unreachable!("checked by the caller"),
+    };
+    let calibration_path = args.calibration.as_ref().context(
+        "the planner needs --calibration DATA (.csv STS pairs, .txt sentences or .npz inputs)",
+    )?;
+    let import = ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq };
+    let (graph, _) = load_graph(&args.model, &import)?;
+    let input_names: Vec<String> =
+        graph.inputs.iter().map(|&v| graph.values[v].name.clone()).collect();
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .or_else(|| args.model.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
+
+    let calibration_data = datasets::load(calibration_path)?;
+    let (calibration_part, held_apart) = match (&calibration_data, &args.eval_data) {
+        (_, Some(p)) => (calibration_data.clone(), datasets::load(p)?),
+        (Dataset::Pairs(pairs), None) => {
+            let cut = pairs.len() * 4 / 5;
+            (Dataset::Pairs(pairs[..cut].to_vec()), Dataset::Pairs(pairs[cut..].to_vec()))
+        }
+        (Dataset::Tensors { inputs, labels }, None) => {
+            let cut = inputs.len() * 4 / 5;
+            (
+                Dataset::Tensors {
+                    inputs: inputs[..cut].to_vec(),
+                    labels: labels.as_ref().map(|l| l[..cut].to_vec()),
+                },
+                Dataset::Tensors {
+                    inputs: inputs[cut..].to_vec(),
+                    labels: labels.as_ref().map(|l| l[cut..].to_vec()),
+                },
+            )
+        }
+        (Dataset::Lines(_), None) => {
+            bail!("with .txt calibration data, give --eval-data for the planner's evaluation")
+        }
+    };
+
+    let mut encoder = match &tokenizer_path {
+        Some(p) => Some(TextEncoder::from_file(p, args.max_seq as usize)?),
+        None => None,
+    };
+    let samples: Vec<Vec<HostTensor>> = match &calibration_part {
+        Dataset::Tensors { inputs, .. } => {
+            inputs.iter().take(args.samples).map(|t| vec![t.clone()]).collect()
+        }
+        text => {
+            let encoder = encoder
+                .as_ref()
+                .context("text calibration data needs a tokenizer: pass --tokenizer")?;
+            let mut sentences = datasets::sentences(text);
+            sentences.dedup();
+            sentences.truncate(args.samples);
+            datasets::text_samples(encoder, &input_names, &sentences).map_err(anyhow::Error::msg)?
+        }
+    };
+    let bar = ProgressBar::new(samples.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}").expect("valid template"),
+    );
+    bar.set_message("calibrating");
+    let calibration = calibrate(&graph, &samples, |i| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    log::info!(
+        "calibrated on {} samples, {} linear inputs",
+        calibration.samples,
+        calibration.inputs.len()
+    );
+
+    let task = match (args.task.as_str(), held_apart) {
+        ("sts", Dataset::Pairs(mut pairs)) => {
+            pairs.truncate(args.eval_samples);
+            let encoder =
+                encoder.take().context("--task sts needs a tokenizer: pass --tokenizer")?;
+            Task::Sts { encoder, pairs, output: None }
+        }
+        ("sts", _) => bail!("--task sts needs STS pairs (.csv) as evaluation data"),
+        ("raw", Dataset::Tensors { inputs, .. }) => Task::Raw {
+            samples: inputs.into_iter().take(args.eval_samples).map(|t| vec![t]).collect(),
+        },
+        ("raw", text) => {
+            let encoder = encoder.as_ref().context("text evaluation data needs a tokenizer")?;
+            let mut sentences = datasets::sentences(&text);
+            sentences.truncate(args.eval_samples);
+            Task::Raw {
+                samples: datasets::text_samples(encoder, &input_names, &sentences)
+                    .map_err(anyhow::Error::msg)?,
+            }
+        }
+        (other, _) => bail!("--task {other} is not supported by the planner; use sts or raw"),
+    };
+    let spinner = spinner("evaluating the original");
+    let evaluator = Evaluator::new(&graph, task)?;
+    let tokenizer_bytes =
+        tokenizer_path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
+    let outcome = plan(&graph, &calibration, &evaluator, goal, tokenizer_bytes + 4096, |m| {
+        spinner.set_message(m.to_owned());
+        log::debug!("{m}");
+    })?;
+    spinner.finish_and_clear();
+
+    // Pack the chosen graph with the same metadata as a fixed-settings compression.
+    let options = CompressOptions {
+        quantize: Quantize::Int8,
+        low_rank: LowRank::Off,
+        import,
+        tokenizer: tokenizer_path.clone(),
+    };
+    let bytes = edgefold_compressor::pipeline::pack_graph(
+        &args.model,
+        &outcome.graph,
+        &options,
+        &format!("{}", outcome.scheme),
+    )?;
+    write_atomic(&args.output, &bytes)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let ratio = bytes.len() as f64 / source_bytes.max(1) as f64;
+    let summary = json!({
+        "model": args.model,
+        "output": args.output,
+        "source_bytes": source_bytes,
+        "output_bytes": bytes.len(),
+        "ratio": ratio,
+        "scheme": format!("{}", outcome.scheme),
+        "quality": outcome.quality,
+        "baseline_metric": outcome.baseline,
+        "drop_order": outcome.drop_order.iter().map(|(b, q)| json!({"block": b, "quality": q})).collect::<Vec<_>>(),
+        "candidates": outcome.tried.iter().map(|t| json!({"scheme": format!("{}", t.scheme), "bytes": t.bytes, "quality": t.quality})).collect::<Vec<_>>(),
+        "seconds": seconds,
+    });
+    if args.json {
+        print_json(&summary);
+    } else {
+        eprintln!(
+            "{} -> {}: {} -> {} ({:.1} %), quality {:.4} of the original, chosen: {} ({:.0} s)",
+            args.model.display(),
+            args.output.display(),
+            human_bytes(source_bytes),
+            human_bytes(bytes.len() as u64),
+            100.0 * ratio,
+            outcome.quality,
+            outcome.scheme,
+            seconds
+        );
+        for (b, q) in &outcome.drop_order {
+            eprintln!("  removing block {b} (verified) keeps {q:.4}");
+        }
     }
     Ok(())
 }

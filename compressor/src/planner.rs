@@ -1,0 +1,583 @@
+//! The quality-driven planner: measures which blocks can go (SLEB-style greedy verification),
+//! builds candidate models from combinations of block removal, whitened low-rank and weight
+//! precision, evaluates them against the original, and picks the smallest that meets a quality
+//! floor or the best that fits a size budget. The search is deterministic.
+
+use edgefold_runtime::format::Dim;
+use edgefold_runtime::ops::Op;
+
+use crate::blocks::{drop_block, find_blocks};
+use crate::calibrate::{Calibration, InputStats};
+use crate::embed::{choose_output, finish, input_for, EmbedError, OutputChoice};
+use crate::exec::{ExecError, PackedGraph};
+use crate::gptq::quantize_linear_gptq;
+use crate::ir::{Graph, Node, Storage, Value};
+use crate::quantize::{quantize, quantize_i4, Quantize, INT4_GROUP};
+use crate::spectrum::{break_even_rank, energy_rank, SpectrumError};
+use crate::tensor::HostTensor;
+use crate::text::{cosine, spearman, StsPair, TextEncoder};
+use crate::whiten::Whitening;
+
+/// Why planning failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// Running a candidate failed.
+    Exec(ExecError),
+    /// A factorization or quantization step failed.
+    Spectrum(SpectrumError),
+    /// Text set-up failed.
+    Embed(EmbedError),
+    /// No candidate meets the goal.
+    NoCandidate(String),
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanError::Exec(e) => write!(f, "{e}"),
+            PlanError::Spectrum(e) => write!(f, "{e}"),
+            PlanError::Embed(e) => write!(f, "{e}"),
+            PlanError::NoCandidate(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+impl From<ExecError> for PlanError {
+    fn from(e: ExecError) -> Self {
+        PlanError::Exec(e)
+    }
+}
+
+impl From<SpectrumError> for PlanError {
+    fn from(e: SpectrumError) -> Self {
+        PlanError::Spectrum(e)
+    }
+}
+
+/// What the planner optimises for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Goal {
+    /// The smallest model whose quality, as a fraction of the original's, is at least this.
+    MinQuality(f64),
+    /// The best quality among models of at most this many bytes.
+    TargetSize(u64),
+}
+
+/// How candidates are scored.
+pub enum Task {
+    /// Spearman correlation of embedding cosine similarities with gold scores.
+    Sts {
+        /// Tokenizer.
+        encoder: TextEncoder,
+        /// Held-apart pairs.
+        pairs: Vec<StsPair>,
+        /// Embedding output choice; `None` picks by the usual rule.
+        output: Option<String>,
+    },
+    /// Mean cosine similarity between each output and the original model's on the same inputs.
+    Raw {
+        /// Held-apart inputs.
+        samples: Vec<Vec<HostTensor>>,
+    },
+}
+
+/// One point of the search space.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scheme {
+    /// Blocks removed, in the verified order.
+    pub drops: usize,
+    /// Energy kept by whitened low-rank factorization, or `None` for no factorization.
+    pub low_rank: Option<f64>,
+    /// Precision of linear weights (int4 uses error feedback from calibration).
+    pub linear: Quantize,
+    /// Precision of embedding tables.
+    pub tables: Quantize,
+}
+
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "drop {}, linear {}, tables {}", self.drops, self.linear, self.tables)?;
+        match self.low_rank {
+            Some(e) => write!(f, ", low-rank {e}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A candidate the planner looked at.
+#[derive(Clone, Debug)]
+pub struct Tried {
+    /// Its settings.
+    pub scheme: Scheme,
+    /// Packed size in bytes (without metadata).
+    pub bytes: u64,
+    /// Quality as a fraction of the original's, when evaluated.
+    pub quality: Option<f64>,
+}
+
+/// The planner's decision and the evidence for it.
+pub struct PlanOutcome {
+    /// The chosen model.
+    pub graph: Graph,
+    /// Its settings.
+    pub scheme: Scheme,
+    /// Its quality as a fraction of the original's.
+    pub quality: f64,
+    /// The original's metric on the evaluation data.
+    pub baseline: f64,
+    /// Blocks in removal order with the quality after each removal (f32 weights).
+    pub drop_order: Vec<(usize, f64)>,
+    /// Every candidate considered.
+    pub tried: Vec<Tried>,
+}
+
+/// Scores graphs on the evaluation data.
+pub struct Evaluator {
+    task: Task,
+    choice: Option<OutputChoice>,
+    inputs: Vec<String>,
+    reference: Vec<HostTensor>,
+    baseline: f64,
+}
+
+impl Evaluator {
+    /// Prepares the task and scores the original graph.
+    ///
+    /// # Errors
+    /// When the graph cannot run or has no usable output.
+    pub fn new(original: &Graph, task: Task) -> Result<Self, PlanError> {
+        let inputs = original.inputs.iter().map(|&v| original.values[v].name.clone()).collect();
+        let choice = match &task {
+            Task::Sts { output, .. } => {
+                let described: Vec<(String, bool, usize)> = original
+                    .outputs
+                    .iter()
+                    .map(|&v| {
+                        let value = &original.values[v];
+                        (
+                            value.name.clone(),
+                            value.dtype == edgefold_runtime::DType::F32,
+                            value.shape.len(),
+                        )
+                    })
+                    .collect();
+                Some(choose_output(&described, output.as_deref()).map_err(PlanError::Embed)?)
+            }
+            Task::Raw { .. } => None,
+        };
+        let mut evaluator =
+            Evaluator { task, choice, inputs, reference: Vec::new(), baseline: 1.0 };
+        let mut packed = PackedGraph::new(original)?;
+        if let Task::Raw { samples } = &evaluator.task {
+            let mut reference = Vec::new();
+            for s in samples {
+                reference.extend(packed.run(s)?);
+            }
+            evaluator.reference = reference;
+        }
+        evaluator.baseline = evaluator.metric(&mut packed)?;
+        log::info!("original scores {:.4} on the evaluation data", evaluator.baseline);
+        Ok(evaluator)
+    }
+
+    /// The original's metric.
+    pub fn baseline(&self) -> f64 {
+        self.baseline
+    }
+
+    fn metric(&self, packed: &mut PackedGraph) -> Result<f64, PlanError> {
+        match &self.task {
+            Task::Sts { encoder, pairs, .. } => {
+                let choice = self.choice.expect("set for text tasks");
+                let mut embed = |s: &str| -> Result<Vec<f32>, PlanError> {
+                    let e = encoder.encode(s).map_err(|e| PlanError::Embed(EmbedError::Text(e)))?;
+                    let n = e.ids.len();
+                    let inputs: Vec<HostTensor> = self
+                        .inputs
+                        .iter()
+                        .map(|name| {
+                            input_for(name, &e).map(|v| HostTensor::i64(vec![1, n], v.to_vec()))
+                        })
+                        .collect::<Result<_, _>>()
+                        .map_err(PlanError::Embed)?;
+                    let out = packed.run(&inputs)?;
+                    let t = &out[choice.index];
+                    let dim = *t.shape.last().unwrap_or(&1);
+                    Ok(finish(t.as_f32().unwrap_or(&[]), dim, choice.pooled, &e.attention_mask))
+                };
+                let (mut gold, mut sims) = (Vec::new(), Vec::new());
+                for p in pairs {
+                    let (a, b) = (embed(&p.sentence1)?, embed(&p.sentence2)?);
+                    gold.push(p.score);
+                    sims.push(cosine(&a, &b));
+                }
+                Ok(spearman(&sims, &gold))
+            }
+            Task::Raw { samples } => {
+                let mut total = 0.0;
+                let mut count = 0usize;
+                let mut r = self.reference.iter();
+                for s in samples {
+                    for out in packed.run(s)? {
+                        let reference = r.next().and_then(HostTensor::as_f32);
+                        if let (Some(a), Some(b)) = (out.as_f32(), reference) {
+                            total += cosine(a, b);
+                            count += 1;
+                        }
+                    }
+                }
+                Ok(total / count.max(1) as f64)
+            }
+        }
+    }
+
+    /// Quality of `graph` as a fraction of the original's.
+    ///
+    /// # Errors
+    /// When the graph cannot run.
+    pub fn quality(&self, graph: &Graph) -> Result<f64, PlanError> {
+        let mut packed = PackedGraph::new(graph)?;
+        Ok(self.metric(&mut packed)? / self.baseline)
+    }
+}
+
+/// Removes the blocks with these layer indices.
+pub fn drop_blocks(graph: &mut Graph, indices: &[usize]) {
+    for &index in indices {
+        if let Some(block) = find_blocks(graph).into_iter().find(|b| b.index == index) {
+            drop_block(graph, &block);
+        }
+    }
+}
+
+/// SLEB-style greedy removal: at each step, removes the block whose removal keeps the most quality,
+/// verified on the evaluation data, until `max_drops` blocks are gone or quality falls under
+/// `stop_below`.
+///
+/// # Errors
+/// When a candidate cannot run.
+pub fn verified_drop_order(
+    base: &Graph,
+    evaluator: &Evaluator,
+    max_drops: usize,
+    stop_below: f64,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<(usize, f64)>, PlanError> {
+    let mut order: Vec<(usize, f64)> = Vec::new();
+    let mut current = base.clone();
+    for _ in 0..max_drops {
+        let remaining: Vec<usize> = find_blocks(&current).iter().map(|b| b.index).collect();
+        if remaining.len() <= 1 {
+            break;
+        }
+        let mut best: Option<(usize, f64)> = None;
+        for &index in &remaining {
+            let mut g = current.clone();
+            drop_blocks(&mut g, &[index]);
+            let q = evaluator.quality(&g)?;
+            progress(&format!("drop block {index}: quality {q:.4}"));
+            if best.is_none_or(|(_, b)| q > b) {
+                best = Some((index, q));
+            }
+        }
+        let Some((index, q)) = best else { break };
+        log::debug!("verified removal {}: block {index} keeps {q:.4}", order.len() + 1);
+        order.push((index, q));
+        if q < stop_below {
+            break;
+        }
+        drop_blocks(&mut current, &[index]);
+    }
+    Ok(order)
+}
+
+/// Replaces linear weights by whitened low-rank pairs where the rank keeping `energy` of the
+/// whitened spectrum is below the break-even rank. The Gram of each new intermediate value
+/// (R G Rᵀ) is added to `calibration` so the left factor can be quantized with error feedback.
+///
+/// # Errors
+/// Decomposition failures.
+pub fn factorize_whitened(
+    graph: &mut Graph,
+    calibration: &mut Calibration,
+    energy: f64,
+) -> Result<usize, SpectrumError> {
+    let mut count = 0;
+    let mut nodes = Vec::with_capacity(graph.nodes.len());
+    let mut cache: std::collections::HashMap<String, Whitening> = Default::default();
+    for node in std::mem::take(&mut graph.nodes) {
+        let (Some(x), Some(w)) =
+            (node.inputs.first().copied().flatten(), node.inputs.get(1).copied().flatten())
+        else {
+            nodes.push(node);
+            continue;
+        };
+        let value = &graph.values[w];
+        let x_name = graph.values[x].name.clone();
+        let stats = calibration.inputs.get(&x_name);
+        let (Op::Linear, Some(Storage::F32(data)), [n, k], Some(stats)) =
+            (node.op, &value.data, value.shape.as_slice(), stats)
+        else {
+            nodes.push(node);
+            continue;
+        };
+        let (n, k) = (n.factor as usize, k.factor as usize);
+        if stats.k != k {
+            nodes.push(node);
+            continue;
+        }
+        let data = data.clone();
+        if !cache.contains_key(&x_name) {
+            cache.insert(x_name.clone(), Whitening::new(&stats.gram, k)?);
+        }
+        let wh = &cache[&x_name];
+        let sv = wh.singular_values(&data, n)?;
+        let rank = energy_rank(&sv, energy);
+        if rank == 0 || rank > break_even_rank(n, k) {
+            nodes.push(node);
+            continue;
+        }
+        let (left, right) = wh.factors(&data, n, rank)?;
+        let gram_mid = project_gram(&stats.gram, &right, rank, k);
+        let name = graph.values[w].name.clone();
+        let a = graph.add_const(format!("{name}.right"), vec![rank, k], Storage::F32(right));
+        let b = graph.add_const(format!("{name}.left"), vec![n, rank], Storage::F32(left));
+        let mut mid_shape = graph.values[x].shape.clone();
+        if let Some(last) = mid_shape.last_mut() {
+            *last = Dim::constant(rank as u32);
+        }
+        let mid_name = format!("{}.low_rank", node.name);
+        let mid = graph.add_value(Value {
+            name: mid_name.clone(),
+            dtype: edgefold_runtime::DType::F32,
+            shape: mid_shape,
+            data: None,
+        });
+        calibration.inputs.insert(
+            mid_name,
+            InputStats { k: rank, gram: gram_mid, abs_sum: vec![0.0; rank], rows: stats.rows },
+        );
+        nodes.push(Node {
+            name: format!("{}.right", node.name),
+            op: Op::Linear,
+            inputs: vec![Some(x), Some(a)],
+            outputs: vec![mid],
+        });
+        let mut inputs = vec![Some(mid), Some(b)];
+        inputs.extend(node.inputs.get(2).copied());
+        nodes.push(Node {
+            name: format!("{}.left", node.name),
+            op: Op::Linear,
+            inputs,
+            outputs: node.outputs,
+        });
+        count += 1;
+    }
+    graph.nodes = nodes;
+    graph.prune();
+    Ok(count)
+}
+
+/// R G Rᵀ for a row-major `rank × k` R and `k × k` G.
+fn project_gram(gram: &[f64], r: &[f32], rank: usize, k: usize) -> Vec<f64> {
+    let mut rg = vec![0f64; rank * k];
+    for i in 0..rank {
+        for c in 0..k {
+            let mut s = 0.0;
+            for j in 0..k {
+                s += r[i * k + j] as f64 * gram[j * k + c];
+            }
+            rg[i * k + c] = s;
+        }
+    }
+    let mut out = vec![0f64; rank * rank];
+    for i in 0..rank {
+        for j in 0..rank {
+            out[i * rank + j] = (0..k).map(|c| rg[i * k + c] * r[j * k + c] as f64).sum();
+        }
+    }
+    out
+}
+
+/// Stores embedding tables (constant rank-2 gather data) as int4 groups.
+pub fn quantize_tables_int4(graph: &mut Graph) -> usize {
+    let tables: Vec<usize> = graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Gather { axis: 0 }))
+        .filter_map(|n| n.inputs[0])
+        .collect();
+    let mut count = 0;
+    for t in tables {
+        let only_gathered = graph.nodes.iter().all(|n| {
+            n.inputs
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v != Some(t) || (matches!(n.op, Op::Gather { axis: 0 }) && i == 0))
+        });
+        let value = &graph.values[t];
+        let (Some(Storage::F32(data)), [rows, cols]) = (&value.data, value.shape.as_slice()) else {
+            continue;
+        };
+        let (rows, cols) = (rows.factor as usize, cols.factor as usize);
+        if !only_gathered || cols % INT4_GROUP != 0 {
+            continue;
+        }
+        let (packed, scales) = quantize_i4(data, rows, cols, INT4_GROUP);
+        let value = &mut graph.values[t];
+        value.data = Some(Storage::I4Grouped { packed, scales, group: INT4_GROUP });
+        value.dtype = edgefold_runtime::DType::I4;
+        count += 1;
+    }
+    count
+}
+
+/// Builds the candidate graph for `scheme`.
+///
+/// # Errors
+/// Factorization or quantization failures.
+pub fn build(
+    base: &Graph,
+    calibration: &Calibration,
+    order: &[(usize, f64)],
+    scheme: &Scheme,
+) -> Result<Graph, PlanError> {
+    let mut g = base.clone();
+    let drops: Vec<usize> = order.iter().take(scheme.drops).map(|&(i, _)| i).collect();
+    drop_blocks(&mut g, &drops);
+    let mut calib = calibration.clone();
+    if let Some(energy) = scheme.low_rank {
+        factorize_whitened(&mut g, &mut calib, energy)?;
+    }
+    if scheme.tables == Quantize::Int4 {
+        quantize_tables_int4(&mut g);
+    }
+    if scheme.linear == Quantize::Int4 {
+        quantize_linear_gptq(&mut g, &calib)?;
+    }
+    quantize(&mut g, if scheme.linear == Quantize::Int4 { Quantize::Int4 } else { Quantize::Int8 });
+    Ok(g)
+}
+
+fn packed_size(g: &Graph) -> Result<u64, PlanError> {
+    let plan = crate::plan::plan_arena(g);
+    let bytes =
+        crate::writer::pack(g, &plan, &[]).map_err(|e| PlanError::Exec(ExecError::Pack(e)))?;
+    Ok(bytes.len() as u64)
+}
+
+/// Searches the candidates and returns the chosen model.
+///
+/// `extra_bytes` is added to every candidate's size (metadata such as an embedded tokenizer).
+///
+/// # Errors
+/// When no candidate meets the goal, or a candidate fails to build or run.
+pub fn plan(
+    base: &Graph,
+    calibration: &Calibration,
+    evaluator: &Evaluator,
+    goal: Goal,
+    extra_bytes: u64,
+    mut progress: impl FnMut(&str),
+) -> Result<PlanOutcome, PlanError> {
+    let blocks = find_blocks(base).len();
+    let floor = match goal {
+        Goal::MinQuality(q) => q,
+        Goal::TargetSize(_) => 0.0,
+    };
+    let max_drops = if blocks >= 2 { (blocks / 3).max(1) } else { 0 };
+    let drop_order = verified_drop_order(base, evaluator, max_drops, floor, &mut progress)?;
+    let usable_drops = drop_order.iter().take_while(|(_, q)| *q >= floor).count();
+    let mut schemes = Vec::new();
+    for drops in 0..=usable_drops {
+        for low_rank in [None, Some(0.99), Some(0.95), Some(0.9)] {
+            for (linear, tables) in [
+                (Quantize::Int8, Quantize::Int8),
+                (Quantize::Int8, Quantize::Int4),
+                (Quantize::Int4, Quantize::Int8),
+                (Quantize::Int4, Quantize::Int4),
+            ] {
+                schemes.push(Scheme { drops, low_rank, linear, tables });
+            }
+        }
+    }
+    // Sizes do not depend on rounding, so plain int4 rounding stands in for error feedback here.
+    let mut sized: Vec<Tried> = Vec::new();
+    for scheme in &schemes {
+        let mut g = base.clone();
+        let drops: Vec<usize> = drop_order.iter().take(scheme.drops).map(|&(i, _)| i).collect();
+        drop_blocks(&mut g, &drops);
+        let mut calib = calibration.clone();
+        if let Some(e) = scheme.low_rank {
+            factorize_whitened(&mut g, &mut calib, e)?;
+        }
+        if scheme.tables == Quantize::Int4 {
+            quantize_tables_int4(&mut g);
+        }
+        quantize(&mut g, scheme.linear);
+        let bytes = packed_size(&g)? + extra_bytes;
+        progress(&format!("sized {scheme}: {bytes} bytes"));
+        sized.push(Tried { scheme: *scheme, bytes, quality: None });
+    }
+    sized.sort_by(|a, b| {
+        a.bytes.cmp(&b.bytes).then_with(|| format!("{}", a.scheme).cmp(&format!("{}", b.scheme)))
+    });
+
+    let mut chosen: Option<(usize, Graph, f64)> = None;
+    match goal {
+        Goal::MinQuality(q) => {
+            for i in 0..sized.len() {
+                let g = build(base, calibration, &drop_order, &sized[i].scheme)?;
+                let quality = evaluator.quality(&g)?;
+                sized[i].quality = Some(quality);
+                progress(&format!(
+                    "{}: {} bytes, quality {quality:.4}",
+                    sized[i].scheme, sized[i].bytes
+                ));
+                if quality >= q {
+                    chosen = Some((i, g, quality));
+                    break;
+                }
+            }
+        }
+        Goal::TargetSize(limit) => {
+            for i in 0..sized.len() {
+                if sized[i].bytes > limit {
+                    break;
+                }
+                let g = build(base, calibration, &drop_order, &sized[i].scheme)?;
+                let quality = evaluator.quality(&g)?;
+                sized[i].quality = Some(quality);
+                progress(&format!(
+                    "{}: {} bytes, quality {quality:.4}",
+                    sized[i].scheme, sized[i].bytes
+                ));
+                if chosen.as_ref().is_none_or(|c| quality > c.2) {
+                    chosen = Some((i, g, quality));
+                }
+            }
+        }
+    }
+    let Some((i, graph, quality)) = chosen else {
+        return Err(PlanError::NoCandidate(match goal {
+            Goal::MinQuality(q) => {
+                format!("no candidate keeps {q} of the original's quality; lower --min-quality")
+            }
+            Goal::TargetSize(b) => format!(
+                "no candidate fits in {b} bytes (the smallest is {} bytes); raise --target-size",
+                sized.first().map_or(0, |t| t.bytes)
+            ),
+        }));
+    };
+    Ok(PlanOutcome {
+        graph,
+        scheme: sized[i].scheme,
+        quality,
+        baseline: evaluator.baseline(),
+        drop_order,
+        tried: sized,
+    })
+}
