@@ -435,31 +435,62 @@ pub fn quantize_tables_int4(graph: &mut Graph) -> usize {
     count
 }
 
-/// Builds the candidate graph for `scheme`.
-///
-/// # Errors
-/// Factorization or quantization failures.
-pub fn build(
-    base: &Graph,
-    calibration: &Calibration,
-    order: &[(usize, f64)],
-    scheme: &Scheme,
-) -> Result<Graph, PlanError> {
-    let mut g = base.clone();
-    let drops: Vec<usize> = order.iter().take(scheme.drops).map(|&(i, _)| i).collect();
-    drop_blocks(&mut g, &drops);
-    let mut calib = calibration.clone();
-    if let Some(energy) = scheme.low_rank {
-        factorize_whitened(&mut g, &mut calib, energy)?;
+/// Graphs after block removal and factorization, shared by the candidates that differ only in
+/// precision (factorization is the expensive step).
+#[derive(Default)]
+pub struct Stage {
+    cache: Vec<((usize, Option<u64>), Graph, Calibration)>,
+}
+
+impl Stage {
+    fn prepared(
+        &mut self,
+        base: &Graph,
+        calibration: &Calibration,
+        order: &[(usize, f64)],
+        scheme: &Scheme,
+    ) -> Result<(&Graph, &Calibration), PlanError> {
+        let key = (scheme.drops, scheme.low_rank.map(f64::to_bits));
+        if let Some(i) = self.cache.iter().position(|(k, ..)| *k == key) {
+            let (_, g, c) = &self.cache[i];
+            return Ok((g, c));
+        }
+        let mut g = base.clone();
+        let drops: Vec<usize> = order.iter().take(scheme.drops).map(|&(i, _)| i).collect();
+        drop_blocks(&mut g, &drops);
+        let mut calib = calibration.clone();
+        if let Some(energy) = scheme.low_rank {
+            factorize_whitened(&mut g, &mut calib, energy)?;
+        }
+        self.cache.push((key, g, calib));
+        let (_, g, c) = self.cache.last().expect("just pushed");
+        Ok((g, c))
     }
-    if scheme.tables == Quantize::Int4 {
-        quantize_tables_int4(&mut g);
+
+    /// Builds the candidate graph for `scheme`; with `error_feedback` false, int4 linear weights
+    /// are rounded plainly (same size, for sizing only).
+    ///
+    /// # Errors
+    /// Factorization or quantization failures.
+    pub fn build(
+        &mut self,
+        base: &Graph,
+        calibration: &Calibration,
+        order: &[(usize, f64)],
+        scheme: &Scheme,
+        error_feedback: bool,
+    ) -> Result<Graph, PlanError> {
+        let (g, calib) = self.prepared(base, calibration, order, scheme)?;
+        let mut g = g.clone();
+        if scheme.tables == Quantize::Int4 {
+            quantize_tables_int4(&mut g);
+        }
+        if scheme.linear == Quantize::Int4 && error_feedback {
+            quantize_linear_gptq(&mut g, calib)?;
+        }
+        quantize(&mut g, scheme.linear);
+        Ok(g)
     }
-    if scheme.linear == Quantize::Int4 {
-        quantize_linear_gptq(&mut g, &calib)?;
-    }
-    quantize(&mut g, if scheme.linear == Quantize::Int4 { Quantize::Int4 } else { Quantize::Int8 });
-    Ok(g)
 }
 
 fn packed_size(g: &Graph) -> Result<u64, PlanError> {
@@ -505,19 +536,10 @@ pub fn plan(
         }
     }
     // Sizes do not depend on rounding, so plain int4 rounding stands in for error feedback here.
+    let mut stage = Stage::default();
     let mut sized: Vec<Tried> = Vec::new();
     for scheme in &schemes {
-        let mut g = base.clone();
-        let drops: Vec<usize> = drop_order.iter().take(scheme.drops).map(|&(i, _)| i).collect();
-        drop_blocks(&mut g, &drops);
-        let mut calib = calibration.clone();
-        if let Some(e) = scheme.low_rank {
-            factorize_whitened(&mut g, &mut calib, e)?;
-        }
-        if scheme.tables == Quantize::Int4 {
-            quantize_tables_int4(&mut g);
-        }
-        quantize(&mut g, scheme.linear);
+        let g = stage.build(base, calibration, &drop_order, scheme, false)?;
         let bytes = packed_size(&g)? + extra_bytes;
         progress(&format!("sized {scheme}: {bytes} bytes"));
         sized.push(Tried { scheme: *scheme, bytes, quality: None });
@@ -530,7 +552,7 @@ pub fn plan(
     match goal {
         Goal::MinQuality(q) => {
             for i in 0..sized.len() {
-                let g = build(base, calibration, &drop_order, &sized[i].scheme)?;
+                let g = stage.build(base, calibration, &drop_order, &sized[i].scheme, true)?;
                 let quality = evaluator.quality(&g)?;
                 sized[i].quality = Some(quality);
                 progress(&format!(
@@ -548,7 +570,7 @@ pub fn plan(
                 if sized[i].bytes > limit {
                     break;
                 }
-                let g = build(base, calibration, &drop_order, &sized[i].scheme)?;
+                let g = stage.build(base, calibration, &drop_order, &sized[i].scheme, true)?;
                 let quality = evaluator.quality(&g)?;
                 sized[i].quality = Some(quality);
                 progress(&format!(
