@@ -6,8 +6,8 @@ use std::path::Path;
 use edgefold_runtime::crc32::crc32;
 use edgefold_runtime::format::{
     DType, Dim, Header, Quant, SectionEntry, SectionKind, StrRef, SymbolEntry, TensorEntry,
-    TensorKind, HEADER_LEN, MAX_RANK, NO_TENSOR, SECTION_ALIGN, SECTION_ENTRY_LEN, VERSION_MAJOR,
-    VERSION_MINOR,
+    TensorKind, HEADER_LEN, MAX_GRAPH_INPUTS, MAX_OP_ARITY, MAX_RANK, NO_TENSOR, SECTION_ALIGN,
+    SECTION_ENTRY_LEN, VERSION_MAJOR, VERSION_MINOR,
 };
 use edgefold_runtime::ops::encode_op;
 
@@ -202,8 +202,22 @@ pub fn pack(
             &SymbolEntry { name: strings.add(&s.name), max_value: s.max }.to_bytes(),
         );
     }
+    if graph.inputs.len() > MAX_GRAPH_INPUTS {
+        return Err(bad(format!(
+            "{} graph inputs (at most {MAX_GRAPH_INPUTS})",
+            graph.inputs.len()
+        )));
+    }
     let mut ops = Vec::new();
     for node in &graph.nodes {
+        if node.inputs.len() > MAX_OP_ARITY || node.outputs.len() > MAX_OP_ARITY {
+            return Err(bad(format!(
+                "op {} has {} inputs and {} outputs (at most {MAX_OP_ARITY} each)",
+                node.name,
+                node.inputs.len(),
+                node.outputs.len()
+            )));
+        }
         let name = strings.add(&node.name);
         let inputs: Vec<u32> =
             node.inputs.iter().map(|i| i.map_or(NO_TENSOR, |v| v as u32)).collect();
