@@ -212,7 +212,7 @@ pub fn quantize_i4(data: &[f32], rows: usize, cols: usize, group: usize) -> (Vec
     (packed, scales)
 }
 
-/// Whether every use of `v` reads it as a linear weight or an axis-0 gather table.
+/// Whether every use of `v` reads it as a linear or convolution weight or an axis-0 gather table.
 fn quantizable_uses(graph: &Graph, v: ValueId) -> bool {
     let mut used = false;
     for node in &graph.nodes {
@@ -221,7 +221,10 @@ fn quantizable_uses(graph: &Graph, v: ValueId) -> bool {
                 continue;
             }
             used = true;
-            let ok = matches!((node.op, i), (Op::Linear, 1) | (Op::Gather { axis: 0 }, 0));
+            let ok = matches!(
+                (node.op, i),
+                (Op::Linear, 1) | (Op::Gather { axis: 0 }, 0) | (Op::Conv2d { .. }, 1)
+            );
             if !ok {
                 return false;
             }
@@ -230,7 +233,8 @@ fn quantizable_uses(graph: &Graph, v: ValueId) -> bool {
     used
 }
 
-/// Stores linear weights and embedding tables in `mode`. Returns the number of tensors converted.
+/// Stores linear and convolution weights and embedding tables in `mode`. Returns the number of
+/// tensors converted. Convolution weights have no int4 kernel, so `Int4` stores them as int8.
 pub fn quantize(graph: &mut Graph, mode: Quantize) -> usize {
     if mode == Quantize::F32 {
         return 0;
@@ -247,11 +251,15 @@ pub fn quantize(graph: &mut Graph, mode: Quantize) -> usize {
         }
         let is_table =
             graph.nodes.iter().any(|n| matches!(n.op, Op::Gather { .. }) && n.inputs[0] == Some(v));
+        let is_conv_weight = graph
+            .nodes
+            .iter()
+            .any(|n| matches!(n.op, Op::Conv2d { .. }) && n.inputs.get(1) == Some(&Some(v)));
         let storage = match mode {
             Quantize::F16 => {
                 Storage::F16(data.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect())
             }
-            Quantize::Int4 if !is_table && cols % INT4_GROUP == 0 => {
+            Quantize::Int4 if !is_table && !is_conv_weight && cols % INT4_GROUP == 0 => {
                 let (packed, scales) = quantize_i4(data, rows, cols, INT4_GROUP);
                 Storage::I4Grouped { packed, scales, group: INT4_GROUP }
             }

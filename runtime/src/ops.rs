@@ -77,6 +77,80 @@ pub enum ReduceKind {
     Max = 2,
 }
 
+/// Pooling functions of [`Op::Pool`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum PoolKind {
+    /// Mean of the taps in the window.
+    Average = 0,
+    /// Largest tap in the window.
+    Max = 1,
+}
+
+/// Geometry of a sliding window over the two spatial axes (height, width) of an NCHW tensor,
+/// shared by [`Op::Conv2d`] and [`Op::Pool`].
+///
+/// Along each axis, output position `o` reads the input positions
+/// `o * stride - pad_begin + j * dilation` for taps `j` in `0..kernel`; positions outside the
+/// input are padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window2d {
+    /// Kernel extents `[height, width]`, at least 1.
+    pub kernel: [u32; 2],
+    /// Steps between windows `[height, width]`, at least 1.
+    pub strides: [u32; 2],
+    /// Padding `[top, left, bottom, right]`.
+    pub pads: [u32; 4],
+    /// Spacing between taps `[height, width]`, at least 1 (1 is a dense window).
+    pub dilations: [u32; 2],
+}
+
+impl Window2d {
+    /// Number of parameter words of an encoded window.
+    pub const WORDS: usize = 10;
+
+    /// Output extent along `axis` (0 = height, 1 = width) for an input extent `input`.
+    ///
+    /// Rounds down, or up with `ceil_mode`; in ceil mode a last window that would start past the
+    /// input and its leading padding is dropped. Returns `None` when a parameter is 0 or the
+    /// dilated kernel is longer than the padded input.
+    pub fn output_extent(&self, axis: usize, input: u64, ceil_mode: bool) -> Option<u64> {
+        let (kernel, stride, dilation) =
+            (self.kernel[axis] as u64, self.strides[axis] as u64, self.dilations[axis] as u64);
+        let (begin, end) = (self.pads[axis] as u64, self.pads[axis + 2] as u64);
+        if kernel == 0 || stride == 0 || dilation == 0 || input == 0 {
+            return None;
+        }
+        let span = dilation.checked_mul(kernel - 1)?.checked_add(1)?;
+        let padded = input.checked_add(begin)?.checked_add(end)?;
+        let room = padded.checked_sub(span)?;
+        if !ceil_mode {
+            return Some(room / stride + 1);
+        }
+        let mut extent = room.div_ceil(stride) + 1;
+        if (extent - 1) * stride >= input + begin {
+            extent -= 1;
+        }
+        Some(extent)
+    }
+
+    fn encode(&self, words: &mut [u32]) {
+        words[..2].copy_from_slice(&self.kernel);
+        words[2..4].copy_from_slice(&self.strides);
+        words[4..8].copy_from_slice(&self.pads);
+        words[8..10].copy_from_slice(&self.dilations);
+    }
+
+    fn decode(word: &dyn Fn(usize) -> Result<u32>) -> Result<Window2d> {
+        Ok(Window2d {
+            kernel: [word(0)?, word(1)?],
+            strides: [word(2)?, word(3)?],
+            pads: [word(4)?, word(5)?, word(6)?, word(7)?],
+            dilations: [word(8)?, word(9)?],
+        })
+    }
+}
+
 /// An op with its parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Op {
@@ -146,6 +220,32 @@ pub enum Op {
     Cast,
     /// Chooses `x` where the boolean condition holds, else `y`, with broadcasting.
     Where,
+    /// 2-D convolution of an NCHW f32 tensor. Inputs: x `[N, C, H, W]`, w (constant
+    /// `[O, C / groups * kh * kw]`, the ONNX `[O, C / groups, kh, kw]` weight flattened per output
+    /// channel; f32, f16 or int8 per row), optional bias (f32 `[O]`). Output `[N, O, OH, OW]`,
+    /// each value clamped to `[activation_min, activation_max]`.
+    Conv2d {
+        /// Kernel, strides, padding and dilations.
+        window: Window2d,
+        /// Channel groups: output channel `o` reads input channels of group
+        /// `o / (O / groups)`; `groups == C` is a depthwise convolution.
+        groups: u32,
+        /// Lower bound of the fused activation (0 for ReLU, negative infinity for none).
+        activation_min: f32,
+        /// Upper bound of the fused activation (6 for ReLU6, infinity for none).
+        activation_max: f32,
+    },
+    /// Average or max pooling over the spatial axes of an NCHW f32 tensor.
+    Pool {
+        /// Which pooling function.
+        kind: PoolKind,
+        /// Kernel, strides, padding and dilations.
+        window: Window2d,
+        /// Whether an average divides by the taps in padding too (ONNX `count_include_pad`).
+        count_include_pad: bool,
+        /// Whether output extents round up (ONNX `ceil_mode`).
+        ceil_mode: bool,
+    },
 }
 
 impl Op {
@@ -167,6 +267,8 @@ impl Op {
             Op::Expand => 13,
             Op::Cast => 14,
             Op::Where => 15,
+            Op::Conv2d { .. } => 16,
+            Op::Pool { .. } => 17,
         }
     }
 
@@ -188,6 +290,8 @@ impl Op {
             Op::Expand => "Expand",
             Op::Cast => "Cast",
             Op::Where => "Where",
+            Op::Conv2d { .. } => "Conv2d",
+            Op::Pool { .. } => "Pool",
         }
     }
 
@@ -231,6 +335,20 @@ impl Op {
                     words[MAX_RANK + i] = steps[i] as u32;
                 }
                 2 * MAX_RANK
+            }
+            Op::Conv2d { window, groups, activation_min, activation_max } => {
+                window.encode(words);
+                words[10] = groups;
+                words[11] = activation_min.to_bits();
+                words[12] = activation_max.to_bits();
+                Window2d::WORDS + 3
+            }
+            Op::Pool { kind, window, count_include_pad, ceil_mode } => {
+                window.encode(words);
+                words[10] = kind as u32;
+                words[11] = count_include_pad as u32;
+                words[12] = ceil_mode as u32;
+                Window2d::WORDS + 3
             }
         }
     }
@@ -309,6 +427,25 @@ impl Op {
             13 => Op::Expand,
             14 => Op::Cast,
             15 => Op::Where,
+            16 => Op::Conv2d {
+                window: Window2d::decode(&word)?,
+                groups: word(10)?,
+                activation_min: f32::from_bits(word(11)?),
+                activation_max: f32::from_bits(word(12)?),
+            },
+            17 => {
+                let kind = match word(10)? {
+                    0 => PoolKind::Average,
+                    1 => PoolKind::Max,
+                    _ => return Err(invalid("unknown pooling kind")),
+                };
+                Op::Pool {
+                    kind,
+                    window: Window2d::decode(&word)?,
+                    count_include_pad: word(11)? != 0,
+                    ceil_mode: word(12)? != 0,
+                }
+            }
             _ => return Err(invalid("unknown op code")),
         };
         Ok(op)

@@ -7,9 +7,10 @@ use crate::error::{Error, Result};
 use crate::format::{
     DType, Quant, TensorEntry, TensorKind, MAX_GRAPH_INPUTS, MAX_RANK, MAX_SYMBOLS, SECTION_ALIGN,
 };
+use crate::kernels::conv::{self, ConvWeights, Geometry};
 use crate::kernels::generic::{self as k, WeightRows};
 use crate::model::{is_absent, Model};
-use crate::ops::{Op, OpRecord};
+use crate::ops::{Op, OpRecord, Window2d};
 use crate::shape::{concrete_broadcasts_to, Shape};
 
 /// Element types that can be passed as inputs and read as outputs.
@@ -370,7 +371,82 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             Op::Cast => self.cast_op(op, &input(0)?, &out, &out_shape),
             Op::Where => self.where_op(op, rec, &out, &out_shape),
+            Op::Conv2d { window, groups, activation_min, activation_max } => {
+                let activation = [activation_min, activation_max];
+                self.conv2d(op, rec, window, groups as usize, activation, &out, &out_shape)
+            }
+            Op::Pool { kind, window, count_include_pad, .. } => {
+                let x = input(0)?;
+                let geometry = self.window_geometry(op, &x, window, &out_shape)?;
+                let xv = self.typed::<f32>(&x, window_input_len(&geometry), op)?;
+                let y = self.typed_mut::<f32>(&out, out_shape.numel(), op)?;
+                conv::pool2d_nchw_f32(kind, xv, &geometry, count_include_pad, y);
+                Ok(())
+            }
         }
+    }
+
+    /// Returns the concrete extents of a window op, whose shapes were checked at open.
+    fn window_geometry(
+        &self,
+        op: u32,
+        x: &TensorEntry,
+        window: Window2d,
+        out_shape: &Shape,
+    ) -> Result<Geometry> {
+        let xs = self.shape(x, op)?;
+        if xs.rank != 4 || out_shape.rank != 4 || xs.dims[0] != out_shape.dims[0] {
+            return Err(Error::RuntimeShape { op, reason: "window op shapes are not NCHW" });
+        }
+        Ok(Geometry {
+            batch: xs.dims[0],
+            in_channels: xs.dims[1],
+            in_size: [xs.dims[2], xs.dims[3]],
+            out_channels: out_shape.dims[1],
+            out_size: [out_shape.dims[2], out_shape.dims[3]],
+            window,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d(
+        &mut self,
+        op: u32,
+        rec: &OpRecord<'_>,
+        window: Window2d,
+        groups: usize,
+        activation: [f32; 2],
+        out: &TensorEntry,
+        out_shape: &Shape,
+    ) -> Result<()> {
+        let model = self.model;
+        let x = model.tensor(rec.input(0))?;
+        let w = model.tensor(rec.input(1))?;
+        let geometry = self.window_geometry(op, &x, window, out_shape)?;
+        let xv = self.typed::<f32>(&x, window_input_len(&geometry), op)?;
+        let bias = match rec.input_count() > 2 && !is_absent(rec.input(2)) {
+            true => {
+                let b = model.tensor(rec.input(2))?;
+                Some(self.typed::<f32>(&b, geometry.out_channels, op)?)
+            }
+            false => None,
+        };
+        let y = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
+        let bad = Error::RuntimeShape { op, reason: "weight data does not match its shape" };
+        let weights = match (w.dtype, w.quant) {
+            (DType::F32, Quant::None) => ConvWeights::F32(cast(model.const_bytes(&w)).ok_or(bad)?),
+            (DType::F16, Quant::None) => ConvWeights::F16(cast(model.const_bytes(&w)).ok_or(bad)?),
+            (DType::I8, Quant::PerRow) => {
+                let scales = model.const_bytes(&model.tensor(w.scale_tensor)?);
+                ConvWeights::I8 {
+                    q: cast(model.const_bytes(&w)).ok_or(bad)?,
+                    scales: cast(scales).ok_or(bad)?,
+                }
+            }
+            _ => return Err(bad),
+        };
+        conv::conv2d_nchw_f32(xv, &geometry, groups, weights, bias, activation, y);
+        Ok(())
     }
 
     fn linear(
@@ -709,6 +785,11 @@ impl<'m, 'a> Session<'m, 'a> {
         }
         Ok(())
     }
+}
+
+/// Elements of a window op's input.
+fn window_input_len(g: &Geometry) -> usize {
+    g.batch * g.in_channels * g.in_size[0] * g.in_size[1]
 }
 
 /// Data-movement kernels that only depend on the element size.

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::format::{DType, Dim, Quant, TensorEntry, TensorKind, MAX_RANK};
 use crate::model::{is_absent, Model};
-use crate::ops::{Op, OpRecord};
+use crate::ops::{Op, OpRecord, Window2d};
 use crate::shape::{broadcasts_to, dims_product, expands_to};
 
 /// Checks one op record against the tensor table.
@@ -28,7 +28,10 @@ pub(crate) fn check_op(model: &Model<'_>, index: u32, rec: &OpRecord<'_>) -> Res
             continue;
         }
         let entry = model.tensor(t).map_err(|_| fail("input tensor index out of range"))?;
-        let quantized_ok = matches!((&rec.op, i), (Op::Linear, 1) | (Op::Gather { .. }, 0));
+        let quantized_ok = matches!(
+            (&rec.op, i),
+            (Op::Linear, 1) | (Op::Gather { .. }, 0) | (Op::Conv2d { .. }, 1)
+        );
         if entry.quant != Quant::None && !quantized_ok {
             return Err(fail("a quantized tensor is used where only plain values are read"));
         }
@@ -48,7 +51,7 @@ pub(crate) fn check_op(model: &Model<'_>, index: u32, rec: &OpRecord<'_>) -> Res
 /// Minimum inputs, maximum inputs and output count of each op.
 fn arity(op: &Op) -> (usize, usize, usize) {
     match op {
-        Op::Linear => (2, 3, 1),
+        Op::Linear | Op::Conv2d { .. } => (2, 3, 1),
         Op::MatMul | Op::Binary(_) | Op::Gather { .. } => (2, 2, 1),
         Op::LayerNorm { .. } => (2, 3, 1),
         Op::Concat { .. } => (1, crate::format::MAX_OP_ARITY, 1),
@@ -272,5 +275,87 @@ fn check_shapes(
             let xy = broadcasts_to(x.shape(), y.shape(), out.shape());
             ensure(xy && expands_to(c.shape(), out.shape()), "shapes do not broadcast")
         }
+        Op::Conv2d { window, groups, .. } => {
+            let bias = if n_in > 2 { input(2).ok() } else { None };
+            check_conv2d(index, &window, groups, &input(0)?, &input(1)?, bias.as_ref(), out)
+        }
+        Op::Pool { window, ceil_mode, .. } => {
+            let x = input(0)?;
+            ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "pooling works on f32")?;
+            ensure(x.rank == 4 && out.rank == 4, "pooling needs NCHW tensors of rank 4")?;
+            ensure(x.dims[..2] == out.dims[..2], "pooling changes the batch or channel extent")?;
+            check_window(index, &window, &x.dims[2..4], &out.dims[2..4], ceil_mode)
+        }
     }
+}
+
+/// Checks a convolution: NCHW f32 tensors, the weight's storage and its flattened
+/// `[O, C / groups * kh * kw]` shape, the bias, and the output's spatial extents.
+fn check_conv2d(
+    index: u32,
+    window: &Window2d,
+    groups: u32,
+    x: &TensorEntry,
+    w: &TensorEntry,
+    bias: Option<&TensorEntry>,
+    out: &TensorEntry,
+) -> Result<()> {
+    let fail = |reason| Error::InvalidOp { op: index, reason };
+    let ensure = |ok: bool, reason| if ok { Ok(()) } else { Err(fail(reason)) };
+    ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "convolution works on f32")?;
+    ensure(x.rank == 4 && out.rank == 4, "convolution needs NCHW tensors of rank 4")?;
+    ensure(x.dims[0] == out.dims[0], "convolution changes the batch extent")?;
+    let (channels, outputs) = match (x.dims[1].as_constant(), out.dims[1].as_constant()) {
+        (Some(c), Some(o)) => (c as u64, o as u64),
+        _ => return Err(fail("convolution channel extents must be constant")),
+    };
+    let groups = groups as u64;
+    ensure(groups > 0, "convolution groups must be at least 1")?;
+    ensure(channels % groups == 0 && outputs % groups == 0, "groups do not divide the channels")?;
+
+    ensure(w.kind == TensorKind::Const && w.rank == 2, "convolution weight must be a constant")?;
+    let weight_ok = matches!(
+        (w.dtype, w.quant),
+        (DType::F32, Quant::None) | (DType::F16, Quant::None) | (DType::I8, Quant::PerRow)
+    );
+    ensure(weight_ok, "unsupported convolution weight storage")?;
+    let taps = (channels / groups)
+        .checked_mul(window.kernel[0] as u64)
+        .and_then(|t| t.checked_mul(window.kernel[1] as u64));
+    let row = w.dims[1].as_constant().map(u64::from);
+    ensure(w.dims[0].as_constant().map(u64::from) == Some(outputs), "weight rows differ from O")?;
+    ensure(taps.is_some() && row == taps, "weight row length differs from C / groups * kh * kw")?;
+    if let Some(b) = bias {
+        let n = Dim::constant(outputs as u32);
+        ensure(b.dtype == DType::F32 && b.shape() == [n], "bias must be f32 [O]")?;
+    }
+    check_window(index, window, &x.dims[2..4], &out.dims[2..4], false)
+}
+
+/// Checks that the spatial extents are constants and that `window` maps the input's onto the
+/// output's.
+fn check_window(
+    index: u32,
+    window: &Window2d,
+    input: &[Dim],
+    output: &[Dim],
+    ceil_mode: bool,
+) -> Result<()> {
+    let fail = |reason| Error::InvalidOp { op: index, reason };
+    let positive = |v: &[u32]| v.iter().all(|&x| x > 0);
+    if !positive(&window.kernel) || !positive(&window.strides) || !positive(&window.dilations) {
+        return Err(fail("kernel, strides and dilations must be at least 1"));
+    }
+    for axis in 0..2 {
+        let (Some(i), Some(o)) = (input[axis].as_constant(), output[axis].as_constant()) else {
+            return Err(fail("spatial extents must be constant"));
+        };
+        let expected = window
+            .output_extent(axis, i as u64, ceil_mode)
+            .ok_or(fail("the dilated kernel is longer than the padded input"))?;
+        if expected != o as u64 {
+            return Err(fail("output spatial extent does not match the window"));
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Lowering of ONNX nodes with run-time inputs into runtime ops, with symbolic shape inference.
 
 use edgefold_runtime::format::{DType, Dim, MAX_RANK};
-use edgefold_runtime::ops::{BinaryKind, Op, ReduceKind, UnaryKind};
+use edgefold_runtime::ops::{BinaryKind, Op, PoolKind, ReduceKind, UnaryKind, Window2d};
 use tract_onnx::pb::NodeProto;
 
 use super::consts::{ConstTensor, SymInt};
@@ -9,7 +9,7 @@ use super::fold::{
     axes_of, norm_axis, perm_of, shape_slice, slice_axis, slice_spec, squeeze_shape,
     unsqueeze_shape,
 };
-use super::proto::{attr_int, attr_string, dtype_of};
+use super::proto::{attr_int, attr_ints, attr_string, dtype_of};
 use super::{invalid, Importer, NodeError, NodeResult, Val};
 use crate::ir::{Node, Storage};
 
@@ -18,11 +18,13 @@ pub const SUPPORTED: &[&str] = &[
     "Abs",
     "Add",
     "And",
+    "AveragePool",
     "Cast",
     "Clip",
     "Concat",
     "Constant",
     "ConstantOfShape",
+    "Conv",
     "DequantizeLinear",
     "Div",
     "Dropout",
@@ -34,6 +36,8 @@ pub const SUPPORTED: &[&str] = &[
     "Gather",
     "Gelu",
     "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
     "Greater",
     "Identity",
     "LayerNormalization",
@@ -41,6 +45,7 @@ pub const SUPPORTED: &[&str] = &[
     "Log",
     "MatMul",
     "Max",
+    "MaxPool",
     "Min",
     "Mod",
     "Mul",
@@ -147,8 +152,12 @@ pub(crate) fn lower(
             };
             binary(imp, &cx, kind)?
         }
-        "Sqrt" | "Exp" | "Log" | "Erf" | "Tanh" | "Sigmoid" | "Relu" | "Neg" | "Abs"
-        | "Reciprocal" | "Gelu" => {
+        "Relu" => match fuse_into_conv(imp, &cx, 0.0, f32::INFINITY)? {
+            Some(fused) => fused,
+            None => unary(imp, &cx, UnaryKind::Relu, 0.0, 0.0)?,
+        },
+        "Sqrt" | "Exp" | "Log" | "Erf" | "Tanh" | "Sigmoid" | "Neg" | "Abs" | "Reciprocal"
+        | "Gelu" => {
             let kind = match op_type {
                 "Sqrt" => UnaryKind::Sqrt,
                 "Exp" => UnaryKind::Exp,
@@ -156,7 +165,6 @@ pub(crate) fn lower(
                 "Erf" => UnaryKind::Erf,
                 "Tanh" => UnaryKind::Tanh,
                 "Sigmoid" => UnaryKind::Sigmoid,
-                "Relu" => UnaryKind::Relu,
                 "Neg" => UnaryKind::Neg,
                 "Abs" => UnaryKind::Abs,
                 "Reciprocal" => UnaryKind::Reciprocal,
@@ -185,10 +193,17 @@ pub(crate) fn lower(
                 }
             };
             let (lo, hi) = (bound(1, "min", f32::NEG_INFINITY)?, bound(2, "max", f32::INFINITY)?);
-            unary(imp, &cx, UnaryKind::Clip, lo, hi)?
+            match fuse_into_conv(imp, &cx, lo, hi)? {
+                Some(fused) => fused,
+                None => unary(imp, &cx, UnaryKind::Clip, lo, hi)?,
+            }
         }
         "MatMul" => matmul(imp, &cx)?,
         "Gemm" => gemm(imp, &cx)?,
+        "Conv" => conv(imp, &cx)?,
+        "AveragePool" => pool(imp, &cx, PoolKind::Average)?,
+        "MaxPool" => pool(imp, &cx, PoolKind::Max)?,
+        "GlobalAveragePool" | "GlobalMaxPool" => global_pool(imp, &cx)?,
         "LayerNormalization" => {
             let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let rank = imp.graph.values[x].shape.len();
@@ -735,4 +750,266 @@ fn slice(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
         return Ok(Val::Runtime(x));
     }
     emit(imp, cx, Op::Slice { starts, steps }, vec![Some(x)], dtype, shape)
+}
+
+/// Extents of a window op's input: batch (maybe symbolic), channels, and 1 or 2 constant spatial
+/// extents.
+struct WindowInput {
+    batch: Dim,
+    channels: Dim,
+    spatial: Vec<u32>,
+}
+
+fn window_input(imp: &Importer, x: usize) -> NodeResult<WindowInput> {
+    let v = &imp.graph.values[x];
+    if v.dtype != DType::F32 {
+        return Err(NodeError::Unsupported(format!(
+            "{:?} elements (only f32 is computed)",
+            v.dtype
+        )));
+    }
+    if !matches!(v.shape.len(), 3 | 4) {
+        return Err(NodeError::Unsupported(format!(
+            "input of rank {} (only 1-D and 2-D windows, NCL or NCHW)",
+            v.shape.len()
+        )));
+    }
+    let spatial = v.shape[2..]
+        .iter()
+        .map(|d| d.as_constant())
+        .collect::<Option<Vec<u32>>>()
+        .ok_or(NodeError::Unsupported("variable spatial extents".into()))?;
+    Ok(WindowInput { batch: v.shape[0], channels: v.shape[1], spatial })
+}
+
+/// Per-axis integer attribute of `len` entries, `default` when absent.
+fn axis_attr(cx: &Ctx<'_>, name: &str, len: usize, default: u32) -> NodeResult<Vec<u32>> {
+    let Some(values) = attr_ints(cx.node, name) else {
+        return Ok(vec![default; len]);
+    };
+    if values.len() != len {
+        return invalid(format!("{name} has {} entries, expected {len}", values.len()));
+    }
+    values
+        .iter()
+        .map(|&v| u32::try_from(v).map_err(|_| NodeError::Invalid(format!("{name} entry {v}"))))
+        .collect()
+}
+
+/// Resolves a node's window attributes (`strides`, `dilations`, `pads` or `auto_pad`) for the
+/// input's spatial extents, and returns the 2-D window and the output's spatial extents. A 1-D
+/// window becomes a 2-D one over a height of 1.
+fn window_of(
+    cx: &Ctx<'_>,
+    spatial: &[u32],
+    kernel: &[u32],
+    ceil_mode: bool,
+) -> NodeResult<(Window2d, Vec<u32>)> {
+    let r = spatial.len();
+    let strides = axis_attr(cx, "strides", r, 1)?;
+    let dilations = axis_attr(cx, "dilations", r, 1)?;
+    if [kernel, &strides, &dilations].iter().any(|v| v.contains(&0)) {
+        return invalid("kernel extents, strides and dilations must be at least 1");
+    }
+    let auto_pad = attr_string(cx.node, "auto_pad").unwrap_or_default();
+    let pads = match auto_pad.as_str() {
+        "" | "NOTSET" => axis_attr(cx, "pads", 2 * r, 0)?,
+        "VALID" => vec![0; 2 * r],
+        "SAME_UPPER" | "SAME_LOWER" => {
+            let mut pads = vec![0; 2 * r];
+            for a in 0..r {
+                let (input, stride) = (spatial[a] as u64, strides[a] as u64);
+                let span = dilations[a] as u64 * (kernel[a] as u64 - 1) + 1;
+                let total = ((input.div_ceil(stride) - 1) * stride + span).saturating_sub(input);
+                let small = (total / 2) as u32;
+                let large = (total - total / 2) as u32;
+                let upper = auto_pad == "SAME_UPPER";
+                pads[a] = if upper { small } else { large };
+                pads[a + r] = if upper { large } else { small };
+            }
+            pads
+        }
+        other => return invalid(format!("unknown auto_pad {other:?}")),
+    };
+    // A 1-D window is a 2-D one whose height axis has extent 1 and a kernel of 1.
+    let widen = |v: &[u32], fill: u32| if r == 1 { vec![fill, v[0]] } else { v.to_vec() };
+    let (k, st, d) = (widen(kernel, 1), widen(&strides, 1), widen(&dilations, 1));
+    let (begin, end) = (widen(&pads[..r], 0), widen(&pads[r..], 0));
+    let window = Window2d {
+        kernel: [k[0], k[1]],
+        strides: [st[0], st[1]],
+        pads: [begin[0], begin[1], end[0], end[1]],
+        dilations: [d[0], d[1]],
+    };
+    let input = widen(spatial, 1);
+    let mut out = Vec::with_capacity(r);
+    // The added height axis of a 1-D window has no output extent of its own.
+    for (axis, &extent) in input.iter().enumerate().skip(2 - r) {
+        let extent = window.output_extent(axis, extent as u64, ceil_mode).ok_or_else(|| {
+            NodeError::Invalid(format!("the kernel does not fit the padded input {spatial:?}"))
+        })?;
+        out.push(u32::try_from(extent).map_err(|_| NodeError::Invalid("overflow".into()))?);
+    }
+    Ok((window, out))
+}
+
+/// Adds a node with a new f32 output value named `value_name`.
+fn push_node(
+    imp: &mut Importer,
+    node_name: String,
+    value_name: &str,
+    op: Op,
+    inputs: Vec<Option<usize>>,
+    shape: Vec<Dim>,
+) -> usize {
+    let out = imp.activation(value_name, DType::F32, shape);
+    imp.graph.nodes.push(Node { name: node_name, op, inputs, outputs: vec![out] });
+    out
+}
+
+/// Emits a window op on `x` with `channels` output channels. A 1-D input `[N, C, L]` is viewed
+/// as `[N, C, 1, L]` around the op and the result reshaped back to `[N, channels, OL]`.
+fn window_op(
+    imp: &mut Importer,
+    cx: &Ctx<'_>,
+    op: Op,
+    x: usize,
+    more_inputs: Vec<Option<usize>>,
+    channels: Dim,
+    out_spatial: &[u32],
+) -> NodeResult<Val> {
+    let input = window_input(imp, x)?;
+    let mut out_shape = vec![input.batch, channels];
+    out_shape.extend(out_spatial.iter().map(|&e| Dim::constant(e)));
+    if input.spatial.len() == 2 {
+        let mut inputs = vec![Some(x)];
+        inputs.extend(more_inputs);
+        return emit(imp, cx, op, inputs, DType::F32, out_shape);
+    }
+    let one = Dim::constant(1);
+    let length = Dim::constant(input.spatial[0]);
+    let x4_shape = vec![input.batch, input.channels, one, length];
+    let x4_name = format!("{}.nchw", cx.hint(0));
+    let x4 =
+        push_node(imp, format!("{}.nchw", cx.name), &x4_name, Op::Reshape, vec![Some(x)], x4_shape);
+    let mut inputs = vec![Some(x4)];
+    inputs.extend(more_inputs);
+    let y4_shape = vec![input.batch, channels, one, Dim::constant(out_spatial[0])];
+    let y4_name = format!("{}.nchw", cx.node.output.first().map_or(cx.name, String::as_str));
+    let y4 = push_node(imp, cx.name.to_owned(), &y4_name, op, inputs, y4_shape);
+    emit(imp, cx, Op::Reshape, vec![Some(y4)], DType::F32, out_shape)
+}
+
+/// Lowers an ONNX Conv (1-D or 2-D) with a constant f32 weight `[O, C / group, k..]`, stored
+/// flattened to `[O, C / group * kh * kw]`: the same bytes, one row per output channel.
+fn conv(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let (w_shape, w_data) = match cx.konst(1)? {
+        ConstTensor::F32 { shape, data } => (shape.clone(), data.clone()),
+        _ => return Err(NodeError::Unsupported("a weight that is not a constant f32".into())),
+    };
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let input = window_input(imp, x)?;
+    if w_shape.len() != input.spatial.len() + 2 {
+        return invalid(format!("weight shape {w_shape:?} does not match the input's rank"));
+    }
+    let channels = input
+        .channels
+        .as_constant()
+        .ok_or(NodeError::Unsupported("a variable channel extent".into()))?
+        as usize;
+    let groups = attr_int(cx.node, "group", 1);
+    let (outputs, per_group) = (w_shape[0], w_shape[1]);
+    let groups_ok = groups >= 1 && per_group * groups as usize == channels;
+    if !groups_ok || outputs % groups as usize != 0 {
+        return invalid(format!(
+            "group {groups} does not fit {channels} input channels and weight {w_shape:?}"
+        ));
+    }
+    let kernel: Vec<u32> = w_shape[2..].iter().map(|&k| k as u32).collect();
+    if let Some(declared) = attr_ints(cx.node, "kernel_shape") {
+        if declared.iter().map(|&k| k as u32).ne(kernel.iter().copied()) {
+            return invalid(format!("kernel_shape {declared:?} differs from weight {w_shape:?}"));
+        }
+    }
+    let (window, out_spatial) = window_of(cx, &input.spatial, &kernel, false)?;
+
+    let bias = match cx.opt(2) {
+        Some(b) => {
+            let id = imp.value_id(b, &cx.hint(2))?;
+            let v = &imp.graph.values[id];
+            if v.dtype != DType::F32 || v.shape != [Dim::constant(outputs as u32)] {
+                return invalid(format!("bias {:?} is not f32 [{outputs}]", v.shape));
+            }
+            Some(id)
+        }
+        None => None,
+    };
+    let row = w_data.len() / outputs.max(1);
+    // Keep the source weight's name, as for linear weights.
+    let w_name = imp.unique_name(&cx.hint(1));
+    let w = imp.graph.add_const(w_name, vec![outputs, row], Storage::F32(w_data));
+    let op = Op::Conv2d {
+        window,
+        groups: groups as u32,
+        activation_min: f32::NEG_INFINITY,
+        activation_max: f32::INFINITY,
+    };
+    let out_channels = Dim::constant(outputs as u32);
+    window_op(imp, cx, op, x, vec![Some(w), bias], out_channels, &out_spatial)
+}
+
+/// When the input of a Relu or Clip is the output of a 2-D convolution without a fused
+/// activation, emits a copy of that convolution that clamps to `[min, max]` and returns its
+/// output. The unfused convolution stays in the graph, and pruning removes it when nothing else
+/// reads its output.
+fn fuse_into_conv(imp: &mut Importer, cx: &Ctx<'_>, min: f32, max: f32) -> NodeResult<Option<Val>> {
+    let Some(Val::Runtime(x)) = cx.opt(0) else {
+        return Ok(None);
+    };
+    let Some(producer) = imp.graph.nodes.iter().rev().find(|n| n.outputs.contains(x)) else {
+        return Ok(None);
+    };
+    let Op::Conv2d { window, groups, activation_min, activation_max } = producer.op else {
+        return Ok(None);
+    };
+    if activation_min != f32::NEG_INFINITY || activation_max != f32::INFINITY {
+        return Ok(None);
+    }
+    let inputs = producer.inputs.clone();
+    let shape = imp.graph.values[*x].shape.clone();
+    let op = Op::Conv2d { window, groups, activation_min: min, activation_max: max };
+    emit(imp, cx, op, inputs, DType::F32, shape).map(Some)
+}
+
+/// Lowers AveragePool and MaxPool (1-D or 2-D).
+fn pool(imp: &mut Importer, cx: &Ctx<'_>, kind: PoolKind) -> NodeResult<Val> {
+    if cx.node.output.iter().skip(1).any(|o| !o.is_empty()) {
+        return Err(NodeError::Unsupported("the indices output of MaxPool".into()));
+    }
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let input = window_input(imp, x)?;
+    let kernel = axis_attr(cx, "kernel_shape", input.spatial.len(), 0)?;
+    let ceil_mode = attr_int(cx.node, "ceil_mode", 0) != 0;
+    let count_include_pad = attr_int(cx.node, "count_include_pad", 0) != 0;
+    let (window, out_spatial) = window_of(cx, &input.spatial, &kernel, ceil_mode)?;
+    let op = Op::Pool { kind, window, count_include_pad, ceil_mode };
+    window_op(imp, cx, op, x, vec![], input.channels, &out_spatial)
+}
+
+/// Lowers GlobalAveragePool and GlobalMaxPool to a mean or max over every spatial axis.
+fn global_pool(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let v = &imp.graph.values[x];
+    let rank = v.shape.len();
+    if rank < 3 || v.dtype != DType::F32 {
+        return invalid(format!(
+            "global pooling needs an f32 input of rank >= 3, got {:?}",
+            v.shape
+        ));
+    }
+    let axes = (2..rank).fold(0u32, |mask, a| mask | 1 << a);
+    let kind = if cx.node.op_type == "GlobalMaxPool" { ReduceKind::Max } else { ReduceKind::Mean };
+    let mut shape = v.shape[..2].to_vec();
+    shape.resize(rank, Dim::constant(1));
+    emit(imp, cx, Op::Reduce { kind, axes, keep_dims: true }, vec![Some(x)], DType::F32, shape)
 }

@@ -1,0 +1,635 @@
+//! Portable convolution and pooling kernels over NCHW f32 tensors.
+//!
+//! Both walk the output one channel plane at a time. A convolution is computed weight by weight:
+//! each tap adds `weight * input` to the output positions whose window covers an input position,
+//! so the inner loop is a contiguous multiply-add along an output row whenever the stride is 1.
+//! Positions in the padding contribute nothing, so no padded copy of the input is made.
+
+use crate::ops::{PoolKind, Window2d};
+
+/// Extents of a window op's NCHW input and output, and its window.
+///
+/// Callers pass slices of exactly `batch * in_channels * in_size[0] * in_size[1]` input and
+/// `batch * out_channels * out_size[0] * out_size[1]` output elements, with `out_size` the
+/// extents that [`Window2d::output_extent`] gives for `in_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Batch extent `N`.
+    pub batch: usize,
+    /// Input channels `C`.
+    pub in_channels: usize,
+    /// Input spatial extents `[H, W]`.
+    pub in_size: [usize; 2],
+    /// Output channels (`O` of a convolution, `C` of a pooling).
+    pub out_channels: usize,
+    /// Output spatial extents `[OH, OW]`.
+    pub out_size: [usize; 2],
+    /// Kernel, strides, padding and dilations.
+    pub window: Window2d,
+}
+
+/// Convolution weights as stored: row-major `[O, C / groups * kh * kw]`, a row per output
+/// channel, taps of one input channel in `(ky, kx)` order.
+#[derive(Clone, Copy, Debug)]
+pub enum ConvWeights<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// IEEE binary16 bits, widened to f32 exactly.
+    F16(&'a [u16]),
+    /// Int8 values with one f32 scale per output channel: `w = q * scale[o]`.
+    I8 {
+        /// Quantized values.
+        q: &'a [i8],
+        /// One scale per row.
+        scales: &'a [f32],
+    },
+}
+
+/// Per-tap access to weights, monomorphized per storage type.
+trait Taps {
+    /// Weight `index` of row `row`, where rows are `row_len` long.
+    fn tap(&self, row: usize, index: usize, row_len: usize) -> f32;
+}
+
+struct F32Taps<'a>(&'a [f32]);
+struct F16Taps<'a>(&'a [u16]);
+struct I8Taps<'a>(&'a [i8], &'a [f32]);
+
+impl Taps for F32Taps<'_> {
+    #[inline]
+    fn tap(&self, row: usize, index: usize, row_len: usize) -> f32 {
+        self.0[row * row_len + index]
+    }
+}
+
+impl Taps for F16Taps<'_> {
+    #[inline]
+    fn tap(&self, row: usize, index: usize, row_len: usize) -> f32 {
+        half::f16::from_bits(self.0[row * row_len + index]).to_f32()
+    }
+}
+
+impl Taps for I8Taps<'_> {
+    #[inline]
+    fn tap(&self, row: usize, index: usize, row_len: usize) -> f32 {
+        self.0[row * row_len + index] as f32 * self.1[row]
+    }
+}
+
+/// 2-D convolution: `y[n, o] = clamp(bias[o] + Σ w[o, ci, ky, kx] * x[n, g * C/groups + ci, ..])`
+/// over the taps that fall inside the input, with `g` the group of output channel `o`.
+///
+/// `activation` is `[min, max]` of the fused clamp; a NaN sum stays NaN.
+pub fn conv2d_nchw_f32(
+    x: &[f32],
+    geometry: &Geometry,
+    groups: usize,
+    weights: ConvWeights<'_>,
+    bias: Option<&[f32]>,
+    activation: [f32; 2],
+    y: &mut [f32],
+) {
+    match weights {
+        ConvWeights::F32(w) => conv2d(x, geometry, groups, &F32Taps(w), bias, activation, y),
+        ConvWeights::F16(w) => conv2d(x, geometry, groups, &F16Taps(w), bias, activation, y),
+        ConvWeights::I8 { q, scales } => {
+            conv2d(x, geometry, groups, &I8Taps(q, scales), bias, activation, y)
+        }
+    }
+}
+
+fn conv2d<T: Taps>(
+    x: &[f32],
+    g: &Geometry,
+    groups: usize,
+    taps: &T,
+    bias: Option<&[f32]>,
+    activation: [f32; 2],
+    y: &mut [f32],
+) {
+    let w = &g.window;
+    let ([ih, iw], [oh, ow]) = (g.in_size, g.out_size);
+    let (in_plane, out_plane) = (ih * iw, oh * ow);
+    let (kh, kw) = (w.kernel[0] as usize, w.kernel[1] as usize);
+    let channels_per_group = g.in_channels / groups;
+    let outputs_per_group = g.out_channels / groups;
+    let row_len = channels_per_group * kh * kw;
+    let pointwise = kh == 1 && kw == 1 && w.strides == [1, 1] && w.pads == [0; 4];
+    debug_assert_eq!(x.len(), g.batch * g.in_channels * in_plane);
+    debug_assert_eq!(y.len(), g.batch * g.out_channels * out_plane);
+
+    for n in 0..g.batch {
+        for o in 0..g.out_channels {
+            let first_channel = n * g.in_channels + (o / outputs_per_group) * channels_per_group;
+            let dst = &mut y[(n * g.out_channels + o) * out_plane..][..out_plane];
+            dst.fill(0.0);
+            for ci in 0..channels_per_group {
+                let src = &x[(first_channel + ci) * in_plane..][..in_plane];
+                if pointwise {
+                    axpy(dst, taps.tap(o, ci, row_len), src);
+                    continue;
+                }
+                for ky in 0..kh {
+                    let offset_y = tap_offset(w, 0, ky);
+                    let (y0, y1) = covered(oh, ih, w.strides[0] as usize, offset_y);
+                    for kx in 0..kw {
+                        let offset_x = tap_offset(w, 1, kx);
+                        let (x0, x1) = covered(ow, iw, w.strides[1] as usize, offset_x);
+                        if y0 == y1 || x0 == x1 {
+                            continue;
+                        }
+                        let weight = taps.tap(o, (ci * kh + ky) * kw + kx, row_len);
+                        for oy in y0..y1 {
+                            let iy = (oy as i64 * w.strides[0] as i64 + offset_y) as usize;
+                            let ix0 = (x0 as i64 * w.strides[1] as i64 + offset_x) as usize;
+                            let in_row = &src[iy * iw..(iy + 1) * iw];
+                            let out_row = &mut dst[oy * ow + x0..oy * ow + x1];
+                            add_row(out_row, weight, in_row, ix0, w.strides[1] as usize);
+                        }
+                    }
+                }
+            }
+            let b = bias.map_or(0.0, |b| b[o]);
+            for v in dst.iter_mut() {
+                *v = clamp(*v + b, activation);
+            }
+        }
+    }
+}
+
+/// Input offset of tap `tap` along `axis`: output position `o` reads `o * stride + offset`.
+fn tap_offset(w: &Window2d, axis: usize, tap: usize) -> i64 {
+    tap as i64 * w.dilations[axis] as i64 - w.pads[axis] as i64
+}
+
+/// Output positions `[first, end)` of an axis of extent `out` whose input position
+/// `o * stride + offset` lies in `0..input`.
+fn covered(out: usize, input: usize, stride: usize, offset: i64) -> (usize, usize) {
+    let (input, stride) = (input as i64, stride as i64);
+    let first = if offset >= 0 { 0 } else { (stride - 1 - offset) / stride };
+    let end = if input <= offset { 0 } else { (input - offset + stride - 1) / stride };
+    let end = end.min(out as i64);
+    let first = first.min(end);
+    (first as usize, end as usize)
+}
+
+/// `dst[i] += weight * src[start + i * stride]`.
+#[inline]
+fn add_row(dst: &mut [f32], weight: f32, src: &[f32], start: usize, stride: usize) {
+    if stride == 1 {
+        axpy(dst, weight, &src[start..start + dst.len()]);
+    } else {
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d += weight * src[start + i * stride];
+        }
+    }
+}
+
+/// `dst[i] += a * src[i]`.
+#[inline]
+fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += a * s;
+    }
+}
+
+/// Clamps to `[min, max]` without the panics of `f32::clamp`; NaN stays NaN.
+#[inline]
+fn clamp(v: f32, [min, max]: [f32; 2]) -> f32 {
+    let low = if v < min { min } else { v };
+    if low > max {
+        max
+    } else {
+        low
+    }
+}
+
+/// Taps of one output position along one axis: the in-input taps `[first, end)` and how many
+/// taps lie in the input or its padding.
+#[derive(Clone, Copy)]
+struct TapRange {
+    first: usize,
+    end: usize,
+    padded: usize,
+}
+
+fn tap_range(w: &Window2d, axis: usize, out_pos: usize, input: usize) -> TapRange {
+    let (stride, dilation) = (w.strides[axis] as i64, w.dilations[axis] as i64);
+    let kernel = w.kernel[axis] as i64;
+    let start = out_pos as i64 * stride - w.pads[axis] as i64;
+    // Number of taps j >= 0 with start + j * dilation < limit.
+    let below = |limit: i64| {
+        if limit <= start {
+            0
+        } else {
+            ((limit - start + dilation - 1) / dilation).min(kernel)
+        }
+    };
+    let first = if start >= 0 { 0 } else { ((-start + dilation - 1) / dilation).min(kernel) };
+    let end = below(input as i64).max(first);
+    let padded = below(input as i64 + w.pads[axis + 2] as i64);
+    TapRange { first: first as usize, end: end as usize, padded: padded as usize }
+}
+
+/// Average or max pooling of each channel plane. `geometry.out_channels` equals
+/// `in_channels`, and `out_size` comes from [`Window2d::output_extent`] with the same
+/// `ceil_mode` as the op.
+///
+/// An average divides the sum of the in-input taps by their count, or with `count_include_pad`
+/// by the count of taps in the input or its padding (taps past the padding, which ceil mode can
+/// create, never count). A window without in-input taps gives 0 for an average and negative
+/// infinity for a max. Max skips NaN taps, like [`ReduceKind::Max`](crate::ops::ReduceKind).
+pub fn pool2d_nchw_f32(
+    kind: PoolKind,
+    x: &[f32],
+    geometry: &Geometry,
+    count_include_pad: bool,
+    y: &mut [f32],
+) {
+    let w = &geometry.window;
+    let ([ih, iw], [oh, ow]) = (geometry.in_size, geometry.out_size);
+    let (dh, dw) = (w.dilations[0] as i64, w.dilations[1] as i64);
+    let planes = geometry.batch * geometry.in_channels;
+    debug_assert_eq!(x.len(), planes * ih * iw);
+    debug_assert_eq!(y.len(), planes * oh * ow);
+
+    for (src, dst) in x.chunks_exact(ih * iw).zip(y.chunks_exact_mut(oh * ow)).take(planes) {
+        for oy in 0..oh {
+            let ty = tap_range(w, 0, oy, ih);
+            let row0 = oy as i64 * w.strides[0] as i64 - w.pads[0] as i64;
+            for ox in 0..ow {
+                let tx = tap_range(w, 1, ox, iw);
+                let col0 = ox as i64 * w.strides[1] as i64 - w.pads[1] as i64;
+                let at = |j: usize, i: usize| {
+                    let iy = (row0 + j as i64 * dh) as usize;
+                    let ix = (col0 + i as i64 * dw) as usize;
+                    src[iy * iw + ix]
+                };
+                dst[oy * ow + ox] = match kind {
+                    PoolKind::Average => {
+                        let mut sum = 0.0f32;
+                        for j in ty.first..ty.end {
+                            for i in tx.first..tx.end {
+                                sum += at(j, i);
+                            }
+                        }
+                        let count = if count_include_pad {
+                            ty.padded * tx.padded
+                        } else {
+                            (ty.end - ty.first) * (tx.end - tx.first)
+                        };
+                        if count == 0 {
+                            0.0
+                        } else {
+                            sum / count as f32
+                        }
+                    }
+                    PoolKind::Max => {
+                        let mut max = f32::NEG_INFINITY;
+                        for j in ty.first..ty.end {
+                            for i in tx.first..tx.end {
+                                let v = at(j, i);
+                                if v > max {
+                                    max = v;
+                                }
+                            }
+                        }
+                        max
+                    }
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    /// Deterministic values in [-1, 1) from a 64-bit xorshift.
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    struct Case {
+        batch: usize,
+        channels: usize,
+        size: [usize; 2],
+        outputs: usize,
+        groups: usize,
+        window: Window2d,
+    }
+
+    fn window(
+        kernel: [u32; 2],
+        strides: [u32; 2],
+        pads: [u32; 4],
+        dilations: [u32; 2],
+    ) -> Window2d {
+        Window2d { kernel, strides, pads, dilations }
+    }
+
+    fn out_size(w: &Window2d, size: [usize; 2], ceil_mode: bool) -> [usize; 2] {
+        let extent = |axis| w.output_extent(axis, size[axis] as u64, ceil_mode).unwrap() as usize;
+        [extent(0), extent(1)]
+    }
+
+    fn geometry(c: &Case, ceil_mode: bool) -> Geometry {
+        Geometry {
+            batch: c.batch,
+            in_channels: c.channels,
+            in_size: c.size,
+            out_channels: c.outputs,
+            out_size: out_size(&c.window, c.size, ceil_mode),
+            window: c.window,
+        }
+    }
+
+    /// Input position of tap `j` for output position `o` along `axis`, if inside the input.
+    fn position(w: &Window2d, axis: usize, o: usize, j: usize, input: usize) -> Option<usize> {
+        let p = o as i64 * w.strides[axis] as i64 + j as i64 * w.dilations[axis] as i64
+            - w.pads[axis] as i64;
+        (0..input as i64).contains(&p).then_some(p as usize)
+    }
+
+    /// Convolution straight from the definition, accumulated in f64.
+    fn reference_conv(c: &Case, x: &[f32], w: &[f32], bias: &[f32], act: [f32; 2]) -> Vec<f32> {
+        let [oh, ow] = out_size(&c.window, c.size, false);
+        let [ih, iw] = c.size;
+        let (kh, kw) = (c.window.kernel[0] as usize, c.window.kernel[1] as usize);
+        let cpg = c.channels / c.groups;
+        let opg = c.outputs / c.groups;
+        let mut y = vec![0.0; c.batch * c.outputs * oh * ow];
+        for n in 0..c.batch {
+            for o in 0..c.outputs {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut sum = bias[o] as f64;
+                        for ci in 0..cpg {
+                            let channel = (o / opg) * cpg + ci;
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = position(&c.window, 0, oy, ky, ih);
+                                    let ix = position(&c.window, 1, ox, kx, iw);
+                                    let (Some(iy), Some(ix)) = (iy, ix) else { continue };
+                                    let xv = x[((n * c.channels + channel) * ih + iy) * iw + ix];
+                                    let wv = w[((o * cpg + ci) * kh + ky) * kw + kx];
+                                    sum += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        let v = (sum as f32).max(act[0]).min(act[1]);
+                        y[((n * c.outputs + o) * oh + oy) * ow + ox] = v;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn assert_close(ours: &[f32], reference: &[f32], tolerance: f32, what: &str) {
+        assert_eq!(ours.len(), reference.len(), "{what}: lengths differ");
+        for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
+            let limit = tolerance * b.abs().max(1.0);
+            assert!((a - b).abs() <= limit, "{what}: element {i} is {a}, expected {b}");
+        }
+    }
+
+    fn conv_cases() -> Vec<(&'static str, Case)> {
+        let case = |batch, channels, size, outputs, groups, window| Case {
+            batch,
+            channels,
+            size,
+            outputs,
+            groups,
+            window,
+        };
+        vec![
+            ("pointwise", case(1, 5, [3, 7], 4, 1, window([1, 1], [1, 1], [0; 4], [1, 1]))),
+            ("3x3 same", case(1, 3, [6, 5], 2, 1, window([3, 3], [1, 1], [1; 4], [1, 1]))),
+            ("strided odd", case(2, 3, [9, 7], 5, 1, window([3, 2], [2, 3], [1, 0, 2, 1], [1, 1]))),
+            ("dilated", case(1, 2, [11, 8], 3, 1, window([3, 3], [1, 2], [2, 1, 2, 0], [2, 3]))),
+            ("depthwise", case(2, 6, [5, 5], 6, 6, window([3, 3], [1, 1], [1; 4], [1, 1]))),
+            ("grouped", case(1, 6, [7, 4], 4, 2, window([2, 3], [1, 1], [0, 1, 1, 1], [1, 1]))),
+            (
+                "channel multiplier",
+                case(1, 3, [4, 6], 6, 3, window([3, 1], [2, 1], [1; 4], [1, 1])),
+            ),
+            ("kernel over input", case(1, 2, [2, 3], 2, 1, window([5, 4], [1, 2], [3; 4], [1, 1]))),
+            ("strided pointwise", case(1, 4, [5, 6], 3, 1, window([1, 1], [2, 2], [0; 4], [1, 1]))),
+            (
+                "kws first layer",
+                case(1, 1, [49, 10], 8, 1, window([10, 4], [2, 2], [4, 1, 5, 1], [1, 1])),
+            ),
+            (
+                "single tap row",
+                case(1, 2, [1, 9], 2, 2, window([1, 3], [1, 1], [0, 1, 0, 1], [1, 2])),
+            ),
+        ]
+    }
+
+    #[test]
+    fn conv2d_f32_matches_reference() {
+        for (seed, (name, c)) in conv_cases().into_iter().enumerate() {
+            let g = geometry(&c, false);
+            let row = c.channels / c.groups * (c.window.kernel[0] * c.window.kernel[1]) as usize;
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 1);
+            let w = random(c.outputs * row, seed as u64 + 100);
+            let bias = random(c.outputs, seed as u64 + 200);
+            let mut y = vec![f32::NAN; c.batch * c.outputs * g.out_size[0] * g.out_size[1]];
+            let act = [f32::NEG_INFINITY, f32::INFINITY];
+            conv2d_nchw_f32(&x, &g, c.groups, ConvWeights::F32(&w), Some(&bias), act, &mut y);
+            assert_close(&y, &reference_conv(&c, &x, &w, &bias, act), 1e-5, name);
+        }
+    }
+
+    #[test]
+    fn conv2d_fused_activation_clamps() {
+        let (name, c) = conv_cases()[2];
+        let g = geometry(&c, false);
+        let row = c.channels / c.groups * 6;
+        let x = random(c.batch * c.channels * 63, 7);
+        let w: Vec<f32> = random(c.outputs * row, 8).iter().map(|v| v * 4.0).collect();
+        let mut y = vec![0.0; c.batch * c.outputs * g.out_size[0] * g.out_size[1]];
+        let relu6 = [0.0, 6.0];
+        conv2d_nchw_f32(&x, &g, c.groups, ConvWeights::F32(&w), None, relu6, &mut y);
+        let zeros = vec![0.0; c.outputs];
+        assert_close(&y, &reference_conv(&c, &x, &w, &zeros, relu6), 1e-5, name);
+        assert!(y.contains(&0.0), "no value was clamped at 0");
+        assert!(y.contains(&6.0), "no value was clamped at 6");
+    }
+
+    #[test]
+    fn conv2d_int8_and_f16_weights_match_dequantized() {
+        for (seed, (name, c)) in conv_cases().into_iter().enumerate() {
+            let g = geometry(&c, false);
+            let row = c.channels / c.groups * (c.window.kernel[0] * c.window.kernel[1]) as usize;
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 300);
+            let raw = random(c.outputs * row, seed as u64 + 400);
+            let q: Vec<i8> = raw.iter().map(|v| (v * 127.0) as i8).collect();
+            let scales: Vec<f32> = (0..c.outputs).map(|o| 0.01 * (o + 1) as f32).collect();
+            let dequantized: Vec<f32> =
+                q.iter().enumerate().map(|(i, &v)| v as f32 * scales[i / row]).collect();
+            let bias = vec![0.5; c.outputs];
+            let act = [f32::NEG_INFINITY, f32::INFINITY];
+            let expected = reference_conv(&c, &x, &dequantized, &bias, act);
+            let mut y = vec![f32::NAN; expected.len()];
+            let weights = ConvWeights::I8 { q: &q, scales: &scales };
+            conv2d_nchw_f32(&x, &g, c.groups, weights, Some(&bias), act, &mut y);
+            assert_close(&y, &expected, 1e-5, name);
+
+            let bits: Vec<u16> = raw.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let widened: Vec<f32> =
+                bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+            let expected = reference_conv(&c, &x, &widened, &bias, act);
+            conv2d_nchw_f32(&x, &g, c.groups, ConvWeights::F16(&bits), Some(&bias), act, &mut y);
+            assert_close(&y, &expected, 1e-5, name);
+        }
+    }
+
+    /// Pooling straight from the definition.
+    fn reference_pool(
+        kind: PoolKind,
+        c: &Case,
+        x: &[f32],
+        include_pad: bool,
+        ceil: bool,
+    ) -> Vec<f32> {
+        let [oh, ow] = out_size(&c.window, c.size, ceil);
+        let [ih, iw] = c.size;
+        let w = &c.window;
+        let mut y = Vec::new();
+        for plane in 0..c.batch * c.channels {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (mut sum, mut max, mut count, mut padded) =
+                        (0.0f64, f32::NEG_INFINITY, 0, 0);
+                    for j in 0..w.kernel[0] as usize {
+                        for i in 0..w.kernel[1] as usize {
+                            let in_padding = |axis: usize, o: usize, t: usize, input: usize| {
+                                let p = (o * w.strides[axis] as usize
+                                    + t * w.dilations[axis] as usize)
+                                    as i64
+                                    - w.pads[axis] as i64;
+                                p < (input + w.pads[axis + 2] as usize) as i64
+                            };
+                            if in_padding(0, oy, j, ih) && in_padding(1, ox, i, iw) {
+                                padded += 1;
+                            }
+                            let iy = position(w, 0, oy, j, ih);
+                            let ix = position(w, 1, ox, i, iw);
+                            let (Some(iy), Some(ix)) = (iy, ix) else { continue };
+                            let v = x[(plane * ih + iy) * iw + ix];
+                            sum += v as f64;
+                            max = max.max(v);
+                            count += 1;
+                        }
+                    }
+                    let divisor = if include_pad { padded } else { count };
+                    y.push(match kind {
+                        PoolKind::Max => max,
+                        PoolKind::Average if divisor == 0 => 0.0,
+                        PoolKind::Average => (sum / divisor as f64) as f32,
+                    });
+                }
+            }
+        }
+        y
+    }
+
+    fn pool_cases() -> Vec<(&'static str, Case, bool)> {
+        let case = |batch, channels, size, window| Case {
+            batch,
+            channels,
+            size,
+            outputs: channels,
+            groups: 1,
+            window,
+        };
+        vec![
+            ("kws average", case(1, 3, [25, 5], window([25, 5], [25, 5], [0; 4], [1, 1])), false),
+            ("2x2 stride 2 odd", case(2, 2, [7, 5], window([2, 2], [2, 2], [0; 4], [1, 1])), false),
+            ("3x3 padded", case(1, 2, [6, 7], window([3, 3], [1, 2], [1, 1, 1, 1], [1, 1])), false),
+            (
+                "asymmetric pads",
+                case(1, 1, [5, 9], window([3, 2], [2, 1], [2, 0, 1, 1], [1, 1])),
+                false,
+            ),
+            ("dilated", case(1, 2, [9, 8], window([2, 3], [1, 2], [1, 0, 0, 2], [3, 2])), false),
+            ("ceil mode", case(1, 2, [5, 5], window([2, 2], [2, 2], [1; 4], [1, 1])), true),
+            (
+                "ceil mode unpadded",
+                case(1, 1, [7, 6], window([3, 2], [2, 4], [0; 4], [1, 1])),
+                true,
+            ),
+        ]
+    }
+
+    #[test]
+    fn pooling_matches_reference() {
+        for (seed, (name, c, ceil)) in pool_cases().into_iter().enumerate() {
+            let g = geometry(&c, ceil);
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 500);
+            let mut y = vec![f32::NAN; c.batch * c.channels * g.out_size[0] * g.out_size[1]];
+            for kind in [PoolKind::Average, PoolKind::Max] {
+                for include_pad in [false, true] {
+                    pool2d_nchw_f32(kind, &x, &g, include_pad, &mut y);
+                    let expected = reference_pool(kind, &c, &x, include_pad, ceil);
+                    assert_close(&y, &expected, 1e-5, name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn output_extent_known_answers() {
+        let w = window([2, 3], [2, 2], [1, 0, 1, 0], [1, 2]);
+        // Height: 5 + 2 padding, kernel 2, stride 2: floor(5 / 2) + 1 = 3; ceil gives 4, but the
+        // fourth window would start at 6 >= 5 + 1, past the input, so it is dropped.
+        assert_eq!(w.output_extent(0, 5, false), Some(3));
+        assert_eq!(w.output_extent(0, 5, true), Some(3));
+        // Width: kernel 3 dilated by 2 spans 5 positions of an input of 8: floor(3 / 2) + 1.
+        assert_eq!(w.output_extent(1, 8, false), Some(2));
+        assert_eq!(w.output_extent(1, 8, true), Some(3));
+        assert_eq!(w.output_extent(1, 4, false), None, "span 5 exceeds the input 4");
+        let zero_stride = window([1, 1], [0, 1], [0; 4], [1, 1]);
+        assert_eq!(zero_stride.output_extent(0, 4, false), None);
+        let huge = window([u32::MAX, 1], [1, 1], [u32::MAX; 4], [u32::MAX, 1]);
+        assert_eq!(huge.output_extent(0, u32::MAX as u64, false), None);
+    }
+
+    #[test]
+    fn covered_positions_stay_in_input() {
+        for out in 1..6 {
+            for input in 1..8 {
+                for stride in 1..4 {
+                    for offset in -5i64..6 {
+                        let (first, end) = covered(out, input, stride, offset);
+                        for o in 0..out {
+                            let p = o as i64 * stride as i64 + offset;
+                            let inside = (0..input as i64).contains(&p);
+                            assert_eq!(
+                                (first..end).contains(&o),
+                                inside,
+                                "{out} {input} {stride} {offset} {o}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
