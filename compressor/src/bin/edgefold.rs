@@ -150,6 +150,9 @@ struct CompressArgs {
     /// Evaluation pairs or samples used by the planner.
     #[arg(long, default_value_t = 300)]
     eval_samples: usize,
+    /// Write the planner's report (report.json and a size-against-quality plot) into this directory.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -647,12 +650,55 @@ fn cmd_analyze(args: AnalyzeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes the analysis plots; a no-op until plotting is available.
+/// Writes the analysis plots (PNG and SVG): spectra, block influence and block similarity.
 fn write_analysis_plots(
-    _dir: &Path,
-    _matrices: &[(String, edgefold_compressor::spectrum::SpectrumSummary, Option<Vec<f64>>)],
-    _calibration: Option<&edgefold_compressor::calibrate::Calibration>,
+    dir: &Path,
+    matrices: &[(String, edgefold_compressor::spectrum::SpectrumSummary, Option<Vec<f64>>)],
+    calibration: Option<&edgefold_compressor::calibrate::Calibration>,
 ) -> Result<()> {
+    use edgefold_compressor::plots::{
+        plot_block_influence, plot_similarity, plot_spectra, SpectrumPlot,
+    };
+    // One plot per distinct weight shape, with up to six matrices each, keeps lines readable.
+    let mut shapes: Vec<(usize, usize)> =
+        matrices.iter().map(|(_, s, _)| (s.rows, s.cols)).collect();
+    shapes.sort_unstable();
+    shapes.dedup();
+    for (rows, cols) in shapes {
+        let spectra: Vec<SpectrumPlot> = matrices
+            .iter()
+            .filter(|(_, s, _)| (s.rows, s.cols) == (rows, cols))
+            .take(6)
+            .map(|(name, s, w)| SpectrumPlot {
+                name,
+                singular_values: &s.singular_values,
+                whitened: w.as_deref(),
+                elbow: s.elbow,
+                energy_90: s.energy_90,
+                energy_99: s.energy_99,
+                break_even: s.break_even,
+            })
+            .collect();
+        let title =
+            format!("Singular spectra of {rows}x{cols} weights (solid raw, dashed whitened)");
+        plot_spectra(dir, &format!("spectra_{rows}x{cols}"), &title, &spectra)?;
+    }
+    if let Some(b) = calibration.and_then(|c| c.blocks.as_ref()) {
+        plot_block_influence(
+            dir,
+            "block_influence",
+            "Block influence: 1 - cos(h_in, h_out) per block",
+            &b.influence,
+            &b.angular,
+        )?;
+        plot_similarity(
+            dir,
+            "similarity_cosine",
+            "Mean token cosine similarity between block outputs",
+            &b.cosine,
+        )?;
+        plot_similarity(dir, "similarity_cka", "Linear CKA between block outputs", &b.cka)?;
+    }
     Ok(())
 }
 
@@ -1145,6 +1191,37 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         "candidates": outcome.tried.iter().map(|t| json!({"scheme": format!("{}", t.scheme), "bytes": t.bytes, "quality": t.quality})).collect::<Vec<_>>(),
         "seconds": seconds,
     });
+    if let Some(dir) = &args.report {
+        use edgefold_compressor::plots::{plot_size_quality, Candidate};
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        let labels: Vec<String> = outcome.tried.iter().map(|t| format!("{}", t.scheme)).collect();
+        let points: Vec<Candidate> = outcome
+            .tried
+            .iter()
+            .zip(&labels)
+            .filter_map(|(t, label)| {
+                t.quality.map(|q| Candidate {
+                    label,
+                    bytes: t.bytes,
+                    quality: q,
+                    chosen: t.scheme == outcome.scheme,
+                })
+            })
+            .collect();
+        let floor = match goal {
+            Goal::MinQuality(q) => Some(q),
+            Goal::TargetSize(_) => None,
+        };
+        plot_size_quality(
+            dir,
+            "size_quality",
+            "Candidates tried: size against retained quality",
+            &points,
+            floor,
+        )?;
+        eprintln!("report written to {}", dir.display());
+    }
     if args.json {
         print_json(&summary);
     } else {
