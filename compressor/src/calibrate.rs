@@ -152,13 +152,12 @@ pub fn calibrate(
             let rows = states[0].len() / d.max(1);
             let row = |b: usize, t: usize| &states[b].as_f32().unwrap_or(&[])[t * d..(t + 1) * d];
             for t in 0..rows {
-                for b in 0..nb - 1 {
+                for (b, sims) in cosine.iter_mut().enumerate() {
                     let c = cos(row(b, t), row(b + 1, t));
                     influence[b] += 1.0 - c;
                     angular[b] += c.acos() / std::f64::consts::PI;
-                    for j in b..nb - 1 {
-                        let s = cos(row(b + 1, t), row(j + 1, t));
-                        cosine[b][j] += s;
+                    for (j, sim) in sims.iter_mut().enumerate().skip(b) {
+                        *sim += cos(row(b + 1, t), row(j + 1, t));
                     }
                 }
                 for (b, keep) in kept.iter_mut().enumerate() {
@@ -182,10 +181,12 @@ pub fn calibrate(
     let blocks = (nb >= 2).then(|| {
         let n = tokens.max(1) as f64;
         let m = nb - 1;
-        for b in 0..m {
-            for j in b..m {
-                cosine[b][j] /= n;
-                cosine[j][b] = cosine[b][j];
+        // Only the upper triangle was accumulated: scale it and mirror it below the diagonal.
+        cosine.iter_mut().flatten().for_each(|v| *v /= n);
+        for b in 1..m {
+            let (upper, lower) = cosine.split_at_mut(b);
+            for (j, row) in upper.iter().enumerate() {
+                lower[0][j] = row[b];
             }
         }
         let outs: Vec<&Vec<Vec<f32>>> = kept.iter().skip(1).collect();

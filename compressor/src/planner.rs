@@ -67,6 +67,7 @@ pub enum Goal {
 }
 
 /// How candidates are scored.
+#[allow(clippy::large_enum_variant)] // one value per planning run; boxing buys nothing
 pub enum Task {
     /// Spearman correlation of embedding cosine similarities with gold scores.
     Sts {
@@ -551,14 +552,11 @@ pub fn plan(
     let mut chosen: Option<(usize, Graph, f64)> = None;
     match goal {
         Goal::MinQuality(q) => {
-            for i in 0..sized.len() {
-                let g = stage.build(base, calibration, &drop_order, &sized[i].scheme, true)?;
+            for (i, tried) in sized.iter_mut().enumerate() {
+                let g = stage.build(base, calibration, &drop_order, &tried.scheme, true)?;
                 let quality = evaluator.quality(&g)?;
-                sized[i].quality = Some(quality);
-                progress(&format!(
-                    "{}: {} bytes, quality {quality:.4}",
-                    sized[i].scheme, sized[i].bytes
-                ));
+                tried.quality = Some(quality);
+                progress(&format!("{}: {} bytes, quality {quality:.4}", tried.scheme, tried.bytes));
                 if quality >= q {
                     chosen = Some((i, g, quality));
                     break;
@@ -566,17 +564,14 @@ pub fn plan(
             }
         }
         Goal::TargetSize(limit) => {
-            for i in 0..sized.len() {
-                if sized[i].bytes > limit {
+            for (i, tried) in sized.iter_mut().enumerate() {
+                if tried.bytes > limit {
                     break;
                 }
-                let g = stage.build(base, calibration, &drop_order, &sized[i].scheme, true)?;
+                let g = stage.build(base, calibration, &drop_order, &tried.scheme, true)?;
                 let quality = evaluator.quality(&g)?;
-                sized[i].quality = Some(quality);
-                progress(&format!(
-                    "{}: {} bytes, quality {quality:.4}",
-                    sized[i].scheme, sized[i].bytes
-                ));
+                tried.quality = Some(quality);
+                progress(&format!("{}: {} bytes, quality {quality:.4}", tried.scheme, tried.bytes));
                 if chosen.as_ref().is_none_or(|c| quality > c.2) {
                     chosen = Some((i, g, quality));
                 }

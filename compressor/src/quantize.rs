@@ -205,7 +205,8 @@ pub fn quantize_i4(data: &[f32], rows: usize, cols: usize, group: usize) -> (Vec
                 let q = (v / s).round().clamp(-8.0, 7.0) as i8;
                 let c = g * group + i;
                 let nibble = (q as u8) & 0x0F;
-                packed[r * row_bytes + c / 2] |= if c % 2 == 0 { nibble } else { nibble << 4 };
+                packed[r * row_bytes + c / 2] |=
+                    if c.is_multiple_of(2) { nibble } else { nibble << 4 };
             }
         }
     }

@@ -368,8 +368,8 @@ fn mixed_reference(x: &[f32], batch: usize) -> Vec<f64> {
         let at = |i: usize, j: usize| xb[i * 6 + j] as f64;
         let mut joined = [[0f64; 8]; 4];
         for (i, row) in joined.iter_mut().enumerate() {
-            for k in 0..4 {
-                row[k] = (0..6).map(|j| at(i, j) * at(k, j)).sum();
+            for (k, cell) in row.iter_mut().take(4).enumerate() {
+                *cell = (0..6).map(|j| at(i, j) * at(k, j)).sum();
             }
             let mean = row[..4].iter().sum::<f64>() / 4.0;
             row[4..].fill(mean);

@@ -799,8 +799,7 @@ fn cmd_run(
             }
             other => bail!("output {name} has element type {other:?}, which run cannot print"),
         };
-        if output.is_some() && i == output_index {
-            let p = output.expect("checked");
+        if let Some(p) = output.filter(|_| i == output_index) {
             write_npy(p, &tensor).with_context(|| format!("cannot write {}", p.display()))?;
         }
         outs.push(json!({"name": name, "shape": shape.as_slice(), "first_values": preview}));

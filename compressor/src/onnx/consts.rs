@@ -39,7 +39,7 @@ impl SymInt {
     }
 
     /// Product, when representable.
-    pub fn mul(self, other: SymInt) -> Option<SymInt> {
+    pub fn checked_mul(self, other: SymInt) -> Option<SymInt> {
         match (self, other) {
             (SymInt::Int(a), SymInt::Int(b)) => a.checked_mul(b).map(SymInt::Int),
             (SymInt::Int(0), _) | (_, SymInt::Int(0)) => Some(SymInt::Int(0)),
@@ -48,7 +48,7 @@ impl SymInt {
     }
 
     /// Quotient (integer division truncating toward zero), when representable.
-    pub fn div(self, other: SymInt) -> Option<SymInt> {
+    pub fn checked_div(self, other: SymInt) -> Option<SymInt> {
         match (self, other) {
             (SymInt::Int(a), SymInt::Int(b)) => (b != 0).then(|| SymInt::Int(a / b)),
             (SymInt::Dim(a), b) => {
@@ -67,7 +67,7 @@ impl SymInt {
     }
 
     /// Sum, when representable.
-    pub fn add(self, other: SymInt) -> Option<SymInt> {
+    pub fn checked_add(self, other: SymInt) -> Option<SymInt> {
         match (self, other) {
             (SymInt::Int(a), SymInt::Int(b)) => a.checked_add(b).map(SymInt::Int),
             (x, SymInt::Int(0)) | (SymInt::Int(0), x) => Some(x),
@@ -79,7 +79,7 @@ impl SymInt {
     }
 
     /// Difference, when representable.
-    pub fn sub(self, other: SymInt) -> Option<SymInt> {
+    pub fn checked_sub(self, other: SymInt) -> Option<SymInt> {
         match (self, other) {
             (SymInt::Int(a), SymInt::Int(b)) => a.checked_sub(b).map(SymInt::Int),
             (x, SymInt::Int(0)) => Some(x),

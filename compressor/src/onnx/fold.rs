@@ -325,10 +325,7 @@ pub(crate) fn axes_of(
     Ok(attr_ints(node, "axes"))
 }
 
-pub(crate) fn unsqueeze_shape<T: Copy>(shape: &[T], axes: &[i64]) -> NodeResult<Vec<T>>
-where
-    T: From<u8>,
-{
+pub(crate) fn unsqueeze_shape<T: Copy + From<u8>>(shape: &[T], axes: &[i64]) -> NodeResult<Vec<T>> {
     let rank = shape.len() + axes.len();
     let mut norm: Vec<usize> =
         axes.iter().map(|&a| norm_axis(a, rank)).collect::<NodeResult<_>>()?;
@@ -394,7 +391,7 @@ pub(crate) fn reshape_target(
     }
     if let Some(i) = infer {
         let known: usize = out.iter().product();
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return invalid("reshape cannot infer the -1 extent");
         }
         out[i] = total / known;
@@ -546,10 +543,10 @@ fn binary(op: &str, a: &ConstTensor, b: &ConstTensor) -> NodeResult<Option<Const
     let mut dtype = a.dtype();
     for (&p, &q) in x.iter().zip(&y) {
         let v = match op {
-            "Add" => p.add(q),
-            "Sub" => p.sub(q),
-            "Mul" => p.mul(q),
-            "Div" => p.div(q),
+            "Add" => p.checked_add(q),
+            "Sub" => p.checked_sub(q),
+            "Mul" => p.checked_mul(q),
+            "Div" => p.checked_div(q),
             "Equal" | "Less" | "Greater" | "And" | "Or" => {
                 dtype = DType::Bool;
                 let r = match op {

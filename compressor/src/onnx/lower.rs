@@ -135,7 +135,7 @@ pub(crate) fn lower(
             let mut n = SymInt::Int(1);
             for &d in &imp.graph.values[id].shape {
                 n = n
-                    .mul(SymInt::from_dim(d))
+                    .checked_mul(SymInt::from_dim(d))
                     .ok_or(NodeError::Unsupported("size overflows".into()))?;
             }
             Val::Const(ConstTensor::Int { shape: vec![], data: vec![n], dtype: DType::I64 })
@@ -615,7 +615,8 @@ fn reshape(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
 fn symbolic_reshape(input: &[Dim], spec: &[SymInt], allow_zero: bool) -> NodeResult<Vec<Dim>> {
     let mut total = SymInt::Int(1);
     for &d in input {
-        total = total.mul(SymInt::from_dim(d)).ok_or(NodeError::Invalid("overflow".into()))?;
+        total =
+            total.checked_mul(SymInt::from_dim(d)).ok_or(NodeError::Invalid("overflow".into()))?;
     }
     let mut out: Vec<Option<Dim>> = Vec::new();
     for (i, &s) in spec.iter().enumerate() {
@@ -633,9 +634,10 @@ fn symbolic_reshape(input: &[Dim], spec: &[SymInt], allow_zero: bool) -> NodeRes
     }
     let mut known = SymInt::Int(1);
     for d in out.iter().flatten() {
-        known = known.mul(SymInt::from_dim(*d)).ok_or(NodeError::Invalid("overflow".into()))?;
+        known =
+            known.checked_mul(SymInt::from_dim(*d)).ok_or(NodeError::Invalid("overflow".into()))?;
     }
-    let inferred = total.div(known);
+    let inferred = total.checked_div(known);
     let mut result = Vec::with_capacity(out.len());
     let mut infers = 0;
     for d in out {
@@ -673,7 +675,7 @@ fn concat(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
             return invalid("concat inputs differ in type or rank");
         }
         total = total
-            .add(SymInt::from_dim(v.shape[axis]))
+            .checked_add(SymInt::from_dim(v.shape[axis]))
             .ok_or(NodeError::Unsupported("concat of unlike symbolic extents".into()))?;
     }
     let mut shape = first.shape.clone();

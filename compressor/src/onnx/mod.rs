@@ -356,7 +356,7 @@ impl Importer {
                     }
                 };
                 let shape = c.shape().to_vec();
-                if shape.iter().any(|&d| d == 0) {
+                if shape.contains(&0) {
                     return Err(NodeError::Unsupported("an empty constant tensor".into()));
                 }
                 if let Some(&id) = self.materialized.get(hint) {
