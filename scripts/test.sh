@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs Edgefold's test suite: fetches the default model if missing, then the workspace tests and
-# the no_std build of the runtime for a Cortex-M4F target.
+# Runs Edgefold's test suite: fetches the default model if missing, then the workspace tests, the
+# no_std build of the runtime for a Cortex-M4F target, and the cross-compiled runs under QEMU:
+# the runtime's tests and the runner on aarch64 Linux, and the firmware on two Cortex-M boards.
 #
 # Tests that need ../shared/data (evaluation data next to the repository) skip with a printed
-# reason when it is absent; with EDGEFOLD_REQUIRE_DATA=1 they fail instead.
+# reason when it is absent; with EDGEFOLD_REQUIRE_DATA=1 they fail instead. The cross-compiled
+# runs need gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user and qemu-system-arm (Debian
+# packages); without them they are skipped, unless EDGEFOLD_REQUIRE_TARGETS=1.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,13 +15,38 @@ echo "== models"
 bash scripts/fetch-models.sh
 
 echo "== rust targets"
-if ! rustup target list --installed | grep -qx thumbv7em-none-eabihf; then
-    rustup target add thumbv7em-none-eabihf
-fi
+for target in thumbv7em-none-eabihf thumbv7m-none-eabi aarch64-unknown-linux-gnu \
+    aarch64-unknown-linux-musl; do
+    if ! rustup target list --installed | grep -qx "$target"; then
+        rustup target add "$target"
+    fi
+done
 
 echo "== workspace tests"
 cargo test --workspace --all-targets
 
 echo "== runtime without std, for thumbv7em-none-eabihf"
 cargo build -p edgefold-runtime --no-default-features --target thumbv7em-none-eabihf
+
+missing=""
+for tool in aarch64-linux-gnu-gcc qemu-aarch64 qemu-system-arm python3; do
+    command -v "$tool" > /dev/null || missing="$missing $tool"
+done
+[ -d ../shared/data/mlperf-tiny ] || missing="$missing ../shared/data/mlperf-tiny"
+if [ -n "$missing" ]; then
+    if [ "${EDGEFOLD_REQUIRE_TARGETS:-0}" = 1 ]; then
+        echo "error: the cross-compiled runs need:$missing" >&2
+        exit 1
+    fi
+    echo "skipping the cross-compiled runs: missing$missing"
+else
+    echo "== runtime tests on aarch64-unknown-linux-gnu under qemu-aarch64"
+    cargo --config targets/aarch64-linux/.cargo/config.toml test -p edgefold-runtime \
+        --target aarch64-unknown-linux-gnu
+    echo "== runner on aarch64 against the host"
+    bash targets/aarch64-linux/check.sh
+    echo "== firmware on Cortex-M boards under QEMU"
+    bash targets/cortex-m/generate.sh
+    bash targets/cortex-m/run.sh
+fi
 echo "all tests passed"

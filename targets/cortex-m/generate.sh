@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Packs the firmware's models in int8 with the compressor and records the host runtime's output
+# for each reference input, in src/generated/MODEL/ (kept out of git):
+#   model.fold    the packed model
+#   input.bin     the reference input, dequantized to f32, little-endian
+#   expected.bin  the host runtime's output for that input, f32 little-endian
+# Needs ../shared/data/mlperf-tiny beside the repository and python3 with numpy. The host
+# runtime is the runner in targets/aarch64-linux/runner, built for this machine.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+data="$root/../shared/data/mlperf-tiny"
+if [ ! -d "$data" ]; then
+    echo "error: $data is missing; the MLPerf Tiny models are read from there" >&2
+    exit 1
+fi
+
+# Cargo commands run from the repository root: this folder's .cargo/config.toml would make them
+# build for the microcontroller.
+cd "$root"
+edgefold() { cargo run --quiet --manifest-path "$root/Cargo.toml" -p edgefold-compressor --bin edgefold -- "$@"; }
+runner() { cargo run --quiet --release --manifest-path "$root/targets/aarch64-linux/runner/Cargo.toml" -- "$@"; }
+
+# generate NAME ONNX NPZ SCALE ZERO_POINT: the int8 reference input `in0` of NPZ is dequantized
+# with the TFLite original's input quantization, (q - ZERO_POINT) * SCALE.
+generate() {
+    local name="$1" onnx="$2" npz="$3" scale="$4" zero="$5"
+    local out="$here/src/generated/$name"
+    mkdir -p "$out"
+    edgefold compress "$data/$onnx" -o "$out/model.fold" --quantize int8
+    python3 - "$data/$npz" "$scale" "$zero" "$out/input.bin" <<'PY'
+import sys
+import numpy as np
+npz, scale, zero, out = sys.argv[1], np.float32(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+q = np.load(npz)["in0"].astype(np.int32)
+((q - zero).astype(np.float32) * scale).astype("<f4").tofile(out)
+PY
+    runner "$out/model.fold" "$out/input.bin" --save "$out/expected.bin"
+}
+
+generate kws kws_ref_model.onnx kws_ref_model.npz 0.5847029089927673 83
+generate wake_word str_ww_ref_model.onnx str_ww_ref_model.npz 0.003701042616739869 -128

@@ -1,0 +1,161 @@
+//! The application, written against embedded-hal 1.0 and embedded-io traits only: runs the model
+//! once on the reference input, prints the scores, and drives the detection pin.
+
+use edgefold_runtime::{Model, Session};
+use embedded_hal::delay::DelayNs;
+use embedded_hal::digital::OutputPin;
+use embedded_io::Write;
+
+use crate::clock::SysTickClock;
+use crate::model;
+
+/// Largest difference from the host runtime's scores that still passes.
+const TOLERANCE: f32 = 1e-5;
+
+/// Elapsed time of a run, in processor clock ticks.
+pub trait Stopwatch {
+    /// Ticks since some fixed start.
+    fn ticks(&self) -> u64;
+    /// Ticks per second.
+    fn hz(&self) -> u32;
+}
+
+impl Stopwatch for SysTickClock {
+    fn ticks(&self) -> u64 {
+        SysTickClock::ticks(self)
+    }
+
+    fn hz(&self) -> u32 {
+        SysTickClock::hz(self)
+    }
+}
+
+/// Iterations of the calibration loop, two instructions each.
+const CALIBRATION_LOOPS: u32 = 1_000_000;
+
+/// Runs exactly `2 * CALIBRATION_LOOPS` instructions (a subtract and a branch per iteration) and
+/// returns the ticks they took. Under QEMU's `-icount shift=0`, which makes every instruction take
+/// 1 ns of emulated time, this converts ticks into instructions.
+fn calibrate(clock: &impl Stopwatch) -> u64 {
+    let start = clock.ticks();
+    // SAFETY: the loop only counts a scratch register down to zero.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            "subs {n}, {n}, #1",
+            "bne 2b",
+            n = inout(reg) CALIBRATION_LOOPS => _,
+            options(nomem, nostack),
+        );
+    }
+    clock.ticks() - start
+}
+
+/// Decodes little-endian f32 values.
+fn decode<const N: usize>(bytes: &[u8]) -> [f32; N] {
+    let mut values = [0.0; N];
+    for (v, chunk) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+        *v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    values
+}
+
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Runs the embedded model and reports over `serial`. Returns true when every score is within
+/// [`TOLERANCE`] of the host runtime's and the top class is the same.
+pub fn run<C, W, P>(clock: &mut C, serial: &mut W, pin: &mut P, arena: &mut [u8]) -> bool
+where
+    C: DelayNs + Stopwatch,
+    W: Write,
+    P: OutputPin,
+{
+    // A 10 ms blink of the pin marks the start, as a board would show it is alive.
+    let _ = pin.set_high();
+    clock.delay_ms(10);
+    let _ = pin.set_low();
+
+    let file: &'static [u8] = &model::MODEL.0;
+    let _ = writeln!(
+        serial,
+        "edgefold: model {} bytes in flash at {:p}, arena {} bytes",
+        file.len(),
+        file.as_ptr(),
+        arena.len()
+    );
+    let model = match Model::open(file) {
+        Ok(model) => model,
+        Err(e) => {
+            let _ = writeln!(serial, "error: the model does not open: {e}");
+            return false;
+        }
+    };
+    let mut session = match Session::new(&model, arena) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = writeln!(serial, "error: {e}");
+            return false;
+        }
+    };
+
+    let input: [f32; model::INPUT_LEN] = decode(model::INPUT);
+    let expected: [f32; model::OUTPUT_LEN] = decode(model::EXPECTED);
+    let start = clock.ticks();
+    let result = session.set_input(0, &model::INPUT_SHAPE, &input).and_then(|()| session.run());
+    let ticks = clock.ticks() - start;
+    if let Err(e) = result {
+        let _ = writeln!(serial, "error: the run failed: {e}");
+        return false;
+    }
+    let scores = match session.output::<f32>(0) {
+        Ok((_, scores)) => scores,
+        Err(e) => {
+            let _ = writeln!(serial, "error: {e}");
+            return false;
+        }
+    };
+
+    let mut max_difference = 0.0f32;
+    for (i, (&score, &host)) in scores.iter().zip(&expected).enumerate() {
+        let difference = (score - host).abs();
+        max_difference = if difference > max_difference { difference } else { max_difference };
+        let label = model::LABELS.get(i).copied().unwrap_or("?");
+        let _ = writeln!(serial, "  {i:2} {label:8} {score:.7} (host {host:.7})");
+    }
+    let (top, host_top) = (argmax(scores), argmax(&expected));
+    let detected = model::KEYWORDS.contains(&top);
+    let _ = if detected { pin.set_high() } else { pin.set_low() };
+    let micros = ticks * 1_000_000 / clock.hz() as u64;
+    let _ = writeln!(
+        serial,
+        "top class {top} ({}), keyword {}; {ticks} ticks ({micros} us at {} Hz)",
+        model::LABELS.get(top).copied().unwrap_or("?"),
+        if detected { "detected" } else { "not detected" },
+        clock.hz()
+    );
+    // Only with `-icount shift=0` do the ticks advance in step with the instructions executed.
+    let calibration = calibrate(clock).max(1);
+    let instructions = ticks * 2 * CALIBRATION_LOOPS as u64 / calibration;
+    let _ = writeln!(
+        serial,
+        "{} instructions took {calibration} ticks: about {instructions} instructions per run \
+         under QEMU -icount shift=0",
+        2 * CALIBRATION_LOOPS
+    );
+    let finite = scores.iter().all(|s| s.is_finite());
+    let passed = finite && max_difference <= TOLERANCE && top == host_top;
+    let _ = writeln!(
+        serial,
+        "max abs difference from the host runtime {max_difference:e}: {}",
+        if passed { "PASS" } else { "FAIL" }
+    );
+    passed
+}
