@@ -37,8 +37,8 @@ PY
 done
 
 echo
-echo "| engine | file | load to first output (ms) | median latency, seq $seq (ms) | peak RSS (MiB) |"
-echo "|---|---|---:|---:|---:|"
+echo "| engine | file | open (ms) | load to first output (ms) | median latency, seq $seq (ms) | peak RSS (MiB) |"
+echo "|---|---|---:|---:|---:|---:|"
 run_bench() {
     local engine="$1" file="$2" label="$3"
     /usr/bin/time -v "$edgefold" bench "$file" --engine "$engine" --seq "$seq" --runs 20 --json \
@@ -48,7 +48,7 @@ run_bench() {
     python3 - "$work/bench.json" "$label" "$rss" <<'PY'
 import json, sys
 b = json.load(open(sys.argv[1]))
-print(f"| {b['engine']} | {sys.argv[2]} | {b['load_to_first_output_ms']:.1f} | {b['latency_ms_median']:.1f} | {int(sys.argv[3])/1024:.1f} |")
+print(f"| {b['engine']} | {sys.argv[2]} | {b['open_ms']:.1f} | {b['load_to_first_output_ms']:.1f} | {b['latency_ms_median']:.1f} | {int(sys.argv[3])/1024:.1f} |")
 PY
 }
 run_bench tract "$model" "ONNX f32"
