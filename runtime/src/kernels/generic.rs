@@ -16,6 +16,7 @@ pub trait WeightRows {
 }
 
 /// Dense f32 weights, row-major `[n, k]`.
+#[derive(Clone, Copy)]
 pub struct F32Rows<'a> {
     /// The values.
     pub w: &'a [f32],
@@ -31,6 +32,7 @@ impl WeightRows for F32Rows<'_> {
 }
 
 /// Dense f16 weights, row-major `[n, k]`, as raw bits.
+#[derive(Clone, Copy)]
 pub struct F16Rows<'a> {
     /// The values as IEEE binary16 bits.
     pub w: &'a [u16],
@@ -49,6 +51,7 @@ impl WeightRows for F16Rows<'_> {
 }
 
 /// Int8 weights with one scale per row.
+#[derive(Clone, Copy)]
 pub struct I8Rows<'a> {
     /// Quantized values, row-major `[n, k]`.
     pub q: &'a [i8],
@@ -70,6 +73,7 @@ impl WeightRows for I8Rows<'_> {
 }
 
 /// Int4 weights in groups along each row, two per byte (low nibble first), one f16 scale per group.
+#[derive(Clone, Copy)]
 pub struct I4Rows<'a> {
     /// Packed values; each row takes `k.div_ceil(2)` bytes.
     pub packed: &'a [u8],
@@ -88,7 +92,7 @@ impl WeightRows for I4Rows<'_> {
         for (i, o) in out.iter_mut().enumerate() {
             let c = col + i;
             let byte = self.packed[row * row_bytes + c / 2];
-            let nibble = if c % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+            let nibble = if c.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
             let q = ((nibble as i8) << 4) >> 4;
             let scale = half::f16::from_bits(self.scales[row * groups + c / self.group]).to_f32();
             *o = q as f32 * scale;
