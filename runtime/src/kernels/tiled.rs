@@ -464,14 +464,14 @@ unsafe fn linear_tile<S: Simd, W: VecRows<S>, const R: usize, const C: usize>(
         let x = args.x.add(m0 * k);
         let mut col = span.c0;
         while col < full {
-            let mut wv = [S::zero(); C];
-            for (c, v) in wv.iter_mut().enumerate() {
-                *v = w.load(j0 + c, col);
+            let mut xv = [S::zero(); R];
+            for (r, v) in xv.iter_mut().enumerate() {
+                *v = S::load(x.add(r * k + col));
             }
-            for (r, acc_row) in acc.iter_mut().enumerate() {
-                let xv = S::load(x.add(r * k + col));
-                for (a, &wc) in acc_row.iter_mut().zip(&wv) {
-                    *a = S::mul_add(xv, wc, *a);
+            for c in 0..C {
+                let wc = w.load(j0 + c, col);
+                for (acc_row, &xr) in acc.iter_mut().zip(&xv) {
+                    acc_row[c] = S::mul_add(xr, wc, acc_row[c]);
                 }
             }
             col += S::LANES;

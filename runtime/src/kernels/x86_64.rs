@@ -138,6 +138,7 @@ pub(crate) fn matmul_avx512(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: us
 /// The CPU must support AVX2, FMA and F16C, and `args` and `w` must satisfy [`tiled::linear`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn linear_avx2_direct<W: VecRows<Avx2>>(args: &LinearArgs<'_>, w: &W) {
+    align_frame();
     // SAFETY: forwarded from the caller.
     unsafe { tiled::linear::<Avx2, W, 4, 2>(args, w) }
 }
@@ -161,8 +162,25 @@ unsafe fn linear_avx2_blocked<W: VecRows<Avx2>>(args: &LinearArgs<'_>, w: &W) {
 /// [`tiled::linear`].
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn linear_avx512_direct<W: VecRows<Avx512>>(args: &LinearArgs<'_>, w: &W) {
+    align_frame();
     // SAFETY: forwarded from the caller.
     unsafe { tiled::linear::<Avx512, W, 4, 4>(args, w) }
+}
+
+/// A 64-byte aligned value for [`align_frame`].
+#[repr(C, align(64))]
+struct FrameAlign([u8; 64]);
+
+/// Places a 64-byte aligned local on the stack, which makes LLVM realign the frame of the
+/// function this is inlined into.
+///
+/// Some instantiations of the direct kernels spill an accumulator inside the loop (LLVM of Rust
+/// 1.95). Where the spill slot straddled two cache lines, they ran up to 1.8 times slower,
+/// depending on where the stack happened to start.
+#[inline(always)]
+fn align_frame() {
+    let mut frame = FrameAlign([0; 64]);
+    core::hint::black_box(&mut frame);
 }
 
 /// `linear` on 16-lane vectors with 4 x 4 tiles over weights decoded in blocks.
