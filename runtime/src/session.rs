@@ -456,11 +456,13 @@ impl<'m, 'a> Session<'m, 'a> {
         out: &TensorEntry,
         out_shape: &Shape,
     ) -> Result<()> {
+        use crate::kernels::{self, Weights};
+
         let model = self.model;
         let x_entry = model.tensor(rec.input(0))?;
         let w = model.tensor(rec.input(1))?;
         let (n, kk) = (w.dims[0].factor as usize, w.dims[1].factor as usize);
-        let rows = if n == 0 { 0 } else { out_shape.numel() / n };
+        let rows = out_shape.numel().checked_div(n).unwrap_or(0);
         let x = self.typed::<f32>(&x_entry, rows * kk, op)?;
         let bias = match rec.input_count() > 2 && !is_absent(rec.input(2)) {
             true => Some(self.typed::<f32>(&model.tensor(rec.input(2))?, n, op)?),
@@ -468,30 +470,31 @@ impl<'m, 'a> Session<'m, 'a> {
         };
         let y = self.typed_mut::<f32>(out, rows * n, op)?;
         let bad = Error::RuntimeShape { op, reason: "weight data does not match its shape" };
-        match (w.dtype, w.quant) {
+        let weights = match (w.dtype, w.quant) {
             (DType::F32, _) => {
                 let data = cast::<f32>(model.const_bytes(&w)).ok_or(bad)?;
-                k::linear(x, rows, kk, &k::F32Rows { w: data, k: kk }, n, bias, y);
+                Weights::F32(k::F32Rows { w: data, k: kk })
             }
             (DType::F16, _) => {
                 let data = cast::<u16>(model.const_bytes(&w)).ok_or(bad)?;
-                k::linear(x, rows, kk, &k::F16Rows { w: data, k: kk }, n, bias, y);
+                Weights::F16(k::F16Rows { w: data, k: kk })
             }
             (DType::I8, Quant::PerRow) => {
                 let q = cast::<i8>(model.const_bytes(&w)).ok_or(bad)?;
                 let s = model.tensor(w.scale_tensor)?;
                 let scales = cast::<f32>(model.const_bytes(&s)).ok_or(bad)?;
-                k::linear(x, rows, kk, &k::I8Rows { q, scales, k: kk }, n, bias, y);
+                Weights::I8(k::I8Rows { q, scales, k: kk })
             }
             (DType::I4, Quant::Grouped) => {
                 let s = model.tensor(w.scale_tensor)?;
                 let scales = cast::<u16>(model.const_bytes(&s)).ok_or(bad)?;
                 let packed = model.const_bytes(&w);
                 let group = w.group_size as usize;
-                k::linear(x, rows, kk, &k::I4Rows { packed, scales, k: kk, group }, n, bias, y);
+                Weights::I4(k::I4Rows { packed, scales, k: kk, group })
             }
             _ => return Err(bad),
-        }
+        };
+        kernels::linear(x, rows, kk, weights, n, bias, y);
         Ok(())
     }
 
@@ -528,7 +531,7 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             let a_mat = &xa[oa * m * kk..(oa + 1) * m * kk];
             let b_mat = &xb[ob * kk * n..(ob + 1) * kk * n];
-            k::matmul(a_mat, b_mat, &mut y[bi * m * n..(bi + 1) * m * n], m, kk, n);
+            crate::kernels::matmul(a_mat, b_mat, &mut y[bi * m * n..(bi + 1) * m * n], m, kk, n);
             for ax in (0..bo.rank).rev() {
                 index[ax] += 1;
                 if index[ax] < bo.dims[ax] {

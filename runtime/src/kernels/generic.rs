@@ -16,6 +16,7 @@ pub trait WeightRows {
 }
 
 /// Dense f32 weights, row-major `[n, k]`.
+#[derive(Clone, Copy)]
 pub struct F32Rows<'a> {
     /// The values.
     pub w: &'a [f32],
@@ -31,6 +32,7 @@ impl WeightRows for F32Rows<'_> {
 }
 
 /// Dense f16 weights, row-major `[n, k]`, as raw bits.
+#[derive(Clone, Copy)]
 pub struct F16Rows<'a> {
     /// The values as IEEE binary16 bits.
     pub w: &'a [u16],
@@ -49,6 +51,7 @@ impl WeightRows for F16Rows<'_> {
 }
 
 /// Int8 weights with one scale per row.
+#[derive(Clone, Copy)]
 pub struct I8Rows<'a> {
     /// Quantized values, row-major `[n, k]`.
     pub q: &'a [i8],
@@ -70,6 +73,7 @@ impl WeightRows for I8Rows<'_> {
 }
 
 /// Int4 weights in groups along each row, two per byte (low nibble first), one f16 scale per group.
+#[derive(Clone, Copy)]
 pub struct I4Rows<'a> {
     /// Packed values; each row takes `k.div_ceil(2)` bytes.
     pub packed: &'a [u8],

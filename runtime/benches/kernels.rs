@@ -1,0 +1,106 @@
+//! `linear` and `matmul` on every instruction set this CPU supports, next to the portable
+//! kernels they replace. Shapes are those of a 384-wide transformer (MiniLM): the feed-forward
+//! layers at 1 and 128 tokens, and one head's attention product. Inputs start on 64-byte
+//! boundaries, as weights in a packed file and tensors in a session arena do.
+//!
+//! Run with `cargo bench -p edgefold-runtime --bench kernels`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgefold_runtime::kernels::generic::{F32Rows, I8Rows};
+use edgefold_runtime::kernels::{linear_with, matmul_with, Isa, Weights};
+
+/// A copy of `values` that starts on a 64-byte boundary.
+struct Aligned<T> {
+    storage: Vec<T>,
+    offset: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Aligned<T> {
+    fn new(values: &[T]) -> Self {
+        let mut storage = vec![T::default(); values.len() + 64];
+        let offset = storage.as_ptr().align_offset(64);
+        storage[offset..offset + values.len()].copy_from_slice(values);
+        Aligned { storage, offset, len: values.len() }
+    }
+
+    fn get(&self) -> &[T] {
+        &self.storage[self.offset..self.offset + self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [T] {
+        &mut self.storage[self.offset..self.offset + self.len]
+    }
+}
+
+/// Deterministic values in [-1, 1) from a linear congruential generator.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn supported() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|isa| isa.is_supported()).collect()
+}
+
+fn bench_linear(c: &mut Criterion) {
+    for (k, n) in [(384, 1536), (1536, 384)] {
+        let floats = values(n * k, 1);
+        let quantized: Vec<i8> = floats.iter().map(|&v| (v * 127.0) as i8).collect();
+        let (w, q) = (Aligned::new(&floats), Aligned::new(&quantized));
+        let scales = vec![1.0 / 127.0; n];
+        let bias = values(n, 2);
+        for rows in [1, 128] {
+            let x = Aligned::new(&values(rows * k, 3));
+            let mut y = Aligned::new(&vec![0f32; rows * n]);
+            let mut group = c.benchmark_group(format!("linear/rows{rows}_k{k}_n{n}"));
+            group.throughput(Throughput::Elements((rows * k * n) as u64));
+            if rows > 1 {
+                group.sample_size(20);
+            }
+            for isa in supported() {
+                let kinds = [
+                    ("f32", Weights::F32(F32Rows { w: w.get(), k })),
+                    ("int8", Weights::I8(I8Rows { q: q.get(), scales: &scales, k })),
+                ];
+                for (kind, weights) in kinds {
+                    group.bench_function(BenchmarkId::new(kind, isa), |b| {
+                        b.iter(|| {
+                            let x = black_box(x.get());
+                            linear_with(isa, x, rows, k, weights, n, Some(&bias), y.get_mut())
+                        })
+                    });
+                }
+            }
+            group.finish();
+        }
+    }
+}
+
+fn bench_matmul(c: &mut Criterion) {
+    let (m, k, n) = (128, 32, 128);
+    let a = Aligned::new(&values(m * k, 4));
+    let b = Aligned::new(&values(k * n, 5));
+    let mut out = Aligned::new(&vec![0f32; m * n]);
+    let mut group = c.benchmark_group(format!("matmul/{m}x{k}x{n}"));
+    group.throughput(Throughput::Elements((m * k * n) as u64));
+    for isa in supported() {
+        group.bench_function(BenchmarkId::from_parameter(isa), |bench| {
+            bench.iter(|| {
+                let (a, b) = (black_box(a.get()), black_box(b.get()));
+                matmul_with(isa, a, b, out.get_mut(), m, k, n)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_linear, bench_matmul);
+criterion_main!(benches);

@@ -1,0 +1,351 @@
+//! One battery for every instruction set this CPU supports: `linear` over the four weight kinds
+//! and `matmul`, against a naive f64 reference, over odd sizes and pseudo-random data.
+//!
+//! The tolerance is `(k + 2) · ε(f32) · Σ|terms|`, the worst-case rounding bound of a k-term f32
+//! sum plus the dequantization product, so a missing, doubled or misplaced term fails.
+
+use std::format;
+use std::string::String;
+use std::vec;
+use std::vec::Vec;
+
+use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
+use super::{linear_with, matmul_with, Isa, Weights};
+
+/// Row lengths: around the 8- and 16-lane widths, around a 384-wide layer, and 100.
+const K_SIZES: [usize; 10] = [1, 3, 7, 15, 17, 31, 33, 100, 383, 385];
+
+/// A value written into output slots past the shape, which no kernel may overwrite.
+const CANARY: f32 = -7.5e30;
+
+/// splitmix64: small, deterministic and good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn signed_unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next_u64() % bound as u64) as usize
+    }
+
+    fn vec(&mut self, len: usize) -> Vec<f32> {
+        (0..len).map(|_| self.signed_unit()).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    F32,
+    F16,
+    I8,
+    I4,
+}
+
+/// Owned weights of one kind, with their exact values for the reference.
+struct TestWeights {
+    kind: Kind,
+    k: usize,
+    values: Vec<f32>,
+    bits: Vec<u16>,
+    q: Vec<i8>,
+    packed: Vec<u8>,
+    scales: Vec<f32>,
+    scale_bits: Vec<u16>,
+    group: usize,
+    /// Dequantized weights `[n, k]`.
+    exact: Vec<f64>,
+}
+
+impl TestWeights {
+    fn new(kind: Kind, n: usize, k: usize, group: usize, rng: &mut Rng) -> Self {
+        let mut w = TestWeights {
+            kind,
+            k,
+            values: Vec::new(),
+            bits: Vec::new(),
+            q: Vec::new(),
+            packed: Vec::new(),
+            scales: Vec::new(),
+            scale_bits: Vec::new(),
+            group,
+            exact: Vec::new(),
+        };
+        match kind {
+            Kind::F32 => {
+                w.values = rng.vec(n * k);
+                w.exact = w.values.iter().map(|&v| v as f64).collect();
+            }
+            Kind::F16 => {
+                w.bits = (0..n * k).map(|i| random_f16_bits(i, rng)).collect();
+                w.exact = w.bits.iter().map(|&b| half::f16::from_bits(b).to_f64()).collect();
+            }
+            Kind::I8 => w.fill_i8(n, k, rng),
+            Kind::I4 => w.fill_i4(n, k, rng),
+        }
+        w
+    }
+
+    fn fill_i8(&mut self, n: usize, k: usize, rng: &mut Rng) {
+        self.q = (0..n * k).map(|_| rng.next_u64() as i8).collect();
+        self.scales = (0..n).map(|_| 0.001 + 0.02 * (rng.signed_unit() + 1.0)).collect();
+        self.exact = (0..n * k).map(|i| self.q[i] as f64 * self.scales[i / k] as f64).collect();
+    }
+
+    fn fill_i4(&mut self, n: usize, k: usize, rng: &mut Rng) {
+        let row_bytes = k.div_ceil(2);
+        let groups = k / self.group;
+        self.packed = (0..n * row_bytes).map(|_| rng.next_u64() as u8).collect();
+        self.scale_bits = (0..n * groups)
+            .map(|_| half::f16::from_f32(0.01 + 0.1 * (rng.signed_unit() + 1.0)).to_bits())
+            .collect();
+        self.exact = Vec::with_capacity(n * k);
+        for j in 0..n {
+            for c in 0..k {
+                let byte = self.packed[j * row_bytes + c / 2];
+                let nibble = if c.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+                let q = ((nibble as i8) << 4) >> 4;
+                let scale = half::f16::from_bits(self.scale_bits[j * groups + c / self.group]);
+                self.exact.push(q as f64 * scale.to_f64());
+            }
+        }
+    }
+
+    fn weights(&self) -> Weights<'_> {
+        let k = self.k;
+        match self.kind {
+            Kind::F32 => Weights::F32(F32Rows { w: &self.values, k }),
+            Kind::F16 => Weights::F16(F16Rows { w: &self.bits, k }),
+            Kind::I8 => Weights::I8(I8Rows { q: &self.q, scales: &self.scales, k }),
+            Kind::I4 => Weights::I4(I4Rows {
+                packed: &self.packed,
+                scales: &self.scale_bits,
+                k,
+                group: self.group,
+            }),
+        }
+    }
+}
+
+/// Mostly normal f16 values in [-1, 1), with every 13th a subnormal and every 29th a signed zero.
+fn random_f16_bits(index: usize, rng: &mut Rng) -> u16 {
+    let sign = if rng.next_u64() & 1 == 1 { 0x8000 } else { 0 };
+    if index.is_multiple_of(29) {
+        sign
+    } else if index.is_multiple_of(13) {
+        sign | (1 + rng.below(0x3FF)) as u16
+    } else {
+        half::f16::from_f32(rng.signed_unit()).to_bits()
+    }
+}
+
+/// Returns the instruction sets this CPU runs.
+fn supported() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|isa| isa.is_supported()).collect()
+}
+
+/// Exact result and `Σ|terms|` of one output.
+fn reference_dot(terms: impl Iterator<Item = f64>, start: f64) -> (f64, f64) {
+    let (mut sum, mut abs) = (start, start.abs());
+    for t in terms {
+        sum += t;
+        abs += t.abs();
+    }
+    (sum, abs)
+}
+
+/// Asserts `got` is within the rounding bound of a `terms`-long f32 sum of `want`.
+fn assert_close(got: f32, want: f64, abs_sum: f64, terms: usize, describe: impl Fn() -> String) {
+    let tol = (terms as f64 + 2.0) * f32::EPSILON as f64 * abs_sum + 1e-30;
+    let err = (got as f64 - want).abs();
+    assert!(err <= tol, "{}: got {got}, expected {want} (error {err:e} > {tol:e})", describe());
+}
+
+/// Runs `linear` on every supported instruction set and checks each output and the canary.
+fn check_linear(kind: Kind, rows: usize, k: usize, n: usize, group: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let x = rng.vec(rows * k);
+    let w = TestWeights::new(kind, n, k, group, &mut rng);
+    let bias = if (rows + n).is_multiple_of(2) { Some(rng.vec(n)) } else { None };
+
+    let mut want = vec![(0f64, 0f64); rows * n];
+    for m in 0..rows {
+        for j in 0..n {
+            let terms = (0..k).map(|c| x[m * k + c] as f64 * w.exact[j * k + c]);
+            let start = bias.as_ref().map_or(0.0, |b| b[j] as f64);
+            want[m * n + j] = reference_dot(terms, start);
+        }
+    }
+
+    for isa in supported() {
+        let mut y = vec![CANARY; rows * n + 9];
+        linear_with(isa, &x, rows, k, w.weights(), n, bias.as_deref(), &mut y);
+        let case = || format!("{isa} {kind:?} rows {rows} k {k} n {n} group {group}");
+        for (i, &(value, abs)) in want.iter().enumerate() {
+            let describe =
+                || format!("{} bias {}: y[{}, {}]", case(), bias.is_some(), i / n, i % n);
+            assert_close(y[i], value, abs, k, describe);
+        }
+        assert!(y[rows * n..].iter().all(|&v| v == CANARY), "{}: wrote past y", case());
+    }
+}
+
+/// Picks an int4 group length for row length `k`, cycling through lane-aligned and unaligned
+/// choices.
+fn int4_group(k: usize, pick: usize) -> usize {
+    let choices: Vec<usize> =
+        [32, 16, 2, 6, 8, k].into_iter().filter(|&g| k.is_multiple_of(g)).collect();
+    choices[pick % choices.len()]
+}
+
+fn check_kind_small(kind: Kind) {
+    for (ki, &k) in K_SIZES.iter().enumerate() {
+        // Int4 rows hold an even number of values, since groups are even.
+        let k = if kind == Kind::I4 { k + k % 2 } else { k };
+        for rows in 1..=9 {
+            for n in 1..=40 {
+                let seed = (ki * 1000 + rows * 50 + n) as u64;
+                check_linear(kind, rows, k, n, int4_group(k, rows + n), seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_f32_small_shapes() {
+    check_kind_small(Kind::F32);
+}
+
+#[test]
+fn linear_f16_small_shapes() {
+    check_kind_small(Kind::F16);
+}
+
+#[test]
+fn linear_int8_small_shapes() {
+    check_kind_small(Kind::I8);
+}
+
+#[test]
+fn linear_int4_small_shapes() {
+    check_kind_small(Kind::I4);
+}
+
+#[test]
+fn linear_layer_widths() {
+    // 17 and 70 rows take the blocked kernels where there are any, and 70 rows by 385 columns
+    // span two row blocks and two column blocks of them.
+    for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4] {
+        for (rows, k) in [(1, 384), (3, 385), (9, 64), (17, 1536), (70, 385)] {
+            let k = if kind == Kind::I4 { k + k % 2 } else { k };
+            for n in [384, 1536] {
+                check_linear(kind, rows, k, n, int4_group(k, rows), (rows * k + n) as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_int4_unaligned_group() {
+    // Groups of 6 and 2 end inside an 8- or 16-lane vector, so each vector needs several scales.
+    check_linear(Kind::I4, 5, 48, 19, 6, 1);
+    check_linear(Kind::I4, 4, 386, 9, 2, 2);
+}
+
+#[test]
+fn linear_zero_k_gives_bias() {
+    let bias = [1.5f32, -2.0, 0.25];
+    for isa in supported() {
+        let mut y = [CANARY; 6];
+        linear_with(isa, &[], 2, 0, Weights::F32(F32Rows { w: &[], k: 0 }), 3, Some(&bias), &mut y);
+        assert_eq!(y, [1.5, -2.0, 0.25, 1.5, -2.0, 0.25], "{isa}");
+    }
+}
+
+#[test]
+fn linear_rows_independent_of_batch() {
+    // With weights read in place, a row's result does not depend on how many rows share the
+    // call (the blocked int4 and f16 kernels sum in blocks of columns instead).
+    let (rows, k, n) = (9, 300, 21);
+    let mut rng = Rng(77);
+    let x = rng.vec(rows * k);
+    for (isa, kind) in supported().into_iter().flat_map(|i| [(i, Kind::F32), (i, Kind::I8)]) {
+        let w = TestWeights::new(kind, n, k, 2, &mut rng);
+        let mut batch = vec![0f32; rows * n];
+        linear_with(isa, &x, rows, k, w.weights(), n, None, &mut batch);
+        for m in 0..rows {
+            let mut single = vec![0f32; n];
+            linear_with(isa, &x[m * k..(m + 1) * k], 1, k, w.weights(), n, None, &mut single);
+            assert_eq!(&batch[m * n..(m + 1) * n], &single[..], "{isa} {kind:?} row {m}");
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "y has 5 values")]
+fn linear_rejects_short_output() {
+    let w = [0f32; 6];
+    let mut y = [0f32; 5];
+    let isa = Isa::best();
+    linear_with(isa, &[0.0; 4], 2, 2, Weights::F32(F32Rows { w: &w, k: 2 }), 3, None, &mut y);
+}
+
+#[test]
+#[should_panic(expected = "does not divide")]
+fn linear_rejects_int4_group_not_dividing_k() {
+    let w = I4Rows { packed: &[0; 6], scales: &[0; 2], k: 6, group: 4 };
+    linear_with(Isa::best(), &[0.0; 6], 1, 6, Weights::I4(w), 1, None, &mut [0.0]);
+}
+
+fn check_matmul(m: usize, k: usize, n: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let a = rng.vec(m * k);
+    let b = rng.vec(k * n);
+    for isa in supported() {
+        let mut c = vec![CANARY; m * n + 5];
+        matmul_with(isa, &a, &b, &mut c, m, k, n);
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64);
+                let (want, abs) = reference_dot(terms, 0.0);
+                let describe = || format!("{isa} matmul {m}x{k}x{n}: c[{i}, {j}]");
+                assert_close(c[i * n + j], want, abs, k, describe);
+            }
+        }
+        assert!(c[m * n..].iter().all(|&v| v == CANARY), "{isa} matmul {m}x{k}x{n}: wrote past c");
+    }
+}
+
+#[test]
+fn matmul_small_shapes() {
+    for &k in K_SIZES.iter().chain(&[0]) {
+        for m in 1..=9 {
+            for n in 1..=40 {
+                check_matmul(m, k, n, (k * 400 + m * 41 + n) as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_attention_shapes() {
+    for (m, k, n) in [(128, 32, 128), (128, 128, 32), (7, 64, 129), (1, 383, 97)] {
+        check_matmul(m, k, n, (m + k + n) as u64);
+    }
+}
+
+#[test]
+fn best_isa_is_supported() {
+    assert!(Isa::best().is_supported());
+    assert_eq!(Isa::best(), Isa::best());
+}
