@@ -98,6 +98,24 @@ pub struct Scheme {
     pub tables: Quantize,
 }
 
+impl Scheme {
+    /// Whether `self` removes no more blocks, keeps no less energy and uses no fewer bits than
+    /// `other` in every part.
+    pub fn at_least_as_precise_as(&self, other: &Scheme) -> bool {
+        let energy = |s: &Scheme| s.low_rank.unwrap_or(1.0);
+        let bits = |q: Quantize| match q {
+            Quantize::Int4 => 4,
+            Quantize::Int8 => 8,
+            Quantize::F16 => 16,
+            Quantize::F32 => 32,
+        };
+        self.drops <= other.drops
+            && energy(self) >= energy(other)
+            && bits(self.linear) >= bits(other.linear)
+            && bits(self.tables) >= bits(other.tables)
+    }
+}
+
 impl std::fmt::Display for Scheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "drop {}, linear {}, tables {}", self.drops, self.linear, self.tables)?;
@@ -552,7 +570,17 @@ pub fn plan(
     let mut chosen: Option<(usize, Graph, f64)> = None;
     match goal {
         Goal::MinQuality(q) => {
+            // Quality falls with more removed blocks, less kept energy and fewer bits, so a
+            // candidate that is nowhere more precise than one that already fell short is skipped.
+            let mut failed: Vec<Scheme> = Vec::new();
             for (i, tried) in sized.iter_mut().enumerate() {
+                if failed.iter().any(|f| f.at_least_as_precise_as(&tried.scheme)) {
+                    progress(&format!(
+                        "{}: skipped, a more precise candidate fell short",
+                        tried.scheme
+                    ));
+                    continue;
+                }
                 let g = stage.build(base, calibration, &drop_order, &tried.scheme, true)?;
                 let quality = evaluator.quality(&g)?;
                 tried.quality = Some(quality);
@@ -561,6 +589,7 @@ pub fn plan(
                     chosen = Some((i, g, quality));
                     break;
                 }
+                failed.push(tried.scheme);
             }
         }
         Goal::TargetSize(limit) => {
