@@ -211,3 +211,40 @@ fn wake_word_matches_tract_on_every_sample() {
     assert_eq!(correct, 41);
     assert!(agree >= 43, "int8 changes the top class of {} samples", labels.len() - agree);
 }
+
+#[test]
+fn kws_f16_and_int4_modes_run() {
+    let (Some(model), Some(npz)) =
+        (data_file("kws_ref_model.onnx"), data_file("kws_ref_model.npz"))
+    else {
+        return;
+    };
+    let input = npz_input(&npz, "in0", Some(KWS_INPUT));
+    let reference = ReferenceModel::load(Path::new(&model)).expect("tract loads the model");
+    let theirs = reference.run(std::slice::from_ref(&input)).expect("tract runs");
+
+    let (graph, file) = compress(&model, Quantize::F16);
+    let f16_weights =
+        graph.values.iter().filter(|v| matches!(v.data, Some(Storage::F16(_)))).count();
+    assert_eq!(f16_weights, 10, "nine convolution weights and the classifier's");
+    let ours = run(&file, std::slice::from_ref(&input));
+    let diff = max_abs_diff(&ours[0], &theirs[0]);
+    assert!(diff < 1e-2, "f16: max abs difference {diff} between the runtime and tract");
+
+    // Convolutions have no int4 kernel, so int4 mode stores their weights as int8.
+    let (graph, file) = compress(&model, Quantize::Int4);
+    let conv_weights: Vec<usize> = graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv2d { .. }))
+        .filter_map(|n| n.inputs[1])
+        .collect();
+    assert_eq!(conv_weights.len(), 9);
+    for w in conv_weights {
+        let stored = &graph.values[w].data;
+        assert!(matches!(stored, Some(Storage::I8PerRow { .. })), "{}", graph.values[w].name);
+    }
+    let ours = run(&file, std::slice::from_ref(&input));
+    let (ours, theirs) = (ours[0].as_f32().unwrap(), theirs[0].as_f32().unwrap());
+    assert_eq!(argmax(ours), argmax(theirs), "int4 {ours:?}, tract {theirs:?}");
+}
