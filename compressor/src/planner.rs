@@ -1,4 +1,4 @@
-//! The quality-driven planner: measures which blocks can go (SLEB-style greedy verification),
+//! The quality-driven planner. It measures which blocks can go (SLEB-style greedy verification),
 //! builds candidate models from combinations of block removal, whitened low-rank and weight
 //! precision, evaluates them against the original, and picks the smallest that meets a quality
 //! floor or the best that fits a size budget. The search is deterministic.
@@ -18,7 +18,7 @@ use crate::tensor::HostTensor;
 use crate::text::{cosine, spearman, StsPair, TextEncoder};
 use crate::whiten::Whitening;
 
-/// Why planning failed.
+/// Error from a planning run.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum PlanError {
@@ -57,7 +57,7 @@ impl From<SpectrumError> for PlanError {
     }
 }
 
-/// What the planner optimises for.
+/// Target of a planning run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Goal {
     /// The smallest model whose quality, as a fraction of the original's, is at least this.
@@ -66,7 +66,7 @@ pub enum Goal {
     TargetSize(u64),
 }
 
-/// How candidates are scored.
+/// Metric that scores candidates.
 #[allow(clippy::large_enum_variant)] // one value per planning run; boxing buys nothing
 pub enum Task {
     /// Spearman correlation of embedding cosine similarities with gold scores.
@@ -99,7 +99,7 @@ pub struct Scheme {
 }
 
 impl Scheme {
-    /// Whether `self` removes no more blocks, keeps no less energy and uses no fewer bits than
+    /// Returns whether `self` removes no more blocks, keeps no less energy and uses no fewer bits than
     /// `other` in every part.
     pub fn at_least_as_precise_as(&self, other: &Scheme) -> bool {
         let energy = |s: &Scheme| s.low_rank.unwrap_or(1.0);
@@ -202,7 +202,7 @@ impl Evaluator {
         Ok(evaluator)
     }
 
-    /// The original's metric.
+    /// Returns the original's metric on the evaluation data.
     pub fn baseline(&self) -> f64 {
         self.baseline
     }
@@ -554,7 +554,7 @@ pub fn plan(
             }
         }
     }
-    // Sizes do not depend on rounding, so plain int4 rounding stands in for error feedback here.
+    // Sizes do not depend on rounding, so plain int4 rounding replaces error feedback here.
     let mut stage = Stage::default();
     let mut sized: Vec<Tried> = Vec::new();
     for scheme in &schemes {

@@ -77,7 +77,7 @@ impl<'m, 'a> Session<'m, 'a> {
         })
     }
 
-    /// The model this session runs.
+    /// Returns the model this session runs.
     pub fn model(&self) -> &Model<'m> {
         &self.model
     }
@@ -248,9 +248,9 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Mutable bytes of an activation.
     ///
-    /// Takes `&self` so an op can hold its input views while writing its output; callers ask for
+    /// Takes `&self` so an op can hold its input views while writing its output. Callers ask for
     /// at most one mutable view per op, and only of that op's output (or of a graph input between
-    /// runs), which the file's op checks keep disjoint from the op's inputs.
+    /// runs). The file's op checks keep that range disjoint from the op's inputs.
     #[allow(clippy::mut_from_ref)]
     fn activation_mut(&self, t: &TensorEntry, len: usize, op: u32) -> Result<&mut [u8]> {
         let start = t.offset as usize;
