@@ -41,8 +41,7 @@ if [ -n "$missing" ]; then
     echo "skipping the cross-compiled runs: missing$missing"
 else
     echo "== runtime tests on aarch64-unknown-linux-gnu under qemu-aarch64"
-    cargo --config targets/aarch64-linux/.cargo/config.toml test -p edgefold-runtime \
-        --target aarch64-unknown-linux-gnu
+    cargo test -p edgefold-runtime --target aarch64-unknown-linux-gnu
     echo "== runner on aarch64 against the host"
     bash targets/aarch64-linux/check.sh
     echo "== firmware on Cortex-M boards under QEMU"

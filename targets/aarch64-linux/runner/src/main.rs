@@ -19,7 +19,8 @@ usage: edgefold-runner MODEL.fold [INPUT.bin ...] [--save FILE] [--expect FILE]
   --save FILE      write every output's elements, concatenated, as raw little-endian bytes
   --expect FILE    compare the f32 outputs, concatenated, with this raw little-endian file and
                    exit with status 1 when an element differs by more than the tolerance
-  --tolerance T    largest allowed absolute difference for --expect (default 1e-5)
+  --tolerance T    largest allowed difference for --expect, absolute for expected values up to
+                   1 in magnitude and relative above (default 1e-5)
   --repeat N       run N times and print the mean time per run (default 1)";
 
 /// Parsed command line.
@@ -157,8 +158,9 @@ fn print_outputs(session: &Session<'_, '_>) -> Result<(Vec<f32>, Vec<u8>), Strin
     Ok((values, raw))
 }
 
-/// Compares `values` with the raw f32 file `path`; returns the largest absolute difference.
-fn compare(values: &[f32], path: &PathBuf) -> Result<f32, String> {
+/// Differences of `values` from the raw f32 file `path`: the largest absolute difference, and the
+/// largest difference divided by `max(1, |expected|)`, which is NaN when only one side is NaN.
+fn compare(values: &[f32], path: &PathBuf) -> Result<(f32, f32), String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let expected = decode(&bytes, f32::from_le_bytes);
     if expected.len() != values.len() {
@@ -169,12 +171,11 @@ fn compare(values: &[f32], path: &PathBuf) -> Result<f32, String> {
             values.len()
         ));
     }
-    let diff = values.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    Ok(if values.iter().zip(&expected).any(|(a, b)| a.is_nan() != b.is_nan()) {
-        f32::NAN
-    } else {
-        diff
-    })
+    let pairs = || values.iter().zip(&expected);
+    let absolute = pairs().map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let scaled = pairs().map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max);
+    let nan_mismatch = pairs().any(|(a, b)| a.is_nan() != b.is_nan());
+    Ok((absolute, if nan_mismatch { f32::NAN } else { scaled }))
 }
 
 fn run(args: &Args) -> Result<bool, String> {
@@ -212,12 +213,14 @@ fn run(args: &Args) -> Result<bool, String> {
         std::fs::write(path, &raw).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     let Some(path) = &args.expect else { return Ok(true) };
-    let diff = compare(&values, path)?;
-    let ok = diff <= args.tolerance;
+    let (absolute, scaled) = compare(&values, path)?;
+    let ok = scaled <= args.tolerance;
     eprintln!(
-        "max abs difference from {}: {diff:e} ({})",
+        "difference from {}: max abs {absolute:e}, max relative to max(1, |expected|) {scaled:e} \
+         ({} {:e})",
         path.display(),
-        if ok { "within tolerance" } else { "above the tolerance" }
+        if ok { "within the tolerance" } else { "above the tolerance" },
+        args.tolerance
     );
     Ok(ok)
 }
