@@ -58,14 +58,18 @@ fn measure(model: &Path, quantize: Quantize, tokenizer: &Path, sts: &Path) -> (f
     (spearman(&theirs, &gold), spearman(&ours, &gold), ratio)
 }
 
+/// The default model, its tokenizer and the STS-B dev file, or `None` (after reporting the skip).
+fn default_model_files() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let fetch = "run scripts/fetch-models.sh";
+    let model = existing(root().join("models/paraphrase-MiniLM-L3-v2/model.onnx"), fetch)?;
+    let tokenizer = existing(root().join("models/paraphrase-MiniLM-L3-v2/tokenizer.json"), fetch)?;
+    let sts = existing(root().join("../shared/data/stsb/sts-dev.csv"), "evaluation data")?;
+    Some((model, tokenizer, sts))
+}
+
 #[test]
 fn default_model_int8_keeps_quality() {
-    let fetch = "run scripts/fetch-models.sh";
-    let (Some(model), Some(tokenizer), Some(sts)) = (
-        existing(root().join("models/paraphrase-MiniLM-L3-v2/model.onnx"), fetch),
-        existing(root().join("models/paraphrase-MiniLM-L3-v2/tokenizer.json"), fetch),
-        existing(root().join("../shared/data/stsb/sts-dev.csv"), "evaluation data"),
-    ) else {
+    let Some((model, tokenizer, sts)) = default_model_files() else {
         return;
     };
     let (original, compressed, ratio) = measure(&model, Quantize::Int8, &tokenizer, &sts);
@@ -81,12 +85,7 @@ fn default_model_int8_keeps_quality() {
 
 #[test]
 fn default_model_f16_keeps_quality() {
-    let fetch = "run scripts/fetch-models.sh";
-    let (Some(model), Some(tokenizer), Some(sts)) = (
-        existing(root().join("models/paraphrase-MiniLM-L3-v2/model.onnx"), fetch),
-        existing(root().join("models/paraphrase-MiniLM-L3-v2/tokenizer.json"), fetch),
-        existing(root().join("../shared/data/stsb/sts-dev.csv"), "evaluation data"),
-    ) else {
+    let Some((model, tokenizer, sts)) = default_model_files() else {
         return;
     };
     let (original, compressed, ratio) = measure(&model, Quantize::F16, &tokenizer, &sts);
