@@ -13,7 +13,7 @@ use crate::reference::ReferenceModel;
 use crate::tensor::HostTensor;
 use crate::text::{l2_normalize, mean_pool, Encoded, TextEncoder};
 
-/// Why an embedding could not be computed.
+/// Error from computing an embedding.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum EmbedError {
@@ -53,7 +53,7 @@ impl std::fmt::Display for EmbedError {
 
 impl std::error::Error for EmbedError {}
 
-/// Which output is the embedding and whether it needs pooling.
+/// Embedding output index and whether it needs pooling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutputChoice {
     /// Output index.
@@ -177,7 +177,7 @@ impl PackedEmbedder {
         Ok(PackedEmbedder { map, arena, encoder, choice, inputs })
     }
 
-    /// The tokenizer in use.
+    /// Returns the tokenizer in use.
     pub fn encoder(&self) -> &TextEncoder {
         &self.encoder
     }

@@ -7,7 +7,7 @@ use edgefold_runtime::ops::Op;
 /// Index of a value in [`Graph::values`].
 pub type ValueId = usize;
 
-/// How a constant's elements are stored.
+/// Element storage of a constant.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Storage {
     /// f32 values.
@@ -172,7 +172,7 @@ impl Graph {
         producers
     }
 
-    /// Removes nodes whose outputs nobody reads and values nobody references, renumbering ids.
+    /// Removes nodes whose outputs are never read and values never referenced, renumbering ids.
     pub fn prune(&mut self) {
         let mut live = vec![false; self.values.len()];
         for &v in self.outputs.iter().chain(&self.inputs) {

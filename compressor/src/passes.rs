@@ -56,7 +56,7 @@ impl<'g> View<'g> {
         View { graph, producers: graph.producers(), consumers: graph.consumers() }
     }
 
-    /// The node producing `v` when it is `op` (matched by discriminant and kind).
+    /// Returns the node producing `v`, if any.
     fn producer(&self, v: ValueId) -> Option<usize> {
         self.producers[v]
     }

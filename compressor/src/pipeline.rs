@@ -118,8 +118,6 @@ pub fn compress(
         move |source| CompressError::Io { path, source }
     };
     let source = std::fs::read(path).map_err(io(path))?;
-    let sha = Sha256::digest(&source);
-    let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
 
     let (mut graph, fused) = load_graph(path, &options.import)?;
     let weight_bytes_before = graph.weight_bytes() as u64;
@@ -135,23 +133,14 @@ pub fn compress(
         Some(p) => Some(p.clone()),
         None => path.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()),
     };
-    let mut metadata: Vec<(String, Vec<u8>)> = vec![
-        ("edgefold.compressor".into(), env!("CARGO_PKG_VERSION").into()),
-        (
-            "source.name".into(),
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().into(),
-        ),
-        ("source.sha256".into(), sha_hex.into()),
-        ("source.bytes".into(), source.len().to_string().into()),
-        ("compress.quantize".into(), options.quantize.to_string().into()),
-        ("compress.low_rank".into(), options.low_rank.to_string().into()),
-        ("compress.max_batch".into(), options.import.max_batch.to_string().into()),
-        ("compress.max_seq".into(), options.import.max_seq.to_string().into()),
+    let settings = [
+        ("compress.quantize", options.quantize.to_string()),
+        ("compress.low_rank", options.low_rank.to_string()),
     ];
     if let Some(t) = &tokenizer {
         log::info!("embedding tokenizer {}", t.display());
-        metadata.push(("tokenizer.json".into(), std::fs::read(t).map_err(io(t))?));
     }
+    let metadata = file_metadata(path, &source, &settings, options, tokenizer.as_deref())?;
     let bytes = pack(&graph, &plan, &metadata).map_err(CompressError::Write)?;
     let report = CompressReport {
         source_bytes: source.len() as u64,
@@ -179,27 +168,40 @@ pub fn pack_graph(
     options: &CompressOptions,
     settings: &str,
 ) -> Result<Vec<u8>, CompressError> {
-    let io = |p: &Path| {
-        let p = p.to_owned();
-        move |source| CompressError::Io { path: p, source }
-    };
-    let source = std::fs::read(path).map_err(io(path))?;
-    let sha_hex: String = Sha256::digest(&source).iter().map(|b| format!("{b:02x}")).collect();
-    let mut metadata: Vec<(String, Vec<u8>)> = vec![
-        ("edgefold.compressor".into(), env!("CARGO_PKG_VERSION").into()),
-        (
-            "source.name".into(),
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().into(),
-        ),
-        ("source.sha256".into(), sha_hex.into()),
-        ("source.bytes".into(), source.len().to_string().into()),
-        ("compress.plan".into(), settings.as_bytes().to_vec()),
-        ("compress.max_batch".into(), options.import.max_batch.to_string().into()),
-        ("compress.max_seq".into(), options.import.max_seq.to_string().into()),
-    ];
-    if let Some(t) = &options.tokenizer {
-        metadata.push(("tokenizer.json".into(), std::fs::read(t).map_err(io(t))?));
-    }
+    let source = std::fs::read(path)
+        .map_err(|source| CompressError::Io { path: path.to_owned(), source })?;
+    let settings = [("compress.plan", settings.to_owned())];
+    let metadata = file_metadata(path, &source, &settings, options, options.tokenizer.as_deref())?;
     let plan = plan_arena(graph);
     pack(graph, &plan, &metadata).map_err(CompressError::Write)
+}
+
+/// Builds the metadata every packed file carries: compressor version, source name, SHA-256 and
+/// size, the settings, the arena limits and the tokenizer when there is one.
+fn file_metadata(
+    path: &Path,
+    source: &[u8],
+    settings: &[(&str, String)],
+    options: &CompressOptions,
+    tokenizer: Option<&Path>,
+) -> Result<Vec<(String, Vec<u8>)>, CompressError> {
+    let sha_hex: String = Sha256::digest(source).iter().map(|b| format!("{b:02x}")).collect();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut metadata: Vec<(String, Vec<u8>)> = vec![
+        ("edgefold.compressor".into(), env!("CARGO_PKG_VERSION").into()),
+        ("source.name".into(), name.into()),
+        ("source.sha256".into(), sha_hex.into()),
+        ("source.bytes".into(), source.len().to_string().into()),
+    ];
+    for (key, value) in settings {
+        metadata.push(((*key).to_owned(), value.as_bytes().to_vec()));
+    }
+    metadata.push(("compress.max_batch".into(), options.import.max_batch.to_string().into()));
+    metadata.push(("compress.max_seq".into(), options.import.max_seq.to_string().into()));
+    if let Some(t) = tokenizer {
+        let json =
+            std::fs::read(t).map_err(|source| CompressError::Io { path: t.to_owned(), source })?;
+        metadata.push(("tokenizer.json".into(), json));
+    }
+    Ok(metadata)
 }

@@ -33,7 +33,7 @@ pub enum Section {
 pub enum Error {
     /// The buffer is shorter than a structure that must fit in it.
     Truncated {
-        /// What was being read.
+        /// Structure being read.
         what: &'static str,
         /// Bytes needed from the start of the buffer.
         needed: u64,

@@ -147,7 +147,7 @@ impl DType {
     }
 }
 
-/// How a constant tensor's stored integers map to real values.
+/// Mapping from a constant tensor's stored integers to real values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Quant {
@@ -174,7 +174,7 @@ impl Quant {
     }
 }
 
-/// Where a tensor's bytes live.
+/// Storage location of a tensor's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum TensorKind {
@@ -247,7 +247,7 @@ impl Dim {
         self.exponents == other.exponents
     }
 
-    /// The extent for the given symbol values, `None` on overflow.
+    /// Evaluates the extent for the given symbol values, `None` on overflow.
     pub fn eval(&self, symbols: &[u64; MAX_SYMBOLS]) -> Option<u64> {
         let mut v = self.factor as u64;
         for (i, &e) in self.exponents.iter().enumerate() {
@@ -428,7 +428,7 @@ impl Header {
 /// One entry of the section table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SectionEntry {
-    /// What the section holds.
+    /// Kind of content in the section.
     pub kind: SectionKind,
     /// Byte offset from the start of the file.
     pub offset: u64,
@@ -493,11 +493,11 @@ pub struct TensorEntry {
     pub name: StrRef,
     /// Element type.
     pub dtype: DType,
-    /// Where the bytes live.
+    /// Storage location of the bytes.
     pub kind: TensorKind,
     /// Number of axes, at most [`MAX_RANK`].
     pub rank: u8,
-    /// How stored integers map to values.
+    /// Mapping from stored integers to values.
     pub quant: Quant,
     /// Tensor holding the scales for [`Quant::PerRow`] and [`Quant::Grouped`], else [`NO_TENSOR`].
     pub scale_tensor: u32,
@@ -512,7 +512,7 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
-    /// The axes actually used.
+    /// Returns the extents of the axes in use.
     pub fn shape(&self) -> &[Dim] {
         &self.dims[..(self.rank as usize).min(MAX_RANK)]
     }

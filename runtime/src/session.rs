@@ -11,7 +11,7 @@ use crate::kernels::conv::{self, ConvWeights, Geometry};
 use crate::kernels::generic::{self as k, WeightRows};
 use crate::model::{is_absent, Model};
 use crate::ops::{Op, OpRecord, Window2d};
-use crate::shape::{concrete_broadcasts_to, Shape};
+use crate::shape::{concrete_broadcasts_to, next_index, Shape};
 
 /// Element types that can be passed as inputs and read as outputs.
 pub trait Element: Plain {
@@ -532,13 +532,7 @@ impl<'m, 'a> Session<'m, 'a> {
             let a_mat = &xa[oa * m * kk..(oa + 1) * m * kk];
             let b_mat = &xb[ob * kk * n..(ob + 1) * kk * n];
             crate::kernels::matmul(a_mat, b_mat, &mut y[bi * m * n..(bi + 1) * m * n], m, kk, n);
-            for ax in (0..bo.rank).rev() {
-                index[ax] += 1;
-                if index[ax] < bo.dims[ax] {
-                    break;
-                }
-                index[ax] = 0;
-            }
+            next_index(&mut index, bo.as_slice());
         }
         Ok(())
     }
@@ -723,13 +717,7 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             let from = from as usize * esize;
             chunk.copy_from_slice(&src[from..from + esize]);
-            for ax in (0..os.rank).rev() {
-                index[ax] += 1;
-                if index[ax] < os.dims[ax] {
-                    break;
-                }
-                index[ax] = 0;
-            }
+            next_index(&mut index, os.as_slice());
         }
         Ok(())
     }
@@ -778,13 +766,7 @@ impl<'m, 'a> Session<'m, 'a> {
             }
             let pick = if cond[oc] != 0 { &xb[ox * esize..] } else { &yb[oy * esize..] };
             chunk.copy_from_slice(&pick[..esize]);
-            for ax in (0..os.rank).rev() {
-                index[ax] += 1;
-                if index[ax] < os.dims[ax] {
-                    break;
-                }
-                index[ax] = 0;
-            }
+            next_index(&mut index, os.as_slice());
         }
         Ok(())
     }

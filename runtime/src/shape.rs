@@ -119,3 +119,16 @@ pub fn expands_to(a: &[Dim], out: &[Dim]) -> bool {
     let shift = out.len() - a.len();
     a.iter().enumerate().all(|(i, d)| *d == Dim::constant(1) || *d == out[i + shift])
 }
+
+/// Advances a row-major multi-index over the extents `dims` by one position, wrapping to all zeros
+/// after the last position.
+#[inline]
+pub fn next_index(index: &mut [usize; crate::format::MAX_RANK], dims: &[usize]) {
+    for ax in (0..dims.len()).rev() {
+        index[ax] += 1;
+        if index[ax] < dims[ax] {
+            return;
+        }
+        index[ax] = 0;
+    }
+}

@@ -92,7 +92,7 @@ enum Command {
 struct BenchArgs {
     /// The packed file, or with --engine tract the ONNX model.
     file: PathBuf,
-    /// What runs the model: edgefold (the packed file) or tract (an ONNX file).
+    /// Engine that runs the model: edgefold (the packed file) or tract (an ONNX file).
     #[arg(long, default_value = "edgefold")]
     engine: String,
     /// Sequence length of the synthetic token input.
@@ -720,7 +720,7 @@ fn to_input<'a>(
             data: TensorData::I32(v.iter().map(|&x| x as i32).collect()),
         }),
         (data, want) => bail!(
-            "input {name} expects {want:?} elements, the .npy file holds {}",
+            "input {name} expects {want:?} elements, but the .npy file contains {}",
             match data {
                 TensorData::F32(_) => "f32",
                 TensorData::I64(_) => "i64",

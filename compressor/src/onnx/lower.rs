@@ -109,6 +109,17 @@ impl Ctx<'_> {
         }
     }
 
+    /// The constant inputs, `None` for absent or run-time ones.
+    fn consts(&self) -> Vec<Option<&ConstTensor>> {
+        self.inputs
+            .iter()
+            .map(|v| match v {
+                Some(Val::Const(c)) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn hint(&self, i: usize) -> String {
         self.node.input.get(i).cloned().unwrap_or_else(|| format!("{}.{i}", self.name))
     }
@@ -510,14 +521,7 @@ fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
     let shape = imp.graph.values[x].shape.clone();
     let input_from = if node.op_type == "ReduceSum" { 13 } else { 18 };
-    let consts: Vec<Option<&ConstTensor>> = cx
-        .inputs
-        .iter()
-        .map(|v| match v {
-            Some(Val::Const(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
+    let consts = cx.consts();
     let axes = axes_of(node, &consts, imp.opset(), input_from)?;
     let keep = attr_int(node, "keepdims", 1) != 0;
     let axes: Vec<usize> = match axes {
@@ -571,14 +575,7 @@ fn reshape(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
     let v = &imp.graph.values[x];
     let input: Vec<SymDim> = v.shape.iter().map(|&d| SymDim(d)).collect();
-    let consts: Vec<Option<&ConstTensor>> = cx
-        .inputs
-        .iter()
-        .map(|v| match v {
-            Some(Val::Const(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
+    let consts = cx.consts();
     let shape: Vec<Dim> = match node.op_type.as_str() {
         "Reshape" => {
             let spec = cx
@@ -692,15 +689,7 @@ fn concat(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
 
 fn slice(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-    let consts: Vec<Option<&ConstTensor>> = cx
-        .inputs
-        .iter()
-        .map(|v| match v {
-            Some(Val::Const(c)) => Some(c),
-            Some(_) => None,
-            None => None,
-        })
-        .collect();
+    let consts = cx.consts();
     if cx.inputs.iter().skip(1).flatten().any(|v| !matches!(v, Val::Const(_))) {
         return Err(NodeError::Unsupported("slice bounds computed at run time".into()));
     }

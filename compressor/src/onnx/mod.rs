@@ -34,7 +34,7 @@ impl Default for ImportOptions {
     }
 }
 
-/// Why an import failed.
+/// Error from importing an ONNX model.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ImportError {
@@ -99,7 +99,7 @@ impl fmt::Display for ImportError {
 
 impl std::error::Error for ImportError {}
 
-/// What a source tensor name refers to during import.
+/// Value a source tensor name refers to during import.
 #[derive(Clone, Debug)]
 pub(crate) enum Val {
     /// A value computed at run time.
@@ -333,7 +333,7 @@ impl Importer {
             .ok_or_else(|| NodeError::Invalid(format!("input {name} is never defined")))
     }
 
-    /// The id of a runtime value, adding a constant to the graph when `val` is one.
+    /// Returns the id of a runtime value, adding a constant to the graph when `val` is one.
     pub(crate) fn value_id(&mut self, val: &Val, hint: &str) -> NodeResult<ValueId> {
         match val {
             Val::Runtime(id) => Ok(*id),

@@ -3,7 +3,7 @@
 
 use crate::format::MAX_RANK;
 use crate::ops::{BinaryKind, ReduceKind, UnaryKind};
-use crate::shape::Shape;
+use crate::shape::{next_index, Shape};
 
 /// Columns of weights dequantized at once into a stack buffer by [`linear`].
 pub const LINEAR_CHUNK: usize = 256;
@@ -197,13 +197,7 @@ pub fn for_each_outer(
             off_b += index[ax] * strides_b[ax];
         }
         f(o, off_a, off_b);
-        for ax in (0..rank - 1).rev() {
-            index[ax] += 1;
-            if index[ax] < shape.dims[ax] {
-                break;
-            }
-            index[ax] = 0;
-        }
+        next_index(&mut index, &shape.dims[..rank - 1]);
     }
 }
 
@@ -369,13 +363,7 @@ pub fn reduce(kind: ReduceKind, x: &[f32], shape: &Shape, axes: u32, out: &mut [
             }
             _ => out[o] += v,
         }
-        for ax in (0..shape.rank).rev() {
-            index[ax] += 1;
-            if index[ax] < shape.dims[ax] {
-                break;
-            }
-            index[ax] = 0;
-        }
+        next_index(&mut index, shape.as_slice());
     }
     if kind == ReduceKind::Mean && count > 0 {
         let inv = 1.0 / count as f32;

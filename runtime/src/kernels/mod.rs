@@ -176,7 +176,7 @@ impl<'a> LinearCall<'a> {
     }
 }
 
-/// Panics unless `w` holds `n` rows of `k` values.
+/// Panics unless `w` contains `n` rows of `k` values.
 fn check_weights(w: &Weights<'_>, k: usize, n: usize) {
     let len = product(n, k);
     let row_k = match w {
