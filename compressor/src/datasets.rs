@@ -60,14 +60,37 @@ pub fn load(path: &Path) -> Result<Dataset, DatasetError> {
         "npz" => {
             let arrays = read_npz(path).map_err(|e| fail(e.to_string()))?;
             let find = |name: &str| arrays.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
-            let all = find("inputs").ok_or_else(|| fail("no array named `inputs`".into()))?;
+            let (name, all) = match find("inputs") {
+                Some(t) => ("inputs".to_owned(), t),
+                None => {
+                    let others: Vec<_> = arrays.iter().filter(|(n, _)| n != "labels").collect();
+                    match others.as_slice() {
+                        [(n, t)] => (n.clone(), t.clone()),
+                        _ => {
+                            let names: Vec<&str> = arrays.iter().map(|(n, _)| n.as_str()).collect();
+                            return Err(fail(format!(
+                                "no array named `inputs` among {names:?}; name the model input \
+                                 array `inputs` (batch first)"
+                            )));
+                        }
+                    }
+                }
+            };
             let inputs =
-                split_batch(&all).ok_or_else(|| fail("`inputs` has no batch axis".into()))?;
-            let labels = find("labels").and_then(|t| match t.data {
-                TensorData::I64(v) => Some(v),
-                TensorData::I32(v) => Some(v.into_iter().map(i64::from).collect()),
-                _ => None,
-            });
+                split_batch(&all).ok_or_else(|| fail(format!("`{name}` has no batch axis")))?;
+            let labels = match find("labels") {
+                Some(t) => Some(labels_of(&t).map_err(fail)?),
+                None => None,
+            };
+            if let Some(l) = &labels {
+                if l.len() != inputs.len() {
+                    return Err(fail(format!(
+                        "`labels` has {} entries but `{name}` has {} samples",
+                        l.len(),
+                        inputs.len()
+                    )));
+                }
+            }
             Ok(Dataset::Tensors { inputs, labels })
         }
         _ => {
@@ -79,6 +102,25 @@ pub fn load(path: &Path) -> Result<Dataset, DatasetError> {
             }
             Ok(Dataset::Lines(lines))
         }
+    }
+}
+
+/// Class indices from a `labels` array: integers, or floats that hold whole numbers.
+fn labels_of(t: &HostTensor) -> Result<Vec<i64>, String> {
+    match &t.data {
+        TensorData::I64(v) => Ok(v.clone()),
+        TensorData::I32(v) => Ok(v.iter().copied().map(i64::from).collect()),
+        TensorData::F32(v) => v
+            .iter()
+            .map(|&x| {
+                if x.fract() == 0.0 && x.abs() < 1e9 {
+                    Ok(x as i64)
+                } else {
+                    Err(format!("`labels` holds {x}, which is not a class index"))
+                }
+            })
+            .collect(),
+        TensorData::Bool(_) => Err("`labels` holds booleans, not class indices".into()),
     }
 }
 

@@ -7,7 +7,7 @@ use faer::{Mat, Side};
 
 use crate::calibrate::Calibration;
 use crate::ir::{Graph, Storage};
-use crate::quantize::INT4_GROUP;
+use crate::quantize::{group_scale, int4_group};
 use crate::spectrum::SpectrumError;
 use edgefold_runtime::ops::Op;
 
@@ -46,9 +46,9 @@ pub fn gptq_i4(
     for j in 0..k {
         if j % group == 0 {
             for r in 0..n {
-                let max =
-                    work[r * k + j..r * k + j + group].iter().fold(0f64, |m, v| m.max(v.abs()));
-                let s = half::f16::from_f64(if max > 0.0 { max / 7.0 } else { 1.0 });
+                let chunk: Vec<f32> =
+                    work[r * k + j..r * k + j + group].iter().map(|&v| v as f32).collect();
+                let s = group_scale(&chunk);
                 scales[r * (k / group) + j / group] = s.to_bits();
                 scale_f[r] = s.to_f64();
             }
@@ -88,7 +88,7 @@ pub fn quantize_linear_gptq(
             continue;
         };
         let (n, k) = (n.factor as usize, k.factor as usize);
-        if k % INT4_GROUP != 0 || jobs.iter().any(|&(v, ..)| v == w) {
+        if int4_group(k).is_none() || jobs.iter().any(|&(v, ..)| v == w) {
             continue;
         }
         if let Some(stats) = calibration.inputs.get(&graph.values[x].name) {
@@ -100,9 +100,10 @@ pub fn quantize_linear_gptq(
     for &(w, x, n, k) in &jobs {
         let data = graph.values[w].data.as_ref().and_then(Storage::as_f32).unwrap_or(&[]).to_vec();
         let gram = &calibration.inputs[&graph.values[x].name].gram;
-        let (packed, scales) = gptq_i4(&data, n, k, gram, INT4_GROUP)?;
+        let group = int4_group(k).unwrap_or(k);
+        let (packed, scales) = gptq_i4(&data, n, k, gram, group)?;
         let value = &mut graph.values[w];
-        value.data = Some(Storage::I4Grouped { packed, scales, group: INT4_GROUP });
+        value.data = Some(Storage::I4Grouped { packed, scales, group });
         value.dtype = edgefold_runtime::DType::I4;
     }
     Ok(jobs.len())

@@ -9,6 +9,7 @@ pub mod embed;
 pub mod exec;
 pub mod gptq;
 pub mod ir;
+pub mod metrics;
 pub mod npy;
 pub mod onnx;
 pub mod passes;

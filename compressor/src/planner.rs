@@ -12,7 +12,8 @@ use crate::embed::{choose_output, finish, input_for, EmbedError, OutputChoice};
 use crate::exec::{ExecError, PackedGraph};
 use crate::gptq::quantize_linear_gptq;
 use crate::ir::{Graph, Node, Storage, Value};
-use crate::quantize::{quantize, quantize_i4, Quantize, INT4_GROUP};
+use crate::metrics::{error_correlation, reconstruction_errors, top1_accuracy};
+use crate::quantize::{quantize, quantize_conv_int4, quantize_i4, Quantize, INT4_GROUP};
 use crate::spectrum::{break_even_rank, energy_rank, SpectrumError};
 use crate::tensor::HostTensor;
 use crate::text::{cosine, spearman, StsPair, TextEncoder};
@@ -30,6 +31,8 @@ pub enum PlanError {
     Embed(EmbedError),
     /// No candidate meets the goal.
     NoCandidate(String),
+    /// The evaluation data does not suit the task.
+    Data(String),
 }
 
 impl std::fmt::Display for PlanError {
@@ -38,7 +41,7 @@ impl std::fmt::Display for PlanError {
             PlanError::Exec(e) => write!(f, "{e}"),
             PlanError::Spectrum(e) => write!(f, "{e}"),
             PlanError::Embed(e) => write!(f, "{e}"),
-            PlanError::NoCandidate(m) => f.write_str(m),
+            PlanError::NoCandidate(m) | PlanError::Data(m) => f.write_str(m),
         }
     }
 }
@@ -83,6 +86,30 @@ pub enum Task {
         /// Held-apart inputs.
         samples: Vec<Vec<HostTensor>>,
     },
+    /// Top-1 accuracy of the first output against labels.
+    Accuracy {
+        /// Held-apart inputs.
+        samples: Vec<Vec<HostTensor>>,
+        /// One class index per sample.
+        labels: Vec<i64>,
+    },
+    /// Correlation of the autoencoder's reconstruction errors with the original's.
+    Anomaly {
+        /// Held-apart inputs.
+        samples: Vec<Vec<HostTensor>>,
+    },
+}
+
+impl Task {
+    /// The task's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::Sts { .. } => "sts",
+            Task::Raw { .. } => "raw",
+            Task::Accuracy { .. } => "accuracy",
+            Task::Anomaly { .. } => "anomaly",
+        }
+    }
 }
 
 /// One point of the search space.
@@ -133,8 +160,10 @@ pub struct Tried {
     pub scheme: Scheme,
     /// Packed size in bytes (without metadata).
     pub bytes: u64,
-    /// Quality as a fraction of the original's, when evaluated.
+    /// Quality as a fraction of the original's on the screening data, when evaluated.
     pub quality: Option<f64>,
+    /// Quality on all of the evaluation data, for candidates that passed the screen.
+    pub confirmed: Option<f64>,
 }
 
 /// The planner's decision and the evidence for it.
@@ -159,15 +188,27 @@ pub struct Evaluator {
     choice: Option<OutputChoice>,
     inputs: Vec<String>,
     reference: Vec<HostTensor>,
+    errors: Vec<f64>,
+    screen: usize,
+    screen_baseline: f64,
     baseline: f64,
 }
 
 impl Evaluator {
-    /// Prepares the task and scores the original graph.
+    /// Prepares the task and scores the original graph on all of the evaluation data.
     ///
     /// # Errors
     /// When the graph cannot run or has no usable output.
     pub fn new(original: &Graph, task: Task) -> Result<Self, PlanError> {
+        Self::with_screening(original, task, usize::MAX)
+    }
+
+    /// Like [`Evaluator::new`], but [`Evaluator::quality`] scores only the first `screen` pairs or
+    /// samples, a quick screen, while [`Evaluator::confirmed_quality`] scores all of them.
+    ///
+    /// # Errors
+    /// When the graph cannot run or has no usable output.
+    pub fn with_screening(original: &Graph, task: Task, screen: usize) -> Result<Self, PlanError> {
         let inputs = original.inputs.iter().map(|&v| original.values[v].name.clone()).collect();
         let choice = match &task {
             Task::Sts { output, .. } => {
@@ -185,29 +226,73 @@ impl Evaluator {
                     .collect();
                 Some(choose_output(&described, output.as_deref()).map_err(PlanError::Embed)?)
             }
-            Task::Raw { .. } => None,
+            Task::Raw { .. } | Task::Accuracy { .. } | Task::Anomaly { .. } => None,
         };
-        let mut evaluator =
-            Evaluator { task, choice, inputs, reference: Vec::new(), baseline: 1.0 };
+        let mut evaluator = Evaluator {
+            task,
+            choice,
+            inputs,
+            reference: Vec::new(),
+            errors: Vec::new(),
+            screen: screen.max(1),
+            screen_baseline: 1.0,
+            baseline: 1.0,
+        };
         let mut packed = PackedGraph::new(original)?;
-        if let Task::Raw { samples } = &evaluator.task {
-            let mut reference = Vec::new();
-            for s in samples {
-                reference.extend(packed.run(s)?);
+        match &evaluator.task {
+            Task::Raw { samples } => {
+                let mut reference = Vec::new();
+                for s in samples {
+                    reference.extend(packed.run(s)?);
+                }
+                evaluator.reference = reference;
             }
-            evaluator.reference = reference;
+            Task::Anomaly { samples } => {
+                if samples.len() < 2 {
+                    return Err(PlanError::Data(
+                        "the anomaly task correlates errors over samples; give at least 2".into(),
+                    ));
+                }
+                evaluator.errors = reconstruction_errors_of(&mut packed, samples)?;
+            }
+            Task::Sts { .. } | Task::Accuracy { .. } => {}
         }
-        evaluator.baseline = evaluator.metric(&mut packed)?;
-        log::info!("original scores {:.4} on the evaluation data", evaluator.baseline);
+        evaluator.baseline = evaluator.metric(&mut packed, usize::MAX)?;
+        evaluator.screen_baseline = match evaluator.screens() {
+            true => evaluator.metric(&mut packed, evaluator.screen)?,
+            false => evaluator.baseline,
+        };
+        log::info!(
+            "original scores {:.4} on the evaluation data ({:.4} on the screening part)",
+            evaluator.baseline,
+            evaluator.screen_baseline
+        );
         Ok(evaluator)
     }
 
-    /// Returns the original's metric on the evaluation data.
+    /// Returns the original's metric on all of the evaluation data.
     pub fn baseline(&self) -> f64 {
         self.baseline
     }
 
-    fn metric(&self, packed: &mut PackedGraph) -> Result<f64, PlanError> {
+    /// Pairs or samples of the evaluation data.
+    fn len(&self) -> usize {
+        match &self.task {
+            Task::Sts { pairs, .. } => pairs.len(),
+            Task::Raw { samples } | Task::Accuracy { samples, .. } | Task::Anomaly { samples } => {
+                samples.len()
+            }
+        }
+    }
+
+    /// Whether screening uses less than all of the evaluation data.
+    fn screens(&self) -> bool {
+        self.screen < self.len()
+    }
+
+    /// The metric on the first `limit` pairs or samples.
+    fn metric(&self, packed: &mut PackedGraph, limit: usize) -> Result<f64, PlanError> {
+        let n = limit.min(self.len());
         match &self.task {
             Task::Sts { encoder, pairs, .. } => {
                 let choice = self.choice.expect("set for text tasks");
@@ -228,7 +313,7 @@ impl Evaluator {
                     Ok(finish(t.as_f32().unwrap_or(&[]), dim, choice.pooled, &e.attention_mask))
                 };
                 let (mut gold, mut sims) = (Vec::new(), Vec::new());
-                for p in pairs {
+                for p in &pairs[..n] {
                     let (a, b) = (embed(&p.sentence1)?, embed(&p.sentence2)?);
                     gold.push(p.score);
                     sims.push(cosine(&a, &b));
@@ -239,7 +324,7 @@ impl Evaluator {
                 let mut total = 0.0;
                 let mut count = 0usize;
                 let mut r = self.reference.iter();
-                for s in samples {
+                for s in &samples[..n] {
                     for out in packed.run(s)? {
                         let reference = r.next().and_then(HostTensor::as_f32);
                         if let (Some(a), Some(b)) = (out.as_f32(), reference) {
@@ -250,17 +335,57 @@ impl Evaluator {
                 }
                 Ok(total / count.max(1) as f64)
             }
+            Task::Accuracy { samples, labels } => {
+                let mut outputs = Vec::with_capacity(n);
+                for s in &samples[..n] {
+                    outputs.push(packed.run(s)?);
+                }
+                let scores: Vec<&[f32]> = outputs
+                    .iter()
+                    .map(|o| o.first().and_then(HostTensor::as_f32).unwrap_or(&[]))
+                    .collect();
+                Ok(top1_accuracy(&scores, &labels[..n]))
+            }
+            Task::Anomaly { samples } => {
+                let errors = reconstruction_errors_of(packed, &samples[..n.max(2)])?;
+                Ok(error_correlation(&self.errors[..errors.len()], &errors))
+            }
         }
     }
 
-    /// Quality of `graph` as a fraction of the original's.
+    /// Quality of `graph` as a fraction of the original's, on the screening part of the data.
     ///
     /// # Errors
     /// When the graph cannot run.
     pub fn quality(&self, graph: &Graph) -> Result<f64, PlanError> {
         let mut packed = PackedGraph::new(graph)?;
-        Ok(self.metric(&mut packed)? / self.baseline)
+        Ok(self.metric(&mut packed, self.screen)? / self.screen_baseline)
     }
+
+    /// Quality of `graph` as a fraction of the original's on all of the evaluation data;
+    /// `screened` is its [`Evaluator::quality`], reused when screening covers all the data.
+    ///
+    /// # Errors
+    /// When the graph cannot run.
+    pub fn confirmed_quality(&self, graph: &Graph, screened: f64) -> Result<f64, PlanError> {
+        if !self.screens() {
+            return Ok(screened);
+        }
+        let mut packed = PackedGraph::new(graph)?;
+        Ok(self.metric(&mut packed, usize::MAX)? / self.baseline)
+    }
+}
+
+/// Reconstruction error of every sample.
+fn reconstruction_errors_of(
+    packed: &mut PackedGraph,
+    samples: &[Vec<HostTensor>],
+) -> Result<Vec<f64>, PlanError> {
+    let mut outputs = Vec::with_capacity(samples.len());
+    for s in samples {
+        outputs.push(packed.run(s)?);
+    }
+    reconstruction_errors(samples, &outputs).map_err(PlanError::Data)
 }
 
 /// Removes the blocks with these layer indices.
@@ -504,8 +629,11 @@ impl Stage {
         if scheme.tables == Quantize::Int4 {
             quantize_tables_int4(&mut g);
         }
-        if scheme.linear == Quantize::Int4 && error_feedback {
-            quantize_linear_gptq(&mut g, calib)?;
+        if scheme.linear == Quantize::Int4 {
+            if error_feedback {
+                quantize_linear_gptq(&mut g, calib)?;
+            }
+            quantize_conv_int4(&mut g);
         }
         quantize(&mut g, scheme.linear);
         Ok(g)
@@ -561,7 +689,7 @@ pub fn plan(
         let g = stage.build(base, calibration, &drop_order, scheme, false)?;
         let bytes = packed_size(&g)? + extra_bytes;
         progress(&format!("sized {scheme}: {bytes} bytes"));
-        sized.push(Tried { scheme: *scheme, bytes, quality: None });
+        sized.push(Tried { scheme: *scheme, bytes, quality: None, confirmed: None });
     }
     sized.sort_by(|a, b| {
         a.bytes.cmp(&b.bytes).then_with(|| format!("{}", a.scheme).cmp(&format!("{}", b.scheme)))
@@ -586,8 +714,19 @@ pub fn plan(
                 tried.quality = Some(quality);
                 progress(&format!("{}: {} bytes, quality {quality:.4}", tried.scheme, tried.bytes));
                 if quality >= q {
-                    chosen = Some((i, g, quality));
-                    break;
+                    // Passed the screen: confirm on all of the evaluation data.
+                    let confirmed = evaluator.confirmed_quality(&g, quality)?;
+                    tried.confirmed = Some(confirmed);
+                    progress(&format!("{}: confirmed quality {confirmed:.4}", tried.scheme));
+                    if confirmed >= q {
+                        chosen = Some((i, g, confirmed));
+                        break;
+                    }
+                    log::info!(
+                        "{} passed the screen ({quality:.4}) but not the full evaluation \
+                         ({confirmed:.4})",
+                        tried.scheme
+                    );
                 }
                 failed.push(tried.scheme);
             }
@@ -606,6 +745,11 @@ pub fn plan(
                 }
             }
         }
+    }
+    if let (Goal::TargetSize(_), Some((i, g, quality))) = (goal, chosen.as_mut()) {
+        let confirmed = evaluator.confirmed_quality(g, *quality)?;
+        sized[*i].confirmed = Some(confirmed);
+        *quality = confirmed;
     }
     let Some((i, graph, quality)) = chosen else {
         return Err(PlanError::NoCandidate(match goal {

@@ -226,7 +226,7 @@ fn kws_f16_and_int4_modes_run() {
     let (graph, file) = compress(&model, Quantize::F16);
     let f16_weights =
         graph.values.iter().filter(|v| matches!(v.data, Some(Storage::F16(_)))).count();
-    assert_eq!(f16_weights, 10, "nine convolution weights and the classifier's");
+    assert_eq!(f16_weights, 19, "nine convolution weights and biases, and the classifier's");
     let ours = run(&file, std::slice::from_ref(&input));
     let diff = max_abs_diff(&ours[0], &theirs[0]);
     assert!(diff < 1e-2, "f16: max abs difference {diff} between the runtime and tract");

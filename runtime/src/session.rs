@@ -427,7 +427,12 @@ impl<'m, 'a> Session<'m, 'a> {
         let bias = match rec.input_count() > 2 && !is_absent(rec.input(2)) {
             true => {
                 let b = model.tensor(rec.input(2))?;
-                Some(self.typed::<f32>(&b, geometry.out_channels, op)?)
+                Some(match b.dtype {
+                    DType::F16 => {
+                        conv::Bias::F16(self.typed::<u16>(&b, geometry.out_channels, op)?)
+                    }
+                    _ => conv::Bias::F32(self.typed::<f32>(&b, geometry.out_channels, op)?),
+                })
             }
             false => None,
         };
@@ -442,6 +447,15 @@ impl<'m, 'a> Session<'m, 'a> {
                     q: cast(model.const_bytes(&w)).ok_or(bad)?,
                     scales: cast(scales).ok_or(bad)?,
                 }
+            }
+            (DType::I4, Quant::Grouped) => {
+                let scales = model.const_bytes(&model.tensor(w.scale_tensor)?);
+                ConvWeights::I4(k::I4Rows {
+                    packed: model.const_bytes(&w),
+                    scales: cast(scales).ok_or(bad)?,
+                    k: w.dims[1].factor as usize,
+                    group: w.group_size as usize,
+                })
             }
             _ => return Err(bad),
         };

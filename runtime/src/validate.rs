@@ -316,7 +316,10 @@ fn check_conv2d(
     ensure(w.kind == TensorKind::Const && w.rank == 2, "convolution weight must be a constant")?;
     let weight_ok = matches!(
         (w.dtype, w.quant),
-        (DType::F32, Quant::None) | (DType::F16, Quant::None) | (DType::I8, Quant::PerRow)
+        (DType::F32, Quant::None)
+            | (DType::F16, Quant::None)
+            | (DType::I8, Quant::PerRow)
+            | (DType::I4, Quant::Grouped)
     );
     ensure(weight_ok, "unsupported convolution weight storage")?;
     let taps = (channels / groups)
@@ -327,7 +330,8 @@ fn check_conv2d(
     ensure(taps.is_some() && row == taps, "weight row length differs from C / groups * kh * kw")?;
     if let Some(b) = bias {
         let n = Dim::constant(outputs as u32);
-        ensure(b.dtype == DType::F32 && b.shape() == [n], "bias must be f32 [O]")?;
+        let dtype_ok = matches!(b.dtype, DType::F32 | DType::F16);
+        ensure(dtype_ok && b.shape() == [n], "bias must be f32 or f16 [O]")?;
     }
     check_window(index, window, &x.dims[2..4], &out.dims[2..4], false)
 }

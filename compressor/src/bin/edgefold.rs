@@ -8,11 +8,14 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value as Json};
 
+use edgefold_compressor::datasets::{self, Dataset};
 use edgefold_compressor::embed::{PackedEmbedder, ReferenceEmbedder};
+use edgefold_compressor::exec::PackedGraph;
 use edgefold_compressor::npy::{read_npy, write_npy};
 use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::{compress, load_graph, CompressOptions};
 use edgefold_compressor::quantize::{LowRank, Quantize};
+use edgefold_compressor::reference::ReferenceModel;
 use edgefold_compressor::spectrum::summarize;
 use edgefold_compressor::tensor::{HostTensor, TensorData};
 use edgefold_compressor::text::{cosine, read_sts, spearman, TextEncoder};
@@ -135,7 +138,9 @@ struct CompressArgs {
     /// percentage of the input file such as 20%.
     #[arg(long)]
     target_size: Option<String>,
-    /// Planner metric: sts (Spearman of embedding similarities) or raw (cosine of outputs).
+    /// Planner metric: sts (Spearman of embedding similarities), raw (cosine of outputs),
+    /// accuracy (top-1 against the `labels` of an .npz) or anomaly (correlation of autoencoder
+    /// reconstruction errors with the original's).
     #[arg(long, default_value = "sts")]
     task: String,
     /// Calibration data for the planner: .csv (STS pairs), .txt (sentences) or .npz (inputs).
@@ -147,7 +152,8 @@ struct CompressArgs {
     /// Calibration samples used.
     #[arg(long, default_value_t = 256)]
     samples: usize,
-    /// Evaluation pairs or samples used by the planner.
+    /// Evaluation pairs or samples that screen candidates; a candidate that passes is confirmed
+    /// on all of the evaluation data.
     #[arg(long, default_value_t = 300)]
     eval_samples: usize,
     /// Write the planner's report (report.json and a size-against-quality plot) into this directory.
@@ -189,13 +195,17 @@ struct EvalArgs {
     original: PathBuf,
     /// The packed file.
     file: PathBuf,
-    /// Metric: sts (Spearman correlation of cosine similarities with gold scores).
+    /// Metric: sts (Spearman correlation of cosine similarities with gold scores), raw (cosine
+    /// and largest difference of every output against the original's), accuracy (top-1 of the
+    /// first output against `labels`) or anomaly (correlation of reconstruction errors with the
+    /// original's).
     #[arg(long)]
     task: String,
-    /// Evaluation data (for sts: an STS Benchmark .csv file).
+    /// Evaluation data: an STS Benchmark .csv file for sts, an .npz with `inputs` (batch first,
+    /// and `labels` for accuracy) for the others.
     #[arg(long)]
     data: PathBuf,
-    /// Evaluate only the first N pairs.
+    /// Evaluate only the first N pairs or samples.
     #[arg(long)]
     limit: Option<usize>,
     /// Tokenizer to use instead of the one embedded in the file.
@@ -210,6 +220,13 @@ struct EvalArgs {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, which turns a closed pipe (`edgefold inspect F | head`) into a panic on
+    // the next print; the default action ends the process quietly, as other Unix tools do.
+    #[cfg(unix)]
+    // SAFETY: `signal` with SIG_DFL installs no handler; it runs before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",
@@ -858,8 +875,10 @@ fn cmd_embed(
 }
 
 fn cmd_eval(args: EvalArgs) -> Result<()> {
-    if args.task != "sts" {
-        bail!("--task {} is not supported yet; supported: sts", args.task);
+    match args.task.as_str() {
+        "sts" => {}
+        "raw" | "accuracy" | "anomaly" => return eval_tensors(&args),
+        other => bail!("--task {other} is not known; use sts, raw, accuracy or anomaly"),
     }
     let mut pairs = read_sts(&args.data)?;
     if let Some(limit) = args.limit {
@@ -927,6 +946,127 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         println!("STS Spearman over {} pairs: original {original:.4}, compressed {compressed:.4}, retained {:.2} %", pairs.len(), 100.0 * retained);
         println!(
             "embedding cosine to the original: mean {mean_agreement:.5}, min {min_agreement:.5}"
+        );
+        println!(
+            "size: {} -> {} ({:.1} %)",
+            human_bytes(original_bytes),
+            human_bytes(packed_bytes),
+            100.0 * packed_bytes as f64 / original_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+/// `edgefold eval` for the tasks scored on tensor outputs: the original ONNX model runs through
+/// tract, the packed file through the runtime, on the same samples.
+fn eval_tensors(args: &EvalArgs) -> Result<()> {
+    use edgefold_compressor::metrics::{error_correlation, reconstruction_errors, top1_accuracy};
+
+    let Dataset::Tensors { mut inputs, labels } = datasets::load(&args.data)? else {
+        bail!("--task {} needs an .npz file with an `inputs` array as --data", args.task);
+    };
+    if let Some(limit) = args.limit {
+        inputs.truncate(limit);
+    }
+    if inputs.is_empty() {
+        bail!("{} has no samples", args.data.display());
+    }
+    let samples: Vec<Vec<HostTensor>> = inputs.into_iter().map(|t| vec![t]).collect();
+    let reference = ReferenceModel::load(&args.original)
+        .with_context(|| format!("cannot load {}", args.original.display()))?;
+    let bytes = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let mut packed = PackedGraph::from_bytes(&bytes)
+        .with_context(|| format!("{} is not a valid packed file", args.file.display()))?;
+    let bar = ProgressBar::new(samples.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}").expect("valid template"),
+    );
+    bar.set_message(args.task.clone());
+    let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+    let (mut t_ours, mut t_theirs) = (0f64, 0f64);
+    for (i, s) in samples.iter().enumerate() {
+        let t = Instant::now();
+        theirs.push(reference.run(s).with_context(|| format!("tract fails on sample {i}"))?);
+        t_theirs += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        ours.push(packed.run(s).with_context(|| format!("the runtime fails on sample {i}"))?);
+        t_ours += t.elapsed().as_secs_f64();
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let (mut cos_sum, mut cos_min, mut max_abs, mut count) = (0f64, f64::INFINITY, 0f64, 0usize);
+    for (a, b) in ours.iter().zip(&theirs) {
+        for (x, y) in a.iter().zip(b) {
+            if let (Some(x), Some(y)) = (x.as_f32(), y.as_f32()) {
+                let c = cosine(x, y);
+                cos_sum += c;
+                cos_min = cos_min.min(c);
+                count += 1;
+                for (p, q) in x.iter().zip(y) {
+                    max_abs = max_abs.max((p - q).abs() as f64);
+                }
+            }
+        }
+    }
+    let cos_mean = cos_sum / count.max(1) as f64;
+    let first = |outs: &[Vec<HostTensor>]| -> Vec<Vec<f32>> {
+        outs.iter()
+            .map(|o| o.first().and_then(HostTensor::as_f32).unwrap_or(&[]).to_vec())
+            .collect()
+    };
+    let (original, compressed, unit) = match args.task.as_str() {
+        "accuracy" => {
+            let labels = labels.with_context(|| {
+                format!("{} has no `labels` array for --task accuracy", args.data.display())
+            })?;
+            let labels = &labels[..samples.len()];
+            let (a, b) = (first(&theirs), first(&ours));
+            let score = |v: &[Vec<f32>]| {
+                top1_accuracy(&v.iter().map(Vec::as_slice).collect::<Vec<_>>(), labels)
+            };
+            (score(&a), score(&b), "top-1 accuracy")
+        }
+        "anomaly" => {
+            if samples.len() < 2 {
+                bail!("--task anomaly correlates errors over samples; give at least 2");
+            }
+            let e_theirs = reconstruction_errors(&samples, &theirs).map_err(anyhow::Error::msg)?;
+            let e_ours = reconstruction_errors(&samples, &ours).map_err(anyhow::Error::msg)?;
+            log::debug!("reconstruction errors: original {e_theirs:?}, compressed {e_ours:?}");
+            (1.0, error_correlation(&e_theirs, &e_ours), "reconstruction error correlation")
+        }
+        _ => (1.0, cos_mean, "mean output cosine"),
+    };
+    let retained = if original != 0.0 { compressed / original } else { f64::NAN };
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (original_bytes, packed_bytes) = (size(&args.original), size(&args.file));
+    if args.json {
+        print_json(&json!({
+            "task": args.task,
+            "samples": samples.len(),
+            "original": original,
+            "compressed": compressed,
+            "retained": retained,
+            "output_cosine_mean": cos_mean,
+            "output_cosine_min": cos_min,
+            "output_max_abs_diff": max_abs,
+            "original_bytes": original_bytes,
+            "compressed_bytes": packed_bytes,
+            "size_ratio": packed_bytes as f64 / original_bytes.max(1) as f64,
+            "seconds_original": t_theirs,
+            "seconds_compressed": t_ours,
+        }));
+    } else {
+        println!(
+            "{unit} over {} samples: original {original:.4}, compressed {compressed:.4}, \
+             retained {:.2} %",
+            samples.len(),
+            100.0 * retained
+        );
+        println!(
+            "outputs against the original: cosine mean {cos_mean:.5}, min {cos_min:.5}, \
+             largest difference {max_abs:.3e}"
         );
         println!(
             "size: {} -> {} ({:.1} %)",
@@ -1134,37 +1274,39 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     );
 
     let task = match (args.task.as_str(), held_apart) {
-        ("sts", Dataset::Pairs(mut pairs)) => {
-            pairs.truncate(args.eval_samples);
+        ("sts", Dataset::Pairs(pairs)) => {
             let encoder =
                 encoder.take().context("--task sts needs a tokenizer: pass --tokenizer")?;
             Task::Sts { encoder, pairs, output: None }
         }
         ("sts", _) => bail!("--task sts needs STS pairs (.csv) as evaluation data"),
-        ("raw", Dataset::Tensors { inputs, .. }) => Task::Raw {
-            samples: inputs.into_iter().take(args.eval_samples).map(|t| vec![t]).collect(),
-        },
+        ("raw", Dataset::Tensors { inputs, .. }) => {
+            Task::Raw { samples: inputs.into_iter().map(|t| vec![t]).collect() }
+        }
         ("raw", text) => {
             let encoder = encoder.as_ref().context("text evaluation data needs a tokenizer")?;
-            let mut sentences = datasets::sentences(&text);
-            sentences.truncate(args.eval_samples);
+            let sentences = datasets::sentences(&text);
             Task::Raw {
                 samples: datasets::text_samples(encoder, &input_names, &sentences)
                     .map_err(anyhow::Error::msg)?,
             }
         }
-        (other, _) => bail!("--task {other} is not supported by the planner; use sts or raw"),
+        ("accuracy", Dataset::Tensors { inputs, labels: Some(labels) }) => {
+            Task::Accuracy { samples: inputs.into_iter().map(|t| vec![t]).collect(), labels }
+        }
+        ("accuracy", _) => {
+            bail!("--task accuracy needs an .npz with `inputs` and `labels` as evaluation data")
+        }
+        ("anomaly", Dataset::Tensors { inputs, .. }) => {
+            Task::Anomaly { samples: inputs.into_iter().map(|t| vec![t]).collect() }
+        }
+        ("anomaly", _) => bail!("--task anomaly needs an .npz with `inputs` as evaluation data"),
+        (other, _) => bail!(
+            "--task {other} is not supported by the planner; use sts, raw, accuracy or anomaly"
+        ),
     };
     let spinner = spinner("evaluating the original");
-    let evaluator = Evaluator::new(&graph, task)?;
-    let tokenizer_bytes =
-        tokenizer_path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len());
-    let outcome = plan(&graph, &calibration, &evaluator, goal, tokenizer_bytes + 4096, |m| {
-        spinner.set_message(m.to_owned());
-        log::debug!("{m}");
-    })?;
-    spinner.finish_and_clear();
-
+    let evaluator = Evaluator::with_screening(&graph, task, args.eval_samples)?;
     // Pack the chosen graph with the same metadata as a fixed-settings compression.
     let options = CompressOptions {
         quantize: Quantize::Int8,
@@ -1172,6 +1314,20 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         import,
         tokenizer: tokenizer_path.clone(),
     };
+    // Metadata (tokenizer, provenance, settings) costs the same in every candidate; it is
+    // measured once with the longest settings text so that no candidate's size is understated.
+    let longest = "drop 99, linear int4, tables int4, low-rank 0.99";
+    let with_metadata =
+        edgefold_compressor::pipeline::pack_graph(&args.model, &graph, &options, longest)?.len();
+    let arena = edgefold_compressor::plan::plan_arena(&graph);
+    let bare = edgefold_compressor::writer::pack(&graph, &arena, &[])?.len();
+    let metadata_bytes = with_metadata.saturating_sub(bare) as u64;
+    let outcome = plan(&graph, &calibration, &evaluator, goal, metadata_bytes, |m| {
+        spinner.set_message(m.to_owned());
+        log::debug!("{m}");
+    })?;
+    spinner.finish_and_clear();
+
     let bytes = edgefold_compressor::pipeline::pack_graph(
         &args.model,
         &outcome.graph,
@@ -1191,7 +1347,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         "quality": outcome.quality,
         "baseline_metric": outcome.baseline,
         "drop_order": outcome.drop_order.iter().map(|(b, q)| json!({"block": b, "quality": q})).collect::<Vec<_>>(),
-        "candidates": outcome.tried.iter().map(|t| json!({"scheme": format!("{}", t.scheme), "bytes": t.bytes, "quality": t.quality})).collect::<Vec<_>>(),
+        "candidates": outcome.tried.iter().map(|t| json!({"scheme": format!("{}", t.scheme), "bytes": t.bytes, "quality": t.quality, "confirmed": t.confirmed})).collect::<Vec<_>>(),
         "seconds": seconds,
     });
     if let Some(dir) = &args.report {

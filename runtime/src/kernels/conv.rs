@@ -43,6 +43,28 @@ pub enum ConvWeights<'a> {
         /// One scale per row.
         scales: &'a [f32],
     },
+    /// Int4 values in groups along each row with one f16 scale per group.
+    I4(super::generic::I4Rows<'a>),
+}
+
+/// Convolution bias, one value per output channel.
+#[derive(Clone, Copy, Debug)]
+pub enum Bias<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// IEEE binary16 bits, widened to f32 exactly.
+    F16(&'a [u16]),
+}
+
+impl Bias<'_> {
+    /// The bias of output channel `o`.
+    #[inline]
+    fn at(&self, o: usize) -> f32 {
+        match self {
+            Bias::F32(b) => b[o],
+            Bias::F16(b) => half::f16::from_bits(b[o]).to_f32(),
+        }
+    }
 }
 
 /// Per-tap access to weights, monomorphized per storage type.
@@ -54,6 +76,7 @@ trait Taps {
 struct F32Taps<'a>(&'a [f32]);
 struct F16Taps<'a>(&'a [u16]);
 struct I8Taps<'a>(&'a [i8], &'a [f32]);
+struct I4Taps<'a>(super::generic::I4Rows<'a>);
 
 impl Taps for F32Taps<'_> {
     #[inline]
@@ -76,6 +99,17 @@ impl Taps for I8Taps<'_> {
     }
 }
 
+impl Taps for I4Taps<'_> {
+    #[inline]
+    fn tap(&self, row: usize, index: usize, _row_len: usize) -> f32 {
+        let w = &self.0;
+        let byte = w.packed[row * w.k.div_ceil(2) + index / 2];
+        let nibble = if index.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+        let q = ((nibble as i8) << 4) >> 4;
+        q as f32 * half::f16::from_bits(w.scales[row * (w.k / w.group) + index / w.group]).to_f32()
+    }
+}
+
 /// 2-D convolution: `y[n, o] = clamp(bias[o] + Σ w[o, ci, ky, kx] * x[n, g * C/groups + ci, ..])`
 /// over the taps that fall inside the input, with `g` the group of output channel `o`.
 ///
@@ -85,7 +119,7 @@ pub fn conv2d_nchw_f32(
     geometry: &Geometry,
     groups: usize,
     weights: ConvWeights<'_>,
-    bias: Option<&[f32]>,
+    bias: Option<Bias<'_>>,
     activation: [f32; 2],
     y: &mut [f32],
 ) {
@@ -95,6 +129,7 @@ pub fn conv2d_nchw_f32(
         ConvWeights::I8 { q, scales } => {
             conv2d(x, geometry, groups, &I8Taps(q, scales), bias, activation, y)
         }
+        ConvWeights::I4(rows) => conv2d(x, geometry, groups, &I4Taps(rows), bias, activation, y),
     }
 }
 
@@ -103,7 +138,7 @@ fn conv2d<T: Taps>(
     g: &Geometry,
     groups: usize,
     taps: &T,
-    bias: Option<&[f32]>,
+    bias: Option<Bias<'_>>,
     activation: [f32; 2],
     y: &mut [f32],
 ) {
@@ -149,7 +184,7 @@ fn conv2d<T: Taps>(
                     }
                 }
             }
-            let b = bias.map_or(0.0, |b| b[o]);
+            let b = bias.map_or(0.0, |b| b.at(o));
             for v in dst.iter_mut() {
                 *v = clamp(*v + b, activation);
             }
@@ -451,7 +486,15 @@ mod tests {
             let bias = random(c.outputs, seed as u64 + 200);
             let mut y = vec![f32::NAN; c.batch * c.outputs * g.out_size[0] * g.out_size[1]];
             let act = [f32::NEG_INFINITY, f32::INFINITY];
-            conv2d_nchw_f32(&x, &g, c.groups, ConvWeights::F32(&w), Some(&bias), act, &mut y);
+            conv2d_nchw_f32(
+                &x,
+                &g,
+                c.groups,
+                ConvWeights::F32(&w),
+                Some(Bias::F32(&bias)),
+                act,
+                &mut y,
+            );
             assert_close(&y, &reference_conv(&c, &x, &w, &bias, act), 1e-5, name);
         }
     }
@@ -488,16 +531,87 @@ mod tests {
             let expected = reference_conv(&c, &x, &dequantized, &bias, act);
             let mut y = vec![f32::NAN; expected.len()];
             let weights = ConvWeights::I8 { q: &q, scales: &scales };
-            conv2d_nchw_f32(&x, &g, c.groups, weights, Some(&bias), act, &mut y);
+            conv2d_nchw_f32(&x, &g, c.groups, weights, Some(Bias::F32(&bias)), act, &mut y);
             assert_close(&y, &expected, 1e-5, name);
 
             let bits: Vec<u16> = raw.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
             let widened: Vec<f32> =
                 bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
             let expected = reference_conv(&c, &x, &widened, &bias, act);
-            conv2d_nchw_f32(&x, &g, c.groups, ConvWeights::F16(&bits), Some(&bias), act, &mut y);
+            conv2d_nchw_f32(
+                &x,
+                &g,
+                c.groups,
+                ConvWeights::F16(&bits),
+                Some(Bias::F32(&bias)),
+                act,
+                &mut y,
+            );
             assert_close(&y, &expected, 1e-5, name);
         }
+    }
+
+    #[test]
+    fn conv2d_int4_weights_match_dequantized() {
+        let mut tested = 0;
+        for (seed, (name, c)) in conv_cases().into_iter().enumerate() {
+            let g = geometry(&c, false);
+            let row = c.channels / c.groups * (c.window.kernel[0] * c.window.kernel[1]) as usize;
+            // Groups are even and divide the row; odd rows cannot be grouped.
+            let Some(group) = (2..=8).rev().step_by(2).find(|d| row.is_multiple_of(*d)) else { continue };
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 500);
+            let q: Vec<i8> = random(c.outputs * row, seed as u64 + 600)
+                .iter()
+                .map(|v| ((v * 8.0) as i8).clamp(-8, 7))
+                .collect();
+            let groups_per_row = row / group;
+            let scales: Vec<u16> = (0..c.outputs * groups_per_row)
+                .map(|i| half::f16::from_f32(0.01 * (i % 7 + 1) as f32).to_bits())
+                .collect();
+            let row_bytes = row.div_ceil(2);
+            let mut packed = vec![0u8; c.outputs * row_bytes];
+            for (i, &v) in q.iter().enumerate() {
+                let (r, col) = (i / row, i % row);
+                let nibble = (v as u8) & 0x0F;
+                packed[r * row_bytes + col / 2] |= if col % 2 == 0 { nibble } else { nibble << 4 };
+            }
+            let dequantized: Vec<f32> = q
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let scale = scales[(i / row) * groups_per_row + (i % row) / group];
+                    v as f32 * half::f16::from_bits(scale).to_f32()
+                })
+                .collect();
+            let bias = vec![-0.25; c.outputs];
+            let act = [f32::NEG_INFINITY, f32::INFINITY];
+            let expected = reference_conv(&c, &x, &dequantized, &bias, act);
+            let mut y = vec![f32::NAN; expected.len()];
+            let rows =
+                super::super::generic::I4Rows { packed: &packed, scales: &scales, k: row, group };
+            conv2d_nchw_f32(
+                &x,
+                &g,
+                c.groups,
+                ConvWeights::I4(rows),
+                Some(Bias::F32(&bias)),
+                act,
+                &mut y,
+            );
+            assert_close(&y, &expected, 1e-5, name);
+
+            let bias_bits: Vec<u16> = (0..c.outputs)
+                .map(|o| half::f16::from_f32(0.3 - 0.1 * o as f32).to_bits())
+                .collect();
+            let widened: Vec<f32> =
+                bias_bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+            let expected = reference_conv(&c, &x, &dequantized, &widened, act);
+            let f16_bias = Some(Bias::F16(&bias_bits));
+            conv2d_nchw_f32(&x, &g, c.groups, ConvWeights::I4(rows), f16_bias, act, &mut y);
+            assert_close(&y, &expected, 1e-5, name);
+            tested += 1;
+        }
+        assert!(tested >= 3, "only {tested} cases have even rows");
     }
 
     /// Pooling straight from the definition.

@@ -73,7 +73,7 @@ impl WeightRows for I8Rows<'_> {
 }
 
 /// Int4 weights in groups along each row, two per byte (low nibble first), one f16 scale per group.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct I4Rows<'a> {
     /// Packed values; each row takes `k.div_ceil(2)` bytes.
     pub packed: &'a [u8],
