@@ -11,7 +11,7 @@ use super::consts::{
     broadcast_index, broadcast_shape, pick, rearrange, strides, transpose_index, ConstTensor,
     SymInt,
 };
-use super::proto::{attr, attr_float, attr_int, attr_ints, dtype_of, tensor};
+use super::proto::{attr, attr_float, attr_int, attr_ints, dtype_of, onnx_type, tensor, type_name};
 use super::{invalid, NodeError, NodeResult};
 
 /// Folds a node with constant inputs; `Ok(None)` when it must run at run time instead.
@@ -35,6 +35,10 @@ pub(crate) fn fold(
                 let t =
                     a.t.as_ref()
                         .ok_or(NodeError::Invalid("value attribute without a tensor".into()))?;
+                if dtype_of(t.data_type).is_none() {
+                    let name = type_name(t.data_type);
+                    return Err(NodeError::Unsupported(format!("a constant of type {name}")));
+                }
                 return one(tensor(t, model_dir).map_err(NodeError::Invalid)?);
             }
             if let Some(a) = attr(node, "value_float") {
@@ -60,7 +64,8 @@ pub(crate) fn fold(
                 "Constant without a value, value_float(s) or value_int(s)".into(),
             ))
         }
-        "Identity" | "Dropout" => Ok(Some(vec![input(0)?.clone()])),
+        // Dropout is lowered, which also handles its mask output and training mode.
+        "Identity" => Ok(Some(vec![input(0)?.clone()])),
         "Shape" => {
             let dims: Vec<SymInt> =
                 input(0)?.shape().iter().map(|&d| SymInt::Int(d as i64)).collect();
@@ -75,9 +80,10 @@ pub(crate) fn fold(
             })
         }
         "Cast" => {
-            let to = dtype_of(attr_int(node, "to", 1) as i32)
-                .ok_or(NodeError::Unsupported("cast to this element type".into()))?;
-            one(cast(input(0)?, to)?)
+            let code = attr_int(node, "to", 1) as i32;
+            let to = dtype_of(code)
+                .ok_or_else(|| NodeError::Unsupported(format!("cast to {}", type_name(code))))?;
+            one(round_to_type(cast(input(0)?, to)?, code))
         }
         "Gather" => {
             let data = input(0)?;
@@ -98,7 +104,7 @@ pub(crate) fn fold(
                     reshape_target(data.shape(), &spec, attr_int(node, "allowzero", 0) != 0)?
                 }
                 "Flatten" => {
-                    let axis = norm_axis(attr_int(node, "axis", 1), data.shape().len() + 1)?;
+                    let axis = flatten_axis(attr_int(node, "axis", 1), data.shape().len())?;
                     let s = data.shape();
                     vec![s[..axis].iter().product(), s[axis..].iter().product()]
                 }
@@ -207,10 +213,19 @@ pub(crate) fn fold(
                 _ => invalid("where branches have different element types"),
             }
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Equal" | "Less" | "Greater"
-        | "And" | "Or" | "Mod" => {
-            binary(&node.op_type, input(0)?, input(1)?).map(|t| t.map(|t| vec![t]))
+        "Max" | "Min" => {
+            let mut present = inputs.iter().flatten();
+            let mut acc = (*present.next().ok_or(NodeError::Invalid("no inputs".into()))?).clone();
+            for next in present {
+                match binary(&node.op_type, &acc, next)? {
+                    Some(t) => acc = t,
+                    None => return Ok(None),
+                }
+            }
+            one(acc)
         }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "And" | "Or"
+        | "Mod" => binary(&node.op_type, input(0)?, input(1)?).map(|t| t.map(|t| vec![t])),
         "Not" => {
             let v = input(0)?.known_ints().ok_or(NodeError::Unsupported("symbolic Not".into()))?;
             one(ConstTensor::Int {
@@ -310,6 +325,16 @@ pub(crate) fn norm_axis(axis: i64, rank: usize) -> NodeResult<usize> {
     Ok(a as usize)
 }
 
+/// The axis of a Flatten node on an input of rank `rank`: in `0..=rank`, negative values
+/// counting from `rank`.
+pub(crate) fn flatten_axis(axis: i64, rank: usize) -> NodeResult<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 0 || a as usize > rank {
+        return invalid(format!("flatten axis {axis} out of range for rank {rank}"));
+    }
+    Ok(a as usize)
+}
+
 /// Axes from the attribute (before `input_from`) or the second input.
 pub(crate) fn axes_of(
     node: &NodeProto,
@@ -400,6 +425,22 @@ pub(crate) fn reshape_target(
         return invalid(format!("reshape from {input:?} to {out:?} changes the element count"));
     }
     Ok(out)
+}
+
+/// Rounds f32 values to the precision of ONNX type `code` when it is float16 or bfloat16, which
+/// the importer stores as f32.
+fn round_to_type(t: ConstTensor, code: i32) -> ConstTensor {
+    let round: fn(f32) -> f32 = match code {
+        onnx_type::FLOAT16 => |v| half::f16::from_f32(v).to_f32(),
+        onnx_type::BFLOAT16 => |v| half::bf16::from_f32(v).to_f32(),
+        _ => return t,
+    };
+    match t {
+        ConstTensor::F32 { shape, data } => {
+            ConstTensor::F32 { shape, data: data.into_iter().map(round).collect() }
+        }
+        other => other,
+    }
 }
 
 fn cast(t: &ConstTensor, to: DType) -> NodeResult<ConstTensor> {
