@@ -68,7 +68,7 @@ main() {
         shift
     fi
     local out="${1:-$root/target/onnx-node}"
-    command -v python3 > /dev/null || die "python3 not found; it runs the onnx package"
+    command -v python3 > /dev/null || die "python3 not found, and the onnx package needs it"
 
     if [[ $force == 0 && -f $out/MANIFEST ]]; then
         info "$out is present ($(grep -m1 '^onnx ' "$out/MANIFEST"))"
@@ -76,7 +76,9 @@ main() {
     fi
     local python
     python="$(find_python)"
-    info "writing the node tests with $("$python" -c 'import onnx; print("onnx", onnx.__version__)')"
+    local version
+    version="$("$python" -c 'import onnx; print(onnx.__version__)')"
+    info "writing the node tests with onnx $version"
     "$python" -W ignore "$root/scripts/onnx_node_tests.py" "$out"
 }
 

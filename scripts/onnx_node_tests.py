@@ -1,9 +1,9 @@
 """Write the ONNX backend node test cases to disk.
 
-The `onnx` package defines its node tests in Python (onnx/backend/test/case/node): each case is a
-model with one node, or the node's function body expanded into several nodes, plus one set of
-inputs and expected outputs computed by the package's NumPy reference. This script runs those
-definitions and writes every case in the layout the ONNX test runners read:
+The `onnx` package defines its node tests in Python, in onnx/backend/test/case/node. Each case is
+a model with one node, or with the node's function body expanded into several nodes. It comes with
+one set of inputs and the expected outputs of the package's NumPy reference. This script runs
+those definitions and writes every case in the layout the ONNX test runners read:
 
     OUT/<test name>/model.onnx
     OUT/<test name>/test_data_set_0/input_<i>.pb, output_<i>.pb
@@ -27,8 +27,8 @@ import onnx
 from onnx import numpy_helper
 from onnx.backend.test.loader import load_node_model_tests
 
-# The case definitions draw their inputs from np.random; a fixed seed makes the written data the
-# same on every run of the same onnx and NumPy versions.
+# The case definitions draw their inputs from np.random, so a fixed seed makes the written data the
+# same on every run with the same onnx and NumPy versions.
 SEED = 0
 
 

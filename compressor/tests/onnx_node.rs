@@ -5,8 +5,9 @@
 //! with `model.onnx` and `test_data_set_0/{input,output}_N.pb`). Every test whose op types are
 //! all in the importer's [`SUPPORTED`] list is compressed as `edgefold compress --quantize f32`
 //! does, packed, opened with the runtime, run on its inputs and compared with its expected
-//! outputs: floats within `|actual - expected| <= 1e-5 + 1e-3 * |expected|`, integers and booleans
-//! exactly. Each test ends up in one of four classes:
+//! outputs. Floats must be within `|actual - expected| <= 1e-5 + rtol * |expected|`, with rtol
+//! 1e-3 (1/64 for bfloat16 outputs, as in the ONNX backend runner). Integers and booleans must be
+//! equal. Each test ends up in one of four classes:
 //!
 //! - passed;
 //! - failed: a wrong shape or value, or an import, packing, open or run error (panics included);
@@ -14,16 +15,19 @@
 //!   and names the reason, such as an element type or attribute it does not handle;
 //! - unsupported: the test uses an op type outside [`SUPPORTED`].
 //!
-//! The test fails when any test is failed. Environment variables: `EDGEFOLD_ONNX_NODE_DIR`
-//! replaces the directory, `EDGEFOLD_ONNX_NODE_FILTER` runs only the tests whose name contains
-//! it, and `EDGEFOLD_ONNX_NODE_REPORT` names a file that receives one tab-separated line per
-//! test (name, class, op types, reason).
+//! The test fails when any test is failed. These environment variables change what it does:
+//!
+//! - `EDGEFOLD_ONNX_NODE_DIR` replaces the directory of the tests;
+//! - `EDGEFOLD_ONNX_NODE_FILTER` runs only the tests whose name contains its value;
+//! - `EDGEFOLD_ONNX_NODE_REPORT` names a file that receives one tab-separated line per test: name,
+//!   class, op types, `retyped` when an input or output type is stored as another, and reason.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use edgefold_compressor::onnx::proto::onnx_type::BFLOAT16;
 use edgefold_compressor::onnx::proto::{self, value_type};
 use edgefold_compressor::onnx::{ConstTensor, ImportError, ImportOptions, SymInt, SUPPORTED};
 use edgefold_compressor::pipeline::{compress, CompressError, CompressOptions};
@@ -37,6 +41,8 @@ const DEFAULT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/onnx-n
 
 /// Relative tolerance of float outputs (the ONNX backend runner's default).
 const RTOL: f64 = 1e-3;
+/// Relative tolerance of bfloat16 outputs, two bfloat16 steps (as in the ONNX backend runner).
+const BFLOAT16_RTOL: f64 = 1.0 / 64.0;
 /// Absolute tolerance of float outputs.
 const ATOL: f64 = 1e-5;
 
@@ -72,7 +78,18 @@ impl Outcome {
 struct Case {
     name: String,
     ops: BTreeSet<String>,
+    /// Whether a graph input or output has an element type that the importer stores as another
+    /// type (see [`stored_as_other_type`]).
+    retyped: bool,
     outcome: Outcome,
+}
+
+/// Returns whether the importer stores ONNX element type `code` as a different runtime type:
+/// float16, bfloat16 and double as f32, int16 and uint16 as i32, uint32 and uint64 as i64. A test
+/// with such inputs or outputs checks the values, not the element type.
+fn stored_as_other_type(code: i32) -> bool {
+    use proto::onnx_type::*;
+    [FLOAT16, BFLOAT16, DOUBLE, INT16, UINT16, UINT32, UINT64].contains(&code)
 }
 
 /// Op type of a node as the importer names it: the domain is prefixed unless it is the default.
@@ -143,9 +160,10 @@ fn output_ints(dtype: DType, bytes: &[u8]) -> Option<Vec<i64>> {
     Some(ints)
 }
 
-/// Compares one output with its expected value.
+/// Compares one output with its expected value; floats within `ATOL + rtol * |expected|`.
 fn compare(
     expected: &ConstTensor,
+    rtol: f64,
     shape: &[usize],
     dtype: DType,
     bytes: &[u8],
@@ -163,7 +181,7 @@ fn compare(
                 let close = if e.is_nan() || e.is_infinite() {
                     (a.is_nan() && e.is_nan()) || a == e
                 } else {
-                    ((a as f64) - (e as f64)).abs() <= ATOL + RTOL * (e as f64).abs()
+                    ((a as f64) - (e as f64)).abs() <= ATOL + rtol * (e as f64).abs()
                 };
                 if !close {
                     return Err(format!("element {i} is {a}, expected {e}"));
@@ -205,7 +223,7 @@ fn run_packed(
     file: &[u8],
     input_names: &[String],
     inputs: &[ConstTensor],
-    expected: &[ConstTensor],
+    expected: &[(ConstTensor, f64)],
 ) -> Result<(), String> {
     let model = Model::open(file).map_err(|e| format!("open: {e}"))?;
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
@@ -226,10 +244,11 @@ fn run_packed(
     if model.output_count() != expected.len() {
         return Err(format!("{} outputs, expected {}", model.output_count(), expected.len()));
     }
-    for (i, e) in expected.iter().enumerate() {
+    for (i, (e, rtol)) in expected.iter().enumerate() {
         let (shape, dtype, bytes) =
             session.output_bytes(i).map_err(|e| format!("output {i}: {e}"))?;
-        compare(e, shape.as_slice(), dtype, bytes).map_err(|why| format!("output {i}: {why}"))?;
+        compare(e, *rtol, shape.as_slice(), dtype, bytes)
+            .map_err(|why| format!("output {i}: {why}"))?;
     }
     Ok(())
 }
@@ -273,9 +292,11 @@ fn run_case(dir: &Path, proto: &ModelProto) -> Outcome {
         input_names.push(graph.input[i].name.clone());
     }
     let mut expected = Vec::new();
-    for i in 0..graph.output.len() {
+    for (i, info) in graph.output.iter().enumerate() {
+        let bfloat16 = value_type(info).is_some_and(|(code, _)| code == BFLOAT16);
+        let rtol = if bfloat16 { BFLOAT16_RTOL } else { RTOL };
         match read_tensor(dir, "output", i) {
-            Ok(t) => expected.push(t),
+            Ok(t) => expected.push((t, rtol)),
             Err(why) => return Outcome::Failed(why),
         }
     }
@@ -290,19 +311,29 @@ fn run_case(dir: &Path, proto: &ModelProto) -> Outcome {
 }
 
 /// Reads a test's model, classifies its op types and runs it when all are supported.
-fn run_test(dir: &Path) -> (BTreeSet<String>, Outcome) {
+fn run_test(dir: &Path) -> Case {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut case = Case { name, ops: BTreeSet::new(), retyped: false, outcome: Outcome::Passed };
     let proto = match read_model(&dir.join("model.onnx")) {
         Ok(p) => p,
-        Err(why) => return (BTreeSet::new(), Outcome::Failed(why)),
+        Err(why) => {
+            case.outcome = Outcome::Failed(why);
+            return case;
+        }
     };
-    let ops: BTreeSet<String> =
-        proto.graph.iter().flat_map(|g| &g.node).map(|n| op_key(&n.domain, &n.op_type)).collect();
+    let graph = proto.graph.iter();
+    case.ops = graph.clone().flat_map(|g| &g.node).map(|n| op_key(&n.domain, &n.op_type)).collect();
+    case.retyped = graph
+        .flat_map(|g| g.input.iter().chain(&g.output))
+        .filter_map(value_type)
+        .any(|(code, _)| stored_as_other_type(code));
     let unsupported: Vec<String> =
-        ops.iter().filter(|op| !SUPPORTED.contains(&op.as_str())).cloned().collect();
+        case.ops.iter().filter(|op| !SUPPORTED.contains(&op.as_str())).cloned().collect();
     if !unsupported.is_empty() {
-        return (ops, Outcome::Unsupported(unsupported));
+        case.outcome = Outcome::Unsupported(unsupported);
+        return case;
     }
-    let outcome = catch_unwind(AssertUnwindSafe(|| run_case(dir, &proto))).unwrap_or_else(|p| {
+    case.outcome = catch_unwind(AssertUnwindSafe(|| run_case(dir, &proto))).unwrap_or_else(|p| {
         let message = p
             .downcast_ref::<String>()
             .cloned()
@@ -310,7 +341,7 @@ fn run_test(dir: &Path) -> (BTreeSet<String>, Outcome) {
             .unwrap_or_default();
         Outcome::Failed(format!("panic: {message}"))
     });
-    (ops, outcome)
+    case
 }
 
 /// Test directories under `root`, sorted by name, keeping names that contain `filter`.
@@ -362,6 +393,11 @@ fn print_summary(root: &Path, cases: &[Case], seconds: f64) {
         count("rejected"),
         count("unsupported")
     );
+    let retyped = cases.iter().filter(|c| c.retyped && c.outcome.class() == "passed").count();
+    println!(
+        "{retyped} of the passed tests have float16, bfloat16, double, int16, uint16, uint32 or \
+         uint64 inputs or outputs, which the importer stores as f32, i32 or i64"
+    );
     println!("\nsupported op: tests passed / failed / rejected (a test counts for each op in it)");
     for (op, [passed, failed, rejected]) in per_op(cases) {
         println!("  {op:<20} {passed:>4} / {failed:>3} / {rejected:>3}");
@@ -382,7 +418,9 @@ fn write_report(path: &Path, cases: &[Case]) {
     for case in cases {
         let ops: Vec<&str> = case.ops.iter().map(String::as_str).collect();
         let reason = case.outcome.reason().replace(['\t', '\n'], " ");
-        text += &format!("{}\t{}\t{}\t{reason}\n", case.name, case.outcome.class(), ops.join(","));
+        let class = case.outcome.class();
+        let retyped = if case.retyped { "retyped" } else { "" };
+        text += &format!("{}\t{class}\t{}\t{retyped}\t{reason}\n", case.name, ops.join(","));
     }
     std::fs::write(path, text).expect("report is writable");
 }
@@ -409,15 +447,7 @@ fn onnx_node_conformance() {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let start = Instant::now();
-    let cases: Vec<Case> = dirs
-        .iter()
-        .map(|dir| {
-            let (ops, outcome) = run_test(dir);
-            let name =
-                dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            Case { name, ops, outcome }
-        })
-        .collect();
+    let cases: Vec<Case> = dirs.iter().map(|dir| run_test(dir)).collect();
     std::panic::set_hook(hook);
 
     print_summary(&root, &cases, start.elapsed().as_secs_f64());

@@ -1,6 +1,7 @@
-//! Lowerings that take several runtime ops: variadic Max and Min, Clip with bounds computed at
-//! run time, Gemm with any operands, MatMul of vectors, LayerNormalization over several axes or
-//! with its statistics outputs, Cast with float16 rounding, and Dropout with its mask.
+//! Lowerings of supported ONNX ops that take several runtime ops. They cover variadic Max and
+//! Min, Clip with bounds computed at run time, Gemm with any operands and MatMul of vectors. They
+//! also cover LayerNormalization over several axes or with its statistics outputs, Cast with
+//! float16 rounding, and Dropout with its mask.
 
 use edgefold_runtime::format::{DType, Dim, MAX_RANK};
 use edgefold_runtime::ops::{BinaryKind, Op, ReduceKind, UnaryKind};
@@ -13,8 +14,8 @@ use super::{invalid, Importer, NodeError, NodeResult, Val};
 use crate::ir::{Node, ValueId};
 
 /// Adds an intermediate node of a lowering. Its value is named after the node's first output with
-/// `.suffix`; [`finish`] gives the last value of the lowering the output's own name.
-fn step(
+/// `.suffix`, and [`finish`] gives the last value of the lowering the output's own name.
+pub(super) fn step(
     imp: &mut Importer,
     cx: &Ctx<'_>,
     suffix: &str,
@@ -34,7 +35,7 @@ fn step(
 }
 
 /// Names value `id` after output `index` of the node and returns it.
-fn finish(imp: &mut Importer, cx: &Ctx<'_>, index: usize, id: ValueId) -> Val {
+pub(super) fn finish(imp: &mut Importer, cx: &Ctx<'_>, index: usize, id: ValueId) -> Val {
     if let Some(name) = cx.node.output.get(index).filter(|n| !n.is_empty()) {
         let name = imp.unique_name(name);
         imp.graph.values[id].name = name;
@@ -43,7 +44,7 @@ fn finish(imp: &mut Importer, cx: &Ctx<'_>, index: usize, id: ValueId) -> Val {
 }
 
 /// Rejects values the runtime does not compute with: only f32 arithmetic runs.
-fn require_f32(imp: &Importer, ids: &[ValueId]) -> NodeResult<()> {
+pub(super) fn require_f32(imp: &Importer, ids: &[ValueId]) -> NodeResult<()> {
     match ids.iter().map(|&id| imp.graph.values[id].dtype).find(|&d| d != DType::F32) {
         Some(dtype) => Err(NodeError::Unsupported(format!("arithmetic on {dtype:?} values"))),
         None => Ok(()),
@@ -51,7 +52,7 @@ fn require_f32(imp: &Importer, ids: &[ValueId]) -> NodeResult<()> {
 }
 
 /// Adds `a kind b` on f32 values, with broadcasting.
-fn binary_step(
+pub(super) fn binary_step(
     imp: &mut Importer,
     cx: &Ctx<'_>,
     suffix: &str,
@@ -67,7 +68,7 @@ fn binary_step(
 }
 
 /// Adds `op` on one value, keeping its type and shape.
-fn same_step(
+pub(super) fn same_step(
     imp: &mut Importer,
     cx: &Ctx<'_>,
     suffix: &str,
@@ -79,7 +80,7 @@ fn same_step(
 }
 
 /// Adds a reshape of `x` to `shape`, or returns `x` when the shape is already that.
-fn reshape_step(
+pub(super) fn reshape_step(
     imp: &mut Importer,
     cx: &Ctx<'_>,
     suffix: &str,
@@ -109,8 +110,13 @@ fn transpose_step(
     step(imp, cx, suffix, Op::Transpose { perm }, vec![Some(x)], dtype, shape)
 }
 
-/// A constant f32 `[1]` holding `value`.
-fn scalar(imp: &mut Importer, cx: &Ctx<'_>, suffix: &str, value: f32) -> NodeResult<ValueId> {
+/// Adds a constant f32 `[1]` holding `value`.
+pub(super) fn scalar(
+    imp: &mut Importer,
+    cx: &Ctx<'_>,
+    suffix: &str,
+    value: f32,
+) -> NodeResult<ValueId> {
     let c = Val::Const(ConstTensor::F32 { shape: vec![1], data: vec![value] });
     imp.value_id(&c, &format!("{}.{suffix}", cx.name))
 }
@@ -243,6 +249,7 @@ pub(super) fn matmul_vectors(
         return invalid("matmul of a scalar");
     }
     let one = Dim::constant(1);
+
     let a2 = match sa.len() {
         1 => reshape_step(imp, cx, "row", a, vec![one, sa[0]])?,
         _ => a,
@@ -251,6 +258,7 @@ pub(super) fn matmul_vectors(
         1 => reshape_step(imp, cx, "column", b, vec![sb[0], one])?,
         _ => b,
     };
+
     let (sa2, sb2) = (imp.graph.values[a2].shape.clone(), imp.graph.values[b2].shape.clone());
     if sa2[sa2.len() - 1] != sb2[sb2.len() - 2] {
         return invalid(format!("matmul inner extents differ: {sa:?} x {sb:?}"));
@@ -261,6 +269,7 @@ pub(super) fn matmul_vectors(
     shape.push(sa2[sa2.len() - 2]);
     shape.push(sb2[sb2.len() - 1]);
     let y = step(imp, cx, "product", Op::MatMul, vec![Some(a2), Some(b2)], DType::F32, shape)?;
+
     let mut out = batch;
     if sa.len() > 1 {
         out.push(sa[sa.len() - 2]);
@@ -366,7 +375,7 @@ pub(super) fn cast(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     emit(imp, cx, Op::Cast, vec![Some(x)], to, shape)
 }
 
-/// Whether a constant's first value is nonzero.
+/// Returns whether a constant's first value is nonzero.
 fn truthy(c: &ConstTensor) -> NodeResult<bool> {
     let first = match c {
         ConstTensor::F32 { data, .. } => data.first().map(|&v| v != 0.0),

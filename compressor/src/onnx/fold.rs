@@ -325,8 +325,8 @@ pub(crate) fn norm_axis(axis: i64, rank: usize) -> NodeResult<usize> {
     Ok(a as usize)
 }
 
-/// The axis of a Flatten node on an input of rank `rank`: in `0..=rank`, negative values
-/// counting from `rank`.
+/// Returns the axis of a Flatten node on an input of rank `rank`, in `0..=rank`. Negative values
+/// count from `rank`.
 pub(crate) fn flatten_axis(axis: i64, rank: usize) -> NodeResult<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     if a < 0 || a as usize > rank {

@@ -4,13 +4,13 @@ use edgefold_runtime::format::{DType, Dim, MAX_RANK};
 use edgefold_runtime::ops::{BinaryKind, Op, PoolKind, ReduceKind, UnaryKind, Window2d};
 use tract_onnx::pb::NodeProto;
 
-use super::compose;
 use super::consts::{ConstTensor, SymInt};
 use super::fold::{
     axes_of, flatten_axis, norm_axis, perm_of, shape_slice, slice_axis, slice_spec, squeeze_shape,
     unsqueeze_shape,
 };
 use super::proto::{attr_int, attr_ints, attr_string};
+use super::{compose, derived};
 use super::{invalid, Importer, NodeError, NodeResult, Val};
 use crate::ir::{Node, Storage};
 
@@ -20,15 +20,19 @@ pub const SUPPORTED: &[&str] = &[
     "Add",
     "And",
     "AveragePool",
+    "BatchNormalization",
     "Cast",
+    "Celu",
     "Clip",
     "Concat",
     "Constant",
     "ConstantOfShape",
     "Conv",
+    "DepthToSpace",
     "DequantizeLinear",
     "Div",
     "Dropout",
+    "Elu",
     "Equal",
     "Erf",
     "Exp",
@@ -40,37 +44,60 @@ pub const SUPPORTED: &[&str] = &[
     "GlobalAveragePool",
     "GlobalMaxPool",
     "Greater",
+    "HardSigmoid",
+    "HardSwish",
     "Identity",
+    "InstanceNormalization",
     "LayerNormalization",
+    "LeakyRelu",
     "Less",
     "Log",
+    "LogSoftmax",
     "MatMul",
     "Max",
     "MaxPool",
+    "Mean",
     "Min",
+    "Mish",
     "Mod",
     "Mul",
     "Neg",
     "Not",
     "Or",
+    "PRelu",
     "Pow",
+    "RMSNormalization",
     "Range",
     "Reciprocal",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
     "ReduceMax",
     "ReduceMean",
+    "ReduceMin",
     "ReduceSum",
+    "ReduceSumSquare",
     "Relu",
     "Reshape",
+    "Selu",
     "Shape",
     "Sigmoid",
     "Size",
     "Slice",
     "Softmax",
+    "Softplus",
+    "Softsign",
+    "SpaceToDepth",
+    "Split",
     "Sqrt",
     "Squeeze",
     "Sub",
+    "Sum",
+    "Swish",
     "Tanh",
     "Transpose",
+    "Trilu",
     "Unsqueeze",
     "Where",
 ];
@@ -140,6 +167,18 @@ pub(crate) fn lower(
         "Identity" => cx.input(0)?.clone(),
         "Dropout" => return compose::dropout(imp, &cx),
         "LayerNormalization" => return compose::layer_norm(imp, &cx),
+        "Split" => return derived::split(imp, &cx),
+        "LeakyRelu" | "PRelu" | "Elu" | "Selu" | "Celu" | "Softplus" | "Softsign"
+        | "HardSigmoid" | "HardSwish" | "Swish" | "Mish" => derived::activation(imp, &cx)?,
+        "Sum" | "Mean" => derived::sum_or_mean(imp, &cx)?,
+        "ReduceMin" | "ReduceSumSquare" | "ReduceL1" | "ReduceL2" | "ReduceLogSum"
+        | "ReduceLogSumExp" => derived::reduction(imp, &cx)?,
+        "LogSoftmax" => derived::log_softmax(imp, &cx)?,
+        "BatchNormalization" => derived::batch_norm(imp, &cx)?,
+        "InstanceNormalization" => derived::instance_norm(imp, &cx)?,
+        "RMSNormalization" => derived::rms_norm(imp, &cx)?,
+        "Trilu" => derived::trilu(imp, &cx)?,
+        "DepthToSpace" | "SpaceToDepth" => derived::depth_space(imp, &cx)?,
         "Shape" => {
             let id = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let dims = imp.graph.values[id].shape.iter().map(|&d| SymInt::from_dim(d)).collect();
@@ -497,36 +536,57 @@ fn require_const_axes(imp: &Importer, cx: &Ctx<'_>, input_from: i64) -> NodeResu
     Ok(())
 }
 
-fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+/// The reduced axes of a reduction node and the shape of its result.
+pub(super) struct Reduction {
+    /// Bit `i` is set when axis `i` is reduced.
+    pub(super) mask: u32,
+    /// Whether reduced axes stay with extent 1.
+    pub(super) keep_dims: bool,
+    /// Shape of the result.
+    pub(super) shape: Vec<Dim>,
+}
+
+/// Reads the axes (attribute, or input 1 from opset `input_from` on) and `keepdims` of a
+/// reduction of value `x`. Returns `None` when the node leaves its input unchanged
+/// (`noop_with_empty_axes` without axes).
+pub(super) fn reduction_of(
+    imp: &Importer,
+    cx: &Ctx<'_>,
+    x: usize,
+    input_from: i64,
+) -> NodeResult<Option<Reduction>> {
     let node = cx.node;
-    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-    let shape = imp.graph.values[x].shape.clone();
-    let input_from = if node.op_type == "ReduceSum" { 13 } else { 18 };
+    let shape = &imp.graph.values[x].shape;
     require_const_axes(imp, cx, input_from)?;
-    let consts = cx.consts();
-    let axes = axes_of(node, &consts, imp.opset(), input_from)?;
-    let keep = attr_int(node, "keepdims", 1) != 0;
+    let axes = axes_of(node, &cx.consts(), imp.opset(), input_from)?;
+    let keep_dims = attr_int(node, "keepdims", 1) != 0;
     let axes: Vec<usize> = match axes {
         Some(a) if !a.is_empty() => {
             a.iter().map(|&v| norm_axis(v, shape.len())).collect::<NodeResult<_>>()?
         }
-        _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(Val::Runtime(x)),
+        _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(None),
         _ => (0..shape.len()).collect(),
     };
-    let mut mask = 0u32;
-    for &a in &axes {
-        mask |= 1 << a;
-    }
-    let out: Vec<Dim> = shape
+    let mask = axes.iter().fold(0u32, |m, &a| m | 1 << a);
+    let shape = shape
         .iter()
         .enumerate()
-        .filter_map(|(i, &d)| match (mask & (1 << i) != 0, keep) {
+        .filter_map(|(i, &d)| match (mask & (1 << i) != 0, keep_dims) {
             (true, true) => Some(Dim::constant(1)),
             (true, false) => None,
             (false, _) => Some(d),
         })
         .collect();
-    let kind = match node.op_type.as_str() {
+    Ok(Some(Reduction { mask, keep_dims, shape }))
+}
+
+fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let input_from = if cx.node.op_type == "ReduceSum" { 13 } else { 18 };
+    let Some(r) = reduction_of(imp, cx, x, input_from)? else {
+        return Ok(Val::Runtime(x));
+    };
+    let kind = match cx.node.op_type.as_str() {
         "ReduceMean" => ReduceKind::Mean,
         "ReduceSum" => ReduceKind::Sum,
         _ => ReduceKind::Max,
@@ -534,7 +594,8 @@ fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     if imp.graph.values[x].dtype != DType::F32 {
         return Err(NodeError::Unsupported("reductions of non-f32 values".into()));
     }
-    emit(imp, cx, Op::Reduce { kind, axes: mask, keep_dims: keep }, vec![Some(x)], DType::F32, out)
+    let op = Op::Reduce { kind, axes: r.mask, keep_dims: r.keep_dims };
+    emit(imp, cx, op, vec![Some(x)], DType::F32, r.shape)
 }
 
 fn gather(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {

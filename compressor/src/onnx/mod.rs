@@ -4,6 +4,7 @@
 
 mod compose;
 mod consts;
+mod derived;
 mod fold;
 mod lower;
 pub mod proto;
@@ -264,6 +265,25 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
     Ok(graph)
 }
 
+/// The empty tensor of a declared shape with an extent of 0 and no variable extents.
+fn empty_tensor(dims: &[proto::DimSpec], dtype: DType) -> Option<ConstTensor> {
+    let mut shape = Vec::with_capacity(dims.len());
+    for d in dims {
+        match d {
+            proto::DimSpec::Fixed(v) => shape.push(*v as usize),
+            proto::DimSpec::Empty => shape.push(0),
+            _ => return None,
+        }
+    }
+    if !shape.contains(&0) {
+        return None;
+    }
+    Some(match dtype {
+        DType::F32 => ConstTensor::F32 { shape, data: Vec::new() },
+        _ => ConstTensor::Int { shape, data: Vec::new(), dtype },
+    })
+}
+
 fn node_name(node: &NodeProto, index: usize) -> String {
     if !node.name.is_empty() {
         node.name.clone()
@@ -281,6 +301,12 @@ impl Importer {
             .ok_or_else(|| unsupported("a sequence, map or optional instead of a tensor".into()))?;
         let dtype = proto::dtype_of(elem)
             .ok_or_else(|| unsupported(format!("element type {}", proto::type_name(elem))))?;
+        if let Some(empty) = empty_tensor(&dims, dtype) {
+            // An input declared with an extent of 0 can only be the empty tensor, so it is that
+            // constant and not an input of the packed model.
+            self.vals.insert(input.name.clone(), Val::Const(empty));
+            return Ok(());
+        }
         let mut shape = Vec::new();
         for (axis, d) in dims.iter().enumerate() {
             let name = match d {
@@ -289,7 +315,9 @@ impl Importer {
                     continue;
                 }
                 proto::DimSpec::Empty => {
-                    return Err(unsupported(format!("axis {axis} of extent 0 (empty tensors)")))
+                    return Err(unsupported(format!(
+                        "axis {axis} of extent 0 beside variable extents (empty tensors)"
+                    )))
                 }
                 proto::DimSpec::Named(n) => n.clone(),
                 proto::DimSpec::Unknown => format!("{}_axis{axis}", input.name),

@@ -38,7 +38,7 @@ pub mod onnx_type {
     pub const BFLOAT16: i32 = 16;
 }
 
-/// The ONNX name of an element type code, for messages (`"type 42"` for unknown codes).
+/// Returns the ONNX name of an element type code for messages (`"type 42"` for unknown codes).
 pub fn type_name(onnx: i32) -> String {
     const NAMES: [&str; 27] = [
         "undefined",
