@@ -7,9 +7,9 @@ use edgefold_runtime::format::{DType, Dim, MAX_RANK};
 use edgefold_runtime::ops::{BinaryKind, Op, ReduceKind, UnaryKind};
 
 use super::consts::{ConstTensor, SymInt};
-use super::fold::{float_attr, norm_axis};
+use super::fold::{cast_const, float_attr, norm_axis};
 use super::lower::{broadcast_dims, emit, emit_output, linear, transposed, Ctx};
-use super::proto::{attr_int, dtype_of, onnx_type, type_name};
+use super::proto::{attr_int, dtype_of, onnx_code, onnx_type, type_name};
 use super::{invalid, Importer, NodeError, NodeResult, Val};
 use crate::ir::{Node, ValueId};
 
@@ -350,10 +350,34 @@ pub(super) fn layer_norm(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Vec<Val
     Ok(vec![y, mean, inverse])
 }
 
-/// Lowers Cast. A cast to float16 is a cast to f16 and back, which rounds the values as the
-/// float16 type does while later ops keep computing in f32.
+/// Lowers Cast.
 pub(super) fn cast(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
-    let code = attr_int(cx.node, "to", onnx_type::FLOAT as i64) as i32;
+    cast_to(imp, cx, attr_int(cx.node, "to", onnx_type::FLOAT as i64) as i32)
+}
+
+/// Lowers CastLike, a Cast to the element type of input 1: the type the file declares for it, or
+/// else the type the importer stores it as.
+pub(super) fn cast_like(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let like = cx.node.input.get(1).map(String::as_str).unwrap_or_default();
+    let code = match imp.declared_type(like) {
+        Some(code) => code,
+        None => match cx.input(1)? {
+            Val::Const(c) => onnx_code(c.dtype()),
+            other => {
+                let id = imp.value_id(other, &cx.hint(1))?;
+                onnx_code(imp.graph.values[id].dtype)
+            }
+        },
+    };
+    cast_to(imp, cx, code)
+}
+
+/// Lowers a cast to ONNX element type `code`. A cast to float16 is a cast to f16 and back, which
+/// rounds the values as the float16 type does while later ops keep computing in f32.
+fn cast_to(imp: &mut Importer, cx: &Ctx<'_>, code: i32) -> NodeResult<Val> {
+    if let Val::Const(c) = cx.input(0)? {
+        return Ok(Val::Const(cast_const(c, code)?));
+    }
     if code == onnx_type::BFLOAT16 {
         return Err(NodeError::Unsupported(
             "cast to bfloat16 (values are kept in f32 and would not be rounded)".into(),

@@ -1,6 +1,7 @@
-//! ONNX ops that have no runtime op of their own and are built from runtime ops: activation
-//! functions, Sum and Mean, the reductions beyond mean, sum and max, LogSoftmax, batch, instance
-//! and RMS normalization, Trilu, Split, and DepthToSpace / SpaceToDepth.
+//! ONNX ops that have no runtime op of their own and are built from runtime ops. They are the
+//! activation functions, the logical ops, Sum and Mean, the reductions beyond mean, sum and max,
+//! LogSoftmax, batch, instance and RMS normalization, Trilu, Split, and DepthToSpace /
+//! SpaceToDepth.
 
 use edgefold_runtime::format::{DType, Dim, MAX_RANK};
 use edgefold_runtime::ops::{BinaryKind, Op, ReduceKind, UnaryKind};
@@ -205,6 +206,48 @@ pub(super) fn activation(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     if b.shape(y) != b.shape(x) {
         return invalid("the slope does not broadcast to the input");
     }
+    Ok(b.finish(0, y))
+}
+
+/// Adds a cast of `x` to `dtype`.
+fn cast_step(b: &mut Builder<'_, '_, '_>, x: ValueId, dtype: DType) -> NodeResult<ValueId> {
+    let suffix = b.suffix();
+    let shape = b.shape(x);
+    step(b.imp, b.cx, &suffix, Op::Cast, vec![Some(x)], dtype, shape)
+}
+
+/// Input `i` of the node, a boolean value, as f32 0 or 1.
+fn bool_input(b: &mut Builder<'_, '_, '_>, i: usize) -> NodeResult<ValueId> {
+    let id = b.imp.value_id(b.cx.input(i)?, &b.cx.hint(i))?;
+    let dtype = b.imp.graph.values[id].dtype;
+    if dtype != DType::Bool {
+        return Err(NodeError::Unsupported(format!("logical ops on {dtype:?} values")));
+    }
+    cast_step(b, id, DType::F32)
+}
+
+/// Lowers the logical ops And, Or, Xor and Not on booleans to f32 arithmetic on 0 and 1 between
+/// casts: a product, a sum, a difference or `1 - x`, whose nonzero values are true.
+pub(super) fn logical(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let mut b = Builder::new(imp, cx);
+    let a = bool_input(&mut b, 0)?;
+    let y = match cx.node.op_type.as_str() {
+        "Not" => {
+            let one = scalar(b.imp, cx, "one", 1.0)?;
+            b.binary(BinaryKind::Sub, one, a)?
+        }
+        op => {
+            let kind = match op {
+                "And" => BinaryKind::Mul,
+                "Or" => BinaryKind::Add,
+                "Xor" => BinaryKind::Sub,
+                other => return invalid(format!("{other} is not a logical op")),
+            };
+            let other = bool_input(&mut b, 1)?;
+            b.binary(kind, a, other)?
+        }
+    };
+    let y = cast_step(&mut b, y, DType::Bool)?;
     Ok(b.finish(0, y))
 }
 

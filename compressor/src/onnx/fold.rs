@@ -79,12 +79,7 @@ pub(crate) fn fold(
                 dtype: DType::I64,
             })
         }
-        "Cast" => {
-            let code = attr_int(node, "to", 1) as i32;
-            let to = dtype_of(code)
-                .ok_or_else(|| NodeError::Unsupported(format!("cast to {}", type_name(code))))?;
-            one(round_to_type(cast(input(0)?, to)?, code))
-        }
+        "Cast" => one(cast_const(input(0)?, attr_int(node, "to", 1) as i32)?),
         "Gather" => {
             let data = input(0)?;
             let idx = input(1)?
@@ -226,6 +221,15 @@ pub(crate) fn fold(
         }
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "And" | "Or"
         | "Mod" => binary(&node.op_type, input(0)?, input(1)?).map(|t| t.map(|t| vec![t])),
+        "ReduceMax" | "ReduceMin" | "ReduceSum" | "ReduceMean" => {
+            let (ConstTensor::F32 { shape, data }, Some(axes)) =
+                (input(0)?, reduce_axes(node, inputs, opset)?)
+            else {
+                return Ok(None);
+            };
+            let keep_dims = attr_int(node, "keepdims", 1) != 0;
+            one(reduce(&node.op_type, shape, data, &axes, keep_dims)?)
+        }
         "Not" => {
             let v = input(0)?.known_ints().ok_or(NodeError::Unsupported("symbolic Not".into()))?;
             one(ConstTensor::Int {
@@ -306,6 +310,68 @@ fn scalar_f(t: &ConstTensor) -> NodeResult<f64> {
             .ok_or(NodeError::Unsupported("symbolic range".into())),
         _ => invalid("expected a scalar"),
     }
+}
+
+/// Reduced axes of a reduction node with constant axes, in ascending order; `Some(vec![])` when
+/// `noop_with_empty_axes` leaves the input unchanged.
+fn reduce_axes(
+    node: &NodeProto,
+    inputs: &[Option<&ConstTensor>],
+    opset: i64,
+) -> NodeResult<Option<Vec<usize>>> {
+    let input_from = if node.op_type == "ReduceSum" { 13 } else { 18 };
+    let rank = inputs.first().copied().flatten().map_or(0, |t| t.shape().len());
+    let axes = match axes_of(node, inputs, opset, input_from)? {
+        Some(a) if !a.is_empty() => a,
+        _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(Some(Vec::new())),
+        _ => (0..rank as i64).collect(),
+    };
+    let mut axes = axes.iter().map(|&a| norm_axis(a, rank)).collect::<NodeResult<Vec<_>>>()?;
+    axes.sort_unstable();
+    axes.dedup();
+    Ok(Some(axes))
+}
+
+/// Max, min, sum or mean of constant f32 data over `axes`.
+fn reduce(
+    op: &str,
+    shape: &[usize],
+    data: &[f32],
+    axes: &[usize],
+    keep_dims: bool,
+) -> NodeResult<ConstTensor> {
+    let kept: Vec<usize> =
+        shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let (init, combine): (f32, fn(f32, f32) -> f32) = match op {
+        "ReduceMax" => (f32::NEG_INFINITY, f32::max),
+        "ReduceMin" => (f32::INFINITY, f32::min),
+        _ => (0.0, |a, b| a + b),
+    };
+    let mut out = vec![init; kept.iter().product()];
+    let out_strides = strides(&kept);
+    let mut index = vec![0usize; shape.len()];
+    for &v in data {
+        let at: usize =
+            (0..shape.len()).filter(|a| !axes.contains(a)).map(|a| index[a] * out_strides[a]).sum();
+        out[at] = combine(out[at], v);
+        for ax in (0..shape.len()).rev() {
+            index[ax] += 1;
+            if index[ax] < shape[ax] {
+                break;
+            }
+            index[ax] = 0;
+        }
+    }
+    if op == "ReduceMean" {
+        let count: usize = axes.iter().map(|&a| shape[a]).product();
+        out.iter_mut().for_each(|v| *v /= count as f32);
+    }
+    let shape = if keep_dims {
+        kept
+    } else {
+        shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+    };
+    Ok(ConstTensor::F32 { shape, data: out })
 }
 
 /// Applies the optional `start` and `end` attributes of Shape (opset 15).
@@ -425,6 +491,14 @@ pub(crate) fn reshape_target(
         return invalid(format!("reshape from {input:?} to {out:?} changes the element count"));
     }
     Ok(out)
+}
+
+/// Converts a constant to ONNX element type `code`, rounding to the precision of float16 and
+/// bfloat16, which the importer stores as f32.
+pub(crate) fn cast_const(t: &ConstTensor, code: i32) -> NodeResult<ConstTensor> {
+    let to = dtype_of(code)
+        .ok_or_else(|| NodeError::Unsupported(format!("cast to {}", type_name(code))))?;
+    Ok(round_to_type(cast(t, to)?, code))
 }
 
 /// Rounds f32 values to the precision of ONNX type `code` when it is float16 or bfloat16, which

@@ -22,6 +22,7 @@ pub const SUPPORTED: &[&str] = &[
     "AveragePool",
     "BatchNormalization",
     "Cast",
+    "CastLike",
     "Celu",
     "Clip",
     "Concat",
@@ -100,6 +101,7 @@ pub const SUPPORTED: &[&str] = &[
     "Trilu",
     "Unsqueeze",
     "Where",
+    "Xor",
 ];
 
 impl From<u8> for SymDim {
@@ -171,6 +173,7 @@ pub(crate) fn lower(
         "LeakyRelu" | "PRelu" | "Elu" | "Selu" | "Celu" | "Softplus" | "Softsign"
         | "HardSigmoid" | "HardSwish" | "Swish" | "Mish" => derived::activation(imp, &cx)?,
         "Sum" | "Mean" => derived::sum_or_mean(imp, &cx)?,
+        "And" | "Or" | "Xor" | "Not" => derived::logical(imp, &cx)?,
         "ReduceMin" | "ReduceSumSquare" | "ReduceL1" | "ReduceL2" | "ReduceLogSum"
         | "ReduceLogSumExp" => derived::reduction(imp, &cx)?,
         "LogSoftmax" => derived::log_softmax(imp, &cx)?,
@@ -327,6 +330,7 @@ pub(crate) fn lower(
             emit(imp, &cx, Op::Expand, vec![Some(id)], dtype, target)?
         }
         "Cast" => compose::cast(imp, &cx)?,
+        "CastLike" => compose::cast_like(imp, &cx)?,
         "Where" => {
             let ids = (0..3)
                 .map(|i| imp.value_id(cx.input(i)?, &cx.hint(i)))

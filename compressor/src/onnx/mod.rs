@@ -122,6 +122,8 @@ pub(crate) struct Importer {
     options: ImportOptions,
     opset: i64,
     generated: usize,
+    /// ONNX element types that the file declares for graph inputs, initializers and value infos.
+    declared_types: HashMap<String, i32>,
 }
 
 /// A node-level failure, turned into an [`ImportError`] with the node's name.
@@ -163,7 +165,14 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
         options: options.clone(),
         opset,
         generated: 0,
+        declared_types: HashMap::new(),
     };
+    let infos = graph.input.iter().chain(&graph.value_info).chain(&graph.output);
+    for info in infos {
+        if let Some((code, _)) = proto::value_type(info) {
+            imp.declared_types.insert(info.name.clone(), code);
+        }
+    }
     for init in &graph.initializer {
         let t = proto::tensor(init, &model_dir).map_err(|m| ImportError::Invalid {
             path: path.to_owned(),
@@ -172,6 +181,7 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
             message: m,
         })?;
         imp.vals.insert(init.name.clone(), Val::Const(t));
+        imp.declared_types.insert(init.name.clone(), init.data_type);
     }
     let mut unsupported: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for input in &graph.input {
@@ -457,6 +467,11 @@ impl Importer {
         }
         self.generated += 1;
         format!("{base}.{}", self.generated)
+    }
+
+    /// Returns the ONNX element type that the file declares for value `name`, if any.
+    pub(crate) fn declared_type(&self, name: &str) -> Option<i32> {
+        self.declared_types.get(name).copied()
     }
 
     pub(crate) fn opset(&self) -> i64 {

@@ -75,6 +75,20 @@ pub fn type_name(onnx: i32) -> String {
     }
 }
 
+/// The ONNX element type code of a runtime element type (int4 has none and gives int8).
+pub fn onnx_code(dtype: DType) -> i32 {
+    use onnx_type::*;
+    match dtype {
+        DType::F32 => FLOAT,
+        DType::F16 => FLOAT16,
+        DType::I8 | DType::I4 => INT8,
+        DType::I32 => INT32,
+        DType::I64 => INT64,
+        DType::Bool => BOOL,
+        DType::U8 => UINT8,
+    }
+}
+
 /// The runtime element type used for an ONNX element type, if supported.
 pub fn dtype_of(onnx: i32) -> Option<DType> {
     use onnx_type::*;
