@@ -83,6 +83,8 @@ impl Outcome {
 struct Case {
     name: String,
     ops: BTreeSet<String>,
+    /// Number of nodes: 1, or more for a test of a function op expanded into its body.
+    nodes: usize,
     /// Whether a graph input or output has an element type that the importer stores as another
     /// type (see [`stored_as_other_type`]).
     retyped: bool,
@@ -234,7 +236,7 @@ fn run_packed(
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
     let mut session = Session::new(&model, &mut arena).map_err(|e| format!("session: {e}"))?;
     for (name, t) in input_names.iter().zip(inputs) {
-        // The importer drops inputs that no output depends on.
+        // The importer drops inputs that no output depends on and makes empty ones constants.
         let Some(index) = model.input_index(name) else { continue };
         let entry = model
             .input_tensor(index)
@@ -321,7 +323,8 @@ fn run_case(dir: &Path, proto: &ModelProto) -> Outcome {
 /// Reads a test's model, classifies its op types and runs it when all are supported.
 fn run_test(dir: &Path) -> Case {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut case = Case { name, ops: BTreeSet::new(), retyped: false, outcome: Outcome::Passed };
+    let mut case =
+        Case { name, ops: BTreeSet::new(), nodes: 0, retyped: false, outcome: Outcome::Passed };
     let proto = match read_model(&dir.join("model.onnx")) {
         Ok(p) => p,
         Err(why) => {
@@ -331,6 +334,7 @@ fn run_test(dir: &Path) -> Case {
     };
     let graph = proto.graph.iter();
     case.ops = graph.clone().flat_map(|g| &g.node).map(|n| op_key(&n.domain, &n.op_type)).collect();
+    case.nodes = graph.clone().map(|g| g.node.len()).sum();
     case.retyped = graph
         .flat_map(|g| g.input.iter().chain(&g.output))
         .filter_map(value_type)
@@ -370,10 +374,11 @@ fn manifest_count(root: &Path) -> Option<usize> {
     text.lines().find_map(|l| l.strip_prefix("written ")).and_then(|n| n.trim().parse().ok())
 }
 
-/// Per-op counts of passed, failed and rejected tests among the tests containing the op.
-fn per_op(cases: &[Case]) -> BTreeMap<&str, [usize; 3]> {
-    let mut table: BTreeMap<&str, [usize; 3]> =
-        SUPPORTED.iter().map(|&op| (op, [0usize; 3])).collect();
+/// Per-op counts of passed, failed and rejected tests: first among the tests of the op alone
+/// (one node), then among the larger graphs that contain it (expanded function bodies).
+fn per_op(cases: &[Case]) -> BTreeMap<&str, [[usize; 3]; 2]> {
+    let mut table: BTreeMap<&str, [[usize; 3]; 2]> =
+        SUPPORTED.iter().map(|&op| (op, [[0usize; 3]; 2])).collect();
     for case in cases {
         let column = match case.outcome {
             Outcome::Passed => 0,
@@ -381,9 +386,10 @@ fn per_op(cases: &[Case]) -> BTreeMap<&str, [usize; 3]> {
             Outcome::Rejected(_) => 2,
             Outcome::Unsupported(_) => continue,
         };
+        let group = usize::from(case.nodes > 1);
         for op in &case.ops {
             if let Some(counts) = table.get_mut(op.as_str()) {
-                counts[column] += 1;
+                counts[group][column] += 1;
             }
         }
     }
@@ -406,9 +412,16 @@ fn print_summary(root: &Path, cases: &[Case], seconds: f64) {
         "{retyped} of the passed tests have float16, bfloat16, double, int16, uint16, uint32 or \
          uint64 inputs or outputs, which the importer stores as f32, i32 or i64"
     );
-    println!("\nsupported op: tests passed / failed / rejected (a test counts for each op in it)");
-    for (op, [passed, failed, rejected]) in per_op(cases) {
-        println!("  {op:<20} {passed:>4} / {failed:>3} / {rejected:>3}");
+    let expanded = cases.iter().filter(|c| c.nodes > 1 && c.outcome.class() == "passed").count();
+    println!("{expanded} of the passed tests are function ops expanded into several nodes");
+    println!(
+        "\nPassed / failed / rejected tests of each supported op, alone and in larger graphs:\n"
+    );
+    println!("| Op | Alone | In larger graphs |");
+    println!("|---|---|---|");
+    for (op, [alone, larger]) in per_op(cases) {
+        let cell = |[p, f, r]: [usize; 3]| format!("{p} / {f} / {r}");
+        println!("| {op} | {} | {} |", cell(alone), cell(larger));
     }
     for class in ["rejected", "failed"] {
         let listed: Vec<&Case> = cases.iter().filter(|c| c.outcome.class() == class).collect();
