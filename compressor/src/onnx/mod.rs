@@ -314,6 +314,8 @@ impl Importer {
         if let Some(empty) = empty_tensor(&dims, dtype) {
             // An input declared with an extent of 0 can only be the empty tensor, so it is that
             // constant and not an input of the packed model.
+            // NOTE: an exporter that writes 0 for an unknown extent gets a constant here, and
+            // usually an "empty constant tensor" rejection from the first op that computes on it.
             self.vals.insert(input.name.clone(), Val::Const(empty));
             return Ok(());
         }
