@@ -22,6 +22,14 @@ for target in thumbv7em-none-eabihf thumbv7m-none-eabi aarch64-unknown-linux-gnu
     fi
 done
 
+echo "== ONNX backend node tests"
+# Writes target/onnx-node once, with the onnx package from PyPI. compressor/tests/onnx_node.rs runs
+# them in the workspace tests and fails on any wrong result for an op the importer supports.
+if ! bash scripts/onnx-node-tests.sh; then
+    [ "${EDGEFOLD_REQUIRE_DATA:-0}" = 1 ] && exit 1
+    echo "warning: the ONNX node tests could not be written, so their test will skip"
+fi
+
 echo "== workspace tests"
 cargo test --workspace --all-targets
 

@@ -11,7 +11,7 @@ use super::consts::{
     broadcast_index, broadcast_shape, pick, rearrange, strides, transpose_index, ConstTensor,
     SymInt,
 };
-use super::proto::{attr, attr_float, attr_int, attr_ints, dtype_of, tensor};
+use super::proto::{attr, attr_float, attr_int, attr_ints, dtype_of, onnx_type, tensor, type_name};
 use super::{invalid, NodeError, NodeResult};
 
 /// Folds a node with constant inputs; `Ok(None)` when it must run at run time instead.
@@ -35,6 +35,10 @@ pub(crate) fn fold(
                 let t =
                     a.t.as_ref()
                         .ok_or(NodeError::Invalid("value attribute without a tensor".into()))?;
+                if dtype_of(t.data_type).is_none() {
+                    let name = type_name(t.data_type);
+                    return Err(NodeError::Unsupported(format!("a constant of type {name}")));
+                }
                 return one(tensor(t, model_dir).map_err(NodeError::Invalid)?);
             }
             if let Some(a) = attr(node, "value_float") {
@@ -60,7 +64,8 @@ pub(crate) fn fold(
                 "Constant without a value, value_float(s) or value_int(s)".into(),
             ))
         }
-        "Identity" | "Dropout" => Ok(Some(vec![input(0)?.clone()])),
+        // Dropout is lowered, which also handles its mask output and training mode.
+        "Identity" => Ok(Some(vec![input(0)?.clone()])),
         "Shape" => {
             let dims: Vec<SymInt> =
                 input(0)?.shape().iter().map(|&d| SymInt::Int(d as i64)).collect();
@@ -74,11 +79,7 @@ pub(crate) fn fold(
                 dtype: DType::I64,
             })
         }
-        "Cast" => {
-            let to = dtype_of(attr_int(node, "to", 1) as i32)
-                .ok_or(NodeError::Unsupported("cast to this element type".into()))?;
-            one(cast(input(0)?, to)?)
-        }
+        "Cast" => one(cast_const(input(0)?, attr_int(node, "to", 1) as i32)?),
         "Gather" => {
             let data = input(0)?;
             let idx = input(1)?
@@ -98,7 +99,7 @@ pub(crate) fn fold(
                     reshape_target(data.shape(), &spec, attr_int(node, "allowzero", 0) != 0)?
                 }
                 "Flatten" => {
-                    let axis = norm_axis(attr_int(node, "axis", 1), data.shape().len() + 1)?;
+                    let axis = flatten_axis(attr_int(node, "axis", 1), data.shape().len())?;
                     let s = data.shape();
                     vec![s[..axis].iter().product(), s[axis..].iter().product()]
                 }
@@ -207,9 +208,27 @@ pub(crate) fn fold(
                 _ => invalid("where branches have different element types"),
             }
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Equal" | "Less" | "Greater"
-        | "And" | "Or" | "Mod" => {
-            binary(&node.op_type, input(0)?, input(1)?).map(|t| t.map(|t| vec![t]))
+        "Max" | "Min" => {
+            let mut present = inputs.iter().flatten();
+            let mut acc = (*present.next().ok_or(NodeError::Invalid("no inputs".into()))?).clone();
+            for next in present {
+                match binary(&node.op_type, &acc, next)? {
+                    Some(t) => acc = t,
+                    None => return Ok(None),
+                }
+            }
+            one(acc)
+        }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "And" | "Or"
+        | "Mod" => binary(&node.op_type, input(0)?, input(1)?).map(|t| t.map(|t| vec![t])),
+        "ReduceMax" | "ReduceMin" | "ReduceSum" | "ReduceMean" => {
+            let (ConstTensor::F32 { shape, data }, Some(axes)) =
+                (input(0)?, reduce_axes(node, inputs, opset)?)
+            else {
+                return Ok(None);
+            };
+            let keep_dims = attr_int(node, "keepdims", 1) != 0;
+            one(reduce(&node.op_type, shape, data, &axes, keep_dims)?)
         }
         "Not" => {
             let v = input(0)?.known_ints().ok_or(NodeError::Unsupported("symbolic Not".into()))?;
@@ -293,6 +312,68 @@ fn scalar_f(t: &ConstTensor) -> NodeResult<f64> {
     }
 }
 
+/// Reduced axes of a reduction node with constant axes, in ascending order; `Some(vec![])` when
+/// `noop_with_empty_axes` leaves the input unchanged.
+fn reduce_axes(
+    node: &NodeProto,
+    inputs: &[Option<&ConstTensor>],
+    opset: i64,
+) -> NodeResult<Option<Vec<usize>>> {
+    let input_from = if node.op_type == "ReduceSum" { 13 } else { 18 };
+    let rank = inputs.first().copied().flatten().map_or(0, |t| t.shape().len());
+    let axes = match axes_of(node, inputs, opset, input_from)? {
+        Some(a) if !a.is_empty() => a,
+        _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(Some(Vec::new())),
+        _ => (0..rank as i64).collect(),
+    };
+    let mut axes = axes.iter().map(|&a| norm_axis(a, rank)).collect::<NodeResult<Vec<_>>>()?;
+    axes.sort_unstable();
+    axes.dedup();
+    Ok(Some(axes))
+}
+
+/// Max, min, sum or mean of constant f32 data over `axes`.
+fn reduce(
+    op: &str,
+    shape: &[usize],
+    data: &[f32],
+    axes: &[usize],
+    keep_dims: bool,
+) -> NodeResult<ConstTensor> {
+    let kept: Vec<usize> =
+        shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let (init, combine): (f32, fn(f32, f32) -> f32) = match op {
+        "ReduceMax" => (f32::NEG_INFINITY, f32::max),
+        "ReduceMin" => (f32::INFINITY, f32::min),
+        _ => (0.0, |a, b| a + b),
+    };
+    let mut out = vec![init; kept.iter().product()];
+    let out_strides = strides(&kept);
+    let mut index = vec![0usize; shape.len()];
+    for &v in data {
+        let at: usize =
+            (0..shape.len()).filter(|a| !axes.contains(a)).map(|a| index[a] * out_strides[a]).sum();
+        out[at] = combine(out[at], v);
+        for ax in (0..shape.len()).rev() {
+            index[ax] += 1;
+            if index[ax] < shape[ax] {
+                break;
+            }
+            index[ax] = 0;
+        }
+    }
+    if op == "ReduceMean" {
+        let count: usize = axes.iter().map(|&a| shape[a]).product();
+        out.iter_mut().for_each(|v| *v /= count as f32);
+    }
+    let shape = if keep_dims {
+        kept
+    } else {
+        shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+    };
+    Ok(ConstTensor::F32 { shape, data: out })
+}
+
 /// Applies the optional `start` and `end` attributes of Shape (opset 15).
 pub(crate) fn shape_slice(node: &NodeProto, dims: Vec<SymInt>) -> ConstTensor {
     let rank = dims.len() as i64;
@@ -306,6 +387,16 @@ pub(crate) fn norm_axis(axis: i64, rank: usize) -> NodeResult<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     if a < 0 || a as usize >= rank.max(1) {
         return invalid(format!("axis {axis} out of range for rank {rank}"));
+    }
+    Ok(a as usize)
+}
+
+/// Returns the axis of a Flatten node on an input of rank `rank`, in `0..=rank`. Negative values
+/// count from `rank`.
+pub(crate) fn flatten_axis(axis: i64, rank: usize) -> NodeResult<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    if a < 0 || a as usize > rank {
+        return invalid(format!("flatten axis {axis} out of range for rank {rank}"));
     }
     Ok(a as usize)
 }
@@ -400,6 +491,30 @@ pub(crate) fn reshape_target(
         return invalid(format!("reshape from {input:?} to {out:?} changes the element count"));
     }
     Ok(out)
+}
+
+/// Converts a constant to ONNX element type `code`, rounding to the precision of float16 and
+/// bfloat16, which the importer stores as f32.
+pub(crate) fn cast_const(t: &ConstTensor, code: i32) -> NodeResult<ConstTensor> {
+    let to = dtype_of(code)
+        .ok_or_else(|| NodeError::Unsupported(format!("cast to {}", type_name(code))))?;
+    Ok(round_to_type(cast(t, to)?, code))
+}
+
+/// Rounds f32 values to the precision of ONNX type `code` when it is float16 or bfloat16, which
+/// the importer stores as f32.
+fn round_to_type(t: ConstTensor, code: i32) -> ConstTensor {
+    let round: fn(f32) -> f32 = match code {
+        onnx_type::FLOAT16 => |v| half::f16::from_f32(v).to_f32(),
+        onnx_type::BFLOAT16 => |v| half::bf16::from_f32(v).to_f32(),
+        _ => return t,
+    };
+    match t {
+        ConstTensor::F32 { shape, data } => {
+            ConstTensor::F32 { shape, data: data.into_iter().map(round).collect() }
+        }
+        other => other,
+    }
 }
 
 fn cast(t: &ConstTensor, to: DType) -> NodeResult<ConstTensor> {

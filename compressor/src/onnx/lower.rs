@@ -6,10 +6,11 @@ use tract_onnx::pb::NodeProto;
 
 use super::consts::{ConstTensor, SymInt};
 use super::fold::{
-    axes_of, norm_axis, perm_of, shape_slice, slice_axis, slice_spec, squeeze_shape,
+    axes_of, flatten_axis, norm_axis, perm_of, shape_slice, slice_axis, slice_spec, squeeze_shape,
     unsqueeze_shape,
 };
-use super::proto::{attr_int, attr_ints, attr_string, dtype_of};
+use super::proto::{attr_int, attr_ints, attr_string};
+use super::{compose, derived};
 use super::{invalid, Importer, NodeError, NodeResult, Val};
 use crate::ir::{Node, Storage};
 
@@ -19,15 +20,20 @@ pub const SUPPORTED: &[&str] = &[
     "Add",
     "And",
     "AveragePool",
+    "BatchNormalization",
     "Cast",
+    "CastLike",
+    "Celu",
     "Clip",
     "Concat",
     "Constant",
     "ConstantOfShape",
     "Conv",
+    "DepthToSpace",
     "DequantizeLinear",
     "Div",
     "Dropout",
+    "Elu",
     "Equal",
     "Erf",
     "Exp",
@@ -39,39 +45,63 @@ pub const SUPPORTED: &[&str] = &[
     "GlobalAveragePool",
     "GlobalMaxPool",
     "Greater",
+    "HardSigmoid",
+    "HardSwish",
     "Identity",
+    "InstanceNormalization",
     "LayerNormalization",
+    "LeakyRelu",
     "Less",
     "Log",
+    "LogSoftmax",
     "MatMul",
     "Max",
     "MaxPool",
+    "Mean",
     "Min",
+    "Mish",
     "Mod",
     "Mul",
     "Neg",
     "Not",
     "Or",
+    "PRelu",
     "Pow",
+    "RMSNormalization",
     "Range",
     "Reciprocal",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
     "ReduceMax",
     "ReduceMean",
+    "ReduceMin",
     "ReduceSum",
+    "ReduceSumSquare",
     "Relu",
     "Reshape",
+    "Selu",
     "Shape",
     "Sigmoid",
     "Size",
     "Slice",
     "Softmax",
+    "Softplus",
+    "Softsign",
+    "SpaceToDepth",
+    "Split",
     "Sqrt",
     "Squeeze",
     "Sub",
+    "Sum",
+    "Swish",
     "Tanh",
     "Transpose",
+    "Trilu",
     "Unsqueeze",
     "Where",
+    "Xor",
 ];
 
 impl From<u8> for SymDim {
@@ -84,21 +114,22 @@ impl From<u8> for SymDim {
 #[derive(Clone, Copy, PartialEq, Debug)]
 struct SymDim(Dim);
 
-struct Ctx<'a> {
-    node: &'a NodeProto,
-    name: &'a str,
-    inputs: &'a [Option<Val>],
+/// The node being lowered, with its name and its inputs (`None` for absent optional ones).
+pub(super) struct Ctx<'a> {
+    pub(super) node: &'a NodeProto,
+    pub(super) name: &'a str,
+    pub(super) inputs: &'a [Option<Val>],
 }
 
 impl Ctx<'_> {
-    fn input(&self, i: usize) -> NodeResult<&Val> {
+    pub(super) fn input(&self, i: usize) -> NodeResult<&Val> {
         self.inputs
             .get(i)
             .and_then(Option::as_ref)
             .ok_or_else(|| NodeError::Invalid(format!("input {i} is missing")))
     }
 
-    fn opt(&self, i: usize) -> Option<&Val> {
+    pub(super) fn opt(&self, i: usize) -> Option<&Val> {
         self.inputs.get(i).and_then(Option::as_ref)
     }
 
@@ -120,7 +151,7 @@ impl Ctx<'_> {
             .collect()
     }
 
-    fn hint(&self, i: usize) -> String {
+    pub(super) fn hint(&self, i: usize) -> String {
         self.node.input.get(i).cloned().unwrap_or_else(|| format!("{}.{i}", self.name))
     }
 }
@@ -135,7 +166,22 @@ pub(crate) fn lower(
     let cx = Ctx { node, name, inputs };
     let op_type = node.op_type.as_str();
     let val = match op_type {
-        "Identity" | "Dropout" => cx.input(0)?.clone(),
+        "Identity" => cx.input(0)?.clone(),
+        "Dropout" => return compose::dropout(imp, &cx),
+        "LayerNormalization" => return compose::layer_norm(imp, &cx),
+        "Split" => return derived::split(imp, &cx),
+        "LeakyRelu" | "PRelu" | "Elu" | "Selu" | "Celu" | "Softplus" | "Softsign"
+        | "HardSigmoid" | "HardSwish" | "Swish" | "Mish" => derived::activation(imp, &cx)?,
+        "Sum" | "Mean" => derived::sum_or_mean(imp, &cx)?,
+        "And" | "Or" | "Xor" | "Not" => derived::logical(imp, &cx)?,
+        "ReduceMin" | "ReduceSumSquare" | "ReduceL1" | "ReduceL2" | "ReduceLogSum"
+        | "ReduceLogSumExp" => derived::reduction(imp, &cx)?,
+        "LogSoftmax" => derived::log_softmax(imp, &cx)?,
+        "BatchNormalization" => derived::batch_norm(imp, &cx)?,
+        "InstanceNormalization" => derived::instance_norm(imp, &cx)?,
+        "RMSNormalization" => derived::rms_norm(imp, &cx)?,
+        "Trilu" => derived::trilu(imp, &cx)?,
+        "DepthToSpace" | "SpaceToDepth" => derived::depth_space(imp, &cx)?,
         "Shape" => {
             let id = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let dims = imp.graph.values[id].shape.iter().map(|&d| SymInt::from_dim(d)).collect();
@@ -150,6 +196,10 @@ pub(crate) fn lower(
                     .ok_or(NodeError::Unsupported("size overflows".into()))?;
             }
             Val::Const(ConstTensor::Int { shape: vec![], data: vec![n], dtype: DType::I64 })
+        }
+        "Max" | "Min" if cx.inputs.iter().flatten().count() != 2 => {
+            let kind = if op_type == "Max" { BinaryKind::Max } else { BinaryKind::Min };
+            compose::variadic(imp, &cx, kind)?
         }
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" => {
             let kind = match op_type {
@@ -186,6 +236,12 @@ pub(crate) fn lower(
             };
             unary(imp, &cx, kind, 0.0, 0.0)?
         }
+        "Clip"
+            if imp.opset() >= 11
+                && [1, 2].iter().any(|&i| matches!(cx.opt(i), Some(Val::Runtime(_)))) =>
+        {
+            compose::clip_runtime(imp, &cx)?
+        }
         "Clip" => {
             let bound = |i: usize, attr: &str, default: f32| -> NodeResult<f32> {
                 if imp.opset() >= 11 {
@@ -210,31 +266,11 @@ pub(crate) fn lower(
             }
         }
         "MatMul" => matmul(imp, &cx)?,
-        "Gemm" => gemm(imp, &cx)?,
+        "Gemm" => compose::gemm(imp, &cx)?,
         "Conv" => conv(imp, &cx)?,
         "AveragePool" => pool(imp, &cx, PoolKind::Average)?,
         "MaxPool" => pool(imp, &cx, PoolKind::Max)?,
         "GlobalAveragePool" | "GlobalMaxPool" => global_pool(imp, &cx)?,
-        "LayerNormalization" => {
-            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-            let rank = imp.graph.values[x].shape.len();
-            let axis = norm_axis(attr_int(node, "axis", -1), rank)?;
-            if axis + 1 != rank {
-                return Err(NodeError::Unsupported(
-                    "normalization over more than the last axis".into(),
-                ));
-            }
-            if node.output.iter().skip(1).any(|o| !o.is_empty()) {
-                return Err(NodeError::Unsupported("mean and inverse deviation outputs".into()));
-            }
-            let gamma = imp.value_id(cx.input(1)?, &cx.hint(1))?;
-            let beta = match cx.opt(2) {
-                Some(v) => Some(imp.value_id(v, &cx.hint(2))?),
-                None => None,
-            };
-            let epsilon = super::fold::float_attr(node, "epsilon", 1e-5);
-            emit_same(imp, &cx, Op::LayerNorm { epsilon }, vec![Some(x), Some(gamma), beta], x)?
-        }
         "Softmax" => {
             let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
             let rank = imp.graph.values[x].shape.len();
@@ -293,18 +329,8 @@ pub(crate) fn lower(
             let dtype = imp.graph.values[id].dtype;
             emit(imp, &cx, Op::Expand, vec![Some(id)], dtype, target)?
         }
-        "Cast" => {
-            let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-            let to = dtype_of(attr_int(node, "to", 1) as i32)
-                .ok_or(NodeError::Unsupported("cast to this element type".into()))?;
-            let v = &imp.graph.values[x];
-            if v.dtype == to {
-                Val::Runtime(x)
-            } else {
-                let shape = v.shape.clone();
-                emit(imp, &cx, Op::Cast, vec![Some(x)], to, shape)?
-            }
-        }
+        "Cast" => compose::cast(imp, &cx)?,
+        "CastLike" => compose::cast_like(imp, &cx)?,
         "Where" => {
             let ids = (0..3)
                 .map(|i| imp.value_id(cx.input(i)?, &cx.hint(i)))
@@ -326,10 +352,23 @@ pub(crate) fn lower(
     Ok(vec![val])
 }
 
-/// Adds a node with one new output value.
-fn emit(
+/// Adds a node computing the node's first output.
+pub(super) fn emit(
     imp: &mut Importer,
     cx: &Ctx<'_>,
+    op: Op,
+    inputs: Vec<Option<usize>>,
+    dtype: DType,
+    shape: Vec<Dim>,
+) -> NodeResult<Val> {
+    emit_output(imp, cx, 0, op, inputs, dtype, shape)
+}
+
+/// Adds a node computing output `index` of the node.
+pub(super) fn emit_output(
+    imp: &mut Importer,
+    cx: &Ctx<'_>,
+    index: usize,
     op: Op,
     inputs: Vec<Option<usize>>,
     dtype: DType,
@@ -338,7 +377,7 @@ fn emit(
     if shape.len() > MAX_RANK {
         return Err(NodeError::Unsupported("rank above 6".into()));
     }
-    let out_name = cx.node.output.first().cloned().unwrap_or_else(|| cx.name.to_owned());
+    let out_name = cx.node.output.get(index).cloned().unwrap_or_else(|| cx.name.to_owned());
     let out = imp.activation(&out_name, dtype, shape);
     imp.graph.nodes.push(Node { name: cx.name.to_owned(), op, inputs, outputs: vec![out] });
     Ok(Val::Runtime(out))
@@ -399,7 +438,21 @@ fn dims_of(t: &ConstTensor) -> NodeResult<Vec<Dim>> {
 
 fn binary(imp: &mut Importer, cx: &Ctx<'_>, kind: BinaryKind) -> NodeResult<Val> {
     let a = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-    let b = imp.value_id(cx.input(1)?, &cx.hint(1))?;
+    let mut b = imp.value_id(cx.input(1)?, &cx.hint(1))?;
+    let exponent_is_int = imp.graph.values[b].dtype != DType::F32;
+    if kind == BinaryKind::Pow && imp.graph.values[a].dtype == DType::F32 && exponent_is_int {
+        // Pow allows an integer exponent on a float base; the runtime computes it in f32.
+        let shape = imp.graph.values[b].shape.clone();
+        let exponent = imp.activation(&format!("{}.f32", cx.hint(1)), DType::F32, shape);
+        let name = format!("{}.exponent", cx.name);
+        imp.graph.nodes.push(Node {
+            name,
+            op: Op::Cast,
+            inputs: vec![Some(b)],
+            outputs: vec![exponent],
+        });
+        b = exponent;
+    }
     let (va, vb) = (&imp.graph.values[a], &imp.graph.values[b]);
     if va.dtype != DType::F32 || vb.dtype != DType::F32 {
         return Err(NodeError::Unsupported(format!(
@@ -414,7 +467,7 @@ fn binary(imp: &mut Importer, cx: &Ctx<'_>, kind: BinaryKind) -> NodeResult<Val>
 }
 
 /// Transposes a constant 2-D f32 matrix `[k, n]` into the kernel layout `[n, k]`.
-fn transposed(data: &[f32], k: usize, n: usize) -> Vec<f32> {
+pub(super) fn transposed(data: &[f32], k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0.0; k * n];
     for r in 0..k {
         for c in 0..n {
@@ -424,7 +477,7 @@ fn transposed(data: &[f32], k: usize, n: usize) -> Vec<f32> {
     out
 }
 
-fn linear(
+pub(super) fn linear(
     imp: &mut Importer,
     cx: &Ctx<'_>,
     x: usize,
@@ -466,7 +519,7 @@ fn matmul(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     let b = imp.value_id(cx.input(1)?, &cx.hint(1))?;
     let (sa, sb) = (imp.graph.values[a].shape.clone(), imp.graph.values[b].shape.clone());
     if sa.len() < 2 || sb.len() < 2 {
-        return Err(NodeError::Unsupported("matmul of vectors".into()));
+        return compose::matmul_vectors(imp, cx, a, b);
     }
     if sa[sa.len() - 1] != sb[sb.len() - 2] {
         return invalid(format!("matmul inner extents differ: {sa:?} x {sb:?}"));
@@ -478,73 +531,66 @@ fn matmul(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     emit(imp, cx, Op::MatMul, vec![Some(a), Some(b)], DType::F32, shape)
 }
 
-fn gemm(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
-    let node = cx.node;
-    if attr_int(node, "transA", 0) != 0 {
-        return Err(NodeError::Unsupported("transA".into()));
+/// Rejects axes given as a second input computed at run time (from opset `input_from` on), because
+/// the output's shape must be known when the file is written.
+fn require_const_axes(imp: &Importer, cx: &Ctx<'_>, input_from: i64) -> NodeResult<()> {
+    if imp.opset() >= input_from && matches!(cx.opt(1), Some(v) if !matches!(v, Val::Const(_))) {
+        return Err(NodeError::Unsupported("axes computed at run time".into()));
     }
-    let (shape, data) = match cx.konst(1)? {
-        ConstTensor::F32 { shape, data } if shape.len() == 2 => (shape.clone(), data.clone()),
-        _ => {
-            return Err(NodeError::Unsupported("a weight that is not a constant f32 matrix".into()))
-        }
-    };
-    let alpha = super::fold::float_attr(node, "alpha", 1.0);
-    let beta = super::fold::float_attr(node, "beta", 1.0);
-    let (n, k, mut w) = if attr_int(node, "transB", 0) != 0 {
-        (shape[0], shape[1], data)
-    } else {
-        (shape[1], shape[0], transposed(&data, shape[0], shape[1]))
-    };
-    w.iter_mut().for_each(|v| *v *= alpha);
-    let bias = match cx.opt(2) {
-        Some(Val::Const(c)) => {
-            let v = c.to_f32().ok_or(NodeError::Invalid("invalid gemm bias".into()))?;
-            let b: Vec<f32> = match v.len() {
-                1 => vec![v[0] * beta; n],
-                len if len == n => v.iter().map(|x| x * beta).collect(),
-                _ => {
-                    return Err(NodeError::Unsupported("a gemm bias that is not per output".into()))
-                }
-            };
-            Some(b)
-        }
-        Some(_) => return Err(NodeError::Unsupported("a gemm bias computed at run time".into())),
-        None => None,
-    };
-    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-    linear(imp, cx, x, w, n, k, bias)
+    Ok(())
 }
 
-fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+/// The reduced axes of a reduction node and the shape of its result.
+pub(super) struct Reduction {
+    /// Bit `i` is set when axis `i` is reduced.
+    pub(super) mask: u32,
+    /// Whether reduced axes stay with extent 1.
+    pub(super) keep_dims: bool,
+    /// Shape of the result.
+    pub(super) shape: Vec<Dim>,
+}
+
+/// Reads the axes (attribute, or input 1 from opset `input_from` on) and `keepdims` of a
+/// reduction of value `x`. Returns `None` when the node leaves its input unchanged
+/// (`noop_with_empty_axes` without axes).
+pub(super) fn reduction_of(
+    imp: &Importer,
+    cx: &Ctx<'_>,
+    x: usize,
+    input_from: i64,
+) -> NodeResult<Option<Reduction>> {
     let node = cx.node;
-    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
-    let shape = imp.graph.values[x].shape.clone();
-    let input_from = if node.op_type == "ReduceSum" { 13 } else { 18 };
-    let consts = cx.consts();
-    let axes = axes_of(node, &consts, imp.opset(), input_from)?;
-    let keep = attr_int(node, "keepdims", 1) != 0;
+    let shape = &imp.graph.values[x].shape;
+    require_const_axes(imp, cx, input_from)?;
+    let axes = axes_of(node, &cx.consts(), imp.opset(), input_from)?;
+    let keep_dims = attr_int(node, "keepdims", 1) != 0;
     let axes: Vec<usize> = match axes {
         Some(a) if !a.is_empty() => {
             a.iter().map(|&v| norm_axis(v, shape.len())).collect::<NodeResult<_>>()?
         }
-        _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(Val::Runtime(x)),
+        _ if attr_int(node, "noop_with_empty_axes", 0) != 0 => return Ok(None),
         _ => (0..shape.len()).collect(),
     };
-    let mut mask = 0u32;
-    for &a in &axes {
-        mask |= 1 << a;
-    }
-    let out: Vec<Dim> = shape
+    let mask = axes.iter().fold(0u32, |m, &a| m | 1 << a);
+    let shape = shape
         .iter()
         .enumerate()
-        .filter_map(|(i, &d)| match (mask & (1 << i) != 0, keep) {
+        .filter_map(|(i, &d)| match (mask & (1 << i) != 0, keep_dims) {
             (true, true) => Some(Dim::constant(1)),
             (true, false) => None,
             (false, _) => Some(d),
         })
         .collect();
-    let kind = match node.op_type.as_str() {
+    Ok(Some(Reduction { mask, keep_dims, shape }))
+}
+
+fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
+    let x = imp.value_id(cx.input(0)?, &cx.hint(0))?;
+    let input_from = if cx.node.op_type == "ReduceSum" { 13 } else { 18 };
+    let Some(r) = reduction_of(imp, cx, x, input_from)? else {
+        return Ok(Val::Runtime(x));
+    };
+    let kind = match cx.node.op_type.as_str() {
         "ReduceMean" => ReduceKind::Mean,
         "ReduceSum" => ReduceKind::Sum,
         _ => ReduceKind::Max,
@@ -552,7 +598,8 @@ fn reduce(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
     if imp.graph.values[x].dtype != DType::F32 {
         return Err(NodeError::Unsupported("reductions of non-f32 values".into()));
     }
-    emit(imp, cx, Op::Reduce { kind, axes: mask, keep_dims: keep }, vec![Some(x)], DType::F32, out)
+    let op = Op::Reduce { kind, axes: r.mask, keep_dims: r.keep_dims };
+    emit(imp, cx, op, vec![Some(x)], DType::F32, r.shape)
 }
 
 fn gather(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
@@ -585,7 +632,7 @@ fn reshape(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
             symbolic_reshape(&v.shape, spec, attr_int(node, "allowzero", 0) != 0)?
         }
         "Flatten" => {
-            let axis = norm_axis(attr_int(node, "axis", 1), v.shape.len() + 1)?;
+            let axis = flatten_axis(attr_int(node, "axis", 1), v.shape.len())?;
             let prod = |s: &[Dim]| s.iter().try_fold(Dim::constant(1), |a, d| a.checked_mul(*d));
             vec![
                 prod(&v.shape[..axis]).ok_or(NodeError::Invalid("overflow".into()))?,
@@ -593,10 +640,12 @@ fn reshape(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
             ]
         }
         "Unsqueeze" => {
+            require_const_axes(imp, cx, 13)?;
             let axes = axes_of(node, &consts, imp.opset(), 13)?.unwrap_or_default();
             unsqueeze_shape(&input, &axes)?.into_iter().map(|d| d.0).collect()
         }
         _ => {
+            require_const_axes(imp, cx, 13)?;
             let axes = axes_of(node, &consts, imp.opset(), 13)?;
             squeeze_shape(&input, axes.as_deref())?.into_iter().map(|d| d.0).collect()
         }

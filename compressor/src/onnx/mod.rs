@@ -2,7 +2,9 @@
 //! subgraphs (including shapes that depend on the batch or sequence length), and lowers the rest
 //! into the runtime's op set.
 
+mod compose;
 mod consts;
+mod derived;
 mod fold;
 mod lower;
 pub mod proto;
@@ -16,6 +18,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::Framework;
 
 pub use consts::{ConstTensor, SymInt};
+pub use lower::SUPPORTED;
 
 use crate::ir::{Graph, Storage, Symbol, Value, ValueId};
 
@@ -119,6 +122,8 @@ pub(crate) struct Importer {
     options: ImportOptions,
     opset: i64,
     generated: usize,
+    /// ONNX element types that the file declares for graph inputs, initializers and value infos.
+    declared_types: HashMap<String, i32>,
 }
 
 /// A node-level failure, turned into an [`ImportError`] with the node's name.
@@ -160,7 +165,14 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
         options: options.clone(),
         opset,
         generated: 0,
+        declared_types: HashMap::new(),
     };
+    let infos = graph.input.iter().chain(&graph.value_info).chain(&graph.output);
+    for info in infos {
+        if let Some((code, _)) = proto::value_type(info) {
+            imp.declared_types.insert(info.name.clone(), code);
+        }
+    }
     for init in &graph.initializer {
         let t = proto::tensor(init, &model_dir).map_err(|m| ImportError::Invalid {
             path: path.to_owned(),
@@ -169,20 +181,33 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
             message: m,
         })?;
         imp.vals.insert(init.name.clone(), Val::Const(t));
+        imp.declared_types.insert(init.name.clone(), init.data_type);
     }
+    let mut unsupported: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for input in &graph.input {
         if imp.vals.contains_key(&input.name) {
             continue; // an initializer listed as an input (older exporters)
         }
-        imp.add_graph_input(input).map_err(|m| ImportError::Invalid {
-            path: path.to_owned(),
-            node: input.name.clone(),
-            op_type: "graph input".into(),
-            message: m,
-        })?;
+        match imp.add_graph_input(input) {
+            Ok(()) => {}
+            Err(NodeError::Unsupported(why)) => {
+                unsupported
+                    .entry(format!("graph input ({why})"))
+                    .or_default()
+                    .push(input.name.clone());
+                imp.vals.insert(input.name.clone(), Val::Poisoned);
+            }
+            Err(NodeError::Invalid(message)) => {
+                return Err(ImportError::Invalid {
+                    path: path.to_owned(),
+                    node: input.name.clone(),
+                    op_type: "graph input".into(),
+                    message,
+                })
+            }
+        }
     }
 
-    let mut unsupported: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (i, node) in graph.node.iter().enumerate() {
         let name = node_name(node, i);
         let op_key = if node.domain.is_empty() || node.domain == "ai.onnx" {
@@ -221,17 +246,26 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
     }
 
     for output in &graph.output {
-        let id = match imp.vals.get(&output.name) {
-            Some(Val::Runtime(id)) => *id,
-            Some(Val::Const(_)) => {
-                return Err(ImportError::Invalid {
-                    path: path.to_owned(),
-                    node: output.name.clone(),
-                    op_type: "graph output".into(),
-                    message: "the output is a constant; the runtime only returns computed values"
-                        .into(),
-                })
-            }
+        let id = match imp.vals.get(&output.name).cloned() {
+            Some(Val::Runtime(id)) => id,
+            Some(Val::Const(c)) => match imp.materialize_output(&output.name, c) {
+                Ok(id) => id,
+                Err(NodeError::Unsupported(why)) => {
+                    let ops = BTreeMap::from([(
+                        format!("graph output ({why})"),
+                        vec![output.name.clone()],
+                    )]);
+                    return Err(ImportError::Unsupported { path: path.to_owned(), ops });
+                }
+                Err(NodeError::Invalid(message)) => {
+                    return Err(ImportError::Invalid {
+                        path: path.to_owned(),
+                        node: output.name.clone(),
+                        op_type: "graph output".into(),
+                        message,
+                    })
+                }
+            },
             _ => return Err(read_error(format!("graph output {} is never produced", output.name))),
         };
         imp.graph.outputs.push(id);
@@ -239,6 +273,25 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
     let mut graph = imp.graph;
     graph.prune();
     Ok(graph)
+}
+
+/// The empty tensor of a declared shape with an extent of 0 and no variable extents.
+fn empty_tensor(dims: &[proto::DimSpec], dtype: DType) -> Option<ConstTensor> {
+    let mut shape = Vec::with_capacity(dims.len());
+    for d in dims {
+        match d {
+            proto::DimSpec::Fixed(v) => shape.push(*v as usize),
+            proto::DimSpec::Empty => shape.push(0),
+            _ => return None,
+        }
+    }
+    if !shape.contains(&0) {
+        return None;
+    }
+    Some(match dtype {
+        DType::F32 => ConstTensor::F32 { shape, data: Vec::new() },
+        _ => ConstTensor::Int { shape, data: Vec::new(), dtype },
+    })
 }
 
 fn node_name(node: &NodeProto, index: usize) -> String {
@@ -252,9 +305,20 @@ fn node_name(node: &NodeProto, index: usize) -> String {
 }
 
 impl Importer {
-    fn add_graph_input(&mut self, input: &tract_onnx::pb::ValueInfoProto) -> Result<(), String> {
-        let (elem, dims) = proto::value_type(input).ok_or("the input has no tensor type")?;
-        let dtype = proto::dtype_of(elem).ok_or(format!("element type {elem} is not supported"))?;
+    fn add_graph_input(&mut self, input: &tract_onnx::pb::ValueInfoProto) -> NodeResult<()> {
+        let unsupported = |why: String| NodeError::Unsupported(why);
+        let (elem, dims) = proto::value_type(input)
+            .ok_or_else(|| unsupported("a sequence, map or optional instead of a tensor".into()))?;
+        let dtype = proto::dtype_of(elem)
+            .ok_or_else(|| unsupported(format!("element type {}", proto::type_name(elem))))?;
+        if let Some(empty) = empty_tensor(&dims, dtype) {
+            // An input declared with an extent of 0 can only be the empty tensor, so it is that
+            // constant and not an input of the packed model.
+            // NOTE: an exporter that writes 0 for an unknown extent gets a constant here, and
+            // usually an "empty constant tensor" rejection from the first op that computes on it.
+            self.vals.insert(input.name.clone(), Val::Const(empty));
+            return Ok(());
+        }
         let mut shape = Vec::new();
         for (axis, d) in dims.iter().enumerate() {
             let name = match d {
@@ -262,11 +326,16 @@ impl Importer {
                     shape.push(Dim::constant(*v));
                     continue;
                 }
+                proto::DimSpec::Empty => {
+                    return Err(unsupported(format!(
+                        "axis {axis} of extent 0 beside variable extents (empty tensors)"
+                    )))
+                }
                 proto::DimSpec::Named(n) => n.clone(),
                 proto::DimSpec::Unknown => format!("{}_axis{axis}", input.name),
             };
             let max = if axis == 0 { self.options.max_batch } else { self.options.max_seq };
-            shape.push(Dim::symbol(self.symbol(&name, max)?));
+            shape.push(Dim::symbol(self.symbol(&name, max).map_err(NodeError::Invalid)?));
         }
         let id = self.graph.add_value(Value { name: input.name.clone(), dtype, shape, data: None });
         self.graph.inputs.push(id);
@@ -287,6 +356,22 @@ impl Importer {
         self.graph.symbols.push(Symbol { name: name.to_owned(), max });
         self.symbols.insert(name.to_owned(), index);
         Ok(index)
+    }
+
+    /// Copies a constant that is a graph output into an activation, because the runtime only
+    /// returns activations.
+    fn materialize_output(&mut self, name: &str, value: ConstTensor) -> NodeResult<ValueId> {
+        let source = self.value_id(&Val::Const(value), &format!("{name}.constant"))?;
+        let (dtype, shape) =
+            (self.graph.values[source].dtype, self.graph.values[source].shape.clone());
+        let out = self.activation(name, dtype, shape);
+        self.graph.nodes.push(crate::ir::Node {
+            name: name.to_owned(),
+            op: edgefold_runtime::ops::Op::Reshape,
+            inputs: vec![Some(source)],
+            outputs: vec![out],
+        });
+        Ok(out)
     }
 
     fn poison(&mut self, node: &NodeProto) {
@@ -384,6 +469,11 @@ impl Importer {
         }
         self.generated += 1;
         format!("{base}.{}", self.generated)
+    }
+
+    /// Returns the ONNX element type that the file declares for value `name`, if any.
+    pub(crate) fn declared_type(&self, name: &str) -> Option<i32> {
+        self.declared_types.get(name).copied()
     }
 
     pub(crate) fn opset(&self) -> i64 {

@@ -38,6 +38,57 @@ pub mod onnx_type {
     pub const BFLOAT16: i32 = 16;
 }
 
+/// Returns the ONNX name of an element type code for messages (`"type 42"` for unknown codes).
+pub fn type_name(onnx: i32) -> String {
+    const NAMES: [&str; 27] = [
+        "undefined",
+        "float",
+        "uint8",
+        "int8",
+        "uint16",
+        "int16",
+        "int32",
+        "int64",
+        "string",
+        "bool",
+        "float16",
+        "double",
+        "uint32",
+        "uint64",
+        "complex64",
+        "complex128",
+        "bfloat16",
+        "float8e4m3fn",
+        "float8e4m3fnuz",
+        "float8e5m2",
+        "float8e5m2fnuz",
+        "uint4",
+        "int4",
+        "float4e2m1",
+        "float8e8m0",
+        "uint2",
+        "int2",
+    ];
+    match usize::try_from(onnx).ok().and_then(|i| NAMES.get(i)) {
+        Some(name) => (*name).to_owned(),
+        None => format!("type {onnx}"),
+    }
+}
+
+/// The ONNX element type code of a runtime element type (int4 has none and gives int8).
+pub fn onnx_code(dtype: DType) -> i32 {
+    use onnx_type::*;
+    match dtype {
+        DType::F32 => FLOAT,
+        DType::F16 => FLOAT16,
+        DType::I8 | DType::I4 => INT8,
+        DType::I32 => INT32,
+        DType::I64 => INT64,
+        DType::Bool => BOOL,
+        DType::U8 => UINT8,
+    }
+}
+
 /// The runtime element type used for an ONNX element type, if supported.
 pub fn dtype_of(onnx: i32) -> Option<DType> {
     use onnx_type::*;
@@ -238,8 +289,12 @@ pub fn value_type(v: &pb::ValueInfoProto) -> Option<(i32, Vec<DimSpec>)> {
                 .iter()
                 .map(|d| match &d.value {
                     Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if *v > 0 => {
-                        DimSpec::Fixed(*v as u32)
+                        match u32::try_from(*v) {
+                            Ok(v) => DimSpec::Fixed(v),
+                            Err(_) => DimSpec::Unknown,
+                        }
                     }
+                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(0)) => DimSpec::Empty,
                     Some(pb::tensor_shape_proto::dimension::Value::DimParam(p))
                         if !p.is_empty() =>
                     {
@@ -258,6 +313,8 @@ pub fn value_type(v: &pb::ValueInfoProto) -> Option<(i32, Vec<DimSpec>)> {
 pub enum DimSpec {
     /// A fixed extent.
     Fixed(u32),
+    /// A fixed extent of 0: the tensor has no elements.
+    Empty,
     /// A named variable extent.
     Named(String),
     /// Neither fixed nor named.
