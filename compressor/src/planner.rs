@@ -294,30 +294,38 @@ impl Evaluator {
     fn metric(&self, packed: &mut PackedGraph, limit: usize) -> Result<f64, PlanError> {
         let n = limit.min(self.len());
         match &self.task {
-            Task::Sts { encoder, pairs, .. } => {
-                let choice = self.choice.expect("set for text tasks");
-                let mut embed = |s: &str| -> Result<Vec<f32>, PlanError> {
-                    let e = encoder.encode(s).map_err(|e| PlanError::Embed(EmbedError::Text(e)))?;
-                    let n = e.ids.len();
-                    let inputs: Vec<HostTensor> = self
-                        .inputs
-                        .iter()
-                        .map(|name| {
-                            input_for(name, &e).map(|v| HostTensor::i64(vec![1, n], v.to_vec()))
+            Task::Sts { pairs, .. } => {
+                let pairs = &pairs[..n];
+                let workers = std::thread::available_parallelism()
+                    .map_or(1, |w| w.get())
+                    .clamp(1, pairs.len().div_ceil(16).max(1));
+                let chunk = pairs.len().div_ceil(workers).max(1);
+                let mut parts = pairs.chunks(chunk);
+                let first = parts.next().unwrap_or(&[]);
+                let bytes = packed.bytes().to_vec();
+                let mut sims = Vec::with_capacity(pairs.len());
+                // Pairs are scored independently, so splitting them among threads (each with
+                // its own arena) gives the same similarities in the same order.
+                std::thread::scope(|scope| -> Result<(), PlanError> {
+                    let handles: Vec<_> = parts
+                        .map(|part| {
+                            let bytes = &bytes;
+                            scope.spawn(move || -> Result<Vec<f64>, PlanError> {
+                                let mut own = PackedGraph::from_bytes(bytes)?;
+                                self.similarities(&mut own, part)
+                            })
                         })
-                        .collect::<Result<_, _>>()
-                        .map_err(PlanError::Embed)?;
-                    let out = packed.run(&inputs)?;
-                    let t = &out[choice.index];
-                    let dim = *t.shape.last().unwrap_or(&1);
-                    Ok(finish(t.as_f32().unwrap_or(&[]), dim, choice.pooled, &e.attention_mask))
-                };
-                let (mut gold, mut sims) = (Vec::new(), Vec::new());
-                for p in &pairs[..n] {
-                    let (a, b) = (embed(&p.sentence1)?, embed(&p.sentence2)?);
-                    gold.push(p.score);
-                    sims.push(cosine(&a, &b));
-                }
+                        .collect();
+                    sims.extend(self.similarities(packed, first)?);
+                    for h in handles {
+                        let part = h
+                            .join()
+                            .map_err(|_| PlanError::Data("an evaluation thread panicked".into()))?;
+                        sims.extend(part?);
+                    }
+                    Ok(())
+                })?;
+                let gold: Vec<f64> = pairs.iter().map(|p| p.score).collect();
                 Ok(spearman(&sims, &gold))
             }
             Task::Raw { samples } => {
@@ -351,6 +359,35 @@ impl Evaluator {
                 Ok(error_correlation(&self.errors[..errors.len()], &errors))
             }
         }
+    }
+
+    /// Cosine similarity of the two sentence embeddings of each pair.
+    fn similarities(
+        &self,
+        packed: &mut PackedGraph,
+        pairs: &[StsPair],
+    ) -> Result<Vec<f64>, PlanError> {
+        let Task::Sts { encoder, .. } = &self.task else {
+            return Err(PlanError::Data("sentence pairs need the sts task".into()));
+        };
+        let Some(choice) = self.choice else {
+            return Err(PlanError::Data("no embedding output was chosen".into()));
+        };
+        let mut embed = |s: &str| -> Result<Vec<f32>, PlanError> {
+            let e = encoder.encode(s).map_err(|e| PlanError::Embed(EmbedError::Text(e)))?;
+            let n = e.ids.len();
+            let inputs: Vec<HostTensor> = self
+                .inputs
+                .iter()
+                .map(|name| input_for(name, &e).map(|v| HostTensor::i64(vec![1, n], v.to_vec())))
+                .collect::<Result<_, _>>()
+                .map_err(PlanError::Embed)?;
+            let out = packed.run(&inputs)?;
+            let t = &out[choice.index];
+            let dim = *t.shape.last().unwrap_or(&1);
+            Ok(finish(t.as_f32().unwrap_or(&[]), dim, choice.pooled, &e.attention_mask))
+        };
+        pairs.iter().map(|p| Ok(cosine(&embed(&p.sentence1)?, &embed(&p.sentence2)?))).collect()
     }
 
     /// Quality of `graph` as a fraction of the original's, on the screening part of the data.

@@ -96,3 +96,40 @@ fn default_model_f16_keeps_quality() {
         "f16 moved the Spearman from {original} to {compressed}"
     );
 }
+
+#[test]
+fn planner_sts_screening_agrees_with_full() {
+    use edgefold_compressor::planner::{Evaluator, Task};
+    use edgefold_compressor::quantize::quantize;
+    use edgefold_compressor::text::TextEncoder;
+
+    let Some((model, tokenizer, sts)) = default_model_files() else {
+        return;
+    };
+    let import = ImportOptions { max_batch: 1, max_seq: 128 };
+    let (graph, _) = edgefold_compressor::pipeline::load_graph(&model, &import).unwrap();
+    let pairs: Vec<_> = read_sts(&sts).unwrap().into_iter().take(96).collect();
+    let task = |pairs: Vec<_>| Task::Sts {
+        encoder: TextEncoder::from_file(&tokenizer, 128).unwrap(),
+        pairs,
+        output: None,
+    };
+    let screened = Evaluator::with_screening(&graph, task(pairs.clone()), 32).unwrap();
+    let full = Evaluator::new(&graph, task(pairs)).unwrap();
+    assert_eq!(screened.baseline(), full.baseline(), "both report the full baseline");
+    assert!(
+        full.baseline() > 0.7,
+        "the original's Spearman {} is implausibly low",
+        full.baseline()
+    );
+    // The original scores exactly itself, however the pairs are split among threads.
+    assert_eq!(full.quality(&graph).unwrap(), 1.0);
+    assert_eq!(screened.quality(&graph).unwrap(), 1.0);
+
+    let mut int8 = graph.clone();
+    quantize(&mut int8, Quantize::Int8);
+    let on_screen = screened.quality(&int8).unwrap();
+    let confirmed = screened.confirmed_quality(&int8, on_screen).unwrap();
+    assert_eq!(confirmed, full.quality(&int8).unwrap(), "confirmation scores all pairs");
+    assert!((0.98..1.02).contains(&confirmed), "int8 keeps {confirmed}");
+}
