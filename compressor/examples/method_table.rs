@@ -9,10 +9,10 @@
 //!     --train ../shared/data/stsb/sts-train.csv --dev ../shared/data/stsb/sts-dev.csv
 //! ```
 //!
-//! Calibration uses the first 256 distinct STS-B train sentences, as the planner does. Choices that
-//! need a measurement (which blocks to drop, which runs to fuse, whether layer norms are merged) are
-//! made on the last 300 train pairs, held apart from calibration, and every row is then scored on
-//! all dev pairs.
+//! Calibration uses the first 256 distinct STS-B train sentences, as the planner does. Choices
+//! that need a measurement (which blocks to drop, which runs to fuse, whether layer norms are
+//! merged) are made on the last 300 train pairs, held apart from calibration, and every row is then
+//! scored on all dev pairs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -94,8 +94,8 @@ impl Bench<'_> {
         let quality = self.dev.quality(graph)?;
         let eval_seconds = started.elapsed().as_secs_f64();
         eprintln!(
-            "{method} ({detail}): {:.2} % retained, {:.1} % of the ONNX file, built in {build:.1} s, \
-             scored in {eval_seconds:.1} s",
+            "{method} ({detail}): {:.2} % retained, {:.1} % of the ONNX file, \
+             built in {build:.1} s, scored in {eval_seconds:.1} s",
             100.0 * quality,
             100.0 * bytes as f64 / self.onnx_bytes as f64
         );
@@ -126,7 +126,8 @@ fn linear_weight_bytes(graph: &Graph) -> usize {
     weights.iter().filter_map(|&w| graph.values[w].data.as_ref()).map(Storage::byte_len).sum()
 }
 
-/// Returns the largest rank whose two factors hold at most `fraction` of an `n × k` weight's parameters.
+/// Returns the largest rank whose two factors have at most `fraction` of the parameters of an
+/// `n × k` weight.
 fn rank_for_fraction(n: usize, k: usize, fraction: f64) -> usize {
     ((fraction * (n * k) as f64) / (n + k) as f64).floor() as usize
 }
@@ -224,11 +225,13 @@ fn main() -> Result<()> {
 
     // Calibration and selection data, both from the train file.
     let train = read_sts(&args.train)?;
-    // Each pair gives two calibration sentences, so this many pairs leave the selection pairs apart.
+    // Calibration takes about two sentences per pair from the start, so one pair per sentence
+    // leaves a margin.
     let needed = args.selection_pairs + args.samples;
     if train.len() < needed {
         bail!(
-            "{} has {} pairs; holding {} selection pairs apart from {} calibration sentences needs {}",
+            "{} has {} pairs, but holding {} selection pairs apart from {} calibration \
+             sentences needs {}",
             args.train.display(),
             train.len(),
             args.selection_pairs,
@@ -288,8 +291,8 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Measures block drop and fusion, with their choices made on the selection pairs. Returns a Markdown table
-/// of the selection scores.
+/// Measures block drop and fusion, with their choices made on the selection pairs. Returns a
+/// Markdown table of the selection scores.
 fn measure_removals(
     bench: &mut Bench,
     selection: &Evaluator,
@@ -389,7 +392,8 @@ fn best(runs: &[(Run, f64)]) -> f64 {
     runs.iter().map(|r| r.1).fold(f64::NEG_INFINITY, f64::max)
 }
 
-/// Measures plain and whitened low-rank factorization at 90 % and 70 % of the linear weights' parameters.
+/// Measures plain and whitened low-rank factorization at 90 % and 70 % of the linear weights'
+/// parameters.
 fn measure_low_rank(bench: &mut Bench, calibration: &Calibration) -> Result<()> {
     for (method, whitened) in [("plain low-rank", false), ("whitened low-rank", true)] {
         for fraction in [0.9, 0.7] {
@@ -404,7 +408,8 @@ fn measure_low_rank(bench: &mut Bench, calibration: &Calibration) -> Result<()> 
     Ok(())
 }
 
-/// Measures storage precision alone: f16, int8 per row, int4 groups with plain rounding and with GPTQ.
+/// Measures storage precision alone: f16, int8 per row, int4 groups with plain rounding and with
+/// GPTQ.
 fn measure_precision(bench: &mut Bench, calibration: &Calibration) -> Result<()> {
     for (method, mode, detail) in [
         ("f16", Quantize::F16, "linear weights and the embedding tables"),
@@ -434,7 +439,8 @@ fn render(bench: &Bench, dev_count: usize) -> String {
     let linear_f32 = linear_weight_bytes(bench.original) as f64;
     let mut out = format!(
         "Original: STS-B dev Spearman {:.4} over {dev_count} pairs; ONNX file {} bytes.\n\n\
-         | method | setting | bytes | % of ONNX | linear-weight bytes, % of f32 | Spearman | retained | build (s) | score (s) |\n\
+         | method | setting | bytes | % of ONNX | linear-weight bytes, % of f32 | Spearman \
+         | retained | build (s) | score (s) |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
         bench.dev.baseline(),
         bench.onnx_bytes

@@ -5,8 +5,8 @@
 //!
 //! Parameters correspond by position: input `s` of the `p`-th node of one block matches input `s`
 //! of the `p`-th node of every other block. Fusion therefore needs blocks that are structurally
-//! identical (same ops, wiring, constant shapes and non-parameter constants) and rejects others with
-//! [`FusionError::Mismatch`].
+//! identical (same ops, wiring, constant shapes and non-parameter constants) and rejects others
+//! with [`FusionError::Mismatch`].
 //!
 //! For a pair (m = 1) the formula returns block i+1's parameters, so fusing a pair with layer norms
 //! merged computes exactly what dropping block i computes. Fusion differs from dropping only for
@@ -30,9 +30,11 @@ pub struct FuseOptions {
 }
 
 impl Default for FuseOptions {
-    /// Merges layer norms too.
+    /// Keeps the first block's layer norms. On all-MiniLM-L6-v2 (STS-B, docs/method-table.md) that
+    /// scored higher than merging them for every run of three blocks and for the pairs chosen by
+    /// output cosine, though for only 2 of the 5 single pairs.
     fn default() -> Self {
-        FuseOptions { layer_norm: true }
+        FuseOptions { layer_norm: false }
     }
 }
 
@@ -346,8 +348,8 @@ fn compare_constants(
     Ok(())
 }
 
-/// Merged values θ_first + Σ (θ_k − θ_first), computed in f64 as Σ θ_k − (m − 1) θ_first: the same
-/// sum, but exact for m = 1 (block k's values) and for equal values (θ_first).
+/// Computes the merged values θ_first + Σ (θ_k − θ_first) in f64 as Σ θ_k − (m − 1) θ_first: the
+/// same sum, but exact for m = 1 (block k's values) and for equal values (θ_first).
 fn merge_values(first: &[f32], others: &[&[f32]]) -> Vec<f32> {
     let extra = others.len() as f64 - 1.0;
     (0..first.len())
@@ -370,9 +372,9 @@ fn unique_name(graph: &Graph, name: &str) -> String {
     candidate
 }
 
-/// Fuses blocks `first..=first + merged` (positions in `blocks`, which must be
-/// [`find_blocks`]`(graph)`) into block `first` and removes the others. Value ids change, so find the
-/// blocks again before another fusion.
+/// Fuses blocks `first..=first + merged` (positions in `blocks`, which must be the result of
+/// [`find_blocks`] on `graph`) into block `first` and removes the others. Value ids change, so find
+/// the blocks again before another fusion.
 ///
 /// Every f32 constant input of the first block becomes θ_first + Σ (θ_k − θ_first) over the merged
 /// blocks, except layer-norm scale and shift when `options.layer_norm` is false. A constant read
@@ -438,7 +440,7 @@ fn merge_parameters(
         let node = run[0].nodes[position];
         for (slot, &source) in inputs.iter().enumerate() {
             let Source::Constant(id) = source else { continue };
-            // Integer and boolean constants passed the comparison, so they are equal in every block.
+            // Integer and boolean constants passed the comparison, so every block has the same.
             let Some(Storage::F32(values)) = &graph.values[id].data else { continue };
             if !options.layer_norm && matches!(graph.nodes[node].op, Op::LayerNorm { .. }) {
                 kept_layer_norm += 1;

@@ -154,7 +154,8 @@ struct CompressArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Remove N blocks by fusing the adjacent pairs whose outputs are most similar on the
-    /// --calibration data (LaCo-style parameter merge), before low-rank and quantization.
+    /// --calibration data (LaCo-style parameter merge; the first block of each run keeps its layer
+    /// norms), before low-rank and quantization.
     #[arg(long, default_value_t = 0, conflicts_with_all = ["min_quality", "target_size"])]
     fuse_blocks: usize,
     /// Let the planner fuse adjacent blocks first where fusion measures better than dropping them.
@@ -1385,7 +1386,10 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
             "source_bytes": source_bytes,
             "output_bytes": bytes.len(),
             "ratio": ratio,
-            "fused": fused.iter().map(|f| json!({"kept": f.kept, "removed": f.removed})).collect::<Vec<_>>(),
+            "fused": fused
+                .iter()
+                .map(|f| json!({"kept": f.kept, "removed": f.removed}))
+                .collect::<Vec<_>>(),
             "quantize": args.quantize.to_string(),
             "low_rank": args.low_rank.to_string(),
             "factorized": factorized.len(),
