@@ -161,16 +161,22 @@ fn reach(
 
 /// Removes block `b` by routing its input to every reader of its output.
 pub fn drop_block(graph: &mut Graph, block: &Block) {
+    reroute(graph, block.output, block.input);
+}
+
+/// Makes every reader of `value` (nodes and graph outputs) read `replacement` instead, then prunes
+/// the nodes and values no longer read. Value ids change: find blocks again afterwards.
+pub fn reroute(graph: &mut Graph, value: ValueId, replacement: ValueId) {
     for node in &mut graph.nodes {
         for i in node.inputs.iter_mut().flatten() {
-            if *i == block.output {
-                *i = block.input;
+            if *i == value {
+                *i = replacement;
             }
         }
     }
     for o in &mut graph.outputs {
-        if *o == block.output {
-            *o = block.input;
+        if *o == value {
+            *o = replacement;
         }
     }
     graph.prune();

@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod datasets;
 pub mod embed;
 pub mod exec;
+pub mod fusion;
 pub mod gptq;
 pub mod ir;
 pub mod metrics;

@@ -159,6 +159,14 @@ struct CompressArgs {
     /// Write the planner's report (report.json and a size-against-quality plot) into this directory.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Remove N blocks by fusing the adjacent pairs whose outputs are most similar on the
+    /// --calibration data (LaCo-style parameter merge; the first block of each run keeps its layer
+    /// norms), before low-rank and quantization.
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["min_quality", "target_size"])]
+    fuse_blocks: usize,
+    /// Let the planner fuse adjacent blocks first where fusion measures better than dropping them.
+    #[arg(long)]
+    fuse: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -280,6 +288,12 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
     }
     if args.min_quality.is_some() || args.target_size.is_some() {
         return cmd_plan(args);
+    }
+    if args.fuse {
+        bail!("--fuse applies to the planner; add --min-quality or --target-size");
+    }
+    if args.fuse_blocks > 0 {
+        return cmd_compress_fused(args);
     }
     if let Some(t) = &args.tokenizer {
         TextEncoder::from_file(t, args.max_seq as usize).with_context(|| {
@@ -1307,6 +1321,16 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     };
     let spinner = spinner("evaluating the original");
     let evaluator = Evaluator::with_screening(&graph, task, args.eval_samples)?;
+    let floor = match goal {
+        Goal::MinQuality(q) => q,
+        Goal::TargetSize(_) => 0.0,
+    };
+    let fusion =
+        if args.fuse { verified_fusion(&graph, &evaluator, floor, &spinner)? } else { None };
+    let (graph, fused) = match fusion {
+        Some((fused_graph, run)) => (fused_graph, Some(run)),
+        None => (graph, None),
+    };
     // Pack the chosen graph with the same metadata as a fixed-settings compression.
     let options = CompressOptions {
         quantize: Quantize::Int8,
@@ -1332,7 +1356,10 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         &args.model,
         &outcome.graph,
         &options,
-        &format!("{}", outcome.scheme),
+        &match &fused {
+            Some(run) => format!("fuse {run}, {}", outcome.scheme),
+            None => format!("{}", outcome.scheme),
+        },
     )?;
     write_atomic(&args.output, &bytes)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -1344,6 +1371,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         "output_bytes": bytes.len(),
         "ratio": ratio,
         "scheme": format!("{}", outcome.scheme),
+        "fused": fused.map(|run| run.to_string()),
         "quality": outcome.quality,
         "baseline_metric": outcome.baseline,
         "drop_order": outcome.drop_order.iter().map(|(b, q)| json!({"block": b, "quality": q})).collect::<Vec<_>>(),
@@ -1398,6 +1426,142 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         for (b, q) in &outcome.drop_order {
             eprintln!("  removing block {b} (verified) keeps {q:.4}");
         }
+    }
+    Ok(())
+}
+
+/// Fuses a run of adjacent blocks when fusion beats dropping as many blocks on the planner's
+/// evaluation data and keeps at least `floor`. Of several such runs, the one that removes the most
+/// blocks wins. The planner then searches from the fused graph.
+fn verified_fusion(
+    graph: &edgefold_compressor::ir::Graph,
+    evaluator: &edgefold_compressor::planner::Evaluator,
+    floor: f64,
+    spinner: &ProgressBar,
+) -> Result<Option<(edgefold_compressor::ir::Graph, edgefold_compressor::fusion::Run)>> {
+    use edgefold_compressor::blocks::find_blocks;
+    use edgefold_compressor::fusion::{choose_fusion, fuse_run, FuseOptions};
+
+    // The planner removes at most a third of the blocks; fusion gets the same limit.
+    let max_merged = (find_blocks(graph).len() / 3).max(1);
+    let mut chosen = None;
+    for merged in 1..=max_merged {
+        let choice = choose_fusion(graph, evaluator, merged, FuseOptions::default(), |m| {
+            spinner.set_message(m.to_owned());
+            log::debug!("{m}");
+        })?;
+        match choice.winner() {
+            Some((run, quality)) if quality >= floor => chosen = Some(run),
+            Some((run, quality)) => log::info!("fusing {run} keeps {quality:.4}, under the floor"),
+            None => log::info!("fusing {merged} blocks does not beat dropping {merged}"),
+        }
+    }
+    let Some(run) = chosen else { return Ok(None) };
+    let mut fused = graph.clone();
+    fuse_run(&mut fused, run, FuseOptions::default())?;
+    log::info!("fused {run} before the search");
+    Ok(Some((fused, run)))
+}
+
+/// `compress --fuse-blocks N`: calibrates, fuses the most similar adjacent pairs, then factorizes,
+/// quantizes and packs with the fixed settings.
+fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
+    use edgefold_compressor::calibrate::calibrate;
+    use edgefold_compressor::datasets::{self, Dataset};
+    use edgefold_compressor::fusion::{fuse_runs, similar_runs, FuseOptions};
+    use edgefold_compressor::pipeline::pack_graph;
+    use edgefold_compressor::quantize::{factorize, quantize};
+
+    let started = Instant::now();
+    let calibration_path = args.calibration.as_ref().context(
+        "--fuse-blocks needs --calibration DATA (.csv STS pairs, .txt sentences or .npz inputs)",
+    )?;
+    let import = ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq };
+    let (mut graph, _) = load_graph(&args.model, &import)?;
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .or_else(|| args.model.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
+    let samples: Vec<Vec<HostTensor>> = match datasets::load(calibration_path)? {
+        Dataset::Tensors { inputs, .. } => {
+            inputs.into_iter().take(args.samples).map(|t| vec![t]).collect()
+        }
+        text => {
+            let path = tokenizer.as_ref().context("text calibration data needs --tokenizer")?;
+            let encoder = TextEncoder::from_file(path, args.max_seq as usize)?;
+            let names: Vec<String> =
+                graph.inputs.iter().map(|&v| graph.values[v].name.clone()).collect();
+            let mut sentences = datasets::sentences(&text);
+            sentences.dedup();
+            sentences.truncate(args.samples);
+            datasets::text_samples(&encoder, &names, &sentences).map_err(anyhow::Error::msg)?
+        }
+    };
+    let bar = spinner("calibrating");
+    let calibration = calibrate(&graph, &samples, |_| {})?;
+    bar.finish_and_clear();
+    let stats = calibration
+        .blocks
+        .as_ref()
+        .context("no repeated blocks found in the model, so there is nothing to fuse")?;
+    if args.fuse_blocks >= stats.blocks.len() {
+        bail!(
+            "--fuse-blocks {} would leave no block: the model has {} blocks, so use at most {}",
+            args.fuse_blocks,
+            stats.blocks.len(),
+            stats.blocks.len() - 1
+        );
+    }
+    let runs = similar_runs(stats, args.fuse_blocks);
+    let fused = fuse_runs(&mut graph, &runs, FuseOptions::default())?;
+    let factorized = factorize(&mut graph, args.low_rank)?;
+    quantize(&mut graph, args.quantize);
+
+    let names: Vec<String> = runs.iter().map(ToString::to_string).collect();
+    let settings = format!(
+        "fuse {}, linear {}, low-rank {}",
+        names.join(" and "),
+        args.quantize,
+        args.low_rank
+    );
+    let options = CompressOptions {
+        quantize: args.quantize,
+        low_rank: args.low_rank,
+        import,
+        tokenizer: tokenizer.clone(),
+    };
+    let bytes = pack_graph(&args.model, &graph, &options, &settings)?;
+    write_atomic(&args.output, &bytes)?;
+    let source_bytes = std::fs::metadata(&args.model).map_or(0, |m| m.len());
+    let ratio = bytes.len() as f64 / source_bytes.max(1) as f64;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        print_json(&json!({
+            "model": args.model,
+            "output": args.output,
+            "source_bytes": source_bytes,
+            "output_bytes": bytes.len(),
+            "ratio": ratio,
+            "fused": fused
+                .iter()
+                .map(|f| json!({"kept": f.kept, "removed": f.removed}))
+                .collect::<Vec<_>>(),
+            "quantize": args.quantize.to_string(),
+            "low_rank": args.low_rank.to_string(),
+            "factorized": factorized.len(),
+            "seconds": seconds,
+        }));
+    } else {
+        eprintln!(
+            "{} -> {}: {} -> {} ({:.1} % of the original), fused {}, {:.1} s",
+            args.model.display(),
+            args.output.display(),
+            human_bytes(source_bytes),
+            human_bytes(bytes.len() as u64),
+            100.0 * ratio,
+            names.join(" and "),
+            seconds
+        );
     }
     Ok(())
 }
