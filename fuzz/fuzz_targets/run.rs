@@ -1,0 +1,31 @@
+//! Opens the bytes up to the header's `file_len` as a packed file (checksums repaired first), and
+//! if it opens, runs it once in a 1 MiB arena with inputs read from the bytes past `file_len`.
+//! Running must end in a typed error or outputs whose lengths match their shapes.
+#![no_main]
+
+use edgefold_fuzz::{read_outputs, repair_checksums, set_inputs, AlignedCopy, InputFeed};
+use edgefold_runtime::{Model, Session};
+use libfuzzer_sys::fuzz_target;
+
+/// Arena given to every session. Models whose plan needs more fail with `ArenaTooSmall`.
+const ARENA_BYTES: usize = 1 << 20;
+
+fuzz_target!(|data: &[u8]| {
+    let mut copy = AlignedCopy::new(data);
+    repair_checksums(copy.bytes_mut());
+    let Ok(model) = Model::open(copy.bytes()) else {
+        return;
+    };
+    // `open` succeeded, so `file_len` is at most the buffer's length.
+    let file_len = model.header().file_len as usize;
+    let mut feed = InputFeed::new(&data[file_len..]);
+
+    let mut arena = vec![0u8; ARENA_BYTES];
+    let Ok(mut session) = Session::new(&model, &mut arena) else {
+        return;
+    };
+    set_inputs(&mut session, &mut feed);
+    if session.run().is_ok() {
+        read_outputs(&session);
+    }
+});

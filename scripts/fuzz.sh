@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Fuzzes the runtime with cargo-fuzz: compresses small real models into seed files, builds the
+# fuzz targets in fuzz/ (`open` and `run`), and runs each for SECONDS seconds, one after the other.
+#
+# Usage: scripts/fuzz.sh [SECONDS] [LIBFUZZER_FLAG...]   (SECONDS defaults to 60)
+# Example: scripts/fuzz.sh 1800 -jobs=1 -workers=1
+#
+# Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz --locked`). The seeds go to
+# fuzz/corpus/seeds, each target's corpus grows in fuzz/corpus/TARGET, and inputs that crash a
+# target are saved in fuzz/artifacts/TARGET (all three are gitignored). The keyword spotting,
+# anomaly detection and wake word models in ../shared/data/mlperf-tiny are added to the seeds when
+# present. Exits non-zero when a target crashes, times out or runs out of memory.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+seconds="${1:-60}"
+shift || true
+if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -eq 0 ]; then
+    echo "error: SECONDS must be a positive whole number, got '$seconds'" >&2
+    exit 2
+fi
+
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+seeds="fuzz/corpus/seeds"
+mkdir -p "$seeds"
+
+echo "== fuzz seeds"
+cargo build --quiet -p edgefold-compressor --bin edgefold
+edgefold="$target_dir/debug/edgefold"
+
+# Compresses MODEL into seeds/NAME.fold with the remaining arguments as compress options.
+compress() {
+    local name="$1" model="$2"
+    shift 2
+    "$edgefold" compress "$model" -o "$seeds/$name.fold" "$@" > /dev/null
+}
+
+fixtures="compressor/tests/fixtures"
+for quantize in f32 f16 int8 int4; do
+    compress "patterns-$quantize" "$fixtures/onnx/patterns.onnx" --quantize "$quantize"
+done
+compress dynamic-shapes "$fixtures/onnx/dynamic_shapes.onnx" --max-seq 8 --max-batch 2
+for model in conv1d_chain conv2d_chain conv_shared_output; do
+    compress "${model//_/-}-int8" "$fixtures/windows/$model.onnx" --quantize int8
+done
+mlperf="../shared/data/mlperf-tiny"
+if [ -f "$mlperf/kws_ref_model.onnx" ]; then
+    compress kws-f32 "$mlperf/kws_ref_model.onnx" --quantize f32
+    compress kws-int8 "$mlperf/kws_ref_model.onnx" --quantize int8
+    compress anomaly-int8 "$mlperf/ad01_fp32.onnx" --quantize int8
+    compress wake-word-int8 "$mlperf/str_ww_ref_model.onnx" --quantize int8
+else
+    echo "no MLPerf Tiny seeds: $mlperf/kws_ref_model.onnx is missing"
+fi
+ls -l "$seeds"
+
+echo "== fuzz targets"
+fuzz=(cargo +nightly fuzz)
+fuzz_target_dir="$target_dir/fuzz"
+"${fuzz[@]}" build --target-dir "$fuzz_target_dir"
+
+failed=""
+for target in open run; do
+    echo "== fuzz $target for $seconds s"
+    mkdir -p "fuzz/corpus/$target"
+    # The first directory receives the new inputs; the seeds are only read.
+    if ! "${fuzz[@]}" run --target-dir "$fuzz_target_dir" "$target" \
+        "fuzz/corpus/$target" "$seeds" -- \
+        -max_total_time="$seconds" -print_final_stats=1 "$@"; then
+        failed="$failed $target"
+    fi
+    # With -jobs=N libFuzzer writes each job's output to fuzz-JOB.log instead of the terminal.
+    for log in fuzz-[0-9]*.log; do
+        [ -f "$log" ] || continue
+        cat "$log"
+        rm "$log"
+    done
+    echo "corpus of $target: $(find "fuzz/corpus/$target" -type f | wc -l) inputs"
+done
+
+if [ -n "$failed" ]; then
+    echo "error: fuzz targets failed:$failed (inputs in fuzz/artifacts/)" >&2
+    exit 1
+fi
+echo "fuzzing found no crash"
