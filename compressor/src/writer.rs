@@ -6,8 +6,8 @@ use std::path::Path;
 use edgefold_runtime::crc32::crc32;
 use edgefold_runtime::format::{
     DType, Dim, Header, Quant, SectionEntry, SectionKind, StrRef, SymbolEntry, TensorEntry,
-    TensorKind, HEADER_LEN, MAX_GRAPH_INPUTS, MAX_OP_ARITY, MAX_RANK, NO_TENSOR, SECTION_ALIGN,
-    SECTION_ENTRY_LEN, VERSION_MAJOR, VERSION_MINOR,
+    TensorKind, HEADER_LEN, MAX_GRAPH_INPUTS, MAX_OP_ARITY, MAX_RANK, NO_TENSOR, OP_FLAG_IN_PLACE,
+    SECTION_ALIGN, SECTION_ENTRY_LEN, VERSION_MAJOR, VERSION_MINOR,
 };
 use edgefold_runtime::ops::encode_op;
 
@@ -195,6 +195,26 @@ pub fn pack(
         tensors.push(entry);
     }
     tensors.extend(extra);
+    // Scratch tensors of the ops that run in place, after the scale tensors.
+    let mut scratch_index = vec![None; graph.nodes.len()];
+    for (t, node) in graph.nodes.iter().enumerate() {
+        let Some(s) = plan.scratch.get(t).copied().flatten() else { continue };
+        let elements = u32::try_from(s.elements)
+            .map_err(|_| bad(format!("op {} needs {} scratch elements", node.name, s.elements)))?;
+        scratch_index[t] = Some(tensors.len() as u32);
+        tensors.push(TensorEntry {
+            name: strings.add(&format!("{}.scratch", node.name)),
+            dtype: DType::F32,
+            kind: TensorKind::Activation,
+            rank: 1,
+            quant: Quant::None,
+            scale_tensor: NO_TENSOR,
+            group_size: 0,
+            offset: s.offset,
+            byte_len: 4 * s.elements,
+            dims: dims_array(&[Dim::constant(elements)]),
+        });
+    }
 
     let mut symbols = Vec::new();
     for s in &graph.symbols {
@@ -209,7 +229,7 @@ pub fn pack(
         )));
     }
     let mut ops = Vec::new();
-    for node in &graph.nodes {
+    for (t, node) in graph.nodes.iter().enumerate() {
         if node.inputs.len() > MAX_OP_ARITY || node.outputs.len() > MAX_OP_ARITY {
             return Err(bad(format!(
                 "op {} has {} inputs and {} outputs (at most {MAX_OP_ARITY} each)",
@@ -219,10 +239,17 @@ pub fn pack(
             )));
         }
         let name = strings.add(&node.name);
-        let inputs: Vec<u32> =
+        let mut inputs: Vec<u32> =
             node.inputs.iter().map(|i| i.map_or(NO_TENSOR, |v| v as u32)).collect();
+        if let Some(scratch) = scratch_index[t] {
+            // A convolution's scratch is input 3, after the optional bias.
+            inputs.resize(3, NO_TENSOR);
+            inputs.push(scratch);
+        }
         let outputs: Vec<u32> = node.outputs.iter().map(|&o| o as u32).collect();
-        encode_op(&mut ops, &node.op, name, &inputs, &outputs);
+        let in_place = plan.in_place.get(t).copied().unwrap_or(false);
+        let flags = if in_place { OP_FLAG_IN_PLACE } else { 0 };
+        encode_op(&mut ops, &node.op, name, flags, &inputs, &outputs);
     }
     let mut io = Vec::new();
     for &v in graph.inputs.iter().chain(&graph.outputs) {

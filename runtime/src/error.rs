@@ -148,6 +148,13 @@ pub enum Error {
         /// Extent of the indexed axis.
         extent: u64,
     },
+    /// The file uses an op whose kernel this build of the runtime leaves out.
+    OpNotBuilt {
+        /// Index of the op in the op list.
+        op: u32,
+        /// The runtime's cargo feature that builds the op.
+        feature: &'static str,
+    },
     /// A shape computed at run time is inconsistent (for example a slice past the end).
     RuntimeShape {
         /// Op that found it.
@@ -232,6 +239,10 @@ impl fmt::Display for Error {
             Error::IndexOutOfRange { op, index, extent } => {
                 write!(f, "op {op}: index {index} out of range for an axis of extent {extent}")
             }
+            Error::OpNotBuilt { op, feature } => write!(
+                f,
+                "op {op} is not built into this runtime; enable the runtime's `{feature}` feature"
+            ),
             Error::RuntimeShape { op, reason } => write!(f, "op {op}: {reason}"),
         }
     }

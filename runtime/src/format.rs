@@ -22,6 +22,10 @@ pub const TENSOR_ENTRY_LEN: usize = 96;
 pub const SYMBOL_ENTRY_LEN: usize = 16;
 /// Length of the fixed part of an op record in bytes.
 pub const OP_HEADER_LEN: usize = 16;
+/// Op record flag: the op writes its output over input 0, which occupies the same arena region.
+pub const OP_FLAG_IN_PLACE: u16 = 1;
+/// Every op record flag this reader knows; a record with another bit set is invalid.
+pub const OP_FLAGS_KNOWN: u16 = OP_FLAG_IN_PLACE;
 /// Alignment of sections in the file, of constant tensors in the weights section and of
 /// activations in the arena.
 pub const SECTION_ALIGN: usize = 64;

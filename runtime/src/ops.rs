@@ -1,12 +1,12 @@
 //! The runtime's op set and the binary encoding of op parameters.
 //!
 //! An op record in the op list is a 16-byte header (code u16, input count u8, output count u8,
-//! parameter bytes u16, reserved u16, name offset u32, name length u32), then the input tensor
+//! parameter bytes u16, flags u16, name offset u32, name length u32), then the input tensor
 //! indices and the output tensor indices (u32 each, [`NO_TENSOR`](crate::format::NO_TENSOR) for an
 //! absent optional input), then the parameters as little-endian u32 words.
 
 use crate::error::{Error, Result};
-use crate::format::{MAX_RANK, OP_HEADER_LEN};
+use crate::format::{MAX_RANK, OP_FLAGS_KNOWN, OP_FLAG_IN_PLACE, OP_HEADER_LEN};
 
 /// Maximum number of parameter words of any op.
 pub const MAX_PARAM_WORDS: usize = 16;
@@ -295,6 +295,52 @@ impl Op {
         }
     }
 
+    /// The runtime's cargo feature that builds this op's kernel; Reshape is always built.
+    pub fn feature(&self) -> &'static str {
+        match self {
+            Op::Linear => "op-linear",
+            Op::MatMul => "op-matmul",
+            Op::Binary(_) => "op-binary",
+            Op::Unary { .. } => "op-unary",
+            Op::LayerNorm { .. } => "op-layer-norm",
+            Op::Softmax { .. } => "op-softmax",
+            Op::Reduce { .. } => "op-reduce",
+            Op::Gather { .. } => "op-gather",
+            Op::Reshape => "",
+            Op::Transpose { .. } => "op-transpose",
+            Op::Concat { .. } => "op-concat",
+            Op::Slice { .. } => "op-slice",
+            Op::Expand => "op-expand",
+            Op::Cast => "op-cast",
+            Op::Where => "op-where",
+            Op::Conv2d { .. } => "op-conv2d",
+            Op::Pool { .. } => "op-pool",
+        }
+    }
+
+    /// Whether this build of the runtime runs the op (its cargo feature is on).
+    pub fn is_built(&self) -> bool {
+        match self {
+            Op::Linear => cfg!(feature = "op-linear"),
+            Op::MatMul => cfg!(feature = "op-matmul"),
+            Op::Binary(_) => cfg!(feature = "op-binary"),
+            Op::Unary { .. } => cfg!(feature = "op-unary"),
+            Op::LayerNorm { .. } => cfg!(feature = "op-layer-norm"),
+            Op::Softmax { .. } => cfg!(feature = "op-softmax"),
+            Op::Reduce { .. } => cfg!(feature = "op-reduce"),
+            Op::Gather { .. } => cfg!(feature = "op-gather"),
+            Op::Reshape => true,
+            Op::Transpose { .. } => cfg!(feature = "op-transpose"),
+            Op::Concat { .. } => cfg!(feature = "op-concat"),
+            Op::Slice { .. } => cfg!(feature = "op-slice"),
+            Op::Expand => cfg!(feature = "op-expand"),
+            Op::Cast => cfg!(feature = "op-cast"),
+            Op::Where => cfg!(feature = "op-where"),
+            Op::Conv2d { .. } => cfg!(feature = "op-conv2d"),
+            Op::Pool { .. } => cfg!(feature = "op-pool"),
+        }
+    }
+
     /// Encodes the parameters into `words`, returning how many were used.
     pub fn encode_params(&self, words: &mut [u32; MAX_PARAM_WORDS]) -> usize {
         match *self {
@@ -459,6 +505,8 @@ pub struct OpRecord<'a> {
     pub op: Op,
     /// Name offset and length in the strings section.
     pub name: crate::format::StrRef,
+    /// Flag bits ([`OP_FLAG_IN_PLACE`]); only known bits are set.
+    pub flags: u16,
     /// Input tensor indices as raw little-endian bytes.
     inputs: &'a [u8],
     /// Output tensor indices as raw little-endian bytes.
@@ -486,6 +534,11 @@ impl<'a> OpRecord<'a> {
         read_u32(self.outputs, i)
     }
 
+    /// Whether the op writes its output over input 0 ([`OP_FLAG_IN_PLACE`]).
+    pub fn in_place(&self) -> bool {
+        self.flags & OP_FLAG_IN_PLACE != 0
+    }
+
     /// Decodes the record at the start of `bytes`, returning it and its total length.
     pub fn parse(bytes: &'a [u8], index: u32) -> Result<(OpRecord<'a>, usize)> {
         let r = crate::format::Reader::new(bytes, "op record");
@@ -494,6 +547,10 @@ impl<'a> OpRecord<'a> {
         let n_in = r.u8(2)? as usize;
         let n_out = r.u8(3)? as usize;
         let params_len = r.u16(4)? as usize;
+        let flags = r.u16(6)?;
+        if flags & !OP_FLAGS_KNOWN != 0 {
+            return Err(invalid("unknown op flag"));
+        }
         if n_in > crate::format::MAX_OP_ARITY || n_out > crate::format::MAX_OP_ARITY {
             return Err(invalid("too many inputs or outputs"));
         }
@@ -517,6 +574,7 @@ impl<'a> OpRecord<'a> {
         let rec = OpRecord {
             op,
             name,
+            flags,
             inputs: &record[OP_HEADER_LEN..in_end],
             outputs: &record[in_end..out_end],
         };
@@ -531,12 +589,13 @@ fn read_u32(bytes: &[u8], i: usize) -> u32 {
     }
 }
 
-/// Appends an encoded op record to `out`.
+/// Appends an encoded op record with the flag bits `flags` to `out`.
 #[cfg(feature = "alloc")]
 pub fn encode_op(
     out: &mut alloc::vec::Vec<u8>,
     op: &Op,
     name: crate::format::StrRef,
+    flags: u16,
     inputs: &[u32],
     outputs: &[u32],
 ) {
@@ -546,7 +605,7 @@ pub fn encode_op(
     out.push(inputs.len() as u8);
     out.push(outputs.len() as u8);
     out.extend_from_slice(&((4 * n) as u16).to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&name.offset.to_le_bytes());
     out.extend_from_slice(&name.len.to_le_bytes());
     for &t in inputs.iter().chain(outputs) {

@@ -1,9 +1,12 @@
 //! Per-op checks done once when a file is opened: tensor indices, element types, symbolic shapes
 //! and arena overlap. A shape relation that holds symbolically holds for every symbol value, so
 //! the executor only has to re-check what depends on data (indices, slice bounds).
+// Builds without every op leave some imports and parameters unused.
+#![cfg_attr(not(feature = "all-ops"), allow(unused_imports, unused_variables))]
 
 use crate::error::{Error, Result};
 use crate::format::{DType, Dim, Quant, TensorEntry, TensorKind, MAX_RANK};
+use crate::kernels::conv::in_place_scratch_len;
 use crate::model::{is_absent, Model};
 use crate::ops::{Op, OpRecord, Window2d};
 use crate::shape::{broadcasts_to, dims_product, expands_to};
@@ -12,6 +15,9 @@ use crate::shape::{broadcasts_to, dims_product, expands_to};
 pub(crate) fn check_op(model: &Model<'_>, index: u32, rec: &OpRecord<'_>) -> Result<()> {
     let fail = |reason| Error::InvalidOp { op: index, reason };
     model.string(rec.name)?;
+    if !rec.op.is_built() {
+        return Err(Error::OpNotBuilt { op: index, feature: rec.op.feature() });
+    }
     let (n_in, n_out) = (rec.input_count(), rec.output_count());
     let (min_in, max_in, outs) = arity(&rec.op);
     if n_in < min_in || n_in > max_in || n_out != outs {
@@ -45,13 +51,23 @@ pub(crate) fn check_op(model: &Model<'_>, index: u32, rec: &OpRecord<'_>) -> Res
     check_overlap(index, rec, &inputs[..n_in], &out)?;
 
     let input = |i: usize| inputs.get(i).copied().flatten().ok_or(fail("missing input"));
-    check_shapes(index, &rec.op, &input, n_in, &out)
+    check_shapes(index, &rec.op, &input, n_in, &out)?;
+    let scratch = match rec.op {
+        Op::Conv2d { .. } if n_in > 3 && !is_absent(rec.input(3)) => Some(rec.input(3)),
+        _ => None,
+    };
+    match (rec.in_place(), scratch) {
+        (true, _) => check_in_place(model, index, &rec.op, &input, scratch, &out),
+        (false, Some(_)) => Err(fail("a convolution's scratch input is only used in place")),
+        (false, None) => Ok(()),
+    }
 }
 
 /// Minimum inputs, maximum inputs and output count of each op.
 fn arity(op: &Op) -> (usize, usize, usize) {
     match op {
-        Op::Linear | Op::Conv2d { .. } => (2, 3, 1),
+        Op::Linear => (2, 3, 1),
+        Op::Conv2d { .. } => (2, 4, 1),
         Op::MatMul | Op::Binary(_) | Op::Gather { .. } => (2, 2, 1),
         Op::LayerNorm { .. } => (2, 3, 1),
         Op::Concat { .. } => (1, crate::format::MAX_OP_ARITY, 1),
@@ -60,31 +76,86 @@ fn arity(op: &Op) -> (usize, usize, usize) {
     }
 }
 
-/// Inputs and the output of one op must not share arena bytes, except a reshape in place.
+/// Inputs and the output of one op must not share arena bytes, with two exceptions: a reshape's
+/// input and input 0 of an op flagged in place may occupy exactly the output's region. A
+/// convolution's scratch input (input 3) must not share bytes with its other inputs either.
 fn check_overlap(
     index: u32,
     rec: &OpRecord<'_>,
     inputs: &[Option<TensorEntry>],
     out: &TensorEntry,
 ) -> Result<()> {
-    let out_range = (out.offset, out.offset + out.byte_len);
-    for t in inputs.iter().flatten() {
-        if t.kind != TensorKind::Activation {
-            continue;
-        }
+    let fail = |reason| Error::InvalidOp { op: index, reason };
+    for (i, t) in inputs.iter().enumerate() {
+        let Some(t) = t.filter(|t| t.kind == TensorKind::Activation) else { continue };
         let same_place = t.offset == out.offset && t.byte_len == out.byte_len;
-        if matches!(rec.op, Op::Reshape) && same_place {
+        let shared = matches!(rec.op, Op::Reshape) || (i == 0 && rec.in_place());
+        if shared && same_place {
             continue;
         }
-        let disjoint = t.offset + t.byte_len <= out_range.0 || out_range.1 <= t.offset;
-        if !disjoint {
-            return Err(Error::InvalidOp {
-                op: index,
-                reason: "output overlaps an input in the arena",
-            });
+        if overlaps(&t, out) {
+            return Err(fail("output overlaps an input in the arena"));
+        }
+    }
+    if let (Op::Conv2d { .. }, Some(Some(scratch))) = (rec.op, inputs.get(3)) {
+        let others = inputs[..3].iter().flatten().filter(|t| t.kind == TensorKind::Activation);
+        for t in others {
+            if overlaps(t, scratch) {
+                return Err(fail("the scratch input overlaps another input in the arena"));
+            }
         }
     }
     Ok(())
+}
+
+/// Whether two tensors' arena regions share a byte.
+fn overlaps(a: &TensorEntry, b: &TensorEntry) -> bool {
+    a.offset < b.offset + b.byte_len && b.offset < a.offset + a.byte_len
+}
+
+/// Checks an op flagged in place: input 0 has the output's type and shape at the output's
+/// offset, and the op is one that the runtime computes in place. A convolution must be pointwise
+/// (1x1 kernel, no padding) or depthwise with stride 1, and needs a scratch tensor of at least
+/// [`in_place_scratch_len`] f32 elements.
+fn check_in_place(
+    model: &Model<'_>,
+    index: u32,
+    op: &Op,
+    input: &dyn Fn(usize) -> Result<TensorEntry>,
+    scratch: Option<u32>,
+    out: &TensorEntry,
+) -> Result<()> {
+    let fail = |reason| Error::InvalidOp { op: index, reason };
+    let ensure = |ok: bool, reason| if ok { Ok(()) } else { Err(fail(reason)) };
+    let x = input(0)?;
+    let same_place = x.kind == TensorKind::Activation && x.offset == out.offset;
+    ensure(same_place, "an op run in place must have input 0 at the output's offset")?;
+    ensure(x.dtype == out.dtype && x.shape() == out.shape(), "an op run in place keeps the shape")?;
+    let (window, groups) = match *op {
+        Op::Unary { .. } | Op::Binary(_) => return Ok(()),
+        Op::Conv2d { window, groups, .. } => (window, groups),
+        _ => return Err(fail("this op cannot run in place")),
+    };
+    ensure(window.strides == [1, 1], "a convolution in place needs strides of 1")?;
+    // Both extents are constants: check_conv2d has accepted the input.
+    let channels = x.dims[1].factor as usize;
+    let size = [x.dims[2].factor as usize, x.dims[3].factor as usize];
+    if window.kernel == [1, 1] {
+        ensure(window.pads == [0; 4], "a pointwise convolution in place has no padding")?;
+    } else {
+        let depthwise = groups as usize == channels;
+        ensure(depthwise, "only pointwise and depthwise convolutions run in place")?;
+    }
+    let scratch_index = scratch.ok_or(fail("a convolution in place needs a scratch input"))?;
+    let s = input(3)?;
+    ensure(!model.is_graph_input(scratch_index), "the scratch input is a graph input")?;
+    let elements = match (s.dtype, s.kind, s.shape()) {
+        (DType::F32, TensorKind::Activation, [d]) => d.as_constant(),
+        _ => None,
+    };
+    let needed = in_place_scratch_len(&window, channels, size);
+    let large_enough = matches!((elements, needed), (Some(e), Some(n)) if e as usize >= n);
+    ensure(large_enough, "the scratch input must be an f32 activation [n] large enough")
 }
 
 fn check_shapes(
@@ -96,8 +167,8 @@ fn check_shapes(
 ) -> Result<()> {
     let fail = |reason| Error::InvalidOp { op: index, reason };
     let ensure = |ok: bool, reason| if ok { Ok(()) } else { Err(fail(reason)) };
-    let one = Dim::constant(1);
     match *op {
+        #[cfg(feature = "op-linear")]
         Op::Linear => {
             let (x, w) = (input(0)?, input(1)?);
             ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "linear works on f32")?;
@@ -124,6 +195,7 @@ fn check_shapes(
             }
             Ok(())
         }
+        #[cfg(feature = "op-matmul")]
         Op::MatMul => {
             let (a, b) = (input(0)?, input(1)?);
             let all_f32 = [a.dtype, b.dtype, out.dtype].iter().all(|&d| d == DType::F32);
@@ -138,17 +210,20 @@ fn check_shapes(
                 broadcasts_to(&sa[..sa.len() - 2], &sb[..sb.len() - 2], &so[..so.len() - 2]);
             ensure(batch_ok, "batch axes do not broadcast")
         }
+        #[cfg(feature = "op-binary")]
         Op::Binary(_) => {
             let (a, b) = (input(0)?, input(1)?);
             let all_f32 = [a.dtype, b.dtype, out.dtype].iter().all(|&d| d == DType::F32);
             ensure(all_f32, "binary ops work on f32")?;
             ensure(broadcasts_to(a.shape(), b.shape(), out.shape()), "shapes do not broadcast")
         }
+        #[cfg(feature = "op-unary")]
         Op::Unary { .. } => {
             let x = input(0)?;
             ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "unary ops work on f32")?;
             ensure(x.shape() == out.shape(), "unary output shape differs from input")
         }
+        #[cfg(feature = "op-layer-norm")]
         Op::LayerNorm { .. } => {
             let (x, gamma) = (input(0)?, input(1)?);
             ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "layer norm works on f32")?;
@@ -165,16 +240,19 @@ fn check_shapes(
             }
             Ok(())
         }
+        #[cfg(feature = "op-softmax")]
         Op::Softmax { axis } => {
             let x = input(0)?;
             ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "softmax works on f32")?;
             ensure(x.shape() == out.shape(), "softmax output shape differs")?;
             ensure((axis as usize) < x.rank as usize, "softmax axis out of range")
         }
+        #[cfg(feature = "op-reduce")]
         Op::Reduce { axes, keep_dims, .. } => {
             let x = input(0)?;
             ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "reductions work on f32")?;
             ensure(axes >> x.rank == 0 && axes != 0, "reduced axes out of range")?;
+            let one = Dim::constant(1);
             let mut expected = [one; MAX_RANK];
             let mut rank = 0;
             for (i, d) in x.shape().iter().enumerate() {
@@ -186,6 +264,7 @@ fn check_shapes(
             }
             ensure(out.shape() == &expected[..rank], "reduced shape mismatch")
         }
+        #[cfg(feature = "op-gather")]
         Op::Gather { axis } => {
             let (data, indices) = (input(0)?, input(1)?);
             let axis = axis as usize;
@@ -221,6 +300,7 @@ fn check_shapes(
                 && dims_product(x.shape()) == dims_product(out.shape());
             ensure(same, "reshape changes the element count")
         }
+        #[cfg(feature = "op-transpose")]
         Op::Transpose { perm } => {
             let x = input(0)?;
             let rank = x.rank as usize;
@@ -234,6 +314,7 @@ fn check_shapes(
             }
             Ok(())
         }
+        #[cfg(feature = "op-concat")]
         Op::Concat { axis } => {
             let axis = axis as usize;
             ensure(axis < out.rank as usize, "concat axis out of range")?;
@@ -252,22 +333,26 @@ fn check_shapes(
             }
             ensure(total == out.dims[axis], "concat output extent mismatch")
         }
+        #[cfg(feature = "op-slice")]
         Op::Slice { steps, .. } => {
             let x = input(0)?;
             ensure(x.dtype == out.dtype && x.rank == out.rank, "slice input mismatch")?;
             ensure(steps.iter().all(|&s| s != 0), "slice step is 0")
         }
+        #[cfg(feature = "op-expand")]
         Op::Expand => {
             let x = input(0)?;
             ensure(x.dtype == out.dtype, "expand changes the element type")?;
             ensure(expands_to(x.shape(), out.shape()), "input does not broadcast")
         }
+        #[cfg(feature = "op-cast")]
         Op::Cast => {
             let x = input(0)?;
             ensure(x.shape() == out.shape(), "cast changes the shape")?;
             let castable = |d: DType| d != DType::I4;
             ensure(castable(x.dtype) && castable(out.dtype), "cast of int4 data")
         }
+        #[cfg(feature = "op-where")]
         Op::Where => {
             let (c, x, y) = (input(0)?, input(1)?, input(2)?);
             ensure(c.dtype == DType::Bool, "condition must be boolean")?;
@@ -275,10 +360,12 @@ fn check_shapes(
             let xy = broadcasts_to(x.shape(), y.shape(), out.shape());
             ensure(xy && expands_to(c.shape(), out.shape()), "shapes do not broadcast")
         }
+        #[cfg(feature = "op-conv2d")]
         Op::Conv2d { window, groups, .. } => {
             let bias = if n_in > 2 { input(2).ok() } else { None };
             check_conv2d(index, &window, groups, &input(0)?, &input(1)?, bias.as_ref(), out)
         }
+        #[cfg(feature = "op-pool")]
         Op::Pool { window, ceil_mode, .. } => {
             let x = input(0)?;
             ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "pooling works on f32")?;
@@ -286,11 +373,15 @@ fn check_shapes(
             ensure(x.dims[..2] == out.dims[..2], "pooling changes the batch or channel extent")?;
             check_window(index, &window, &x.dims[2..4], &out.dims[2..4], ceil_mode)
         }
+        // check_op rejects ops that this build leaves out before their shapes are checked.
+        #[allow(unreachable_patterns)]
+        other => Err(Error::OpNotBuilt { op: index, feature: other.feature() }),
     }
 }
 
 /// Checks a convolution: NCHW f32 tensors, the weight's storage and its flattened
 /// `[O, C / groups * kh * kw]` shape, the bias, and the output's spatial extents.
+#[cfg(feature = "op-conv2d")]
 fn check_conv2d(
     index: u32,
     window: &Window2d,
@@ -338,6 +429,7 @@ fn check_conv2d(
 
 /// Checks that the spatial extents are constants and that `window` maps the input's onto the
 /// output's.
+#[cfg(any(feature = "op-conv2d", feature = "op-pool"))]
 fn check_window(
     index: u32,
     window: &Window2d,

@@ -192,6 +192,163 @@ fn conv2d<T: Taps>(
     }
 }
 
+/// Scratch elements that [`conv2d_nchw_f32_in_place`] needs for an input of `channels` planes
+/// of `[H, W]`: `C` for a 1x1 kernel (one input pixel), otherwise `(min(pad_top, H) + 1) * W`
+/// (the input rows that later output rows still read after their own output row was written,
+/// and one output row). Returns `None` on overflow.
+pub fn in_place_scratch_len(window: &Window2d, channels: usize, size: [usize; 2]) -> Option<usize> {
+    if window.kernel == [1, 1] {
+        Some(channels)
+    } else {
+        kept_rows(window, size[0]).checked_add(1)?.checked_mul(size[1])
+    }
+}
+
+/// Input rows that an in-place depthwise convolution keeps: output row `oy` reads input rows
+/// from `oy - pad_top` on, and rows above the input do not exist.
+fn kept_rows(window: &Window2d, height: usize) -> usize {
+    (window.pads[0] as usize).min(height)
+}
+
+/// The convolution of [`conv2d_nchw_f32`] computed in the input's memory: `xy` holds the input
+/// on entry and the output on return. Results are bit-identical to [`conv2d_nchw_f32`].
+///
+/// Two cases are supported, both with `O == C`, equal input and output extents and strides 1:
+/// - a 1x1 kernel without padding, any `groups`. Blocks of `scratch.len() / C` pixels are copied
+///   to `scratch` and their outputs written over them;
+/// - a depthwise convolution (`groups == C`) of any kernel, padding and dilation. Each output
+///   row is computed in `scratch`, and the input rows that later output rows still read (up to
+///   `pad_top` rows above the current one) are kept in `scratch` too.
+///
+/// `scratch` must hold at least [`in_place_scratch_len`] elements; the caller checks the rest.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_nchw_f32_in_place(
+    xy: &mut [f32],
+    geometry: &Geometry,
+    groups: usize,
+    weights: ConvWeights<'_>,
+    bias: Option<Bias<'_>>,
+    activation: [f32; 2],
+    scratch: &mut [f32],
+) {
+    let call = InPlace { geometry, groups, bias, activation };
+    match weights {
+        ConvWeights::F32(w) => call.run(xy, &F32Taps(w), scratch),
+        ConvWeights::F16(w) => call.run(xy, &F16Taps(w), scratch),
+        ConvWeights::I8 { q, scales } => call.run(xy, &I8Taps(q, scales), scratch),
+        ConvWeights::I4(rows) => call.run(xy, &I4Taps(rows), scratch),
+    }
+}
+
+/// Parameters of one in-place convolution.
+struct InPlace<'a> {
+    geometry: &'a Geometry,
+    groups: usize,
+    bias: Option<Bias<'a>>,
+    activation: [f32; 2],
+}
+
+impl InPlace<'_> {
+    fn run<T: Taps>(&self, xy: &mut [f32], taps: &T, scratch: &mut [f32]) {
+        let g = self.geometry;
+        debug_assert_eq!(g.in_size, g.out_size);
+        debug_assert_eq!(g.in_channels, g.out_channels);
+        debug_assert_eq!(g.window.strides, [1, 1]);
+        if g.window.kernel == [1, 1] {
+            self.pointwise(xy, taps, scratch);
+        } else {
+            self.depthwise(xy, taps, scratch);
+        }
+    }
+
+    /// Adds the bias and clamps.
+    #[inline]
+    fn finish(&self, o: usize, values: &mut [f32]) {
+        let b = self.bias.map_or(0.0, |b| b.at(o));
+        for v in values.iter_mut() {
+            *v = clamp(*v + b, self.activation);
+        }
+    }
+
+    fn pointwise<T: Taps>(&self, xy: &mut [f32], taps: &T, scratch: &mut [f32]) {
+        let g = self.geometry;
+        let channels = g.in_channels;
+        let plane = g.in_size[0] * g.in_size[1];
+        let per_group = channels / self.groups;
+        let block = (scratch.len() / channels).clamp(1, plane.max(1));
+        for sample in xy.chunks_exact_mut(channels * plane).take(g.batch) {
+            let mut start = 0;
+            while start < plane {
+                let len = block.min(plane - start);
+                // Every output pixel of the block reads only the input pixel at its own place, so
+                // once the block's inputs are copied out its outputs can overwrite them.
+                for c in 0..channels {
+                    let from = &sample[c * plane + start..][..len];
+                    scratch[c * len..(c + 1) * len].copy_from_slice(from);
+                }
+                for o in 0..channels {
+                    let first = (o / per_group) * per_group;
+                    let dst = &mut sample[o * plane + start..][..len];
+                    dst.fill(0.0);
+                    for ci in 0..per_group {
+                        let src = &scratch[(first + ci) * len..][..len];
+                        axpy(dst, taps.tap(o, ci, per_group), src);
+                    }
+                    self.finish(o, dst);
+                }
+                start += len;
+            }
+        }
+    }
+
+    fn depthwise<T: Taps>(&self, xy: &mut [f32], taps: &T, scratch: &mut [f32]) {
+        let g = self.geometry;
+        let w = &g.window;
+        let [height, width] = g.in_size;
+        let (kh, kw) = (w.kernel[0] as usize, w.kernel[1] as usize);
+        // Output row `oy` reads input rows from `oy - pad_top` on, so the `keep` rows above it are
+        // kept in a ring before their output rows overwrite them.
+        let keep = kept_rows(w, height);
+        let (ring, row) = scratch.split_at_mut(keep * width);
+        let row = &mut row[..width];
+        let planes = g.batch * g.in_channels;
+        for (p, data) in xy.chunks_exact_mut(height * width).take(planes).enumerate() {
+            let o = p % g.in_channels;
+            for oy in 0..height {
+                row.fill(0.0);
+                for ky in 0..kh {
+                    let iy = oy as i64 + tap_offset(w, 0, ky);
+                    if iy < 0 || iy >= height as i64 {
+                        continue;
+                    }
+                    let iy = iy as usize;
+                    let in_row = if iy < oy {
+                        &ring[(iy % keep) * width..][..width]
+                    } else {
+                        &data[iy * width..][..width]
+                    };
+                    for kx in 0..kw {
+                        let offset_x = tap_offset(w, 1, kx);
+                        let (x0, x1) = covered(width, width, 1, offset_x);
+                        if x0 == x1 {
+                            continue;
+                        }
+                        let ix0 = (x0 as i64 + offset_x) as usize;
+                        let weight = taps.tap(o, ky * kw + kx, kh * kw);
+                        axpy(&mut row[x0..x1], weight, &in_row[ix0..ix0 + (x1 - x0)]);
+                    }
+                }
+                let current = &mut data[oy * width..][..width];
+                if keep > 0 {
+                    ring[(oy % keep) * width..][..width].copy_from_slice(current);
+                }
+                current.copy_from_slice(row);
+                self.finish(o, current);
+            }
+        }
+    }
+}
+
 /// Input offset of tap `tap` along `axis`: output position `o` reads `o * stride + offset`.
 fn tap_offset(w: &Window2d, axis: usize, tap: usize) -> i64 {
     tap as i64 * w.dilations[axis] as i64 - w.pads[axis] as i64
@@ -558,7 +715,9 @@ mod tests {
             let g = geometry(&c, false);
             let row = c.channels / c.groups * (c.window.kernel[0] * c.window.kernel[1]) as usize;
             // Groups are even and divide the row; odd rows cannot be grouped.
-            let Some(group) = (2..=8).rev().step_by(2).find(|d| row.is_multiple_of(*d)) else { continue };
+            let Some(group) = (2..=8).rev().step_by(2).find(|d| row.is_multiple_of(*d)) else {
+                continue;
+            };
             let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 500);
             let q: Vec<i8> = random(c.outputs * row, seed as u64 + 600)
                 .iter()
@@ -612,6 +771,104 @@ mod tests {
             tested += 1;
         }
         assert!(tested >= 3, "only {tested} cases have even rows");
+    }
+
+    /// Convolutions that keep their extents and channels, so they can run in place.
+    fn in_place_cases() -> Vec<(&'static str, Case)> {
+        let case = |batch, channels, size, groups, window| Case {
+            batch,
+            channels,
+            size,
+            outputs: channels,
+            groups,
+            window,
+        };
+        let dense = |kernel, pads, dilations| window(kernel, [1, 1], pads, dilations);
+        vec![
+            ("pointwise", case(2, 5, [3, 7], 1, dense([1, 1], [0; 4], [1, 1]))),
+            ("pointwise grouped", case(1, 6, [4, 4], 3, dense([1, 1], [0; 4], [1, 1]))),
+            ("pointwise depthwise", case(1, 4, [2, 5], 4, dense([1, 1], [0; 4], [1, 1]))),
+            ("kws depthwise", case(1, 8, [25, 5], 8, dense([3, 3], [1; 4], [1, 1]))),
+            ("depthwise batch", case(3, 2, [6, 4], 2, dense([3, 3], [1; 4], [1, 1]))),
+            ("tall kernel", case(1, 3, [7, 5], 3, dense([5, 3], [2, 1, 2, 1], [1, 1]))),
+            ("dilated", case(1, 2, [9, 6], 2, dense([3, 3], [2, 1, 2, 1], [2, 1]))),
+            ("causal rows", case(1, 2, [5, 4], 2, dense([3, 3], [0, 1, 2, 1], [1, 1]))),
+            ("rows above only", case(1, 2, [5, 4], 2, dense([3, 3], [2, 1, 0, 1], [1, 1]))),
+            ("padding over height", case(1, 2, [2, 3], 2, dense([5, 1], [4, 0, 0, 0], [1, 1]))),
+            ("single row kernel", case(2, 3, [4, 6], 3, dense([1, 3], [0, 1, 0, 1], [1, 1]))),
+            ("one row input", case(1, 2, [1, 6], 2, dense([3, 3], [1; 4], [1, 1]))),
+        ]
+    }
+
+    #[test]
+    fn in_place_conv_is_bit_identical() {
+        for (seed, (name, c)) in in_place_cases().into_iter().enumerate() {
+            let g = geometry(&c, false);
+            assert_eq!(g.out_size, c.size, "{name}: the case changes the extents");
+            let row = c.channels / c.groups * (c.window.kernel[0] * c.window.kernel[1]) as usize;
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 600);
+            let raw = random(c.outputs * row, seed as u64 + 700);
+            let q: Vec<i8> = raw.iter().map(|v| (v * 127.0) as i8).collect();
+            let scales: Vec<f32> = (0..c.outputs).map(|o| 0.02 * (o + 1) as f32).collect();
+            let bits: Vec<u16> = raw.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let bias = random(c.outputs, seed as u64 + 800);
+            let needed = in_place_scratch_len(&c.window, c.channels, c.size).unwrap();
+            let all_weights = [
+                ("f32", ConvWeights::F32(&raw)),
+                ("f16", ConvWeights::F16(&bits)),
+                ("int8", ConvWeights::I8 { q: &q, scales: &scales }),
+            ];
+            for (storage, weights) in all_weights {
+                for act in [[f32::NEG_INFINITY, f32::INFINITY], [0.0, 0.5]] {
+                    let mut expected = vec![f32::NAN; x.len()];
+                    conv2d_nchw_f32(
+                        &x,
+                        &g,
+                        c.groups,
+                        weights,
+                        Some(Bias::F32(&bias)),
+                        act,
+                        &mut expected,
+                    );
+                    for extra in [0, 1, needed, 5 * needed] {
+                        let mut xy = x.clone();
+                        let mut scratch = vec![f32::NAN; needed + extra];
+                        conv2d_nchw_f32_in_place(
+                            &mut xy,
+                            &g,
+                            c.groups,
+                            weights,
+                            Some(Bias::F32(&bias)),
+                            act,
+                            &mut scratch,
+                        );
+                        for (i, (a, b)) in xy.iter().zip(&expected).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{name}, {storage}, scratch {}: element {i} is {a}, not {b}",
+                                scratch.len()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn in_place_scratch_known_sizes() {
+        let kws = window([3, 3], [1, 1], [1; 4], [1, 1]);
+        assert_eq!(in_place_scratch_len(&kws, 64, [25, 5]), Some(10));
+        let pointwise = window([1, 1], [1, 1], [0; 4], [1, 1]);
+        assert_eq!(in_place_scratch_len(&pointwise, 64, [25, 5]), Some(64));
+        let causal = window([3, 3], [1, 1], [0, 1, 2, 1], [1, 1]);
+        assert_eq!(in_place_scratch_len(&causal, 2, [4, 7]), Some(7));
+        let tall = window([9, 1], [1, 1], [8, 0, 0, 0], [1, 1]);
+        assert_eq!(in_place_scratch_len(&tall, 2, [3, 7]), Some(28), "at most H rows are kept");
+        let huge = window([3, 3], [1, 1], [u32::MAX; 4], [1, 1]);
+        let size = [usize::MAX, usize::MAX / 2];
+        assert_eq!(in_place_scratch_len(&huge, 1, size), None, "overflow is reported");
     }
 
     /// Pooling straight from the definition.

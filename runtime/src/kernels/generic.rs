@@ -243,6 +243,27 @@ pub fn binary(
     });
 }
 
+/// Element-wise `a = a ∘ b` in place, with `b` broadcast to `shape` (the shape of `a`), with
+/// the results of [`binary`].
+pub fn binary_in_place(kind: BinaryKind, a: &mut [f32], b: &[f32], b_shape: &Shape, shape: &Shape) {
+    let f = binary_fn(kind);
+    if b_shape == shape {
+        for (x, &y) in a.iter_mut().zip(b) {
+            *x = f(*x, y);
+        }
+        return;
+    }
+    let sb = b_shape.broadcast_strides(shape);
+    let last = if shape.rank == 0 { 1 } else { shape.dims[shape.rank - 1] };
+    let lb = if shape.rank == 0 { 0 } else { sb[shape.rank - 1] };
+    for_each_outer(shape, &sb, &sb, |o, off_b, _| {
+        let row = &mut a[o * last..(o + 1) * last];
+        for (i, r) in row.iter_mut().enumerate() {
+            *r = f(*r, b[off_b + i * lb]);
+        }
+    });
+}
+
 /// Gauss error function.
 #[inline]
 pub fn erf(x: f32) -> f32 {
@@ -251,30 +272,62 @@ pub fn erf(x: f32) -> f32 {
 
 /// Element-wise unary op, `out[i] = f(x[i])`.
 pub fn unary(kind: UnaryKind, alpha: f32, beta: f32, x: &[f32], out: &mut [f32]) {
-    fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
-        for (o, &v) in out.iter_mut().zip(x) {
+    unary_with(kind, alpha, beta, Separate(x, out));
+}
+
+/// Element-wise unary op in place, `xy[i] = f(xy[i])`, with the results of [`unary`].
+pub fn unary_in_place(kind: UnaryKind, alpha: f32, beta: f32, xy: &mut [f32]) {
+    unary_with(kind, alpha, beta, InPlace(xy));
+}
+
+/// Where an element-wise op reads its input and writes its output.
+trait ElementMap {
+    /// Writes `f(v)` for every input value `v`.
+    fn map(self, f: impl Fn(f32) -> f32);
+}
+
+/// Input and output in separate slices.
+struct Separate<'a>(&'a [f32], &'a mut [f32]);
+
+/// One slice, overwritten.
+struct InPlace<'a>(&'a mut [f32]);
+
+impl ElementMap for Separate<'_> {
+    #[inline]
+    fn map(self, f: impl Fn(f32) -> f32) {
+        for (o, &v) in self.1.iter_mut().zip(self.0) {
             *o = f(v);
         }
     }
-    match kind {
-        UnaryKind::Neg => map(x, out, |v| -v),
-        UnaryKind::Abs => map(x, out, libm::fabsf),
-        UnaryKind::Sqrt => map(x, out, libm::sqrtf),
-        UnaryKind::Exp => map(x, out, libm::expf),
-        UnaryKind::Log => map(x, out, libm::logf),
-        UnaryKind::Erf => map(x, out, erf),
-        UnaryKind::Tanh => map(x, out, libm::tanhf),
-        UnaryKind::Sigmoid => map(x, out, |v| 1.0 / (1.0 + libm::expf(-v))),
-        UnaryKind::Relu => map(x, out, |v| if v > 0.0 { v } else { 0.0 }),
-        UnaryKind::Gelu => {
-            map(x, out, |v| 0.5 * v * (1.0 + erf(v * core::f32::consts::FRAC_1_SQRT_2)))
+}
+
+impl ElementMap for InPlace<'_> {
+    #[inline]
+    fn map(self, f: impl Fn(f32) -> f32) {
+        for v in self.0.iter_mut() {
+            *v = f(*v);
         }
-        UnaryKind::GeluTanh => map(x, out, |v| {
+    }
+}
+
+fn unary_with(kind: UnaryKind, alpha: f32, beta: f32, m: impl ElementMap) {
+    match kind {
+        UnaryKind::Neg => m.map(|v| -v),
+        UnaryKind::Abs => m.map(libm::fabsf),
+        UnaryKind::Sqrt => m.map(libm::sqrtf),
+        UnaryKind::Exp => m.map(libm::expf),
+        UnaryKind::Log => m.map(libm::logf),
+        UnaryKind::Erf => m.map(erf),
+        UnaryKind::Tanh => m.map(libm::tanhf),
+        UnaryKind::Sigmoid => m.map(|v| 1.0 / (1.0 + libm::expf(-v))),
+        UnaryKind::Relu => m.map(|v| if v > 0.0 { v } else { 0.0 }),
+        UnaryKind::Gelu => m.map(|v| 0.5 * v * (1.0 + erf(v * core::f32::consts::FRAC_1_SQRT_2))),
+        UnaryKind::GeluTanh => m.map(|v| {
             const C: f32 = 0.797_884_6; // sqrt(2 / pi)
             0.5 * v * (1.0 + libm::tanhf(C * (v + 0.044_715 * v * v * v)))
         }),
-        UnaryKind::Reciprocal => map(x, out, |v| 1.0 / v),
-        UnaryKind::Clip => map(x, out, |v| {
+        UnaryKind::Reciprocal => m.map(|v| 1.0 / v),
+        UnaryKind::Clip => m.map(|v| {
             let lo = if v < alpha { alpha } else { v };
             if lo > beta {
                 beta
@@ -282,7 +335,7 @@ pub fn unary(kind: UnaryKind, alpha: f32, beta: f32, x: &[f32], out: &mut [f32])
                 lo
             }
         }),
-        UnaryKind::Silu => map(x, out, |v| v / (1.0 + libm::expf(-v))),
+        UnaryKind::Silu => m.map(|v| v / (1.0 + libm::expf(-v))),
     }
 }
 
@@ -407,4 +460,85 @@ pub fn expand<T: Copy>(x: &[T], in_shape: &Shape, out: &mut [T], out_shape: &Sha
             *r = x[off + i * step];
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use std::vec::Vec;
+
+    const UNARY_KINDS: [UnaryKind; 14] = [
+        UnaryKind::Neg,
+        UnaryKind::Abs,
+        UnaryKind::Sqrt,
+        UnaryKind::Exp,
+        UnaryKind::Log,
+        UnaryKind::Erf,
+        UnaryKind::Tanh,
+        UnaryKind::Sigmoid,
+        UnaryKind::Relu,
+        UnaryKind::Gelu,
+        UnaryKind::GeluTanh,
+        UnaryKind::Reciprocal,
+        UnaryKind::Clip,
+        UnaryKind::Silu,
+    ];
+
+    const BINARY_KINDS: [BinaryKind; 7] = [
+        BinaryKind::Add,
+        BinaryKind::Sub,
+        BinaryKind::Mul,
+        BinaryKind::Div,
+        BinaryKind::Pow,
+        BinaryKind::Max,
+        BinaryKind::Min,
+    ];
+
+    /// Values from -4 to 4 in uneven steps, with zeros, infinities and NaN.
+    fn values(n: usize) -> Vec<f32> {
+        let special = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 2.0];
+        (0..n)
+            .map(|i| special.get(i).copied().unwrap_or(((i * 37) % 101) as f32 * 0.08 - 4.0))
+            .collect()
+    }
+
+    fn assert_same_bits(ours: &[f32], expected: &[f32], what: &str) {
+        assert_eq!(ours.len(), expected.len(), "{what}: lengths differ");
+        for (i, (a, b)) in ours.iter().zip(expected).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i} is {a}, expected {b}");
+        }
+    }
+
+    #[test]
+    fn unary_in_place_matches_unary() {
+        let x = values(64);
+        for kind in UNARY_KINDS {
+            let mut expected = std::vec![0.0; x.len()];
+            unary(kind, -1.5, 2.5, &x, &mut expected);
+            let mut xy = x.clone();
+            unary_in_place(kind, -1.5, 2.5, &mut xy);
+            assert_same_bits(&xy, &expected, &std::format!("{kind:?}"));
+        }
+    }
+
+    #[test]
+    fn binary_in_place_matches_binary() {
+        let shape = |dims: &[usize]| Shape::from_slice(dims).unwrap();
+        let out = shape(&[2, 3, 4]);
+        let cases = [shape(&[2, 3, 4]), shape(&[4]), shape(&[3, 1]), shape(&[2, 1, 4]), shape(&[])];
+        let a = values(out.numel());
+        for b_shape in cases {
+            let b: Vec<f32> = values(b_shape.numel() + 7)[7..].to_vec();
+            for kind in BINARY_KINDS {
+                let mut expected = std::vec![0.0; out.numel()];
+                binary(kind, &a, &out, &b, &b_shape, &mut expected, &out);
+                let mut xy = a.clone();
+                binary_in_place(kind, &mut xy, &b, &b_shape, &out);
+                let what = std::format!("{kind:?} with b {:?}", b_shape.as_slice());
+                assert_same_bits(&xy, &expected, &what);
+            }
+        }
+    }
 }
