@@ -92,11 +92,29 @@ impl<'m, 'a> Session<'m, 'a> {
         shape: &[usize],
         data: &[T],
     ) -> Result<()> {
+        self.set_input_bytes(index, T::DTYPE, shape, as_bytes(data))
+    }
+
+    /// Copies the little-endian elements of type `dtype` in `bytes` into graph input `index`.
+    ///
+    /// Covers the element types [`set_input`](Self::set_input) has no Rust type for, such as
+    /// [`DType::Bool`] (one byte per element, nonzero is true) and [`DType::I8`].
+    ///
+    /// # Errors
+    /// As [`set_input`](Self::set_input); a byte count other than the shape's element count times
+    /// the element size is a shape mismatch.
+    pub fn set_input_bytes(
+        &mut self,
+        index: usize,
+        dtype: DType,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<()> {
         let t_index = self.model.input_tensor(index)?;
         let t = self.model.tensor(t_index)?;
         let input = index as u32;
-        if t.dtype != T::DTYPE {
-            return Err(Error::InputDtypeMismatch { input, expected: t.dtype, given: T::DTYPE });
+        if t.dtype != dtype {
+            return Err(Error::InputDtypeMismatch { input, expected: t.dtype, given: dtype });
         }
         if shape.len() != t.rank as usize {
             return Err(Error::InputShapeMismatch {
@@ -123,15 +141,14 @@ impl<'m, 'a> Session<'m, 'a> {
             }
         }
         let shape = Shape::from_slice(shape).ok_or(Error::UnknownIo { index: input })?;
-        if data.len() != shape.numel() {
+        if bytes.len() != shape.numel() * dtype.size() {
             return Err(Error::InputShapeMismatch {
                 input,
                 axis: u32::MAX,
                 expected: shape.numel() as u64,
-                given: data.len() as u64,
+                given: (bytes.len() / dtype.size().max(1)) as u64,
             });
         }
-        let bytes = as_bytes(data);
         let dst = self.activation_mut(&t, bytes.len(), u32::MAX)?;
         dst.copy_from_slice(bytes);
         self.input_shapes[index] = shape;
@@ -178,6 +195,21 @@ impl<'m, 'a> Session<'m, 'a> {
         let values =
             cast(bytes).ok_or(Error::RuntimeShape { op: u32::MAX, reason: "misaligned output" })?;
         Ok((shape, values))
+    }
+
+    /// Shape, element type and little-endian element bytes of graph output `index` after a
+    /// successful [`run`](Self::run), for any element type.
+    ///
+    /// # Errors
+    /// [`Error::NotRun`] or an unknown index.
+    pub fn output_bytes(&self, index: usize) -> Result<(Shape, DType, &[u8])> {
+        if !self.ran {
+            return Err(Error::NotRun);
+        }
+        let t = self.model.tensor(self.model.output_tensor(index)?)?;
+        let shape = self.shape(&t, u32::MAX)?;
+        let bytes = self.bytes(&t, shape.numel() * t.dtype.size(), u32::MAX)?;
+        Ok((shape, t.dtype, bytes))
     }
 
     /// Element type of graph output `index`.
