@@ -7,6 +7,10 @@
 # reason when it is absent; with EDGEFOLD_REQUIRE_DATA=1 they fail instead. The cross-compiled
 # runs need gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user and qemu-system-arm (Debian
 # packages); without them they are skipped, unless EDGEFOLD_REQUIRE_TARGETS=1.
+#
+# Last, the runtime's tests under Miri (scripts/miri.sh, on x86_64 and big-endian s390x) and each
+# fuzz target for 60 s (scripts/fuzz.sh). They need a nightly toolchain with the miri and rust-src
+# components, and cargo-fuzz; without them they are skipped, unless EDGEFOLD_REQUIRE_TARGETS=1.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -55,5 +59,33 @@ else
     echo "== firmware on Cortex-M boards under QEMU"
     bash targets/cortex-m/generate.sh
     bash targets/cortex-m/run.sh
+fi
+
+# Skips a step with REASON, or fails when EDGEFOLD_REQUIRE_TARGETS=1 makes it mandatory.
+skip_or_fail() {
+    if [ "${EDGEFOLD_REQUIRE_TARGETS:-0}" = 1 ]; then
+        echo "error: $1" >&2
+        exit 1
+    fi
+    echo "skipping: $1"
+}
+
+has_nightly_miri() {
+    cargo +nightly miri --version > /dev/null 2>&1 || return 1
+    rustup component list --toolchain nightly --installed 2> /dev/null \
+        | grep '^rust-src' > /dev/null
+}
+
+if has_nightly_miri; then
+    bash scripts/miri.sh
+else
+    skip_or_fail "the Miri runs need a nightly toolchain with miri and rust-src \
+(rustup toolchain install nightly --profile minimal --component miri,rust-src)"
+fi
+if cargo +nightly fuzz --version > /dev/null 2>&1; then
+    bash scripts/fuzz.sh 60
+else
+    skip_or_fail "the fuzz runs need a nightly toolchain and cargo-fuzz \
+(cargo install cargo-fuzz --locked)"
 fi
 echo "all tests passed"

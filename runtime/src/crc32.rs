@@ -90,7 +90,11 @@ mod tests {
     fn crc32_matches_bitwise_for_all_lengths() {
         let data: std::vec::Vec<u8> =
             (0..1000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        for len in 0..data.len() {
+        // Miri interprets every operation, so under it this checks every length up to 17 (each
+        // remainder after zero and one 8-byte chunks, from each start) and one long one.
+        let lengths: std::vec::Vec<usize> =
+            if cfg!(miri) { (0..=17).chain([100]).collect() } else { (0..data.len()).collect() };
+        for len in lengths {
             for start in [0, 1, 3, 7] {
                 let s = &data[start.min(len)..len];
                 assert_eq!(crc32(s), bytewise(s), "length {len}, start {start}");

@@ -13,7 +13,26 @@ use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
 use super::{linear_with, matmul_with, Isa, Weights};
 
 /// Row lengths: around the 8- and 16-lane widths, around a 384-wide layer, and 100.
-const K_SIZES: [usize; 10] = [1, 3, 7, 15, 17, 31, 33, 100, 383, 385];
+#[cfg(not(miri))]
+const K_SIZES: &[usize] = &[1, 3, 7, 15, 17, 31, 33, 100, 383, 385];
+/// Under Miri, which interprets every operation and only runs the portable kernels: a single
+/// value and one length past the 8- and 16-lane widths.
+#[cfg(miri)]
+const K_SIZES: &[usize] = &[1, 17];
+
+/// Row counts of the small-shape batteries: every count up to 9 (the tile heights are at most 8),
+/// under Miri one row and one past a tile of 8.
+const SMALL_ROWS: &[usize] = if cfg!(miri) { &[1, 9] } else { &[1, 2, 3, 4, 5, 6, 7, 8, 9] };
+
+/// Output widths of the small-shape batteries: every width up to 40 (up to two 16-lane vectors
+/// and a remainder), under Miri one width and one past the 16-lane width.
+fn small_widths() -> Vec<usize> {
+    if cfg!(miri) {
+        vec![1, 17]
+    } else {
+        (1..=40).collect()
+    }
+}
 
 /// A value written into output slots past the shape, which no kernel may overwrite.
 const CANARY: f32 = -7.5e30;
@@ -212,8 +231,8 @@ fn check_kind_small(kind: Kind) {
     for (ki, &k) in K_SIZES.iter().enumerate() {
         // Int4 rows hold an even number of values, since groups are even.
         let k = if kind == Kind::I4 { k + k % 2 } else { k };
-        for rows in 1..=9 {
-            for n in 1..=40 {
+        for &rows in SMALL_ROWS {
+            for n in small_widths() {
                 let seed = (ki * 1000 + rows * 50 + n) as u64;
                 check_linear(kind, rows, k, n, int4_group(k, rows + n), seed);
             }
@@ -245,10 +264,16 @@ fn linear_int4_small_shapes() {
 fn linear_layer_widths() {
     // 17 and 70 rows take the blocked kernels where there are any, and 70 rows by 385 columns
     // span two row blocks and two column blocks of them.
+    // Under Miri, 17 rows of a narrow layer.
+    let (shapes, widths): (&[(usize, usize)], &[usize]) = if cfg!(miri) {
+        (&[(17, 8)], &[9])
+    } else {
+        (&[(1, 384), (3, 385), (9, 64), (17, 1536), (70, 385)], &[384, 1536])
+    };
     for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4] {
-        for (rows, k) in [(1, 384), (3, 385), (9, 64), (17, 1536), (70, 385)] {
+        for &(rows, k) in shapes {
             let k = if kind == Kind::I4 { k + k % 2 } else { k };
-            for n in [384, 1536] {
+            for &n in widths {
                 check_linear(kind, rows, k, n, int4_group(k, rows), (rows * k + n) as u64);
             }
         }
@@ -259,7 +284,10 @@ fn linear_layer_widths() {
 fn linear_int4_unaligned_group() {
     // Groups of 6 and 2 end inside an 8- or 16-lane vector, so each vector needs several scales.
     check_linear(Kind::I4, 5, 48, 19, 6, 1);
-    check_linear(Kind::I4, 4, 386, 9, 2, 2);
+    // Miri interprets every operation, so it skips the wider case.
+    if !cfg!(miri) {
+        check_linear(Kind::I4, 4, 386, 9, 2, 2);
+    }
 }
 
 #[test]
@@ -276,7 +304,7 @@ fn linear_zero_k_gives_bias() {
 fn linear_rows_independent_of_batch() {
     // With weights read in place, a row's result does not depend on how many rows share the
     // call (the blocked int4 and f16 kernels sum in blocks of columns instead).
-    let (rows, k, n) = (9, 300, 21);
+    let (rows, k, n) = if cfg!(miri) { (5, 40, 7) } else { (9, 300, 21) };
     let mut rng = Rng(77);
     let x = rng.vec(rows * k);
     for (isa, kind) in supported().into_iter().flat_map(|i| [(i, Kind::F32), (i, Kind::I8)]) {
@@ -329,8 +357,8 @@ fn check_matmul(m: usize, k: usize, n: usize, seed: u64) {
 #[test]
 fn matmul_small_shapes() {
     for &k in K_SIZES.iter().chain(&[0]) {
-        for m in 1..=9 {
-            for n in 1..=40 {
+        for &m in SMALL_ROWS {
+            for n in small_widths() {
                 check_matmul(m, k, n, (k * 400 + m * 41 + n) as u64);
             }
         }
@@ -339,7 +367,13 @@ fn matmul_small_shapes() {
 
 #[test]
 fn matmul_attention_shapes() {
-    for (m, k, n) in [(128, 32, 128), (128, 128, 32), (7, 64, 129), (1, 383, 97)] {
+    // Under Miri, one square and one odd-sized product, far smaller.
+    let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
+        &[(9, 4, 10), (3, 17, 5)]
+    } else {
+        &[(128, 32, 128), (128, 128, 32), (7, 64, 129), (1, 383, 97)]
+    };
+    for &(m, k, n) in shapes {
         check_matmul(m, k, n, (m + k + n) as u64);
     }
 }
