@@ -9,9 +9,10 @@ use edgefold_runtime::ops::Op;
 use crate::ir::{Graph, Node, ValueId};
 
 /// Bytes of input pixels that the scratch of a pointwise convolution in place holds at most
-/// (but always one pixel). Larger blocks turn each weight into f32 fewer times: with 64 channels,
-/// 2 KiB is a block of 8 pixels.
-pub const POINTWISE_SCRATCH_BYTES: u64 = 2048;
+/// (but always one pixel). Larger blocks turn each weight into f32 fewer times and run longer
+/// inner loops: with 64 channels, 4 KiB is a block of 16 pixels, and keyword spotting then runs
+/// 3 % more instructions on a Cortex-M4F than with separate buffers (10 % with 2 KiB).
+pub const POINTWISE_SCRATCH_BYTES: u64 = 4096;
 
 /// Arena placement of the graph's activations.
 #[derive(Clone, Debug, PartialEq)]

@@ -164,6 +164,35 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// What went wrong, as fixed text without the values that `Display` adds. Printing it needs
+    /// no number formatting, so firmware that reports errors this way links less code.
+    pub fn reason(&self) -> &'static str {
+        match *self {
+            Error::Truncated { .. } => "file truncated",
+            Error::BadMagic => "not an Edgefold file: the magic bytes are missing",
+            Error::UnsupportedVersion { .. } => "format version not supported by this runtime",
+            Error::ChecksumMismatch { .. } => "checksum mismatch: the file is corrupted",
+            Error::InvalidSection { reason, .. }
+            | Error::InvalidTensor { reason, .. }
+            | Error::InvalidOp { reason, .. }
+            | Error::RuntimeShape { reason, .. } => reason,
+            Error::MisalignedBuffer { .. } => "the file's buffer is not aligned to 16 bytes",
+            Error::BigEndianHost => "files are read only on little-endian processors",
+            Error::InvalidString { .. } => "a string is out of bounds or not UTF-8",
+            Error::ArenaTooSmall { .. } => "arena too small for the model",
+            Error::UnknownIo { .. } => "no graph input or output with this index",
+            Error::InputDtypeMismatch { .. } => "input element type differs from the model's",
+            Error::InputShapeMismatch { .. } => "input shape does not fit the model's",
+            Error::SymbolConflict { .. } => "inputs bind a symbolic dimension to two values",
+            Error::InputNotSet { .. } => "an input was not set before run",
+            Error::NotRun => "outputs are only available after a successful run",
+            Error::IndexOutOfRange { .. } => "index out of range",
+            Error::OpNotBuilt { .. } => "the file uses an op that this runtime was built without",
+        }
+    }
+}
+
 impl fmt::Display for Section {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {

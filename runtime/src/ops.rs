@@ -141,6 +141,7 @@ impl Window2d {
         words[8..10].copy_from_slice(&self.dilations);
     }
 
+    #[cfg(any(feature = "op-conv2d", feature = "op-pool"))]
     fn decode(word: &dyn Fn(usize) -> Result<u32>) -> Result<Window2d> {
         Ok(Window2d {
             kernel: [word(0)?, word(1)?],
@@ -150,6 +151,29 @@ impl Window2d {
         })
     }
 }
+
+/// The runtime's cargo feature of each op code (empty for Reshape, which is always built, and for
+/// the unused code 0).
+const OP_FEATURES: [&str; 18] = [
+    "",
+    "op-linear",
+    "op-matmul",
+    "op-binary",
+    "op-unary",
+    "op-layer-norm",
+    "op-softmax",
+    "op-reduce",
+    "op-gather",
+    "",
+    "op-transpose",
+    "op-concat",
+    "op-slice",
+    "op-expand",
+    "op-cast",
+    "op-where",
+    "op-conv2d",
+    "op-pool",
+];
 
 /// An op with its parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -297,25 +321,7 @@ impl Op {
 
     /// The runtime's cargo feature that builds this op's kernel; Reshape is always built.
     pub fn feature(&self) -> &'static str {
-        match self {
-            Op::Linear => "op-linear",
-            Op::MatMul => "op-matmul",
-            Op::Binary(_) => "op-binary",
-            Op::Unary { .. } => "op-unary",
-            Op::LayerNorm { .. } => "op-layer-norm",
-            Op::Softmax { .. } => "op-softmax",
-            Op::Reduce { .. } => "op-reduce",
-            Op::Gather { .. } => "op-gather",
-            Op::Reshape => "",
-            Op::Transpose { .. } => "op-transpose",
-            Op::Concat { .. } => "op-concat",
-            Op::Slice { .. } => "op-slice",
-            Op::Expand => "op-expand",
-            Op::Cast => "op-cast",
-            Op::Where => "op-where",
-            Op::Conv2d { .. } => "op-conv2d",
-            Op::Pool { .. } => "op-pool",
-        }
+        OP_FEATURES[self.code() as usize]
     }
 
     /// Whether this build of the runtime runs the op (its cargo feature is on).
@@ -402,10 +408,15 @@ impl Op {
     /// Decodes an op from its code and parameter words; `index` is used in errors.
     pub fn decode(code: u16, words: &[u32], index: u32) -> Result<Op> {
         let invalid = |reason| Error::InvalidOp { op: index, reason };
+        // Unused when no built op has parameters.
+        #[allow(unused_variables)]
         let word = |i: usize| words.get(i).copied().ok_or(invalid("too few parameters"));
         let op = match code {
+            #[cfg(feature = "op-linear")]
             1 => Op::Linear,
+            #[cfg(feature = "op-matmul")]
             2 => Op::MatMul,
+            #[cfg(feature = "op-binary")]
             3 => Op::Binary(match word(0)? {
                 0 => BinaryKind::Add,
                 1 => BinaryKind::Sub,
@@ -416,6 +427,7 @@ impl Op {
                 6 => BinaryKind::Min,
                 _ => return Err(invalid("unknown binary op kind")),
             }),
+            #[cfg(feature = "op-unary")]
             4 => {
                 let kind = match word(0)? {
                     0 => UnaryKind::Neg,
@@ -436,8 +448,11 @@ impl Op {
                 };
                 Op::Unary { kind, alpha: f32::from_bits(word(1)?), beta: f32::from_bits(word(2)?) }
             }
+            #[cfg(feature = "op-layer-norm")]
             5 => Op::LayerNorm { epsilon: f32::from_bits(word(0)?) },
+            #[cfg(feature = "op-softmax")]
             6 => Op::Softmax { axis: word(0)? },
+            #[cfg(feature = "op-reduce")]
             7 => {
                 let kind = match word(0)? {
                     0 => ReduceKind::Mean,
@@ -447,8 +462,10 @@ impl Op {
                 };
                 Op::Reduce { kind, axes: word(1)?, keep_dims: word(2)? != 0 }
             }
+            #[cfg(feature = "op-gather")]
             8 => Op::Gather { axis: word(0)? },
             9 => Op::Reshape,
+            #[cfg(feature = "op-transpose")]
             10 => {
                 let mut perm = [0u8; MAX_RANK];
                 for (i, p) in perm.iter_mut().enumerate() {
@@ -460,7 +477,9 @@ impl Op {
                 }
                 Op::Transpose { perm }
             }
+            #[cfg(feature = "op-concat")]
             11 => Op::Concat { axis: word(0)? },
+            #[cfg(feature = "op-slice")]
             12 => {
                 let mut starts = [0u32; MAX_RANK];
                 let mut steps = [1i32; MAX_RANK];
@@ -470,15 +489,20 @@ impl Op {
                 }
                 Op::Slice { starts, steps }
             }
+            #[cfg(feature = "op-expand")]
             13 => Op::Expand,
+            #[cfg(feature = "op-cast")]
             14 => Op::Cast,
+            #[cfg(feature = "op-where")]
             15 => Op::Where,
+            #[cfg(feature = "op-conv2d")]
             16 => Op::Conv2d {
                 window: Window2d::decode(&word)?,
                 groups: word(10)?,
                 activation_min: f32::from_bits(word(11)?),
                 activation_max: f32::from_bits(word(12)?),
             },
+            #[cfg(feature = "op-pool")]
             17 => {
                 let kind = match word(10)? {
                     0 => PoolKind::Average,
@@ -491,6 +515,11 @@ impl Op {
                     count_include_pad: word(11)? != 0,
                     ceil_mode: word(12)? != 0,
                 }
+            }
+            // Ops that this build leaves out are rejected here, before their parameters are read.
+            #[allow(unreachable_patterns)]
+            1..=17 => {
+                return Err(Error::OpNotBuilt { op: index, feature: OP_FEATURES[code as usize] })
             }
             _ => return Err(invalid("unknown op code")),
         };

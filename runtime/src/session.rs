@@ -162,6 +162,9 @@ impl<'m, 'a> Session<'m, 'a> {
     /// # Errors
     /// [`Error::InputNotSet`], [`Error::SymbolConflict`], or a data-dependent error such as an
     /// out-of-range gather index.
+    // Kept out of line: the op dispatch is large and runs once per inference, and callers that
+    // inline it grow by all of it (and size tools can no longer tell it apart from them).
+    #[inline(never)]
     pub fn run(&mut self) -> Result<()> {
         self.ran = false;
         self.bind_symbols()?;

@@ -67,48 +67,60 @@ impl Bias<'_> {
     }
 }
 
-/// Per-tap access to weights, monomorphized per storage type.
-trait Taps {
-    /// Weight `index` of row `row`, where rows are `row_len` long.
-    fn tap(&self, row: usize, index: usize, row_len: usize) -> f32;
-}
-
-struct F32Taps<'a>(&'a [f32]);
-struct F16Taps<'a>(&'a [u16]);
-struct I8Taps<'a>(&'a [i8], &'a [f32]);
-struct I4Taps<'a>(super::generic::I4Rows<'a>);
-
-impl Taps for F32Taps<'_> {
+impl ConvWeights<'_> {
+    /// Weight `index` of row `row`, where rows are `row_len` long, as f32.
+    ///
+    /// The kernels turn each weight into f32 once per tap, outside their inner loops, so one code
+    /// path serves every storage type at little cost (and a third of the code size).
     #[inline]
     fn tap(&self, row: usize, index: usize, row_len: usize) -> f32 {
-        self.0[row * row_len + index]
+        let at = row * row_len + index;
+        match *self {
+            ConvWeights::F32(w) => w[at],
+            ConvWeights::F16(w) => half::f16::from_bits(w[at]).to_f32(),
+            ConvWeights::I8 { q, scales } => q[at] as f32 * scales[row],
+            ConvWeights::I4(w) => i4_at(&w, row, index),
+        }
+    }
+
+    /// Writes weights `start..start + out.len()` of row `row` as f32, with the values of
+    /// [`tap`](Self::tap) but one dispatch on the storage for all of them.
+    fn fill(&self, row: usize, start: usize, row_len: usize, out: &mut [f32]) {
+        let at = row * row_len + start;
+        let end = at + out.len();
+        match *self {
+            ConvWeights::F32(w) => out.copy_from_slice(&w[at..end]),
+            ConvWeights::F16(w) => {
+                for (o, &bits) in out.iter_mut().zip(&w[at..end]) {
+                    *o = half::f16::from_bits(bits).to_f32();
+                }
+            }
+            ConvWeights::I8 { q, scales } => {
+                let scale = scales[row];
+                for (o, &v) in out.iter_mut().zip(&q[at..end]) {
+                    *o = v as f32 * scale;
+                }
+            }
+            ConvWeights::I4(w) => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = i4_at(&w, row, start + i);
+                }
+            }
+        }
     }
 }
 
-impl Taps for F16Taps<'_> {
-    #[inline]
-    fn tap(&self, row: usize, index: usize, row_len: usize) -> f32 {
-        half::f16::from_bits(self.0[row * row_len + index]).to_f32()
-    }
+/// Weight `index` of row `row` of int4 rows: the signed nibble times its group's f16 scale.
+#[inline]
+fn i4_at(w: &super::generic::I4Rows<'_>, row: usize, index: usize) -> f32 {
+    let byte = w.packed[row * w.k.div_ceil(2) + index / 2];
+    let nibble = if index.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
+    let q = ((nibble as i8) << 4) >> 4;
+    q as f32 * half::f16::from_bits(w.scales[row * (w.k / w.group) + index / w.group]).to_f32()
 }
 
-impl Taps for I8Taps<'_> {
-    #[inline]
-    fn tap(&self, row: usize, index: usize, row_len: usize) -> f32 {
-        self.0[row * row_len + index] as f32 * self.1[row]
-    }
-}
-
-impl Taps for I4Taps<'_> {
-    #[inline]
-    fn tap(&self, row: usize, index: usize, _row_len: usize) -> f32 {
-        let w = &self.0;
-        let byte = w.packed[row * w.k.div_ceil(2) + index / 2];
-        let nibble = if index.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
-        let q = ((nibble as i8) << 4) >> 4;
-        q as f32 * half::f16::from_bits(w.scales[row * (w.k / w.group) + index / w.group]).to_f32()
-    }
-}
+/// Weights that the kernels in place turn into f32 at once, in a buffer on the stack.
+const TAP_CHUNK: usize = 64;
 
 /// 2-D convolution: `y[n, o] = clamp(bias[o] + Σ w[o, ci, ky, kx] * x[n, g * C/groups + ci, ..])`
 /// over the taps that fall inside the input, with `g` the group of output channel `o`.
@@ -123,25 +135,7 @@ pub fn conv2d_nchw_f32(
     activation: [f32; 2],
     y: &mut [f32],
 ) {
-    match weights {
-        ConvWeights::F32(w) => conv2d(x, geometry, groups, &F32Taps(w), bias, activation, y),
-        ConvWeights::F16(w) => conv2d(x, geometry, groups, &F16Taps(w), bias, activation, y),
-        ConvWeights::I8 { q, scales } => {
-            conv2d(x, geometry, groups, &I8Taps(q, scales), bias, activation, y)
-        }
-        ConvWeights::I4(rows) => conv2d(x, geometry, groups, &I4Taps(rows), bias, activation, y),
-    }
-}
-
-fn conv2d<T: Taps>(
-    x: &[f32],
-    g: &Geometry,
-    groups: usize,
-    taps: &T,
-    bias: Option<Bias<'_>>,
-    activation: [f32; 2],
-    y: &mut [f32],
-) {
+    let (g, taps) = (geometry, &weights);
     let w = &g.window;
     let ([ih, iw], [oh, ow]) = (g.in_size, g.out_size);
     let (in_plane, out_plane) = (ih * iw, oh * ow);
@@ -232,12 +226,7 @@ pub fn conv2d_nchw_f32_in_place(
     scratch: &mut [f32],
 ) {
     let call = InPlace { geometry, groups, bias, activation };
-    match weights {
-        ConvWeights::F32(w) => call.run(xy, &F32Taps(w), scratch),
-        ConvWeights::F16(w) => call.run(xy, &F16Taps(w), scratch),
-        ConvWeights::I8 { q, scales } => call.run(xy, &I8Taps(q, scales), scratch),
-        ConvWeights::I4(rows) => call.run(xy, &I4Taps(rows), scratch),
-    }
+    call.run(xy, &weights, scratch);
 }
 
 /// Parameters of one in-place convolution.
@@ -249,7 +238,7 @@ struct InPlace<'a> {
 }
 
 impl InPlace<'_> {
-    fn run<T: Taps>(&self, xy: &mut [f32], taps: &T, scratch: &mut [f32]) {
+    fn run(&self, xy: &mut [f32], taps: &ConvWeights<'_>, scratch: &mut [f32]) {
         let g = self.geometry;
         debug_assert_eq!(g.in_size, g.out_size);
         debug_assert_eq!(g.in_channels, g.out_channels);
@@ -270,12 +259,12 @@ impl InPlace<'_> {
         }
     }
 
-    fn pointwise<T: Taps>(&self, xy: &mut [f32], taps: &T, scratch: &mut [f32]) {
+    fn pointwise(&self, xy: &mut [f32], taps: &ConvWeights<'_>, scratch: &mut [f32]) {
         let g = self.geometry;
         let channels = g.in_channels;
         let plane = g.in_size[0] * g.in_size[1];
         let per_group = channels / self.groups;
-        let block = (scratch.len() / channels).clamp(1, plane.max(1));
+        let block = (scratch.len() / channels).min(plane).max(1);
         for sample in xy.chunks_exact_mut(channels * plane).take(g.batch) {
             let mut start = 0;
             while start < plane {
@@ -286,13 +275,16 @@ impl InPlace<'_> {
                     let from = &sample[c * plane + start..][..len];
                     scratch[c * len..(c + 1) * len].copy_from_slice(from);
                 }
+                let mut weights = [0f32; TAP_CHUNK];
                 for o in 0..channels {
                     let first = (o / per_group) * per_group;
                     let dst = &mut sample[o * plane + start..][..len];
                     dst.fill(0.0);
-                    for ci in 0..per_group {
-                        let src = &scratch[(first + ci) * len..][..len];
-                        axpy(dst, taps.tap(o, ci, per_group), src);
+                    let inputs = &scratch[first * len..(first + per_group) * len];
+                    for (chunk, sources) in inputs.chunks(TAP_CHUNK * len).enumerate() {
+                        let weights = &mut weights[..sources.len() / len];
+                        taps.fill(o, chunk * TAP_CHUNK, per_group, weights);
+                        accumulate(dst, weights, sources);
                     }
                     self.finish(o, dst);
                 }
@@ -301,7 +293,7 @@ impl InPlace<'_> {
         }
     }
 
-    fn depthwise<T: Taps>(&self, xy: &mut [f32], taps: &T, scratch: &mut [f32]) {
+    fn depthwise(&self, xy: &mut [f32], taps: &ConvWeights<'_>, scratch: &mut [f32]) {
         let g = self.geometry;
         let w = &g.window;
         let [height, width] = g.in_size;
@@ -312,8 +304,31 @@ impl InPlace<'_> {
         let (ring, row) = scratch.split_at_mut(keep * width);
         let row = &mut row[..width];
         let planes = g.batch * g.in_channels;
+        // A plane's taps are turned into f32 once when they fit the stack buffer.
+        let kernel_taps = kh * kw;
+        let mut cache = [0f32; TAP_CHUNK];
+        let cached = kernel_taps <= TAP_CHUNK;
+        // So are the output columns `[x0, x1)` that each kernel column covers, with the input
+        // column of `x0`: with stride 1 they need no division, and they are the same on every
+        // row.
+        let columns = |kx: usize| {
+            let offset = tap_offset(w, 1, kx);
+            let x0 = (-offset).clamp(0, width as i64);
+            let x1 = (width as i64 - offset).clamp(x0, width as i64);
+            (x0 as usize, x1 as usize, (x0 + offset) as usize)
+        };
+        let mut column_cache = [(0usize, 0usize, 0usize); TAP_CHUNK];
+        let columns_cached = kw <= TAP_CHUNK;
+        if columns_cached {
+            for (kx, c) in column_cache[..kw].iter_mut().enumerate() {
+                *c = columns(kx);
+            }
+        }
         for (p, data) in xy.chunks_exact_mut(height * width).take(planes).enumerate() {
             let o = p % g.in_channels;
+            if cached {
+                taps.fill(o, 0, kernel_taps, &mut cache[..kernel_taps]);
+            }
             for oy in 0..height {
                 row.fill(0.0);
                 for ky in 0..kh {
@@ -328,13 +343,16 @@ impl InPlace<'_> {
                         &data[iy * width..][..width]
                     };
                     for kx in 0..kw {
-                        let offset_x = tap_offset(w, 1, kx);
-                        let (x0, x1) = covered(width, width, 1, offset_x);
+                        let (x0, x1, ix0) = match column_cache.get(kx) {
+                            Some(&cached) if columns_cached => cached,
+                            _ => columns(kx),
+                        };
                         if x0 == x1 {
                             continue;
                         }
-                        let ix0 = (x0 as i64 + offset_x) as usize;
-                        let weight = taps.tap(o, ky * kw + kx, kh * kw);
+                        let tap = ky * kw + kx;
+                        let weight =
+                            if cached { cache[tap] } else { taps.tap(o, tap, kernel_taps) };
                         axpy(&mut row[x0..x1], weight, &in_row[ix0..ix0 + (x1 - x0)]);
                     }
                 }
@@ -346,6 +364,32 @@ impl InPlace<'_> {
                 self.finish(o, current);
             }
         }
+    }
+}
+
+/// `dst[p] += weights[c] * sources[c * len + p]` for each `c` in order, `len = dst.len()`.
+///
+/// Four input channels share each pass over `dst`, and each element still adds their products
+/// one at a time in channel order, so the sums round exactly as with one [`axpy`] per channel.
+fn accumulate(dst: &mut [f32], weights: &[f32], sources: &[f32]) {
+    let len = dst.len();
+    let mut weights = weights.chunks_exact(4);
+    let mut sources = sources.chunks_exact(4 * len);
+    for (w, s) in (&mut weights).zip(&mut sources) {
+        let (s0, rest) = s.split_at(len);
+        let (s1, rest) = rest.split_at(len);
+        let (s2, s3) = rest.split_at(len);
+        for (((d, &a), (&b, &c)), &e) in dst.iter_mut().zip(s0).zip(s1.iter().zip(s2)).zip(s3) {
+            let mut sum = *d;
+            sum += w[0] * a;
+            sum += w[1] * b;
+            sum += w[2] * c;
+            sum += w[3] * e;
+            *d = sum;
+        }
+    }
+    for (&w, s) in weights.remainder().iter().zip(sources.remainder().chunks_exact(len)) {
+        axpy(dst, w, s);
     }
 }
 
@@ -378,7 +422,9 @@ fn add_row(dst: &mut [f32], weight: f32, src: &[f32], start: usize, stride: usiz
 }
 
 /// `dst[i] += a * src[i]`.
-#[inline]
+// Always inlined: it is the inner loop of every convolution, and a call per row would cost more
+// than the row's work on short rows (keyword spotting's are 5 wide).
+#[inline(always)]
 fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d += a * s;

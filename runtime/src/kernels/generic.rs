@@ -429,37 +429,56 @@ pub fn reduce(kind: ReduceKind, x: &[f32], shape: &Shape, axes: u32, out: &mut [
 /// Copies `x` (shape `in_shape`) into `out` with axes permuted: output axis i is input axis
 /// `perm[i]`.
 pub fn transpose<T: Copy>(x: &[T], in_shape: &Shape, perm: &[u8; MAX_RANK], out: &mut [T]) {
-    let rank = in_shape.rank;
-    let in_strides = in_shape.strides();
-    let mut out_shape = *in_shape;
-    let mut strides = [0usize; MAX_RANK];
-    for i in 0..rank {
-        out_shape.dims[i] = in_shape.dims[perm[i] as usize];
-        strides[i] = in_strides[perm[i] as usize];
-    }
-    let zero = [0usize; MAX_RANK];
-    let last = if rank == 0 { 1 } else { out_shape.dims[rank - 1] };
-    let step = if rank == 0 { 0 } else { strides[rank - 1] };
-    for_each_outer(&out_shape, &strides, &zero, |o, off, _| {
-        let row = &mut out[o * last..(o + 1) * last];
-        for (i, r) in row.iter_mut().enumerate() {
-            *r = x[off + i * step];
-        }
-    });
+    RowGather::transposed(in_shape, perm).copy(x, out);
 }
 
 /// Broadcasts `x` (shape `in_shape`) to `out_shape`.
 pub fn expand<T: Copy>(x: &[T], in_shape: &Shape, out: &mut [T], out_shape: &Shape) {
-    let s = in_shape.broadcast_strides(out_shape);
-    let zero = [0usize; MAX_RANK];
-    let last = if out_shape.rank == 0 { 1 } else { out_shape.dims[out_shape.rank - 1] };
-    let step = if out_shape.rank == 0 { 0 } else { s[out_shape.rank - 1] };
-    for_each_outer(out_shape, &s, &zero, |o, off, _| {
-        let row = &mut out[o * last..(o + 1) * last];
-        for (i, r) in row.iter_mut().enumerate() {
-            *r = x[off + i * step];
+    let strides = in_shape.broadcast_strides(out_shape);
+    RowGather { shape: *out_shape, strides }.copy(x, out);
+}
+
+/// A strided copy: output element `index` of `shape` reads input element
+/// `sum of index[axis] * strides[axis]`.
+struct RowGather {
+    shape: Shape,
+    strides: [usize; MAX_RANK],
+}
+
+impl RowGather {
+    /// The copy that permutes the axes of `in_shape`: output axis i is input axis `perm[i]`.
+    #[inline(never)]
+    fn transposed(in_shape: &Shape, perm: &[u8; MAX_RANK]) -> RowGather {
+        let in_strides = in_shape.strides();
+        let mut shape = *in_shape;
+        let mut strides = [0usize; MAX_RANK];
+        for i in 0..in_shape.rank {
+            shape.dims[i] = in_shape.dims[perm[i] as usize];
+            strides[i] = in_strides[perm[i] as usize];
         }
-    });
+        RowGather { shape, strides }
+    }
+
+    /// Copies row by row. Only the loop over a row depends on `T`, so each element size adds
+    /// little code.
+    fn copy<T: Copy>(&self, x: &[T], out: &mut [T]) {
+        let rank = self.shape.rank;
+        let last = if rank == 0 { 1 } else { self.shape.dims[rank - 1] };
+        let step = if rank == 0 { 0 } else { self.strides[rank - 1] };
+        self.for_each_row(&mut |o, off| {
+            let row = &mut out[o * last..(o + 1) * last];
+            for (i, r) in row.iter_mut().enumerate() {
+                *r = x[off + i * step];
+            }
+        });
+    }
+
+    /// Calls `f` with each output row's index and the input offset of its first element.
+    #[inline(never)]
+    fn for_each_row(&self, f: &mut dyn FnMut(usize, usize)) {
+        let zero = [0usize; MAX_RANK];
+        for_each_outer(&self.shape, &self.strides, &zero, |o, off, _| f(o, off));
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ mod x86_64;
 
 use core::fmt;
 
-use generic::{F16Rows, F32Rows, I4Rows, I8Rows};
+use generic::{F16Rows, F32Rows, I4Rows, I8Rows, WeightRows};
 
 /// Instruction set that a `linear` or `matmul` kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +59,19 @@ impl Isa {
     ///
     /// The first call detects it and logs the choice at debug level; later calls reuse it.
     pub fn best() -> Isa {
-        #[cfg(target_has_atomic = "8")]
+        // Targets without SIMD kernels (microcontrollers among them) need neither the detection
+        // nor the cache and its log line.
+        #[cfg(not(any(
+            target_arch = "x86_64",
+            all(target_arch = "aarch64", target_feature = "neon")
+        )))]
+        {
+            Isa::Generic
+        }
+        #[cfg(all(
+            target_has_atomic = "8",
+            any(target_arch = "x86_64", all(target_arch = "aarch64", target_feature = "neon"))
+        ))]
         {
             use core::sync::atomic::{AtomicU8, Ordering};
             const UNKNOWN: u8 = u8::MAX;
@@ -76,12 +88,16 @@ impl Isa {
             }
             isa
         }
-        #[cfg(not(target_has_atomic = "8"))]
+        #[cfg(all(
+            not(target_has_atomic = "8"),
+            any(target_arch = "x86_64", all(target_arch = "aarch64", target_feature = "neon"))
+        ))]
         {
             Isa::detect()
         }
     }
 
+    #[cfg(any(target_arch = "x86_64", all(target_arch = "aarch64", target_feature = "neon")))]
     fn detect() -> Isa {
         // AVX-512 comes first: on a Zen 4 core, whose FMA units are 256 bits wide, it still ran
         // `linear` 5 to 45 % faster than AVX2 for every weight kind at 128 rows.
@@ -137,6 +153,37 @@ fn product(a: usize, b: usize) -> usize {
     a.checked_mul(b).expect("tensor size overflows usize")
 }
 
+/// Panics unless a slice of `len` values holds the `need` values that a kernel reads.
+#[track_caller]
+fn check_len(what: &'static str, len: usize, need: usize) {
+    if len < need {
+        too_short(what, len, need);
+    }
+}
+
+// The checks share two cold panic sites, so that each check adds a compare and a call to the
+// code, not its own formatting.
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn too_short(what: &'static str, len: usize, need: usize) -> ! {
+    panic!("{what} has {len} values, but the shape needs {need}")
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn invalid(what: &'static str, value: usize) -> ! {
+    panic!("{what}: {value}")
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn not_built(kernel: &'static str, isa: Isa) -> ! {
+    panic!("{kernel}: the {} kernels are not built for this target", isa.name())
+}
+
 impl<'a> LinearCall<'a> {
     /// Checks every slice against the shape `x: [rows, k]`, `w: [n, k]`, `y: [rows, n]`.
     ///
@@ -153,10 +200,10 @@ impl<'a> LinearCall<'a> {
         bias: Option<&'a [f32]>,
         y: &'a mut [f32],
     ) -> Self {
-        assert!(x.len() >= product(rows, k), "linear: x has {} values, need {rows} x {k}", x.len());
-        assert!(y.len() >= product(rows, n), "linear: y has {} values, need {rows} x {n}", y.len());
+        check_len("linear: x", x.len(), product(rows, k));
+        check_len("linear: y", y.len(), product(rows, n));
         if let Some(b) = bias {
-            assert!(b.len() >= n, "linear: bias has {} values, need {n}", b.len());
+            check_len("linear: bias", b.len(), n);
         }
         check_weights(&w, k, n);
         LinearCall { x, rows, k, w, n, bias, y }
@@ -181,44 +228,41 @@ fn check_weights(w: &Weights<'_>, k: usize, n: usize) {
     let len = product(n, k);
     let row_k = match w {
         Weights::F32(w) => {
-            assert!(w.w.len() >= len, "linear: f32 weights have {} values, need {len}", w.w.len());
+            check_len("linear: the f32 weights", w.w.len(), len);
             w.k
         }
         Weights::F16(w) => {
-            assert!(w.w.len() >= len, "linear: f16 weights have {} values, need {len}", w.w.len());
+            check_len("linear: the f16 weights", w.w.len(), len);
             w.k
         }
         Weights::I8(w) => {
-            assert!(w.q.len() >= len, "linear: int8 weights have {} values, need {len}", w.q.len());
-            assert!(w.scales.len() >= n, "linear: {} int8 scales, need {n}", w.scales.len());
+            check_len("linear: the int8 weights", w.q.len(), len);
+            check_len("linear: the int8 scales", w.scales.len(), n);
             w.k
         }
         Weights::I4(w) => {
             let group = w.group;
-            assert!(
-                group > 0 && group.is_multiple_of(2),
-                "linear: int4 group {group} must be even"
-            );
-            assert!(k.is_multiple_of(group), "linear: int4 group {group} does not divide k = {k}");
-            let bytes = product(n, k.div_ceil(2));
-            let scales = product(n, k / group);
-            assert!(w.packed.len() >= bytes, "linear: {} int4 bytes, need {bytes}", w.packed.len());
-            assert!(
-                w.scales.len() >= scales,
-                "linear: {} int4 scales, need {scales}",
-                w.scales.len()
-            );
+            if group == 0 || !group.is_multiple_of(2) {
+                invalid("linear: the int4 group size is not a positive even number", group);
+            }
+            if !k.is_multiple_of(group) {
+                invalid("linear: the int4 group size does not divide k", group);
+            }
+            check_len("linear: the int4 weight bytes", w.packed.len(), product(n, k.div_ceil(2)));
+            check_len("linear: the int4 scales", w.scales.len(), product(n, k / group));
             w.k
         }
     };
-    assert_eq!(row_k, k, "linear: weight rows have {row_k} values, but k = {k}");
+    if row_k != k {
+        invalid("linear: the weight rows have another length than k", row_k);
+    }
 }
 
 /// Panics unless `a: [m, k]`, `b: [k, n]` and `c: [m, n]` fit their slices.
 fn check_matmul(a: &[f32], b: &[f32], c: &[f32], m: usize, k: usize, n: usize) {
-    assert!(a.len() >= product(m, k), "matmul: a has {} values, need {m} x {k}", a.len());
-    assert!(b.len() >= product(k, n), "matmul: b has {} values, need {k} x {n}", b.len());
-    assert!(c.len() >= product(m, n), "matmul: c has {} values, need {m} x {n}", c.len());
+    check_len("matmul: a", a.len(), product(m, k));
+    check_len("matmul: b", b.len(), product(k, n));
+    check_len("matmul: c", c.len(), product(m, n));
 }
 
 /// `y[m, j] = bias[j] + Σ_c x[m, c] · w[j, c]` for `m < rows`, `j < n`, `c < k`, on the
@@ -273,18 +317,25 @@ pub fn linear_with(
         Isa::Neon => aarch64::linear_neon(&mut call),
         Isa::Generic => linear_generic(&mut call),
         #[allow(unreachable_patterns)]
-        _ => panic!("linear: the {isa} kernels are not built for this target"),
+        _ => not_built("linear", isa),
     }
 }
 
 fn linear_generic(call: &mut LinearCall<'_>) {
-    let LinearCall { x, rows, k, n, bias, .. } = *call;
-    let y = &mut *call.y;
-    match call.w {
-        Weights::F32(w) => generic::linear(x, rows, k, &w, n, bias, y),
-        Weights::F16(w) => generic::linear(x, rows, k, &w, n, bias, y),
-        Weights::I8(w) => generic::linear(x, rows, k, &w, n, bias, y),
-        Weights::I4(w) => generic::linear(x, rows, k, &w, n, bias, y),
+    let LinearCall { x, rows, k, n, bias, w, .. } = *call;
+    generic::linear(x, rows, k, &w, n, bias, &mut *call.y);
+}
+
+/// Dispatches on the storage once per chunk of up to [`generic::LINEAR_CHUNK`] weights, so the
+/// portable `linear` needs one copy for all storage types.
+impl WeightRows for Weights<'_> {
+    fn fill(&self, row: usize, col: usize, out: &mut [f32]) {
+        match self {
+            Weights::F32(w) => w.fill(row, col, out),
+            Weights::F16(w) => w.fill(row, col, out),
+            Weights::I8(w) => w.fill(row, col, out),
+            Weights::I4(w) => w.fill(row, col, out),
+        }
     }
 }
 
@@ -319,6 +370,6 @@ pub fn matmul_with(isa: Isa, a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: u
             generic::matmul(a, b, c, m, k, n);
         }
         #[allow(unreachable_patterns)]
-        _ => panic!("matmul: the {isa} kernels are not built for this target"),
+        _ => not_built("matmul", isa),
     }
 }

@@ -1,8 +1,8 @@
 //! Op dispatch: each op of the list runs its kernel on views of the arena and the file.
 //!
 //! An op whose cargo feature is off has no code here, and `Model::open` rejects files that use it.
-// Builds without every op leave some imports unused.
-#![cfg_attr(not(feature = "all-ops"), allow(unused_imports))]
+// Builds without every op leave some imports and parameters unused.
+#![cfg_attr(not(feature = "all-ops"), allow(unused_imports, unused_variables))]
 
 use crate::cast::{cast, cast_mut};
 use crate::error::{Error, Result};
@@ -19,15 +19,17 @@ impl<'m> Session<'m, '_> {
     pub(super) fn execute(&mut self, op: u32, rec: &OpRecord<'_>) -> Result<()> {
         let model = self.model;
         let input = |i: usize| model.tensor(rec.input(i));
+        // Every op has an input 0 (checked at open); reading it once keeps the code small.
+        let x = input(0)?;
         let out = model.tensor(rec.output(0))?;
         let out_shape = self.shape(&out, op)?;
         match rec.op {
             #[cfg(feature = "op-linear")]
-            Op::Linear => self.linear(op, rec, &out, &out_shape),
+            Op::Linear => self.linear(op, rec, &x, &out, &out_shape),
             #[cfg(feature = "op-matmul")]
-            Op::MatMul => self.matmul(op, &input(0)?, &input(1)?, &out, &out_shape),
+            Op::MatMul => self.matmul(op, &x, &input(1)?, &out, &out_shape),
             #[cfg(feature = "op-binary")]
-            Op::Binary(kind) => self.binary(op, rec, kind, &out, &out_shape),
+            Op::Binary(kind) => self.binary(op, rec, kind, &x, &out, &out_shape),
             #[cfg(feature = "op-unary")]
             Op::Unary { kind, alpha, beta } => {
                 let n = out_shape.numel();
@@ -36,13 +38,13 @@ impl<'m> Session<'m, '_> {
                     k::unary_in_place(kind, alpha, beta, y);
                     return Ok(());
                 }
-                let x = self.typed::<f32>(&input(0)?, n, op)?;
+                let x = self.typed::<f32>(&x, n, op)?;
                 let y = self.typed_mut::<f32>(&out, n, op)?;
                 k::unary(kind, alpha, beta, x, y);
                 Ok(())
             }
             #[cfg(feature = "op-layer-norm")]
-            Op::LayerNorm { epsilon } => self.layer_norm(op, rec, epsilon, &out, &out_shape),
+            Op::LayerNorm { epsilon } => self.layer_norm(op, rec, epsilon, &x, &out, &out_shape),
             #[cfg(feature = "op-softmax")]
             Op::Softmax { axis } => {
                 let axis = (axis as usize).min(out_shape.rank.saturating_sub(1));
@@ -50,26 +52,22 @@ impl<'m> Session<'m, '_> {
                 let outer: usize = dims[..axis].iter().product();
                 let inner: usize = dims[axis + 1..].iter().product();
                 let n = out_shape.numel();
-                let x = self.typed::<f32>(&input(0)?, n, op)?;
+                let x = self.typed::<f32>(&x, n, op)?;
                 let y = self.typed_mut::<f32>(&out, n, op)?;
                 k::softmax(x, y, outer, dims[axis], inner);
                 Ok(())
             }
             #[cfg(feature = "op-reduce")]
             Op::Reduce { kind, axes, .. } => {
-                let x_entry = input(0)?;
-                let xs = self.shape(&x_entry, op)?;
-                let x = self.typed::<f32>(&x_entry, xs.numel(), op)?;
+                let xs = self.shape(&x, op)?;
+                let x = self.typed::<f32>(&x, xs.numel(), op)?;
                 let y = self.typed_mut::<f32>(&out, out_shape.numel(), op)?;
                 k::reduce(kind, x, &xs, axes, y);
                 Ok(())
             }
             #[cfg(feature = "op-gather")]
-            Op::Gather { axis } => {
-                self.gather(op, axis as usize, &input(0)?, &input(1)?, &out, &out_shape)
-            }
+            Op::Gather { axis } => self.gather(op, axis as usize, &x, &input(1)?, &out, &out_shape),
             Op::Reshape => {
-                let x = input(0)?;
                 if x.kind == TensorKind::Activation && x.offset == out.offset {
                     return Ok(());
                 }
@@ -80,13 +78,11 @@ impl<'m> Session<'m, '_> {
             }
             #[cfg(feature = "op-transpose")]
             Op::Transpose { perm } => {
-                let x = input(0)?;
                 let xs = self.shape(&x, op)?;
                 self.movement(op, Movement::Transpose(perm), &x, &xs, &out, &out_shape)
             }
             #[cfg(feature = "op-expand")]
             Op::Expand => {
-                let x = input(0)?;
                 let xs = self.shape(&x, op)?;
                 if !concrete_broadcasts_to(&xs, &out_shape) {
                     return Err(Error::RuntimeShape { op, reason: "input does not broadcast" });
@@ -96,21 +92,18 @@ impl<'m> Session<'m, '_> {
             #[cfg(feature = "op-concat")]
             Op::Concat { axis } => self.concat(op, rec, axis as usize, &out, &out_shape),
             #[cfg(feature = "op-slice")]
-            Op::Slice { starts, steps } => {
-                self.slice(op, &input(0)?, &starts, &steps, &out, &out_shape)
-            }
+            Op::Slice { starts, steps } => self.slice(op, &x, &starts, &steps, &out, &out_shape),
             #[cfg(feature = "op-cast")]
-            Op::Cast => self.cast_op(op, &input(0)?, &out, &out_shape),
+            Op::Cast => self.cast_op(op, &x, &out, &out_shape),
             #[cfg(feature = "op-where")]
             Op::Where => self.where_op(op, rec, &out, &out_shape),
             #[cfg(feature = "op-conv2d")]
             Op::Conv2d { window, groups, activation_min, activation_max } => {
                 let activation = [activation_min, activation_max];
-                self.conv2d(op, rec, window, groups as usize, activation, &out, &out_shape)
+                self.conv2d(op, rec, &x, window, groups as usize, activation, &out, &out_shape)
             }
             #[cfg(feature = "op-pool")]
             Op::Pool { kind, window, count_include_pad, .. } => {
-                let x = input(0)?;
                 let geometry = self.window_geometry(op, &x, window, &out_shape)?;
                 let xv = self.typed::<f32>(&x, window_input_len(&geometry), op)?;
                 let y = self.typed_mut::<f32>(&out, out_shape.numel(), op)?;
@@ -129,12 +122,12 @@ impl<'m> Session<'m, '_> {
         op: u32,
         rec: &OpRecord<'_>,
         kind: BinaryKind,
+        a: &TensorEntry,
         out: &TensorEntry,
         out_shape: &Shape,
     ) -> Result<()> {
-        let model = self.model;
-        let (a, b) = (model.tensor(rec.input(0))?, model.tensor(rec.input(1))?);
-        let (sa, sb) = (self.shape(&a, op)?, self.shape(&b, op)?);
+        let b = self.model.tensor(rec.input(1))?;
+        let (sa, sb) = (self.shape(a, op)?, self.shape(&b, op)?);
         if !concrete_broadcasts_to(&sa, out_shape) || !concrete_broadcasts_to(&sb, out_shape) {
             return Err(Error::RuntimeShape { op, reason: "operands do not broadcast" });
         }
@@ -145,7 +138,7 @@ impl<'m> Session<'m, '_> {
             k::binary_in_place(kind, y, xb, &sb, out_shape);
             return Ok(());
         }
-        let xa = self.typed::<f32>(&a, sa.numel(), op)?;
+        let xa = self.typed::<f32>(a, sa.numel(), op)?;
         let y = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
         k::binary(kind, xa, &sa, xb, &sb, y, out_shape);
         Ok(())
@@ -157,13 +150,14 @@ impl<'m> Session<'m, '_> {
         op: u32,
         rec: &OpRecord<'_>,
         epsilon: f32,
+        x: &TensorEntry,
         out: &TensorEntry,
         out_shape: &Shape,
     ) -> Result<()> {
         let model = self.model;
         let n = out_shape.numel();
         let d = out_shape.dims[out_shape.rank.saturating_sub(1)];
-        let x = self.typed::<f32>(&model.tensor(rec.input(0))?, n, op)?;
+        let x = self.typed::<f32>(x, n, op)?;
         let gamma = self.typed::<f32>(&model.tensor(rec.input(1))?, d, op)?;
         let beta = match rec.input_count() > 2 && !is_absent(rec.input(2)) {
             true => Some(self.typed::<f32>(&model.tensor(rec.input(2))?, d, op)?),
@@ -203,6 +197,7 @@ impl<'m> Session<'m, '_> {
         &mut self,
         op: u32,
         rec: &OpRecord<'_>,
+        x: &TensorEntry,
         window: Window2d,
         groups: usize,
         activation: [f32; 2],
@@ -210,9 +205,8 @@ impl<'m> Session<'m, '_> {
         out_shape: &Shape,
     ) -> Result<()> {
         let model = self.model;
-        let x = model.tensor(rec.input(0))?;
         let w = model.tensor(rec.input(1))?;
-        let geometry = self.window_geometry(op, &x, window, out_shape)?;
+        let geometry = self.window_geometry(op, x, window, out_shape)?;
         let bias = match rec.input_count() > 2 && !is_absent(rec.input(2)) {
             true => {
                 let b = model.tensor(rec.input(2))?;
@@ -243,7 +237,7 @@ impl<'m> Session<'m, '_> {
             );
             return Ok(());
         }
-        let xv = self.typed::<f32>(&x, window_input_len(&geometry), op)?;
+        let xv = self.typed::<f32>(x, window_input_len(&geometry), op)?;
         let y = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
         conv::conv2d_nchw_f32(xv, &geometry, groups, weights, bias, activation, y);
         Ok(())
@@ -283,17 +277,17 @@ impl<'m> Session<'m, '_> {
         &mut self,
         op: u32,
         rec: &OpRecord<'_>,
+        x_entry: &TensorEntry,
         out: &TensorEntry,
         out_shape: &Shape,
     ) -> Result<()> {
         use crate::kernels::{self, Weights};
 
         let model = self.model;
-        let x_entry = model.tensor(rec.input(0))?;
         let w = model.tensor(rec.input(1))?;
         let (n, kk) = (w.dims[0].factor as usize, w.dims[1].factor as usize);
         let rows = out_shape.numel().checked_div(n).unwrap_or(0);
-        let x = self.typed::<f32>(&x_entry, rows * kk, op)?;
+        let x = self.typed::<f32>(x_entry, rows * kk, op)?;
         let bias = match rec.input_count() > 2 && !is_absent(rec.input(2)) {
             true => Some(self.typed::<f32>(&model.tensor(rec.input(2))?, n, op)?),
             false => None,
@@ -619,7 +613,9 @@ fn window_input_len(g: &Geometry) -> usize {
 #[cfg(any(feature = "op-transpose", feature = "op-expand"))]
 #[derive(Clone, Copy)]
 enum Movement {
+    #[cfg(feature = "op-transpose")]
     Transpose([u8; MAX_RANK]),
+    #[cfg(feature = "op-expand")]
     Expand,
 }
 
@@ -627,7 +623,9 @@ enum Movement {
 impl Movement {
     fn apply<T: Copy>(self, src: &[T], xs: &Shape, dst: &mut [T], os: &Shape) {
         match self {
+            #[cfg(feature = "op-transpose")]
             Movement::Transpose(perm) => k::transpose(src, xs, &perm, dst),
+            #[cfg(feature = "op-expand")]
             Movement::Expand => k::expand(src, xs, dst, os),
         }
     }

@@ -1,6 +1,7 @@
 //! The application, written against embedded-hal 1.0 and embedded-io traits only: runs the model
 //! once on the reference input, prints the scores, and drives the detection pin.
 
+#[cfg(not(feature = "footprint-baseline"))]
 use edgefold_runtime::{Model, Session};
 use embedded_hal::delay::DelayNs;
 use embedded_hal::digital::OutputPin;
@@ -11,6 +12,9 @@ use crate::model;
 
 /// Largest difference from the host runtime's scores that still passes.
 const TOLERANCE: f32 = 1e-5;
+
+/// Byte written over the arena before the run.
+const ARENA_PAINT: u8 = 0xA5;
 
 /// Elapsed time of a run, in processor clock ticks.
 pub trait Stopwatch {
@@ -83,6 +87,8 @@ where
     clock.delay_ms(10);
     let _ = pin.set_low();
 
+    // Painting the arena shows afterwards how much of it the run wrote.
+    arena.fill(ARENA_PAINT);
     let file: &'static [u8] = &model::MODEL.0;
     let _ = writeln!(
         serial,
@@ -91,37 +97,17 @@ where
         file.as_ptr(),
         arena.len()
     );
-    let model = match Model::open(file) {
-        Ok(model) => model,
-        Err(e) => {
-            let _ = writeln!(serial, "error: the model does not open: {e}");
-            return false;
-        }
-    };
-    let mut session = match Session::new(&model, arena) {
-        Ok(session) => session,
-        Err(e) => {
-            let _ = writeln!(serial, "error: {e}");
-            return false;
-        }
-    };
-
     let input: [f32; model::INPUT_LEN] = decode(model::INPUT);
     let expected: [f32; model::OUTPUT_LEN] = decode(model::EXPECTED);
-    let start = clock.ticks();
-    let result = session.set_input(0, &model::INPUT_SHAPE, &input).and_then(|()| session.run());
-    let ticks = clock.ticks() - start;
-    if let Err(e) = result {
-        let _ = writeln!(serial, "error: the run failed: {e}");
+    let Some((scores, ticks)) = infer(clock, serial, file, arena, &input) else {
         return false;
-    }
-    let scores = match session.output::<f32>(0) {
-        Ok((_, scores)) => scores,
-        Err(e) => {
-            let _ = writeln!(serial, "error: {e}");
-            return false;
-        }
     };
+    let written = arena.iter().rposition(|&b| b != ARENA_PAINT).map_or(0, |i| i + 1);
+    let _ = writeln!(
+        serial,
+        "arena: {written} of {} bytes written by the run (highest byte that changed)",
+        arena.len()
+    );
 
     let mut max_difference = 0.0f32;
     for (i, (&score, &host)) in scores.iter().zip(&expected).enumerate() {
@@ -130,7 +116,7 @@ where
         let label = model::LABELS.get(i).copied().unwrap_or("?");
         let _ = writeln!(serial, "  {i:2} {label:8} {score:.7} (host {host:.7})");
     }
-    let (top, host_top) = (argmax(scores), argmax(&expected));
+    let (top, host_top) = (argmax(&scores), argmax(&expected));
     let detected = model::KEYWORDS.contains(&top);
     let _ = if detected { pin.set_high() } else { pin.set_low() };
     let micros = ticks * 1_000_000 / clock.hz() as u64;
@@ -151,11 +137,76 @@ where
         2 * CALIBRATION_LOOPS
     );
     let finite = scores.iter().all(|s| s.is_finite());
-    let passed = finite && max_difference <= TOLERANCE && top == host_top;
+    let ran = !cfg!(feature = "footprint-baseline");
+    let passed = ran && finite && max_difference <= TOLERANCE && top == host_top;
     let _ = writeln!(
         serial,
         "max abs difference from the host runtime {max_difference:e}: {}",
         if passed { "PASS" } else { "FAIL" }
     );
     passed
+}
+
+/// Opens the packed model `file`, runs it on `input` in `arena`, and returns its scores with the
+/// ticks that setting the input and running took. Prints the error and returns `None` on failure.
+#[cfg(not(feature = "footprint-baseline"))]
+fn infer<C: Stopwatch, W: Write>(
+    clock: &C,
+    serial: &mut W,
+    file: &'static [u8],
+    arena: &mut [u8],
+    input: &[f32; model::INPUT_LEN],
+) -> Option<([f32; model::OUTPUT_LEN], u64)> {
+    let model = match Model::open(file) {
+        Ok(model) => model,
+        Err(e) => {
+            let _ = writeln!(serial, "error: the model does not open: {}", e.reason());
+            return None;
+        }
+    };
+    let mut session = match Session::new(&model, arena) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = writeln!(serial, "error: {}", e.reason());
+            return None;
+        }
+    };
+    let start = clock.ticks();
+    let result = session.set_input(0, &model::INPUT_SHAPE, input).and_then(|()| session.run());
+    let ticks = clock.ticks() - start;
+    if let Err(e) = result {
+        let _ = writeln!(serial, "error: the run failed: {}", e.reason());
+        return None;
+    }
+    let mut scores = [0.0f32; model::OUTPUT_LEN];
+    match session.output::<f32>(0) {
+        Ok((_, values)) if values.len() == scores.len() => scores.copy_from_slice(values),
+        Ok((_, values)) => {
+            let _ = writeln!(serial, "error: {} scores, expected {}", values.len(), scores.len());
+            return None;
+        }
+        Err(e) => {
+            let _ = writeln!(serial, "error: {}", e.reason());
+            return None;
+        }
+    }
+    Some((scores, ticks))
+}
+
+/// The footprint baseline: the same application without the runtime, for `footprint.sh`. It
+/// returns the host runtime's scores without running anything, so the difference between this
+/// image and the normal one is the code and data that the runtime adds. A baseline image always
+/// reports FAIL.
+#[cfg(feature = "footprint-baseline")]
+fn infer<C: Stopwatch, W: Write>(
+    _clock: &C,
+    serial: &mut W,
+    _file: &'static [u8],
+    _arena: &mut [u8],
+    input: &[f32; model::INPUT_LEN],
+) -> Option<([f32; model::OUTPUT_LEN], u64)> {
+    // Keeps the reference input in the image, as the normal build does.
+    core::hint::black_box(input);
+    let _ = writeln!(serial, "footprint baseline: the model is not run");
+    Some((core::hint::black_box(decode(model::EXPECTED)), 0))
 }

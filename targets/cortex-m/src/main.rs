@@ -7,13 +7,17 @@
 mod app;
 mod board;
 mod clock;
+mod stack;
 
 /// Constants of the embedded model, written by build.rs.
+// The footprint baseline does not run the model, so it leaves the input shape unused.
+#[cfg_attr(feature = "footprint-baseline", allow(dead_code))]
 mod model {
     include!(concat!(env!("OUT_DIR"), "/model.rs"));
 }
 
 use cortex_m_rt::entry;
+use embedded_io::Write;
 use panic_semihosting as _;
 
 /// A value at a 64-byte aligned address, the alignment of the format's sections and arena.
@@ -26,6 +30,7 @@ static mut ARENA: Aligned<[u8; model::ARENA_BYTES]> = Aligned([0; model::ARENA_B
 
 #[entry]
 fn main() -> ! {
+    let painted = stack::paint();
     let core = cortex_m::Peripherals::take().expect("core peripherals are taken once");
     let mut clock = clock::SysTickClock::new(core.SYST, board::CPU_HZ);
     let (mut serial, mut pin) = board::init();
@@ -34,5 +39,11 @@ fn main() -> ! {
     let arena = unsafe { &mut (*core::ptr::addr_of_mut!(ARENA)).0 };
 
     let passed = app::run(&mut clock, &mut serial, &mut pin, arena);
+    let _ = writeln!(
+        serial,
+        "stack: high-water {} of {} bytes free for it (painted)",
+        painted.high_water(),
+        painted.capacity()
+    );
     semihosting::process::exit(if passed { 0 } else { 1 })
 }
