@@ -40,14 +40,14 @@ fixtures="compressor/tests/fixtures"
 for quantize in f32 f16 int8 int4; do
     compress "patterns-$quantize" "$fixtures/onnx/patterns.onnx" --quantize "$quantize"
 done
-compress dynamic-shapes "$fixtures/onnx/dynamic_shapes.onnx" --max-seq 8 --max-batch 2
+compress dynamic-shapes "$fixtures/onnx/dynamic_shapes.onnx" --max-seq 8 --max-batch 2 --self-test
 for model in conv1d_chain conv2d_chain conv_shared_output; do
     compress "${model//_/-}-int8" "$fixtures/windows/$model.onnx" --quantize int8
 done
 mlperf="../shared/data/mlperf-tiny"
 if [ -f "$mlperf/kws_ref_model.onnx" ]; then
     compress kws-f32 "$mlperf/kws_ref_model.onnx" --quantize f32
-    compress kws-int8 "$mlperf/kws_ref_model.onnx" --quantize int8
+    compress kws-int8 "$mlperf/kws_ref_model.onnx" --quantize int8 --self-test
     compress anomaly-int8 "$mlperf/ad01_fp32.onnx" --quantize int8
     compress wake-word-int8 "$mlperf/str_ww_ref_model.onnx" --quantize int8
 else

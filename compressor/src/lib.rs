@@ -20,6 +20,7 @@ pub mod planner;
 pub mod plots;
 pub mod quantize;
 pub mod reference;
+pub mod selftest;
 pub mod spectrum;
 pub mod tensor;
 pub mod testdata;

@@ -274,9 +274,28 @@ pub fn pack(
         (SectionKind::Metadata, &meta),
         (SectionKind::Weights, &weights),
     ];
+    let header = Header {
+        version_major: VERSION_MAJOR,
+        version_minor: VERSION_MINOR,
+        file_len: 0,
+        arena_bytes: plan.arena_bytes,
+        section_count: bodies.len() as u32,
+        tensor_count: tensors.len() as u32,
+        op_count: graph.nodes.len() as u32,
+        input_count: graph.inputs.len() as u32,
+        output_count: graph.outputs.len() as u32,
+        symbol_count: graph.symbols.len() as u32,
+        flags: 0,
+    };
+    Ok(assemble(header, &bodies))
+}
+
+/// Lays out the header, the section table and the section bodies, each body at a multiple of
+/// [`SECTION_ALIGN`] with its checksum; `header.file_len` and `header.section_count` are set here.
+fn assemble(mut header: Header, bodies: &[(SectionKind, &[u8])]) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_LEN + bodies.len() * SECTION_ENTRY_LEN];
     let mut entries = Vec::new();
-    for (kind, body) in bodies {
+    for &(kind, body) in bodies {
         pad_to(&mut out, SECTION_ALIGN);
         entries.push(SectionEntry {
             kind,
@@ -290,21 +309,62 @@ pub fn pack(
         let at = HEADER_LEN + i * SECTION_ENTRY_LEN;
         out[at..at + SECTION_ENTRY_LEN].copy_from_slice(&e.to_bytes());
     }
-    let header = Header {
-        version_major: VERSION_MAJOR,
-        version_minor: VERSION_MINOR,
-        file_len: out.len() as u64,
-        arena_bytes: plan.arena_bytes,
-        section_count: entries.len() as u32,
-        tensor_count: tensors.len() as u32,
-        op_count: graph.nodes.len() as u32,
-        input_count: graph.inputs.len() as u32,
-        output_count: graph.outputs.len() as u32,
-        symbol_count: graph.symbols.len() as u32,
-        flags: 0,
-    };
+    header.file_len = out.len() as u64;
+    header.section_count = entries.len() as u32;
     out[..HEADER_LEN].copy_from_slice(&header.to_bytes());
-    Ok(out)
+    out
+}
+
+/// Returns a copy of the packed file `file` whose metadata contains `value` under `key`: an earlier
+/// record with that key is dropped, and the new record goes before a `tokenizer.json` record (which
+/// stays last) or at the end. Every other byte of the sections is kept, so the model computes
+/// exactly what it did.
+///
+/// # Errors
+/// [`WriteError::Unrepresentable`] when `file` does not open or a length exceeds the format's.
+pub fn with_metadata(file: &[u8], key: &str, value: &[u8]) -> Result<Vec<u8>, WriteError> {
+    let bad = |m: String| WriteError::Unrepresentable(m);
+    let model = edgefold_runtime::Model::open(file)
+        .map_err(|e| bad(format!("the packed file does not open: {e}")))?;
+    let header = Header::parse(file).map_err(|e| bad(e.to_string()))?;
+    let mut records: Vec<(&str, &[u8])> =
+        model.metadata_entries().filter(|(k, _)| *k != key).collect();
+    let at = records.iter().position(|(k, _)| *k == "tokenizer.json").unwrap_or(records.len());
+    records.insert(at, (key, value));
+    let mut meta = Vec::new();
+    for (k, v) in records {
+        let (key_len, value_len) = (u32::try_from(k.len()), u32::try_from(v.len()));
+        let (Ok(key_len), Ok(value_len)) = (key_len, value_len) else {
+            return Err(bad(format!("metadata record {k} is longer than 4 GiB")));
+        };
+        meta.extend_from_slice(&key_len.to_le_bytes());
+        meta.extend_from_slice(&value_len.to_le_bytes());
+        meta.extend_from_slice(k.as_bytes());
+        meta.extend_from_slice(v);
+        pad_to(&mut meta, 4);
+    }
+    let mut bodies: Vec<(SectionKind, &[u8])> = Vec::new();
+    for i in 0..header.section_count as usize {
+        let start = HEADER_LEN + i * SECTION_ENTRY_LEN;
+        let entry = file
+            .get(start..start + SECTION_ENTRY_LEN)
+            .ok_or_else(|| bad("the section table is cut off".into()))
+            .and_then(|b| SectionEntry::parse(b).map_err(|e| bad(e.to_string())))?;
+        if entry.kind == SectionKind::Metadata {
+            bodies.push((entry.kind, &meta));
+        } else {
+            let range = usize::try_from(entry.offset)
+                .ok()
+                .zip(usize::try_from(entry.offset.saturating_add(entry.len)).ok())
+                .and_then(|(a, b)| file.get(a..b))
+                .ok_or_else(|| bad(format!("section {:?} lies outside the file", entry.kind)))?;
+            bodies.push((entry.kind, range));
+        }
+    }
+    if !bodies.iter().any(|(kind, _)| *kind == SectionKind::Metadata) {
+        return Err(bad("the packed file has no metadata section".into()));
+    }
+    Ok(assemble(header, &bodies))
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so an

@@ -162,6 +162,15 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The file carries no self-test record.
+    NoSelfTest,
+    /// The self-test record is malformed.
+    InvalidSelfTest {
+        /// Byte offset in the record's value where decoding stopped.
+        at: u32,
+        /// What is wrong.
+        reason: &'static str,
+    },
 }
 
 impl Error {
@@ -176,7 +185,8 @@ impl Error {
             Error::InvalidSection { reason, .. }
             | Error::InvalidTensor { reason, .. }
             | Error::InvalidOp { reason, .. }
-            | Error::RuntimeShape { reason, .. } => reason,
+            | Error::RuntimeShape { reason, .. }
+            | Error::InvalidSelfTest { reason, .. } => reason,
             Error::MisalignedBuffer { .. } => "the file's buffer is not aligned to 16 bytes",
             Error::BigEndianHost => "files are read only on little-endian processors",
             Error::InvalidString { .. } => "a string is out of bounds or not UTF-8",
@@ -189,6 +199,7 @@ impl Error {
             Error::NotRun => "outputs are only available after a successful run",
             Error::IndexOutOfRange { .. } => "index out of range",
             Error::OpNotBuilt { .. } => "the file uses an op that this runtime was built without",
+            Error::NoSelfTest => "the file carries no self-test",
         }
     }
 }
@@ -273,6 +284,13 @@ impl fmt::Display for Error {
                 "op {op} is not built into this runtime; enable the runtime's `{feature}` feature"
             ),
             Error::RuntimeShape { op, reason } => write!(f, "op {op}: {reason}"),
+            Error::NoSelfTest => f.write_str(
+                "the file carries no self-test; compress it again with `edgefold compress \
+                 --self-test`",
+            ),
+            Error::InvalidSelfTest { at, reason } => {
+                write!(f, "invalid self-test record at byte {at} of its value: {reason}")
+            }
         }
     }
 }

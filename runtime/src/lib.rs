@@ -27,6 +27,7 @@ pub mod kernels;
 pub mod mmap;
 pub mod model;
 pub mod ops;
+pub mod selftest;
 pub mod session;
 pub mod shape;
 mod validate;

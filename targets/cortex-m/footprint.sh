@@ -48,6 +48,8 @@ for board in "${boards[@]}"; do
     cargo build --quiet --release --target "$t" --features footprint-baseline
     cp "$elf" "$target_dir/$t/release/edgefold-firmware-baseline"
     base="$target_dir/$t/release/edgefold-firmware-baseline"
+    cargo build --quiet --release --target "$t" --no-default-features --features kws
+    no_self_test_text=$(section "$elf" .text)
     cargo build --quiet --release --target "$t"
 
     log="$logs/kws-$board.log"
@@ -76,6 +78,8 @@ for board in "${boards[@]}"; do
     row[flash]+=" | $flash of ${flash_size[$board]}"
     row[model]+=" | $model_bytes"
     row[runtime_code]+=" | $runtime_code ($(awk -v b="$runtime_code" 'BEGIN { printf "%.1f", b / 1024 }') KiB)"
+    plain_code=$((no_self_test_text - base_text))
+    row[plain_code]+=" | $plain_code ($(awk -v b="$plain_code" 'BEGIN { printf "%.1f", b / 1024 }') KiB)"
     row[runtime_data]+=" | $runtime_data"
     row[app]+=" | $((vectors + base_text + base_rodata + base_data - model_bytes))"
     row[statics]+=" | $statics"
@@ -92,6 +96,7 @@ echo "|---|---:|---:|"
 echo "| flash used: vector table, .text, .rodata, .data (bytes)${row[flash]} |"
 echo "| of which the packed model${row[model]} |"
 echo "| runtime and kernels: code (.text over the baseline image)${row[runtime_code]} |"
+echo "| runtime and kernels: code without the self-test (built without the self-test feature)${row[plain_code]} |"
 echo "| runtime and kernels: read-only data (.rodata and .data over the baseline)${row[runtime_data]} |"
 echo "| application, startup and formatting (baseline image without the model)${row[app]} |"
 echo "| statics in RAM: .data, .bss (arena included), .uninit${row[statics]} |"

@@ -4,6 +4,8 @@
 #   model.fold    the packed model
 #   input.bin     the reference input, dequantized to f32, little-endian
 #   expected.bin  the host runtime's output for that input, f32 little-endian
+#   input.npy     the reference input as an .npy file, which the packed model also carries as
+#                 its self-test input (with the compressor's output for it)
 # Needs ../shared/data/mlperf-tiny beside the repository and python3 with numpy. The host
 # runtime is the runner in targets/aarch64-linux/runner, built for this machine.
 set -euo pipefail
@@ -27,14 +29,17 @@ generate() {
     local name="$1" onnx="$2" npz="$3" scale="$4" zero="$5"
     local out="$here/src/generated/$name"
     mkdir -p "$out"
-    edgefold compress "$data/$onnx" -o "$out/model.fold" --quantize int8
-    python3 - "$data/$npz" "$scale" "$zero" "$out/input.bin" <<'PY'
+    python3 - "$data/$npz" "$scale" "$zero" "$out/input.bin" "$out/input.npy" <<'PY'
 import sys
 import numpy as np
-npz, scale, zero, out = sys.argv[1], np.float32(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+npz, scale, zero, out, out_npy = sys.argv[1:6]
 q = np.load(npz)["in0"].astype(np.int32)
-((q - zero).astype(np.float32) * scale).astype("<f4").tofile(out)
+x = ((q - int(zero)).astype(np.float32) * np.float32(scale)).astype("<f4")
+x.tofile(out)
+np.save(out_npy, x)
 PY
+    edgefold compress "$data/$onnx" -o "$out/model.fold" --quantize int8 \
+        --self-test-input "$out/input.npy"
     runner "$out/model.fold" "$out/input.bin" --save "$out/expected.bin"
 }
 

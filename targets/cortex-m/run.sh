@@ -41,7 +41,7 @@ grep -m1 "the statics leave less RAM than the stack reserve" "$log"
 
 run kws-mps2-an386
 run kws-lm3s6965evb --target thumbv7m-none-eabi
-run wake-word-lm3s6965evb --target thumbv7m-none-eabi --no-default-features --features wake-word
+run wake-word-lm3s6965evb --target thumbv7m-none-eabi --no-default-features --features wake-word,self-test
 
 echo "== footprint"
 bash footprint.sh

@@ -16,6 +16,7 @@ use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::{compress, load_graph, CompressOptions};
 use edgefold_compressor::quantize::{LowRank, Quantize};
 use edgefold_compressor::reference::ReferenceModel;
+use edgefold_compressor::selftest;
 use edgefold_compressor::spectrum::summarize;
 use edgefold_compressor::tensor::{HostTensor, TensorData};
 use edgefold_compressor::text::{cosine, read_sts, spearman, TextEncoder};
@@ -89,6 +90,14 @@ enum Command {
     Eval(EvalArgs),
     /// Time loading and inference of a packed text encoder (or of the original ONNX with tract).
     Bench(BenchArgs),
+    /// Run the self-test a packed file carries and report whether its outputs match.
+    Verify {
+        /// The packed file.
+        file: PathBuf,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -167,6 +176,15 @@ struct CompressArgs {
     /// Let the planner fuse adjacent blocks first where fusion measures better than dropping them.
     #[arg(long)]
     fuse: bool,
+    /// Embed a self-test: a sample input and the outputs this host computes for it, which
+    /// `edgefold verify` (or the firmware) checks on the device. The sample is generated unless
+    /// --self-test-input gives it.
+    #[arg(long)]
+    self_test: bool,
+    /// The self-test's sample input: one .npy file per graph input, in order (implies
+    /// --self-test).
+    #[arg(long = "self-test-input")]
+    self_test_input: Vec<PathBuf>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -256,6 +274,7 @@ fn main() {
         }
         Command::Eval(args) => cmd_eval(args),
         Command::Bench(args) => cmd_bench(args),
+        Command::Verify { file, json } => cmd_verify(&file, json),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -310,7 +329,9 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
     let bar = spinner(&format!("compressing {}", args.model.display()));
     let result = compress(&args.model, &options);
     bar.finish_and_clear();
-    let (bytes, report) = result?;
+    let (bytes, mut report) = result?;
+    let bytes = with_self_test(&args, bytes)?;
+    report.output_bytes = bytes.len() as u64;
     write_atomic(&args.output, &bytes)?;
     let seconds = started.elapsed().as_secs_f64();
     let ratio = report.output_bytes as f64 / report.source_bytes.max(1) as f64;
@@ -353,6 +374,63 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
                 report.factorized.len()
             );
         }
+    }
+    Ok(())
+}
+
+/// Adds a self-test record to the packed `bytes` when `--self-test` or `--self-test-input` requests
+/// one.
+fn with_self_test(args: &CompressArgs, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    if !args.self_test && args.self_test_input.is_empty() {
+        return Ok(bytes);
+    }
+    let given = args
+        .self_test_input
+        .iter()
+        .map(|p| {
+            read_npy(p).with_context(|| format!("cannot read --self-test-input {}", p.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let inputs = (!given.is_empty()).then_some(given.as_slice());
+    let (bytes, embedded) = selftest::embed(&bytes, inputs)
+        .with_context(|| format!("cannot embed a self-test in {}", args.output.display()))?;
+    log::info!(
+        "embedded a self-test of {} bytes (inputs {:?}, tolerance {:e})",
+        embedded.record_bytes,
+        embedded.input_shapes,
+        embedded.tolerance
+    );
+    Ok(bytes)
+}
+
+fn cmd_verify(path: &Path, as_json: bool) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let outcome = selftest::verify(&bytes)
+        .with_context(|| format!("cannot run the self-test of {}", path.display()))?;
+    let passed = outcome.passed();
+    if as_json {
+        print_json(&json!({
+            "file": path,
+            "passed": passed,
+            "max_abs_error": outcome.max_abs_error,
+            "tolerance": outcome.tolerance,
+            "outputs": outcome.outputs,
+            "elements": outcome.elements,
+        }));
+    } else {
+        println!(
+            "{}: self-test {}: max abs error {:e} over {} elements of {} output{} (tolerance {:e})",
+            path.display(),
+            if passed { "passed" } else { "FAILED" },
+            outcome.max_abs_error,
+            outcome.elements,
+            outcome.outputs,
+            if outcome.outputs == 1 { "" } else { "s" },
+            outcome.tolerance
+        );
+    }
+    if !passed {
+        bail!("the self-test of {} failed", path.display());
     }
     Ok(())
 }
@@ -1361,6 +1439,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
             None => format!("{}", outcome.scheme),
         },
     )?;
+    let bytes = with_self_test(&args, bytes)?;
     write_atomic(&args.output, &bytes)?;
     let seconds = started.elapsed().as_secs_f64();
     let ratio = bytes.len() as f64 / source_bytes.max(1) as f64;
@@ -1531,6 +1610,7 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
         tokenizer: tokenizer.clone(),
     };
     let bytes = pack_graph(&args.model, &graph, &options, &settings)?;
+    let bytes = with_self_test(&args, bytes)?;
     write_atomic(&args.output, &bytes)?;
     let source_bytes = std::fs::metadata(&args.model).map_or(0, |m| m.len());
     let ratio = bytes.len() as f64 / source_bytes.max(1) as f64;

@@ -824,7 +824,9 @@ mod tests {
             assert_close(&y, &expected, 1e-5, name);
             tested += 1;
         }
-        assert!(tested >= 3, "only {tested} cases have even rows");
+        // Under Miri, fewer cases run (see `conv_cases`).
+        let minimum = if cfg!(miri) { 1 } else { 3 };
+        assert!(tested >= minimum, "only {tested} cases have even rows");
     }
 
     /// Convolutions that keep their extents and channels, so they can run in place.
@@ -838,7 +840,7 @@ mod tests {
             window,
         };
         let dense = |kernel, pads, dilations| window(kernel, [1, 1], pads, dilations);
-        vec![
+        let mut cases = vec![
             ("pointwise", case(2, 5, [3, 7], 1, dense([1, 1], [0; 4], [1, 1]))),
             ("pointwise grouped", case(1, 6, [4, 4], 3, dense([1, 1], [0; 4], [1, 1]))),
             ("pointwise depthwise", case(1, 4, [2, 5], 4, dense([1, 1], [0; 4], [1, 1]))),
@@ -851,7 +853,15 @@ mod tests {
             ("padding over height", case(1, 2, [2, 3], 2, dense([5, 1], [4, 0, 0, 0], [1, 1]))),
             ("single row kernel", case(2, 3, [4, 6], 3, dense([1, 3], [0, 1, 0, 1], [1, 1]))),
             ("one row input", case(1, 2, [1, 6], 2, dense([3, 3], [1; 4], [1, 1]))),
-        ]
+        ];
+        // Miri interprets every operation, so it runs the small cases that cover each path:
+        // pointwise blocks, kept rows above, dilation, causal padding and a batch.
+        if cfg!(miri) {
+            let covering =
+                ["pointwise grouped", "depthwise batch", "dilated", "causal rows", "one row input"];
+            cases.retain(|(name, _)| covering.contains(name));
+        }
+        cases
     }
 
     #[test]
@@ -884,7 +894,9 @@ mod tests {
                         act,
                         &mut expected,
                     );
-                    for extra in [0, 1, needed, 5 * needed] {
+                    let extras: &[usize] =
+                        if cfg!(miri) { &[0, needed] } else { &[0, 1, needed, 5 * needed] };
+                    for &extra in extras {
                         let mut xy = x.clone();
                         let mut scratch = vec![f32::NAN; needed + extra];
                         conv2d_nchw_f32_in_place(

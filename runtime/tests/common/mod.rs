@@ -169,7 +169,7 @@ impl FileBuilder {
     /// Appends an op record.
     pub fn op(&mut self, name: &str, op: Op, inputs: &[u32], outputs: &[u32]) {
         let name = self.string(name);
-        encode_op(&mut self.ops, &op, name, inputs, outputs);
+        encode_op(&mut self.ops, &op, name, 0, inputs, outputs);
         self.op_count += 1;
     }
 

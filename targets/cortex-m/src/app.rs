@@ -144,7 +144,38 @@ where
         "max abs difference from the host runtime {max_difference:e}: {}",
         if passed { "PASS" } else { "FAIL" }
     );
-    passed
+    // The file's own self-test, as `edgefold verify` runs it on a host.
+    let self_tested = self_test(serial, file, arena);
+    passed && self_tested
+}
+
+/// Runs the self-test that the packed model carries and reports it; true when it passes.
+#[cfg(all(feature = "self-test", not(feature = "footprint-baseline")))]
+fn self_test<W: Write>(serial: &mut W, file: &'static [u8], arena: &mut [u8]) -> bool {
+    let outcome = Model::open(file).and_then(|m| edgefold_runtime::selftest::run(&m, arena));
+    match outcome {
+        Ok(o) => {
+            let verdict = if o.passed() { "PASS" } else { "FAIL" };
+            let _ = writeln!(
+                serial,
+                "self-test: max abs error {:e} over {} elements (tolerance {:e}): {verdict}",
+                o.max_abs_error, o.elements, o.tolerance
+            );
+            o.passed()
+        }
+        Err(e) => {
+            let _ = writeln!(serial, "self-test: {}: FAIL", e.reason());
+            false
+        }
+    }
+}
+
+/// Without the `self-test` feature there is nothing to run; the footprint baseline runs no model,
+/// so it fails.
+#[cfg(not(all(feature = "self-test", not(feature = "footprint-baseline"))))]
+fn self_test<W: Write>(serial: &mut W, _file: &'static [u8], _arena: &mut [u8]) -> bool {
+    let _ = writeln!(serial, "self-test: not built into this image");
+    !cfg!(feature = "footprint-baseline")
 }
 
 /// Opens the packed model `file`, runs it on `input` in `arena`, and returns its scores with the
