@@ -526,6 +526,10 @@ mod tests {
     fn assert_same_bits(ours: &[f32], expected: &[f32], what: &str) {
         assert_eq!(ours.len(), expected.len(), "{what}: lengths differ");
         for (i, (a, b)) in ours.iter().zip(expected).enumerate() {
+            // The sign and payload of a NaN result are unspecified (Miri picks them at random).
+            if a.is_nan() && b.is_nan() {
+                continue;
+            }
             assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i} is {a}, expected {b}");
         }
     }
@@ -534,6 +538,11 @@ mod tests {
     fn unary_in_place_matches_unary() {
         let x = values(64);
         for kind in UNARY_KINDS {
+            // Under Miri, libm's sqrtf is inline assembly, which Miri cannot run, and Miri adds
+            // random rounding errors to the other library functions, so only exact ops compare.
+            if cfg!(miri) && !matches!(kind, UnaryKind::Neg | UnaryKind::Abs) {
+                continue;
+            }
             let mut expected = std::vec![0.0; x.len()];
             unary(kind, -1.5, 2.5, &x, &mut expected);
             let mut xy = x.clone();
@@ -551,6 +560,10 @@ mod tests {
         for b_shape in cases {
             let b: Vec<f32> = values(b_shape.numel() + 7)[7..].to_vec();
             for kind in BINARY_KINDS {
+                // Miri adds random rounding errors to library functions such as powf.
+                if cfg!(miri) && kind == BinaryKind::Pow {
+                    continue;
+                }
                 let mut expected = std::vec![0.0; out.numel()];
                 binary(kind, &a, &out, &b, &b_shape, &mut expected, &out);
                 let mut xy = a.clone();
