@@ -91,10 +91,10 @@ fn host_to_owned(t: &HostTensor) -> Owned {
     Owned { dtype, shape: t.shape.clone(), bytes }
 }
 
-/// A deterministic sample for every graph input of `model`: each symbolic dimension at
-/// [`SAMPLE_SYMBOL_VALUE`] (or its maximum when lower); float elements spread over [-1, 1) by a
-/// fixed generator, integer elements 1 (a valid token id, mask value and index for the models
-/// Edgefold imports), booleans true.
+/// Builds a deterministic sample for every graph input of `model`. Each symbolic dimension is
+/// [`SAMPLE_SYMBOL_VALUE`], or its maximum when lower. Float elements are spread over [-1, 1) by
+/// a fixed generator, integers are 1 (a valid token id, mask value and index), booleans true.
+// NOTE: an integer input whose valid range excludes 1 needs --self-test-input.
 fn sample_inputs(model: &Model<'_>) -> Result<Vec<Owned>, SelfTestError> {
     let mut symbols = *model.symbol_max();
     for v in symbols.iter_mut() {
@@ -200,11 +200,11 @@ pub fn verify(file: &[u8]) -> Result<selftest::Outcome, edgefold_runtime::Error>
     selftest::run(&model, &mut arena)
 }
 
-/// `file` copied into a buffer with the alignment the runtime requires, opened once to validate.
+/// Copies `file` into a buffer with the alignment the runtime requires and opens it once.
 fn aligned(file: &[u8]) -> Result<PackedGraph, edgefold_runtime::Error> {
     PackedGraph::from_bytes(file).map_err(|e| match e {
         ExecError::Runtime(e) => e,
-        // Copying packed bytes only fails in the runtime's validation.
+        // `from_bytes` packs nothing, so its only errors come from `Model::open`.
         _ => edgefold_runtime::Error::BadMagic,
     })
 }

@@ -291,7 +291,7 @@ pub fn pack(
 }
 
 /// Lays out the header, the section table and the section bodies, each body at a multiple of
-/// [`SECTION_ALIGN`] with its checksum; `header.file_len` and `header.section_count` are set here.
+/// [`SECTION_ALIGN`] with its checksum. Sets `header.file_len` and `header.section_count`.
 fn assemble(mut header: Header, bodies: &[(SectionKind, &[u8])]) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_LEN + bodies.len() * SECTION_ENTRY_LEN];
     let mut entries = Vec::new();

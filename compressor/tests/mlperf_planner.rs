@@ -33,7 +33,7 @@ fn half_of(path: &str) -> u64 {
 }
 
 #[test]
-fn wake_word_halves_int8_tflite_and_keeps_forty_of_forty_five() {
+fn wake_word_half_tflite_size() {
     let Some([onnx, tflite, samples]) = data_files([
         "str_ww_ref_model.onnx",
         "str_ww_ref_model.tflite",
@@ -117,7 +117,7 @@ fn towards_reconstruction(
 }
 
 #[test]
-fn anomaly_autoencoder_halves_int8_tflite_and_keeps_error_correlation() {
+fn anomaly_half_tflite_size() {
     let Some([onnx, tflite, reference]) =
         data_files(["ad01_fp32.onnx", "ad01_int8.tflite", "ad01_fp32.npz"])
     else {

@@ -168,7 +168,7 @@ pub enum Error {
     InvalidSelfTest {
         /// Byte offset in the record's value where decoding stopped.
         at: u32,
-        /// What is wrong.
+        /// Description of the fault.
         reason: &'static str,
     },
 }

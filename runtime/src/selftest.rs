@@ -36,8 +36,8 @@ pub const VERSION: u16 = 1;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Outcome {
     /// Largest absolute difference between an output element and its expected value, over the
-    /// float outputs; infinite when an output's shape, type or integer values differ, or when an
-    /// output is not finite where the expected value is.
+    /// float outputs. It is infinite when an output's shape, type or integer values differ, or
+    /// when an output is NaN and the expected value is not.
     pub max_abs_error: f32,
     /// The largest difference the record allows.
     pub tolerance: f32,
