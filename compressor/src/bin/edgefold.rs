@@ -286,6 +286,16 @@ fn print_json(value: &Json) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialize"));
 }
 
+/// Prints the original and packed sizes with their ratio, as `eval` reports them.
+fn print_size(original_bytes: u64, packed_bytes: u64) {
+    println!(
+        "size: {} -> {} ({:.1} %)",
+        human_bytes(original_bytes),
+        human_bytes(packed_bytes),
+        100.0 * packed_bytes as f64 / original_bytes.max(1) as f64
+    );
+}
+
 fn human_bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
@@ -1039,12 +1049,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         println!(
             "embedding cosine to the original: mean {mean_agreement:.5}, min {min_agreement:.5}"
         );
-        println!(
-            "size: {} -> {} ({:.1} %)",
-            human_bytes(original_bytes),
-            human_bytes(packed_bytes),
-            100.0 * packed_bytes as f64 / original_bytes.max(1) as f64
-        );
+        print_size(original_bytes, packed_bytes);
     }
     Ok(())
 }
@@ -1160,12 +1165,7 @@ fn eval_tensors(args: &EvalArgs) -> Result<()> {
             "outputs against the original: cosine mean {cos_mean:.5}, min {cos_min:.5}, \
              largest difference {max_abs:.3e}"
         );
-        println!(
-            "size: {} -> {} ({:.1} %)",
-            human_bytes(original_bytes),
-            human_bytes(packed_bytes),
-            100.0 * packed_bytes as f64 / original_bytes.max(1) as f64
-        );
+        print_size(original_bytes, packed_bytes);
     }
     Ok(())
 }
