@@ -41,9 +41,22 @@ for quantize in f32 f16 int8 int4; do
     compress "patterns-$quantize" "$fixtures/onnx/patterns.onnx" --quantize "$quantize"
 done
 compress dynamic-shapes "$fixtures/onnx/dynamic_shapes.onnx" --max-seq 8 --max-batch 2 --self-test
+compress broadcasts "$fixtures/onnx/broadcasts.onnx" --quantize f32 --self-test
 for model in conv1d_chain conv2d_chain conv_shared_output; do
     compress "${model//_/-}-int8" "$fixtures/windows/$model.onnx" --quantize int8
 done
+# One-op models from the ONNX backend node tests (scripts/onnx-node-tests.sh writes them), for the
+# ops that the models above leave out. (The node tests of Expand and Slice take their shapes as
+# inputs, which the importer does not support; broadcasts.onnx has both.)
+node_tests="$target_dir/onnx-node"
+if [ -d "$node_tests" ]; then
+    for case in matmul_2d gather_0 concat_2d_axis_0 cast_FLOAT_to_FLOAT16 where_example \
+        transpose_default layer_normalization_2d_axis0 softmax_example; do
+        compress "node-$case" "$node_tests/test_$case/model.onnx" --quantize f32
+    done
+else
+    echo "no node-test seeds: $node_tests is missing (scripts/onnx-node-tests.sh writes it)"
+fi
 mlperf="../shared/data/mlperf-tiny"
 if [ -f "$mlperf/kws_ref_model.onnx" ]; then
     compress kws-f32 "$mlperf/kws_ref_model.onnx" --quantize f32

@@ -17,9 +17,15 @@ cd "$root"
 
 for target in host s390x-unknown-linux-gnu; do
     args=()
-    [ "$target" = host ] || args=(--target "$target")
+    filter=()
+    if [ "$target" != host ]; then
+        args=(--target "$target")
+        # The kernels never run on a big-endian host, since opening a file fails there first, and
+        # they take most of Miri's time; the host run covers them.
+        filter=(-- --skip kernels::)
+    fi
     echo "== Miri: edgefold-runtime tests on $target"
     start=$SECONDS
-    cargo +nightly miri test -p edgefold-runtime "${args[@]}"
+    cargo +nightly miri test -p edgefold-runtime "${args[@]}" "${filter[@]}"
     echo "Miri on $target took $((SECONDS - start)) s"
 done

@@ -17,7 +17,7 @@ use crate::quantize::{quantize, quantize_conv_int4, quantize_i4, Quantize, INT4_
 use crate::spectrum::{break_even_rank, energy_rank, SpectrumError};
 use crate::tensor::HostTensor;
 use crate::text::{cosine, spearman, StsPair, TextEncoder};
-use crate::whiten::Whitening;
+use crate::whiten::{WhitenedSvd, Whitening};
 
 /// Error from a planning run.
 #[derive(Debug)]
@@ -486,9 +486,42 @@ pub fn factorize_whitened(
     calibration: &mut Calibration,
     energy: f64,
 ) -> Result<usize, SpectrumError> {
+    factorize_whitened_with(graph, calibration, energy, &mut WhiteningCache::default())
+}
+
+/// Decompositions that [`factorize_whitened_with`] reuses: the whitening of each linear input
+/// (by name) and each weight's whitened SVD (by weight and input name, checked against the
+/// weight's values), which do not depend on the kept energy or on which blocks were removed.
+#[derive(Default)]
+pub struct WhiteningCache {
+    whitenings: std::collections::HashMap<String, Whitening>,
+    svds: std::collections::HashMap<(String, String), (u64, WhitenedSvd)>,
+}
+
+/// A hash of a weight's values, so that a cached decomposition is used only for the same values.
+fn fingerprint(values: &[f32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    values.len().hash(&mut h);
+    for v in values {
+        v.to_bits().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// [`factorize_whitened`] with decompositions kept in `cache` across calls on graphs derived
+/// from the same model and calibration (the planner factorizes at several energies).
+///
+/// # Errors
+/// Decomposition failures.
+pub fn factorize_whitened_with(
+    graph: &mut Graph,
+    calibration: &mut Calibration,
+    energy: f64,
+    cache: &mut WhiteningCache,
+) -> Result<usize, SpectrumError> {
     let mut count = 0;
     let mut nodes = Vec::with_capacity(graph.nodes.len());
-    let mut cache: std::collections::HashMap<String, Whitening> = Default::default();
     for node in std::mem::take(&mut graph.nodes) {
         let (Some(x), Some(w)) =
             (node.inputs.first().copied().flatten(), node.inputs.get(1).copied().flatten())
@@ -510,20 +543,24 @@ pub fn factorize_whitened(
             nodes.push(node);
             continue;
         }
-        let data = data.clone();
-        if !cache.contains_key(&x_name) {
-            cache.insert(x_name.clone(), Whitening::new(&stats.gram, k)?);
+        let name = graph.values[w].name.clone();
+        let print = fingerprint(data);
+        let key = (name.clone(), x_name.clone());
+        if cache.svds.get(&key).is_none_or(|(p, _)| *p != print) {
+            if !cache.whitenings.contains_key(&x_name) {
+                cache.whitenings.insert(x_name.clone(), Whitening::new(&stats.gram, k)?);
+            }
+            let svd = cache.whitenings[&x_name].decompose(data, n)?;
+            cache.svds.insert(key.clone(), (print, svd));
         }
-        let wh = &cache[&x_name];
-        let sv = wh.singular_values(&data, n)?;
-        let rank = energy_rank(&sv, energy);
+        let svd = &cache.svds[&key].1;
+        let rank = energy_rank(svd.singular_values(), energy);
         if rank == 0 || rank > break_even_rank(n, k) {
             nodes.push(node);
             continue;
         }
-        let (left, right) = wh.factors(&data, n, rank)?;
+        let (left, right) = svd.factors(rank)?;
         let gram_mid = project_gram(&stats.gram, &right, rank, k);
-        let name = graph.values[w].name.clone();
         let a = graph.add_const(format!("{name}.right"), vec![rank, k], Storage::F32(right));
         let b = graph.add_const(format!("{name}.left"), vec![n, rank], Storage::F32(left));
         let mut mid_shape = graph.values[x].shape.clone();
@@ -564,23 +601,22 @@ pub fn factorize_whitened(
 
 /// R G Rᵀ for a row-major `rank × k` R and `k × k` G.
 fn project_gram(gram: &[f64], r: &[f32], rank: usize, k: usize) -> Vec<f64> {
-    let mut rg = vec![0f64; rank * k];
-    for i in 0..rank {
-        for c in 0..k {
-            let mut s = 0.0;
-            for j in 0..k {
-                s += r[i * k + j] as f64 * gram[j * k + c];
-            }
-            rg[i * k + c] = s;
-        }
-    }
-    let mut out = vec![0f64; rank * rank];
-    for i in 0..rank {
-        for j in 0..rank {
-            out[i * rank + j] = (0..k).map(|c| rg[i * k + c] * r[j * k + c] as f64).sum();
-        }
-    }
-    out
+    use faer::{Accum, Mat, Par};
+    let rm = Mat::<f64>::from_fn(rank, k, |i, j| r[i * k + j] as f64);
+    let g = Mat::<f64>::from_fn(k, k, |i, j| gram[i * k + j]);
+    let mut rg = Mat::<f64>::zeros(rank, k);
+    faer::linalg::matmul::matmul(
+        rg.as_mut(),
+        Accum::Replace,
+        rm.as_ref(),
+        g.as_ref(),
+        1.0,
+        Par::Seq,
+    );
+    let mut out = Mat::<f64>::zeros(rank, rank);
+    let rt = rm.transpose();
+    faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, rg.as_ref(), rt, 1.0, Par::Seq);
+    (0..rank * rank).map(|i| out[(i / rank, i % rank)]).collect()
 }
 
 /// Stores embedding tables (constant rank-2 gather data) as int4 groups.
@@ -621,6 +657,7 @@ pub fn quantize_tables_int4(graph: &mut Graph) -> usize {
 #[derive(Default)]
 pub struct Stage {
     cache: Vec<((usize, Option<u64>), Graph, Calibration)>,
+    whitening: WhiteningCache,
 }
 
 impl Stage {
@@ -641,7 +678,7 @@ impl Stage {
         drop_blocks(&mut g, &drops);
         let mut calib = calibration.clone();
         if let Some(energy) = scheme.low_rank {
-            factorize_whitened(&mut g, &mut calib, energy)?;
+            factorize_whitened_with(&mut g, &mut calib, energy, &mut self.whitening)?;
         }
         self.cache.push((key, g, calib));
         let (_, g, c) = self.cache.last().expect("just pushed");

@@ -115,11 +115,72 @@ impl Whitening {
         Ok((left, right))
     }
 
+    /// The whitened weight's SVD, kept so that factors of any rank can be cut from it without
+    /// another decomposition. [`WhitenedSvd::factors`] gives the same factors as
+    /// [`Whitening::factors`].
+    ///
+    /// # Errors
+    /// Shape errors or SVD failure.
+    pub fn decompose(&self, w: &[f32], n: usize) -> Result<WhitenedSvd, SpectrumError> {
+        self.check(w, n)?;
+        let svd = self
+            .whiten(w, n)
+            .thin_svd()
+            .map_err(|_| SpectrumError::NoConvergence { rows: n, cols: self.k })?;
+        let (u, s, v) = (svd.U(), svd.S(), svd.V());
+        let m = n.min(self.k);
+        let singular: Vec<f64> = (0..m).map(|r| s[r]).collect();
+        let left = Mat::<f64>::from_fn(n, m, |i, r| u[(i, r)] * singular[r]);
+        let scaled = Mat::<f64>::from_fn(m, self.k, |r, j| v[(j, r)] / self.sqrt_l[j]);
+        let mut right = Mat::<f64>::zeros(m, self.k);
+        faer::linalg::matmul::matmul(
+            right.as_mut(),
+            Accum::Replace,
+            scaled.as_ref(),
+            self.q.transpose(),
+            1.0,
+            Par::Seq,
+        );
+        Ok(WhitenedSvd { singular, left, right })
+    }
+
     fn check(&self, w: &[f32], n: usize) -> Result<(), SpectrumError> {
         if w.len() != n * self.k {
             return Err(SpectrumError::ShapeMismatch { rows: n, cols: self.k, len: w.len() });
         }
         Ok(())
+    }
+}
+
+/// A whitened weight's singular values and full-rank factors, from [`Whitening::decompose`].
+#[derive(Clone, Debug)]
+pub struct WhitenedSvd {
+    singular: Vec<f64>,
+    /// `n × m`: U · Σ.
+    left: Mat<f64>,
+    /// `m × k`: Vᵀ · Λ^-½ · Qᵀ.
+    right: Mat<f64>,
+}
+
+impl WhitenedSvd {
+    /// Singular values of the whitened weight, descending.
+    pub fn singular_values(&self) -> &[f64] {
+        &self.singular
+    }
+
+    /// Rank-`rank` factors (left `n × rank`, right `rank × k`, row-major f32), as
+    /// [`Whitening::factors`] computes them.
+    ///
+    /// # Errors
+    /// [`SpectrumError::InvalidRank`] unless `0 < rank <= min(n, k)`.
+    pub fn factors(&self, rank: usize) -> Result<(Vec<f32>, Vec<f32>), SpectrumError> {
+        let (n, m, k) = (self.left.nrows(), self.left.ncols(), self.right.ncols());
+        if rank == 0 || rank > m {
+            return Err(SpectrumError::InvalidRank { rank, max: m });
+        }
+        let left = (0..n * rank).map(|i| self.left[(i / rank, i % rank)] as f32).collect();
+        let right = (0..rank * k).map(|i| self.right[(i / k, i % k)] as f32).collect();
+        Ok((left, right))
     }
 }
 
@@ -194,6 +255,37 @@ mod tests {
                 assert!((v - w[i * k + j]).abs() < 1e-4, "({i}, {j}): {v} vs {}", w[i * k + j]);
             }
         }
+    }
+
+    /// Factors cut from one kept decomposition match those computed for each rank alone.
+    #[test]
+    fn kept_decomposition_gives_the_same_factors() {
+        let (n, k, tokens) = (9, 14, 30);
+        let mut r = rng(21);
+        let w: Vec<f32> = (0..n * k).map(|_| r() as f32).collect();
+        let x: Vec<f64> = (0..tokens * k).map(|_| r()).collect();
+        let mut gram = vec![0f64; k * k];
+        for t in 0..tokens {
+            for i in 0..k {
+                for j in 0..k {
+                    gram[i * k + j] += x[t * k + i] * x[t * k + j];
+                }
+            }
+        }
+        let wh = Whitening::new(&gram, k).unwrap();
+        let kept = wh.decompose(&w, n).unwrap();
+        let alone = wh.singular_values(&w, n).unwrap();
+        assert_eq!(kept.singular_values().len(), alone.len());
+        for (a, b) in kept.singular_values().iter().zip(&alone) {
+            assert!((a - b).abs() <= 1e-9 * alone[0], "singular value {a} vs {b}");
+        }
+        for rank in [1, 4, n] {
+            let (left, right) = kept.factors(rank).unwrap();
+            let (left_alone, right_alone) = wh.factors(&w, n, rank).unwrap();
+            assert_eq!(left, left_alone, "left factor at rank {rank}");
+            assert_eq!(right, right_alone, "right factor at rank {rank}");
+        }
+        assert!(kept.factors(0).is_err() && kept.factors(n + 1).is_err());
     }
 
     #[test]

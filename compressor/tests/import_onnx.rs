@@ -78,6 +78,29 @@ fn shapes_computed_from_sequence_length() {
 }
 
 #[test]
+fn expand_slice_cast_and_where_match_tract() {
+    use edgefold_compressor::tensor::TensorData;
+    let path = fixture("broadcasts.onnx");
+    let graph = import(&path, &ImportOptions { max_batch: 1, max_seq: 8 }).unwrap();
+    let names: Vec<&str> = graph.nodes.iter().map(|n| n.op.name()).collect();
+    for op in ["Expand", "Slice", "Cast", "Where"] {
+        assert!(names.contains(&op), "{op} should stay a runtime op: {names:?}");
+    }
+    let file = pack_graph(&graph);
+    let reference = ReferenceModel::load(&path).unwrap();
+    for seed in 0..4u64 {
+        let x = HostTensor::f32(vec![1, 6], random_f32(6, seed));
+        let mask = (0..9).map(|i| (i * 5 + seed as usize).is_multiple_of(3)).collect();
+        let above = HostTensor { shape: vec![3, 3], data: TensorData::Bool(mask) };
+        let inputs = [x, above];
+        let ours = run(&file, &inputs);
+        let theirs = reference.run(&inputs).unwrap();
+        let diff = max_abs_diff(&ours[0], &theirs[0]);
+        assert!(diff < 1e-6, "seed {seed}: max abs difference {diff}");
+    }
+}
+
+#[test]
 fn blocks_of_minilm_models() {
     use edgefold_compressor::blocks::find_blocks;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

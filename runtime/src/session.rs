@@ -42,6 +42,9 @@ pub struct Session<'m, 'a> {
     inputs_set: u32,
     symbols: [u64; MAX_SYMBOLS],
     ran: bool,
+    /// Threads that `linear` and `matmul` may use; see [`Session::set_threads`].
+    #[cfg(feature = "std")]
+    threads: usize,
     _arena: PhantomData<&'a mut [u8]>,
 }
 
@@ -72,8 +75,24 @@ impl<'m, 'a> Session<'m, 'a> {
             inputs_set: 0,
             symbols: [1; MAX_SYMBOLS],
             ran: false,
+            #[cfg(feature = "std")]
+            threads: 1,
             _arena: PhantomData,
         })
+    }
+
+    /// Lets `linear` and `matmul` split their work across up to `threads` threads (at least 1;
+    /// 1, the default, runs everything on the calling thread). Small products stay on fewer
+    /// threads, since starting one costs tens of microseconds; see [`crate::kernels::parallel`].
+    #[cfg(feature = "std")]
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// The thread count set by [`set_threads`](Self::set_threads).
+    #[cfg(feature = "std")]
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Returns the model this session runs.

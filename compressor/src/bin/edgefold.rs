@@ -65,6 +65,9 @@ enum Command {
         /// Index of the output written by --output.
         #[arg(long, default_value_t = 0)]
         output_index: usize,
+        /// Threads for the matrix products.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: u16,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -113,6 +116,9 @@ struct BenchArgs {
     /// Timed runs after the first one.
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Threads for the matrix products (edgefold engine only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -266,8 +272,8 @@ fn main() {
         Command::Compress(args) => cmd_compress(args),
         Command::Inspect { file, tensors, json } => cmd_inspect(&file, tensors, json),
         Command::Analyze(args) => cmd_analyze(args),
-        Command::Run { file, inputs, output, output_index, json } => {
-            cmd_run(&file, &inputs, output.as_deref(), output_index, json)
+        Command::Run { file, inputs, output, output_index, threads, json } => {
+            cmd_run(&file, &inputs, output.as_deref(), output_index, threads.into(), json)
         }
         Command::Embed { file, sentences, tokenizer, output, json } => {
             cmd_embed(&file, &sentences, tokenizer.as_deref(), output.as_deref(), json)
@@ -855,6 +861,7 @@ fn cmd_run(
     inputs: &[String],
     output: Option<&Path>,
     output_index: usize,
+    threads: usize,
     as_json: bool,
 ) -> Result<()> {
     let map = open_mapped(path)?;
@@ -870,6 +877,7 @@ fn cmd_run(
     }
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
     let mut session = Session::new(&model, &mut arena)?;
+    session.set_threads(threads);
     for (position, spec) in inputs.iter().enumerate() {
         let (index, file) = match spec.split_once('=') {
             Some((name, file)) => (
@@ -1206,6 +1214,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
                 .with_context(|| format!("{} is not a valid packed file", args.file.display()))?;
             let mut arena = vec![0u8; model.arena_bytes_unaligned()];
             let mut session = Session::new(&model, &mut arena)?;
+            session.set_threads(args.threads.into());
             opened = started.elapsed().as_secs_f64();
             for i in 0..model.input_count() {
                 let name = model.tensor_name(model.input_tensor(i)?);
@@ -1221,6 +1230,12 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             }
         }
         "tract" => {
+            if args.threads != 1 {
+                bail!(
+                    "--threads {} is for the edgefold engine; tract runs on one thread here",
+                    args.threads
+                );
+            }
             let model = edgefold_compressor::reference::ReferenceModel::load(&args.file)?;
             opened = started.elapsed().as_secs_f64();
             let inputs: Vec<HostTensor> = model
@@ -1242,6 +1257,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
     if args.json {
         print_json(&json!({
             "file": args.file, "engine": args.engine, "seq": args.seq, "runs": args.runs,
+            "threads": args.threads,
             "open_ms": opened * 1e3, "load_to_first_output_ms": first * 1e3,
             "latency_ms_median": med * 1e3,
             "latency_ms_min": times.first().map(|t| t * 1e3),

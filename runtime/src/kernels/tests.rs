@@ -383,3 +383,66 @@ fn best_isa_is_supported() {
     assert!(Isa::best().is_supported());
     assert_eq!(Isa::best(), Isa::best());
 }
+
+/// Splitting `linear` across threads, by rows of `x` or by outputs for a single row, gives the
+/// one-thread result exactly, for parts of uneven size and for more parts than rows.
+#[test]
+#[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
+fn threaded_linear_matches_one_thread() {
+    use super::parallel::{linear_by_outputs, linear_by_rows};
+    let mut rng = Rng(91);
+    let k = 96;
+    for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4] {
+        for (rows, n, parts) in [(9, 37, 2), (5, 40, 3), (2, 17, 4), (64, 48, 2), (1, 50, 3)] {
+            let w = TestWeights::new(kind, n, k, 32, &mut rng);
+            let x = rng.vec(rows * k);
+            let bias = rng.vec(n);
+            let mut one = vec![CANARY; rows * n + 3];
+            super::linear(&x, rows, k, w.weights(), n, Some(&bias), &mut one);
+            let mut split = vec![CANARY; rows * n + 3];
+            if rows == 1 {
+                linear_by_outputs(parts, &x, k, w.weights(), n, Some(&bias), &mut split);
+            } else {
+                linear_by_rows(parts, &x, rows, k, w.weights(), n, Some(&bias), &mut split);
+            }
+            // With int4 and f16 weights a part below the blocked kernels' row threshold may
+            // round differently (see the note on `linear`); the other kinds must match bit
+            // for bit.
+            let exact = matches!(kind, Kind::F32 | Kind::I8) || rows == 1;
+            for (i, (&a, &b)) in one.iter().zip(&split).enumerate() {
+                let close = (a - b).abs() <= 1e-5 * a.abs().max(1.0);
+                assert!(
+                    if exact { a.to_bits() == b.to_bits() } else { close },
+                    "{kind:?} rows {rows} n {n} in {parts} parts: value {i} is {b}, one thread {a}"
+                );
+            }
+        }
+    }
+}
+
+/// A batch of products split across threads equals the products one by one, including
+/// broadcast operands and more parts than products.
+#[test]
+#[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
+fn threaded_matmul_batch_matches_one_thread() {
+    use super::parallel::matmul_batch_parts;
+    let mut rng = Rng(5);
+    let (m, k, n) = (7, 19, 13);
+    for (count, parts) in [(12, 2), (3, 2), (2, 5), (1, 2)] {
+        let a = rng.vec(count * m * k);
+        let b = rng.vec(k * n); // shared by every product, as a broadcast operand
+        let mut want = vec![CANARY; count * m * n + 2];
+        for i in 0..count {
+            let c = &mut want[i * m * n..(i + 1) * m * n];
+            super::matmul(&a[i * m * k..(i + 1) * m * k], &b, c, m, k, n);
+        }
+        let mut got = vec![CANARY; count * m * n + 2];
+        let a_of = |i: usize| &a[i * m * k..(i + 1) * m * k];
+        matmul_batch_parts(parts, count, a_of, |_| &b[..], &mut got, m, k, n);
+        assert_eq!(
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{count} products in {parts} parts"
+        );
+    }
+}

@@ -318,6 +318,9 @@ impl<'m> Session<'m, '_> {
             }
             _ => return Err(bad),
         };
+        #[cfg(feature = "std")]
+        kernels::parallel::linear_threads(self.threads, x, rows, kk, weights, n, bias, y);
+        #[cfg(not(feature = "std"))]
         kernels::linear(x, rows, kk, weights, n, bias, y);
         Ok(())
     }
@@ -347,6 +350,32 @@ impl<'m> Session<'m, '_> {
         let xb = self.typed::<f32>(b, sb.numel(), op)?;
         let y = self.typed_mut::<f32>(out, os.numel(), op)?;
         let (stride_a, stride_b) = (ba.broadcast_strides(&bo), bb.broadcast_strides(&bo));
+        #[cfg(feature = "std")]
+        if self.threads > 1 {
+            // The operands of product `bi`: its index along the output's batch axes, mapped
+            // through each operand's broadcast strides.
+            let operands = |mut bi: usize| {
+                let (mut oa, mut ob) = (0, 0);
+                for ax in (0..bo.rank).rev() {
+                    let i = bi % bo.dims[ax].max(1);
+                    bi /= bo.dims[ax].max(1);
+                    oa += i * stride_a[ax];
+                    ob += i * stride_b[ax];
+                }
+                (&xa[oa * m * kk..(oa + 1) * m * kk], &xb[ob * kk * n..(ob + 1) * kk * n])
+            };
+            crate::kernels::parallel::matmul_batch_threads(
+                self.threads,
+                bo.numel(),
+                |bi| operands(bi).0,
+                |bi| operands(bi).1,
+                y,
+                m,
+                kk,
+                n,
+            );
+            return Ok(());
+        }
         let mut index = [0usize; MAX_RANK];
         for bi in 0..bo.numel() {
             let (mut oa, mut ob) = (0, 0);

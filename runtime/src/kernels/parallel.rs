@@ -1,0 +1,202 @@
+//! [`linear`] and a batch of [`matmul`]s split across threads, with the `std` feature.
+//!
+//! Each call splits its work into one contiguous part per thread and runs the parts on scoped
+//! threads, the calling thread taking the first. No pool is kept: a spawn costs tens of
+//! microseconds, so calls below [`MIN_MACS_PER_THREAD`] multiply-adds per thread stay on the
+//! calling thread, and the rest take a millisecond or more each.
+//!
+//! Work is split by rows of the output, so each output value is computed by the same kernel
+//! in the same order as on one thread. The exception is the one the note on [`linear`] describes.
+//! With int4 weights (and f16 on AVX-512 and NEON) a row's result can depend on how many rows
+//! share the call, so a part with fewer rows can round differently. Results for a given thread
+//! count repeat exactly.
+
+use std::thread;
+
+use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
+use super::{linear, matmul, Weights};
+
+/// Minimum multiply-adds per thread. A smaller call runs on fewer threads.
+pub const MIN_MACS_PER_THREAD: usize = 1 << 18;
+
+/// Returns the thread count for `macs` multiply-adds, at most `threads` and at most `parts`.
+fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
+    threads.min(parts).min(macs / MIN_MACS_PER_THREAD).max(1)
+}
+
+/// [`linear`] on up to `threads` threads: the rows of `x` are split into contiguous parts, or,
+/// for a single row, the rows of `w` (the outputs).
+///
+/// # Panics
+///
+/// As [`linear`] does, or if a thread panics.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_threads(
+    threads: usize,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let macs = rows.saturating_mul(k).saturating_mul(n);
+    if rows == 1 {
+        let parts = threads_for(threads, macs, n);
+        if parts > 1 {
+            return linear_by_outputs(parts, x, k, w, n, bias, y);
+        }
+    } else {
+        let parts = threads_for(threads, macs, rows);
+        if parts > 1 {
+            return linear_by_rows(parts, x, rows, k, w, n, bias, y);
+        }
+    }
+    linear(x, rows, k, w, n, bias, y);
+}
+
+/// [`linear`] with the rows of `x` split into `parts` contiguous parts, one per thread.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_by_rows(
+    parts: usize,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let per = rows.div_ceil(parts);
+    let x = &x[..rows * k];
+    let y = &mut y[..rows * n];
+    thread::scope(|s| {
+        let mut jobs = x.chunks(per * k).zip(y.chunks_mut(per * n));
+        let first = jobs.next();
+        for (xs, ys) in jobs {
+            s.spawn(move || linear(xs, xs.len() / k.max(1), k, w, n, bias, ys));
+        }
+        if let Some((xs, ys)) = first {
+            linear(xs, xs.len() / k.max(1), k, w, n, bias, ys);
+        }
+    });
+}
+
+/// [`linear`] of one row with the outputs split into `parts` contiguous parts, one per thread.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_by_outputs(
+    parts: usize,
+    x: &[f32],
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let per = n.div_ceil(parts);
+    let y = &mut y[..n];
+    thread::scope(|s| {
+        let mut jobs = y.chunks_mut(per).enumerate();
+        let first = jobs.next();
+        for (i, ys) in jobs {
+            let (start, count) = (i * per, ys.len());
+            let w = weight_rows(w, start, count);
+            let b = bias.map(|b| &b[start..start + count]);
+            s.spawn(move || linear(x, 1, k, w, count, b, ys));
+        }
+        if let Some((_, ys)) = first {
+            let count = ys.len();
+            linear(x, 1, k, weight_rows(w, 0, count), count, bias.map(|b| &b[..count]), ys);
+        }
+    });
+}
+
+/// Rows `start..start + count` of `w`.
+///
+/// # Panics
+///
+/// Panics if `w` has fewer rows.
+fn weight_rows(w: Weights<'_>, start: usize, count: usize) -> Weights<'_> {
+    let end = start + count;
+    match w {
+        Weights::F32(r) => Weights::F32(F32Rows { w: &r.w[start * r.k..end * r.k], k: r.k }),
+        Weights::F16(r) => Weights::F16(F16Rows { w: &r.w[start * r.k..end * r.k], k: r.k }),
+        Weights::I8(r) => Weights::I8(I8Rows {
+            q: &r.q[start * r.k..end * r.k],
+            scales: &r.scales[start..end],
+            k: r.k,
+        }),
+        Weights::I4(r) => {
+            let (bytes, groups) = (r.k.div_ceil(2), r.k / r.group.max(1));
+            Weights::I4(I4Rows {
+                packed: &r.packed[start * bytes..end * bytes],
+                scales: &r.scales[start * groups..end * groups],
+                k: r.k,
+                group: r.group,
+            })
+        }
+    }
+}
+
+/// `count` matrix products `c[i] = a[i] · b[i]` on up to `threads` threads, where `a(i)` and
+/// `b(i)` return the `[m, k]` and `[k, n]` operands of product `i` and `c` receives the `[m, n]`
+/// results one after another. The products are split into contiguous parts, one per thread.
+///
+/// # Panics
+///
+/// As [`matmul`] does, or if a thread panics.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_batch_threads<'a>(
+    threads: usize,
+    count: usize,
+    a: impl Fn(usize) -> &'a [f32] + Sync,
+    b: impl Fn(usize) -> &'a [f32] + Sync,
+    c: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let macs = count.saturating_mul(m).saturating_mul(k).saturating_mul(n);
+    matmul_batch_parts(threads_for(threads, macs, count), count, a, b, c, m, k, n);
+}
+
+/// [`matmul_batch_threads`] split into exactly `parts` parts (fewer when `count` is smaller).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_batch_parts<'a>(
+    parts: usize,
+    count: usize,
+    a: impl Fn(usize) -> &'a [f32] + Sync,
+    b: impl Fn(usize) -> &'a [f32] + Sync,
+    c: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let size = m * n;
+    let c = &mut c[..count * size];
+    let parts = parts.clamp(1, count.max(1));
+    if size == 0 {
+        return;
+    }
+    let per = count.div_ceil(parts);
+    let (a, b) = (&a, &b);
+    let run = move |first: usize, out: &mut [f32]| {
+        for (j, cs) in out.chunks_mut(size).enumerate() {
+            matmul(a(first + j), b(first + j), cs, m, k, n);
+        }
+    };
+    if parts == 1 {
+        return run(0, c);
+    }
+    thread::scope(|s| {
+        let mut jobs = c.chunks_mut(per * size).enumerate();
+        let first = jobs.next();
+        for (i, cs) in jobs {
+            s.spawn(move || run(i * per, cs));
+        }
+        if let Some((_, cs)) = first {
+            run(0, cs);
+        }
+    });
+}
