@@ -20,8 +20,8 @@ for target in host s390x-unknown-linux-gnu; do
     filter=()
     if [ "$target" != host ]; then
         args=(--target "$target")
-        # The kernels never run on a big-endian host, since opening a file fails there first, and
-        # they take most of Miri's time; the host run covers them.
+        # The kernels never run on a big-endian host, because opening a file fails there first.
+        # They take most of Miri's time, and the host run covers them.
         filter=(-- --skip kernels::)
     fi
     echo "== Miri: edgefold-runtime tests on $target"

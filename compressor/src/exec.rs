@@ -97,7 +97,10 @@ impl PackedGraph {
                 TensorData::F32(v) => session.set_input::<f32>(i, &t.shape, v)?,
                 TensorData::I64(v) => session.set_input::<i64>(i, &t.shape, v)?,
                 TensorData::I32(v) => session.set_input::<i32>(i, &t.shape, v)?,
-                TensorData::Bool(_) => return Err(ExecError::Unsupported("boolean inputs".into())),
+                TensorData::Bool(v) => {
+                    let bytes: Vec<u8> = v.iter().map(|&b| b as u8).collect();
+                    session.set_input_bytes(i, DType::Bool, &t.shape, &bytes)?
+                }
             }
         }
         session.run()?;

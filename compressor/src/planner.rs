@@ -489,16 +489,16 @@ pub fn factorize_whitened(
     factorize_whitened_with(graph, calibration, energy, &mut WhiteningCache::default())
 }
 
-/// Decompositions that [`factorize_whitened_with`] reuses: the whitening of each linear input
-/// (by name) and each weight's whitened SVD (by weight and input name, checked against the
-/// weight's values), which do not depend on the kept energy or on which blocks were removed.
+/// Decompositions that [`factorize_whitened_with`] reuses, because they depend neither on the
+/// kept energy nor on which blocks were removed. It keeps the whitening of each linear input (by
+/// name) and each weight's whitened SVD (by weight and input name, checked against the values).
 #[derive(Default)]
 pub struct WhiteningCache {
     whitenings: std::collections::HashMap<String, Whitening>,
     svds: std::collections::HashMap<(String, String), (u64, WhitenedSvd)>,
 }
 
-/// A hash of a weight's values, so that a cached decomposition is used only for the same values.
+/// Hashes a weight's values, so that a cached decomposition is used only for the same values.
 fn fingerprint(values: &[f32]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -115,8 +115,8 @@ impl Whitening {
         Ok((left, right))
     }
 
-    /// The whitened weight's SVD, kept so that factors of any rank can be cut from it without
-    /// another decomposition. [`WhitenedSvd::factors`] gives the same factors as
+    /// Computes the whitened weight's SVD once, so that factors of any rank can be cut from it
+    /// without another decomposition. [`WhitenedSvd::factors`] gives the same factors as
     /// [`Whitening::factors`].
     ///
     /// # Errors
@@ -285,7 +285,8 @@ mod tests {
             assert_eq!(left, left_alone, "left factor at rank {rank}");
             assert_eq!(right, right_alone, "right factor at rank {rank}");
         }
-        assert!(kept.factors(0).is_err() && kept.factors(n + 1).is_err());
+        assert!(kept.factors(0).is_err());
+        assert!(kept.factors(n + 1).is_err());
     }
 
     #[test]
