@@ -5,9 +5,9 @@
 # load to first output and peak RSS, with speed-ups against onnxruntime f32 and tract.
 #
 # Engines: Edgefold on the model packed as f32 and as int8, and on PLANNED.fold if given (for
-# example the planner's output at --min-quality 0.99, compressed with --max-seq 512); tract-onnx
-# on the ONNX file (one thread: tract's thread pool is not built into Edgefold's binary);
-# onnxruntime from PyPI on the ONNX file, f32 and with its dynamic int8 quantization.
+# example the planner's output at --min-quality 0.99, compressed with --max-seq 512). tract-onnx
+# runs the ONNX file on one thread, because its thread pool is not built into Edgefold's binary.
+# onnxruntime from PyPI runs the ONNX file in f32 and with its dynamic int8 quantization.
 #
 # Usage: scripts/bench-cpu.sh MODEL.onnx TOKENIZER.json [PLANNED.fold]
 # Needs: cargo build --release -p edgefold-compressor, and `pip install onnxruntime numpy onnx`.

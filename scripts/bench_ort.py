@@ -7,7 +7,7 @@ object with the time to create the session ("open"), the time from the start to 
 and the median and minimum of the timed runs after the first.
 
 With --dynamic-int8 the model is first quantized with onnxruntime's dynamic int8 quantization
-(weights int8 per tensor, activations quantized at run time) into a temporary file; that step is
+(weights int8 per tensor, activations quantized at run time) into a temporary file. That step is
 not timed.
 
 Usage: bench_ort.py MODEL.onnx --seq 128 --threads 1 [--runs 20] [--dynamic-int8]

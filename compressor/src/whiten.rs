@@ -198,6 +198,19 @@ mod tests {
         }
     }
 
+    /// Returns XᵀX for the row-major `tokens × k` matrix `x`.
+    fn gram_of(x: &[f64], k: usize) -> Vec<f64> {
+        let mut gram = vec![0f64; k * k];
+        for row in x.chunks_exact(k) {
+            for i in 0..k {
+                for j in 0..k {
+                    gram[i * k + j] += row[i] * row[j];
+                }
+            }
+        }
+        gram
+    }
+
     /// Inputs that live in a low-dimensional subspace: whitened factors of any rank at least that
     /// dimension reproduce the outputs exactly, although the weight itself is full rank.
     #[test]
@@ -213,14 +226,7 @@ mod tests {
                 x.push((0..d).map(|a| c[a] * basis[a * k + j]).sum::<f64>());
             }
         }
-        let mut gram = vec![0f64; k * k];
-        for t in 0..tokens {
-            for i in 0..k {
-                for j in 0..k {
-                    gram[i * k + j] += x[t * k + i] * x[t * k + j];
-                }
-            }
-        }
+        let gram = gram_of(&x, k);
         let wh = Whitening::new(&gram, k).unwrap();
         let sv = wh.singular_values(&w, n).unwrap();
         assert!(sv[d] < 1e-2 * sv[0], "spectrum beyond the subspace should vanish: {sv:?}");
@@ -257,36 +263,29 @@ mod tests {
         }
     }
 
-    /// Factors cut from one kept decomposition match those computed for each rank alone.
+    /// Factors cut from one stored decomposition match those computed for each rank alone.
     #[test]
-    fn kept_decomposition_gives_the_same_factors() {
+    fn stored_svd_gives_same_factors() {
         let (n, k, tokens) = (9, 14, 30);
         let mut r = rng(21);
         let w: Vec<f32> = (0..n * k).map(|_| r() as f32).collect();
         let x: Vec<f64> = (0..tokens * k).map(|_| r()).collect();
-        let mut gram = vec![0f64; k * k];
-        for t in 0..tokens {
-            for i in 0..k {
-                for j in 0..k {
-                    gram[i * k + j] += x[t * k + i] * x[t * k + j];
-                }
-            }
-        }
+        let gram = gram_of(&x, k);
         let wh = Whitening::new(&gram, k).unwrap();
-        let kept = wh.decompose(&w, n).unwrap();
+        let stored = wh.decompose(&w, n).unwrap();
         let alone = wh.singular_values(&w, n).unwrap();
-        assert_eq!(kept.singular_values().len(), alone.len());
-        for (a, b) in kept.singular_values().iter().zip(&alone) {
+        assert_eq!(stored.singular_values().len(), alone.len());
+        for (a, b) in stored.singular_values().iter().zip(&alone) {
             assert!((a - b).abs() <= 1e-9 * alone[0], "singular value {a} vs {b}");
         }
         for rank in [1, 4, n] {
-            let (left, right) = kept.factors(rank).unwrap();
+            let (left, right) = stored.factors(rank).unwrap();
             let (left_alone, right_alone) = wh.factors(&w, n, rank).unwrap();
             assert_eq!(left, left_alone, "left factor at rank {rank}");
             assert_eq!(right, right_alone, "right factor at rank {rank}");
         }
-        assert!(kept.factors(0).is_err());
-        assert!(kept.factors(n + 1).is_err());
+        assert!(stored.factors(0).is_err());
+        assert!(stored.factors(n + 1).is_err());
     }
 
     #[test]

@@ -89,7 +89,7 @@ impl<'m, 'a> Session<'m, 'a> {
         self.threads = threads.max(1);
     }
 
-    /// The thread count set by [`set_threads`](Self::set_threads).
+    /// Returns the thread count set by [`set_threads`](Self::set_threads).
     #[cfg(feature = "std")]
     pub fn threads(&self) -> usize {
         self.threads

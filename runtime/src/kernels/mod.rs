@@ -354,6 +354,32 @@ pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize)
     matmul_with(Isa::best(), a, b, c, m, k, n);
 }
 
+/// `count` matrix products `c[i] = a(i) · b(i)` with [`matmul`], where `a(i)` and `b(i)` return
+/// the `[m, k]` and `[k, n]` operands of product `i`, and `c` receives the `[m, n]` results one
+/// after another.
+///
+/// # Panics
+///
+/// Panics if `c` is shorter than `count` results, or as [`matmul`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_batch<'a>(
+    count: usize,
+    a: impl Fn(usize) -> &'a [f32],
+    b: impl Fn(usize) -> &'a [f32],
+    c: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let size = product(m, n);
+    if size == 0 {
+        return;
+    }
+    for (i, ci) in c[..product(count, size)].chunks_mut(size).enumerate() {
+        matmul(a(i), b(i), ci, m, k, n);
+    }
+}
+
 /// [`matmul`] on a chosen instruction set.
 ///
 /// # Panics

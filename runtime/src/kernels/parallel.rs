@@ -1,9 +1,12 @@
-//! [`linear`] and a batch of [`matmul`]s split across threads, with the `std` feature.
+//! [`linear`] and [`matmul_batch`] split across threads, with the `std` feature.
 //!
 //! Each call splits its work into one contiguous part per thread and runs the parts on scoped
-//! threads, the calling thread taking the first. No pool is kept: a spawn costs tens of
-//! microseconds, so calls below [`MIN_MACS_PER_THREAD`] multiply-adds per thread stay on the
-//! calling thread, and the rest take a millisecond or more each.
+//! threads, the calling thread taking the first. No pool is kept, so every call starts its
+//! threads again, and each thread gets at least [`MIN_MACS_PER_THREAD`] multiply-adds.
+//!
+//! NOTE: that minimum was not tuned. At the 16 G multiply-adds per second measured for the AVX2
+//! kernel it is about 16 µs of work, near the estimated cost of starting a thread, so products
+//! just above it may gain little from a second thread.
 //!
 //! Work is split by rows of the output, so each output value is computed by the same kernel
 //! in the same order as on one thread. The exception is the one the note on [`linear`] describes.
@@ -14,7 +17,7 @@
 use std::thread;
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
-use super::{linear, matmul, Weights};
+use super::{linear, matmul_batch, Weights};
 
 /// Minimum multiply-adds per thread. A smaller call runs on fewer threads.
 pub const MIN_MACS_PER_THREAD: usize = 1 << 18;
@@ -24,8 +27,8 @@ fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
     threads.min(parts).min(macs / MIN_MACS_PER_THREAD).max(1)
 }
 
-/// [`linear`] on up to `threads` threads: the rows of `x` are split into contiguous parts, or,
-/// for a single row, the rows of `w` (the outputs).
+/// Runs [`linear`] on up to `threads` threads. The rows of `x` are split into contiguous parts,
+/// or, for a single row, the rows of `w` (the outputs).
 ///
 /// # Panics
 ///
@@ -42,21 +45,17 @@ pub fn linear_threads(
     y: &mut [f32],
 ) {
     let macs = rows.saturating_mul(k).saturating_mul(n);
-    if rows == 1 {
-        let parts = threads_for(threads, macs, n);
-        if parts > 1 {
-            return linear_by_outputs(parts, x, k, w, n, bias, y);
-        }
-    } else {
-        let parts = threads_for(threads, macs, rows);
-        if parts > 1 {
-            return linear_by_rows(parts, x, rows, k, w, n, bias, y);
-        }
+    // A single row is split by outputs, more rows by rows.
+    let splittable = if rows == 1 { n } else { rows };
+    let parts = threads_for(threads, macs, splittable);
+    match (parts, rows) {
+        (1, _) => linear(x, rows, k, w, n, bias, y),
+        (_, 1) => linear_by_outputs(parts, x, k, w, n, bias, y),
+        _ => linear_by_rows(parts, x, rows, k, w, n, bias, y),
     }
-    linear(x, rows, k, w, n, bias, y);
 }
 
-/// [`linear`] with the rows of `x` split into `parts` contiguous parts, one per thread.
+/// Runs [`linear`] with the rows of `x` split into `parts` contiguous parts, one per thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_rows(
     parts: usize,
@@ -83,7 +82,8 @@ pub(crate) fn linear_by_rows(
     });
 }
 
-/// [`linear`] of one row with the outputs split into `parts` contiguous parts, one per thread.
+/// Runs [`linear`] on one row with the outputs split into `parts` contiguous parts, one per
+/// thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_outputs(
     parts: usize,
@@ -139,13 +139,12 @@ fn weight_rows(w: Weights<'_>, start: usize, count: usize) -> Weights<'_> {
     }
 }
 
-/// `count` matrix products `c[i] = a[i] · b[i]` on up to `threads` threads, where `a(i)` and
-/// `b(i)` return the `[m, k]` and `[k, n]` operands of product `i` and `c` receives the `[m, n]`
-/// results one after another. The products are split into contiguous parts, one per thread.
+/// Runs [`matmul_batch`] on up to `threads` threads, each taking a contiguous part of the
+/// products.
 ///
 /// # Panics
 ///
-/// As [`matmul`] does, or if a thread panics.
+/// As [`matmul_batch`] does, or if a thread panics.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_batch_threads<'a>(
     threads: usize,
@@ -161,7 +160,8 @@ pub fn matmul_batch_threads<'a>(
     matmul_batch_parts(threads_for(threads, macs, count), count, a, b, c, m, k, n);
 }
 
-/// [`matmul_batch_threads`] split into exactly `parts` parts (fewer when `count` is smaller).
+/// Runs [`matmul_batch_threads`] split into exactly `parts` parts (fewer when `count` is
+/// smaller).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_batch_parts<'a>(
     parts: usize,
@@ -174,21 +174,16 @@ pub(crate) fn matmul_batch_parts<'a>(
     n: usize,
 ) {
     let size = m * n;
-    let c = &mut c[..count * size];
     let parts = parts.clamp(1, count.max(1));
-    if size == 0 {
-        return;
+    if parts == 1 || size == 0 {
+        return matmul_batch(count, a, b, c, m, k, n);
     }
+    let c = &mut c[..count * size];
     let per = count.div_ceil(parts);
     let (a, b) = (&a, &b);
     let run = move |first: usize, out: &mut [f32]| {
-        for (j, cs) in out.chunks_mut(size).enumerate() {
-            matmul(a(first + j), b(first + j), cs, m, k, n);
-        }
+        matmul_batch(out.len() / size, |j| a(first + j), |j| b(first + j), out, m, k, n);
     };
-    if parts == 1 {
-        return run(0, c);
-    }
     thread::scope(|s| {
         let mut jobs = c.chunks_mut(per * size).enumerate();
         let first = jobs.next();

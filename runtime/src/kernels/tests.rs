@@ -397,8 +397,8 @@ fn threaded_linear_matches_one_thread() {
             let w = TestWeights::new(kind, n, k, 32, &mut rng);
             let x = rng.vec(rows * k);
             let bias = rng.vec(n);
-            let mut one = vec![CANARY; rows * n + 3];
-            super::linear(&x, rows, k, w.weights(), n, Some(&bias), &mut one);
+            let mut single = vec![CANARY; rows * n + 3];
+            super::linear(&x, rows, k, w.weights(), n, Some(&bias), &mut single);
             let mut split = vec![CANARY; rows * n + 3];
             if rows == 1 {
                 linear_by_outputs(parts, &x, k, w.weights(), n, Some(&bias), &mut split);
@@ -406,10 +406,10 @@ fn threaded_linear_matches_one_thread() {
                 linear_by_rows(parts, &x, rows, k, w.weights(), n, Some(&bias), &mut split);
             }
             // With int4 and f16 weights a part below the blocked kernels' row threshold may
-            // round differently (see the note on `linear`); the other kinds must match bit
-            // for bit.
+            // round differently, as the note on `linear` explains. The other kinds must match
+            // bit for bit.
             let exact = matches!(kind, Kind::F32 | Kind::I8) || rows == 1;
-            for (i, (&a, &b)) in one.iter().zip(&split).enumerate() {
+            for (i, (&a, &b)) in single.iter().zip(&split).enumerate() {
                 let close = (a - b).abs() <= 1e-5 * a.abs().max(1.0);
                 assert!(
                     if exact { a.to_bits() == b.to_bits() } else { close },
@@ -420,8 +420,8 @@ fn threaded_linear_matches_one_thread() {
     }
 }
 
-/// A batch of products split across threads equals the products one by one, including
-/// broadcast operands and more parts than products.
+/// Checks that a batch of products split across threads equals the products one by one,
+/// including broadcast operands and more parts than products.
 #[test]
 #[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
 fn threaded_matmul_batch_matches_one_thread() {

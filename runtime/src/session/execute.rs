@@ -350,44 +350,40 @@ impl<'m> Session<'m, '_> {
         let xb = self.typed::<f32>(b, sb.numel(), op)?;
         let y = self.typed_mut::<f32>(out, os.numel(), op)?;
         let (stride_a, stride_b) = (ba.broadcast_strides(&bo), bb.broadcast_strides(&bo));
-        #[cfg(feature = "std")]
-        if self.threads > 1 {
-            // The operands of product `bi`: its index along the output's batch axes, mapped
-            // through each operand's broadcast strides.
-            let operands = |mut bi: usize| {
-                let (mut oa, mut ob) = (0, 0);
-                for ax in (0..bo.rank).rev() {
-                    let i = bi % bo.dims[ax].max(1);
-                    bi /= bo.dims[ax].max(1);
-                    oa += i * stride_a[ax];
-                    ob += i * stride_b[ax];
-                }
-                (&xa[oa * m * kk..(oa + 1) * m * kk], &xb[ob * kk * n..(ob + 1) * kk * n])
-            };
-            crate::kernels::parallel::matmul_batch_threads(
-                self.threads,
-                bo.numel(),
-                |bi| operands(bi).0,
-                |bi| operands(bi).1,
-                y,
-                m,
-                kk,
-                n,
-            );
-            return Ok(());
-        }
-        let mut index = [0usize; MAX_RANK];
-        for bi in 0..bo.numel() {
+        // Product `bi` reads the operands that its index along the output's batch axes maps to
+        // through each operand's broadcast strides.
+        let offsets = |mut bi: usize| {
             let (mut oa, mut ob) = (0, 0);
-            for ax in 0..bo.rank {
-                oa += index[ax] * stride_a[ax];
-                ob += index[ax] * stride_b[ax];
+            for ax in (0..bo.rank).rev() {
+                let i = bi % bo.dims[ax].max(1);
+                bi /= bo.dims[ax].max(1);
+                oa += i * stride_a[ax];
+                ob += i * stride_b[ax];
             }
-            let a_mat = &xa[oa * m * kk..(oa + 1) * m * kk];
-            let b_mat = &xb[ob * kk * n..(ob + 1) * kk * n];
-            crate::kernels::matmul(a_mat, b_mat, &mut y[bi * m * n..(bi + 1) * m * n], m, kk, n);
-            next_index(&mut index, bo.as_slice());
-        }
+            (oa, ob)
+        };
+        let a_of = |bi: usize| {
+            let oa = offsets(bi).0;
+            &xa[oa * m * kk..(oa + 1) * m * kk]
+        };
+        let b_of = |bi: usize| {
+            let ob = offsets(bi).1;
+            &xb[ob * kk * n..(ob + 1) * kk * n]
+        };
+        let count = bo.numel();
+        #[cfg(feature = "std")]
+        crate::kernels::parallel::matmul_batch_threads(
+            self.threads,
+            count,
+            a_of,
+            b_of,
+            y,
+            m,
+            kk,
+            n,
+        );
+        #[cfg(not(feature = "std"))]
+        crate::kernels::matmul_batch(count, a_of, b_of, y, m, kk, n);
         Ok(())
     }
 
