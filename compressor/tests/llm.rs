@@ -1,0 +1,205 @@
+//! SmolLM2-135M-Instruct from its GGUF file: the f32 forward pass against a NumPy reference,
+//! the key-value cache, greedy decoding, the tokenizer and perplexity.
+//!
+//! The model comes from `scripts/fetch-models.sh`. The reference logits come from
+//! `scripts/llama_reference.py`, which needs python3 with numpy, gguf and tokenizers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use edgefold_compressor::gguf::GgufFile;
+use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
+use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream};
+use edgefold_compressor::llm::{perplexity, Llama};
+use edgefold_compressor::npy;
+use edgefold_compressor::tensor::TensorData;
+use edgefold_compressor::testdata::skip;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn model_path() -> PathBuf {
+    repo_root().join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+struct Loaded {
+    model: Llama,
+    tokenizer: GgufTokenizer,
+}
+
+/// Loads the model once for all tests, or returns `None` after reporting the skip.
+fn loaded() -> Option<&'static Loaded> {
+    static MODEL: OnceLock<Option<Loaded>> = OnceLock::new();
+    let loaded = MODEL.get_or_init(|| {
+        let path = model_path();
+        if !path.exists() {
+            return None;
+        }
+        let file = GgufFile::open(&path).unwrap();
+        let mut model = Llama::from_gguf(&file).unwrap();
+        model.set_threads(2);
+        let tokenizer = GgufTokenizer::from_gguf(&file).unwrap();
+        Some(Loaded { model, tokenizer })
+    });
+    if loaded.is_none() {
+        skip(&format!("{} is missing; run scripts/fetch-models.sh", model_path().display()));
+    }
+    loaded.as_ref()
+}
+
+/// A prompt with control tokens, digits, accents and a four-byte character.
+const HARD_PROMPT: &str =
+    "<|im_start|>user\nWhat is 12+30? Café, naïve, 東京 and 🚀 in 2024.<|im_end|>\n<|im_start|>assistant\n";
+
+/// Runs the NumPy reference on `prompt` and returns its token ids and logits, or `None` when
+/// python3 or its packages are missing.
+fn reference(prompt: &str) -> Option<(Vec<u32>, Vec<f32>, usize)> {
+    let probe = Command::new("python3")
+        .args(["-c", "import numpy, gguf, tokenizers"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !probe {
+        skip("python3 with numpy, gguf and tokenizers is needed (pip install gguf tokenizers)");
+        return None;
+    }
+    let out = std::env::temp_dir().join(format!("edgefold-llama-ref-{}.npy", std::process::id()));
+    let output = Command::new("python3")
+        .arg(repo_root().join("scripts/llama_reference.py"))
+        .arg(model_path())
+        .arg(prompt)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let ids: Vec<u32> = serde_json::from_slice(&output.stdout).unwrap();
+    let logits = npy::read_npy(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    let vocab = *logits.shape.last().unwrap();
+    let TensorData::F32(values) = logits.data else { panic!("logits are not f32") };
+    Some((ids, values, vocab))
+}
+
+#[test]
+fn logits_match_numpy_reference() {
+    let Some(m) = loaded() else { return };
+    let Some((ref_ids, ref_logits, vocab)) = reference(HARD_PROMPT) else { return };
+    let ids = m.tokenizer.encode(HARD_PROMPT).unwrap();
+    assert_eq!(ids, ref_ids, "token ids differ from the tokenizers package");
+    assert_eq!(vocab, m.model.config().vocab);
+
+    let mut cache = m.model.new_cache(ids.len());
+    let logits = m.model.forward(&ids, &mut cache, true).unwrap();
+    assert_eq!(logits.len(), ref_logits.len());
+    let max_diff =
+        logits.iter().zip(&ref_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let max_ref = ref_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    eprintln!(
+        "{} tokens: max |logit difference| {max_diff:.2e} (largest logit {max_ref:.1})",
+        ids.len()
+    );
+    assert!(max_diff < 1e-3, "largest logit difference {max_diff} is not below 1e-3");
+}
+
+#[test]
+fn cached_steps_match_one_pass() {
+    let Some(m) = loaded() else { return };
+    let ids = m.tokenizer.encode("Edge devices run small models: 1, 2, 3.").unwrap();
+    let vocab = m.model.config().vocab;
+    let mut cache = m.model.new_cache(ids.len());
+    let all = m.model.forward(&ids, &mut cache, true).unwrap();
+
+    // The prompt in two parts, then one token at a time.
+    let split = ids.len() / 2;
+    let mut cache = m.model.new_cache(ids.len());
+    let first = m.model.forward(&ids[..split], &mut cache, false).unwrap();
+    let diff = max_diff(&first, &all[(split - 1) * vocab..split * vocab]);
+    assert!(diff < 1e-4, "prefix logits differ by {diff}");
+    for (i, &id) in ids.iter().enumerate().skip(split) {
+        let step = m.model.forward(&[id], &mut cache, false).unwrap();
+        let diff = max_diff(&step, &all[i * vocab..(i + 1) * vocab]);
+        assert!(diff < 1e-4, "position {i}: logits differ by {diff}");
+    }
+    assert_eq!(cache.len(), ids.len());
+    let err = m.model.forward(&ids[..1], &mut cache, false).unwrap_err();
+    assert!(err.to_string().contains("context holds"), "{err}");
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn greedy_capital_is_paris() {
+    let Some(m) = loaded() else { return };
+    let ids = m.tokenizer.encode("The capital of France is").unwrap();
+    let mut cache = m.model.new_cache(ids.len() + 4);
+    let mut sampler = Sampler::new(SamplerConfig::default());
+    let mut logits = m.model.forward(&ids, &mut cache, false).unwrap();
+    let mut generated = Vec::new();
+    for _ in 0..4 {
+        let next = sampler.sample(&logits);
+        generated.push(next);
+        logits = m.model.forward(&[next], &mut cache, false).unwrap();
+    }
+    let text = m.tokenizer.decode(&generated);
+    assert!(text.trim_start().starts_with("Paris"), "continued with {text:?}");
+}
+
+#[test]
+fn tokenizer_round_trips_and_streams() {
+    let Some(m) = loaded() else { return };
+    let ids = m.tokenizer.encode(HARD_PROMPT).unwrap();
+    assert_eq!(m.tokenizer.decode(&ids), HARD_PROMPT);
+    assert!(m.tokenizer.is_control(ids[0]), "<|im_start|> is not one control token");
+    // Digits are split one by one.
+    let digits = m.tokenizer.encode("2024").unwrap();
+    assert_eq!(digits.len(), 4);
+
+    // Streaming one token at a time never prints a broken character.
+    let mut stream = TextStream::default();
+    let mut text = String::new();
+    for &id in &ids {
+        let piece = stream.push(&m.tokenizer, id);
+        assert!(!piece.contains('\u{fffd}'), "token {id} gave a replacement character");
+        text.push_str(&piece);
+    }
+    text.push_str(&stream.finish());
+    assert_eq!(text, HARD_PROMPT);
+}
+
+#[test]
+fn chat_template_renders() {
+    let Some(m) = loaded() else { return };
+    let prompt = m.tokenizer.chat_prompt("Hi there").unwrap();
+    assert!(prompt.contains("<|im_start|>user\nHi there<|im_end|>"), "{prompt}");
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+}
+
+#[test]
+fn perplexity_of_wikitext_is_plausible() {
+    let Some(m) = loaded() else { return };
+    let path = repo_root().join("../shared/data/lm/wikitext2_valid.txt");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        skip(&format!("{} is missing", path.display()));
+        return;
+    };
+    let ids = m.tokenizer.encode(&text[..20_000]).unwrap();
+    let tokens = &ids[..512];
+    let result = perplexity(&m.model, tokens, 256, |_| {}).unwrap();
+    eprintln!("perplexity {:.3} over {} tokens", result.perplexity, result.scored);
+    assert_eq!(result.windows, 2);
+    assert_eq!(result.scored, 2 * 255);
+    // A 135M model on Wikipedia text: far better than chance (49,152) and worse than a large
+    // model (about 5 for 7B models).
+    assert!(result.perplexity > 5.0, "{}", result.perplexity);
+    assert!(result.perplexity < 60.0, "{}", result.perplexity);
+    // The same windows with shuffled tokens must score far worse.
+    let mut shuffled = tokens.to_vec();
+    shuffled.reverse();
+    let worse = perplexity(&m.model, &shuffled, 256, |_| {}).unwrap();
+    assert!(worse.perplexity > 4.0 * result.perplexity, "{}", worse.perplexity);
+}
