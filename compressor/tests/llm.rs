@@ -288,3 +288,38 @@ fn block_influence_ranks_removals() {
     assert!(weak < 1.3 * base, "removing the weakest block: {weak} against {base}");
     assert!(strong > 2.0 * weak, "removing the strongest block: {strong} against {weak}");
 }
+
+#[test]
+fn damaged_model_files_fail_cleanly() {
+    let path = model_path();
+    let Ok(bytes) = std::fs::read(&path) else {
+        skip(&format!("{} is missing; run scripts/fetch-models.sh", path.display()));
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("edgefold-llm-damaged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Cut inside the metadata (the vocabulary takes its first 1.7 MB) and in the last tensor.
+    for len in [4096, 1 << 20, bytes.len() - 1] {
+        let cut = dir.join(format!("cut-{len}.gguf"));
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        let err = GgufFile::open(&cut).unwrap_err().to_string();
+        assert!(err.contains(&format!("cut-{len}.gguf")), "{err}");
+        let names_the_cut = ["past the end", "file ends", "remaining bytes"];
+        assert!(names_the_cut.iter().any(|m| err.contains(m)), "{err}");
+    }
+
+    // Another architecture name: the metadata parses but the model is rejected by name.
+    let key = b"general.architecture";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    let mut renamed = bytes.clone();
+    let value = at + key.len() + 4 + 8;
+    assert_eq!(&renamed[value..value + 5], b"llama");
+    renamed[value..value + 5].copy_from_slice(b"gpt_x");
+    let other = dir.join("other-arch.gguf");
+    std::fs::write(&other, &renamed).unwrap();
+    let file = GgufFile::open(&other).unwrap();
+    let err = Llama::from_gguf(&file).unwrap_err().to_string();
+    assert!(err.contains("gpt_x") && err.contains("general.architecture"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
