@@ -43,6 +43,9 @@ struct Args {
     /// Threads for the matrix products.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Measure only the weight storage kinds, not block removal.
+    #[arg(long)]
+    no_pruning: bool,
 }
 
 const WINDOW: usize = 512;
@@ -102,6 +105,9 @@ fn main() -> Result<()> {
         );
     }
 
+    if args.no_pruning {
+        return Ok(());
+    }
     eprintln!("block influence");
     let influence = block_influence(&model, calibration, WINDOW)?;
     let most = args.remove.iter().copied().max().unwrap_or(0);

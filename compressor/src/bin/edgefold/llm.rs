@@ -12,7 +12,7 @@ use serde_json::json;
 use edgefold_compressor::gguf::GgufFile;
 use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
 use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream};
-use edgefold_compressor::llm::{perplexity, Llama};
+use edgefold_compressor::llm::{perplexity, Llama, WeightKind};
 
 /// Options of `edgefold generate`.
 #[derive(clap::Args)]
@@ -43,13 +43,32 @@ pub struct GenerateArgs {
     /// Threads for the matrix products.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// Weight storage: f32, int8 (per row) or int4 (groups of 32, rounded to nearest). The
+    /// embedding is stored as int8 with the latter two.
+    #[arg(long, default_value = "f32", value_parser = parse_weight_kind)]
+    weights: WeightKind,
     /// Print one JSON object on stdout instead of streaming the text.
     #[arg(long)]
     json: bool,
 }
 
-/// Opens a GGUF model and its tokenizer, rejecting packed files with a clear error.
-fn open_gguf(path: &Path, threads: usize) -> Result<(Llama, GgufTokenizer, u64)> {
+/// Parses a `--weights` value.
+pub fn parse_weight_kind(value: &str) -> Result<WeightKind, String> {
+    match value {
+        "f32" => Ok(WeightKind::F32),
+        "int8" => Ok(WeightKind::Int8),
+        "int4" => Ok(WeightKind::Int4),
+        other => Err(format!("`{other}` is not a weight storage; use f32, int8 or int4")),
+    }
+}
+
+/// Opens a GGUF model and its tokenizer, rejecting packed files with a clear error, and stores
+/// the model's weights as `weights`.
+fn open_gguf(
+    path: &Path,
+    threads: usize,
+    weights: WeightKind,
+) -> Result<(Llama, GgufTokenizer, u64)> {
     let mut head = [0u8; 4];
     let read = std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
@@ -65,6 +84,9 @@ fn open_gguf(path: &Path, threads: usize) -> Result<(Llama, GgufTokenizer, u64)>
     let tokenizer = GgufTokenizer::from_gguf(&file)?;
     let mut model = Llama::from_gguf(&file)?;
     model.set_threads(threads);
+    if weights != WeightKind::F32 {
+        model.quantize(weights, None)?;
+    }
     Ok((model, tokenizer, file.file_len()))
 }
 
@@ -81,7 +103,7 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
         );
     }
     let load_start = Instant::now();
-    let (model, tokenizer, _) = open_gguf(&args.model, args.threads.into())?;
+    let (model, tokenizer, _) = open_gguf(&args.model, args.threads.into(), args.weights)?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let text = if args.chat { tokenizer.chat_prompt(&args.prompt)? } else { args.prompt.clone() };
     let prompt = tokenizer.encode(&text)?;
@@ -148,6 +170,7 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
             "prompt_tokens_per_second": prompt_rate,
             "generate_tokens_per_second": generate_rate,
             "threads": args.threads,
+            "weights": format!("{:?}", args.weights),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -162,16 +185,28 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Settings of `edgefold eval --task ppl`.
+pub struct PerplexityOptions {
+    /// Tokens scored (default 8192).
+    pub limit: Option<usize>,
+    /// Tokens per window.
+    pub window: usize,
+    /// Threads for the matrix products.
+    pub threads: usize,
+    /// Weight storage of the second model.
+    pub weights: WeightKind,
+    /// Print one JSON object on stdout.
+    pub json: bool,
+}
+
 /// Runs `edgefold eval --task ppl`: perplexity of the original and of `file` on `data`.
 pub fn eval_perplexity(
     original: &Path,
     file: &Path,
     data: &Path,
-    limit: Option<usize>,
-    window: usize,
-    threads: usize,
-    json: bool,
+    options: PerplexityOptions,
 ) -> Result<()> {
+    let PerplexityOptions { limit, window, threads, weights, json } = options;
     if window < 2 {
         bail!("--window {window} is too small; a window needs at least 2 tokens");
     }
@@ -180,11 +215,14 @@ pub fn eval_perplexity(
     let mut results = Vec::new();
     let mut same = false;
     for (i, path) in [original, file].into_iter().enumerate() {
-        if i == 1 && same_file(original, path) {
+        if i == 1 && weights == WeightKind::F32 && same_file(original, path) {
             same = true;
             break;
         }
-        let (model, tokenizer, bytes) = open_gguf(path, threads)?;
+        // The original always runs in f32; `weights` applies to the second file.
+        let kind = if i == 0 { WeightKind::F32 } else { weights };
+        let (model, tokenizer, _) = open_gguf(path, threads, kind)?;
+        let bytes = model.weight_bytes() as u64;
         let mut tokens = tokenizer.encode(&text)?;
         tokens.truncate(limit.unwrap_or(8192));
         if tokens.len() < 2 {
@@ -207,7 +245,7 @@ pub fn eval_perplexity(
             .map(|(path, bytes, tokens, r, time)| {
                 json!({
                     "file": path,
-                    "bytes": bytes,
+                    "weight_bytes": bytes,
                     "tokens": tokens,
                     "scored": r.scored,
                     "windows": r.windows,
@@ -226,7 +264,7 @@ pub fn eval_perplexity(
     for (path, bytes, tokens, r, time) in &results {
         println!(
             "{}: perplexity {:.4} ({} tokens scored of {tokens}, {} windows of {window}), \
-             {} bytes, {:.1} s",
+             weights of {} bytes, {:.1} s",
             path.display(),
             r.perplexity,
             r.scored,

@@ -250,6 +250,10 @@ struct EvalArgs {
     /// Threads for the matrix products of ppl.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// For ppl: weight storage of the second model (f32, int8 or int4); bytes are then those of
+    /// the stored weights.
+    #[arg(long, default_value = "f32", value_parser = llm::parse_weight_kind)]
+    weights: edgefold_compressor::llm::WeightKind,
     /// Tokenizer to use instead of the one embedded in the file.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -1000,15 +1004,14 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         "sts" => {}
         "raw" | "accuracy" | "anomaly" => return eval_tensors(&args),
         "ppl" => {
-            return llm::eval_perplexity(
-                &args.original,
-                &args.file,
-                &args.data,
-                args.limit,
-                args.window,
-                args.threads.into(),
-                args.json,
-            )
+            let options = llm::PerplexityOptions {
+                limit: args.limit,
+                window: args.window,
+                threads: args.threads.into(),
+                weights: args.weights,
+                json: args.json,
+            };
+            return llm::eval_perplexity(&args.original, &args.file, &args.data, options);
         }
         other => bail!("--task {other} is not known; use sts, raw, accuracy, anomaly or ppl"),
     }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Compares language model speed side by side: `edgefold generate` on the host (f32, int8 and int4
+# weights) and llama.cpp (through llama-cpp-python) on the same GGUF file, with 1 and 2 threads.
+# The prompt is the first 128 tokens of the text; 64 tokens are generated greedily.
+#
+# Usage: scripts/bench-llm.sh [MODEL.gguf] [TEXT]   (needs a release build and llama-cpp-python)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+model="${1:-$root/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
+text="${2:-$root/../shared/data/lm/wikitext2_valid.txt}"
+edgefold="$root/target/release/edgefold"
+if [ ! -x "$edgefold" ]; then
+    echo "error: $edgefold is missing; run cargo build --release -p edgefold-compressor" >&2
+    exit 1
+fi
+
+# The first 128 tokens of the text, as edgefold's tokenizer splits it.
+prompt="$(python3 - "$model" "$text" <<'PY'
+import sys
+from gguf import GGUFReader
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+r = GGUFReader(sys.argv[1])
+f = r.fields
+tokens = f["tokenizer.ggml.tokens"].contents()
+merges = [tuple(m.split(" ", 1)) for m in f["tokenizer.ggml.merges"].contents()]
+t = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(tokens)}, merges=merges))
+t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)])
+t.decoder = decoders.ByteLevel()
+ids = t.encode(open(sys.argv[2], encoding="utf-8").read()[:4000]).ids[:128]
+print(t.decode(ids), end="")
+PY
+)"
+
+echo "| engine | weights | threads | prompt tokens/s | generation tokens/s |"
+echo "|---|---|---:|---:|---:|"
+for threads in 1 2; do
+    for weights in f32 int8 int4; do
+        "$edgefold" generate "$model" --prompt "$prompt" --max-tokens 64 --weights "$weights" \
+            --threads "$threads" --json \
+            | python3 -c 'import json, sys; r = json.load(sys.stdin); print(f"| edgefold (host) | {sys.argv[1]} | {sys.argv[2]} | {r[\"prompt_tokens_per_second\"]:.1f} | {r[\"generate_tokens_per_second\"]:.1f} |")' "$weights" "$threads"
+    done
+    python3 "$root/scripts/bench_llamacpp.py" "$model" "$text" --threads "$threads" --no-ppl \
+        | python3 -c 'import json, sys; r = json.load(sys.stdin); print(f"| llama.cpp | Q4_1 (file) | {sys.argv[1]} | {r[\"prompt_tokens_per_second\"]:.1f} | {r[\"generate_tokens_per_second\"]:.1f} |")' "$threads"
+done
