@@ -32,14 +32,14 @@ print(t.decode(ids), end="")
 PY
 )"
 
-echo "| engine | weights | threads | prompt tokens/s | generation tokens/s |"
-echo "|---|---|---:|---:|---:|"
+echo "| engine | weights | threads | prompt tokens | prompt tokens/s | generation tokens/s |"
+echo "|---|---|---:|---:|---:|---:|"
 for threads in 1 2; do
     for weights in f32 int8 int4; do
         "$edgefold" generate "$model" --prompt "$prompt" --max-tokens 64 --weights "$weights" \
             --threads "$threads" --json \
-            | python3 -c 'import json, sys; r = json.load(sys.stdin); print(f"| edgefold (host) | {sys.argv[1]} | {sys.argv[2]} | {r[\"prompt_tokens_per_second\"]:.1f} | {r[\"generate_tokens_per_second\"]:.1f} |")' "$weights" "$threads"
+            | python3 "$root/scripts/llm_row.py" "edgefold (host)" "$weights" "$threads"
     done
     python3 "$root/scripts/bench_llamacpp.py" "$model" "$text" --threads "$threads" --no-ppl \
-        | python3 -c 'import json, sys; r = json.load(sys.stdin); print(f"| llama.cpp | Q4_1 (file) | {sys.argv[1]} | {r[\"prompt_tokens_per_second\"]:.1f} | {r[\"generate_tokens_per_second\"]:.1f} |")' "$threads"
+        | python3 "$root/scripts/llm_row.py" "llama.cpp" "Q4_1 (file)" "$threads"
 done

@@ -49,6 +49,9 @@ def main():
             scored += 1
     ppl_seconds = time.perf_counter() - start
 
+    # Speed is measured without logits for every position, which only perplexity needs.
+    llm = Llama(args.model, n_ctx=args.window, n_threads=args.threads, n_threads_batch=args.threads,
+                logits_all=False, verbose=False)
     prompt = tokens[: args.prompt_tokens]
     llm.reset()
     start = time.perf_counter()
