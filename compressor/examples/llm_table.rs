@@ -110,10 +110,10 @@ fn main() -> Result<()> {
     }
     eprintln!("block influence");
     let influence = block_influence(&model, calibration, WINDOW)?;
-    let most = args.remove.iter().copied().max().unwrap_or(0);
-    eprintln!("SLEB, {most} removals");
+    let max_removed = args.remove.iter().copied().max().unwrap_or(0);
+    eprintln!("SLEB, {max_removed} removals");
     let start = Instant::now();
-    let verified = sleb(&model, calibration, WINDOW, most, |n| {
+    let verified = sleb(&model, calibration, WINDOW, max_removed, |n| {
         if n % 10 == 0 {
             eprintln!("  {n} candidates in {:.0} s", start.elapsed().as_secs_f64());
         }

@@ -16,6 +16,7 @@ use edgefold_compressor::llm::{perplexity, Llama, WeightKind};
 use edgefold_compressor::npy;
 use edgefold_compressor::tensor::TensorData;
 use edgefold_compressor::testdata::skip;
+use edgefold_compressor::text::cosine;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -211,14 +212,8 @@ fn last_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
     model.forward(ids, &mut cache, false).unwrap()
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (norm(a) * norm(b))
-}
-
 #[test]
-fn quantized_weights_keep_answer() {
+fn quantized_weights_keep_paris() {
     let Some(m) = loaded() else { return };
     let ids = m.tokenizer.encode("The capital of France is").unwrap();
     let reference = last_logits(&m.model, &ids);
@@ -227,7 +222,7 @@ fn quantized_weights_keep_answer() {
     let f32_bytes = m.model.weight_bytes();
     // The source weights are Q4_1: 16 levels with an offset per group of 32. Symmetric int4
     // without an offset cannot represent that grid, so int4 rounds them again (measured logit
-    // cosine 0.89, against 0.9986 for int8) and the answer may drop from first place.
+    // cosine 0.89, against 0.9986 for int8) and " Paris" may drop from first place.
     for (kind, min_cosine, max_share) in
         [(WeightKind::Int8, 0.995, 0.27), (WeightKind::Int4, 0.85, 0.17)]
     {
@@ -268,7 +263,9 @@ fn block_influence_ranks_removals() {
     let influence = block_influence(&m.model, tokens, 256).unwrap();
     assert_eq!(influence.len(), m.model.config().layers);
     for (i, v) in influence.iter().enumerate() {
-        assert!(v.is_finite() && *v > 0.0 && *v <= 2.0, "block {i}: influence {v}");
+        assert!(v.is_finite(), "block {i}: influence {v}");
+        assert!(*v > 0.0, "block {i}: influence {v}");
+        assert!(*v <= 2.0, "block {i}: influence {v}");
     }
     let weakest = lowest_influence(&influence, 1)[0];
     let strongest = lowest_influence(&influence, influence.len())[influence.len() - 1];
@@ -320,6 +317,7 @@ fn damaged_model_files_fail_cleanly() {
     std::fs::write(&other, &renamed).unwrap();
     let file = GgufFile::open(&other).unwrap();
     let err = Llama::from_gguf(&file).unwrap_err().to_string();
-    assert!(err.contains("gpt_x") && err.contains("general.architecture"), "{err}");
+    assert!(err.contains("gpt_x"), "{err}");
+    assert!(err.contains("general.architecture"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

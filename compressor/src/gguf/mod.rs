@@ -299,7 +299,7 @@ impl GgufFile {
 /// A parse failure: the byte offset and the reason.
 type ParseError = (u64, String);
 
-/// What [`parse`] reads: the version, the metadata and the tensor table.
+/// The result of [`parse`]: the version, the metadata and the tensor table.
 type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>);
 
 /// Parses the header, metadata and tensor table of a GGUF file held in `bytes`.

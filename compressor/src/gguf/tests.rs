@@ -134,7 +134,8 @@ fn fixture_metadata_reads() {
         .collect();
     assert_eq!(list, [1, 2, 3]);
     let err = file.require_u64("general.name").unwrap_err().to_string();
-    assert!(err.contains("general.name") && err.contains("integer"), "{err}");
+    assert!(err.contains("general.name"), "{err}");
+    assert!(err.contains("integer"), "{err}");
     let err = file.dequantize("Q4_K", &[512, 3]).unwrap_err().to_string();
     assert!(err.contains("[3, 512]"), "{err}");
 }
@@ -155,7 +156,8 @@ fn q8_k_block_decodes() {
 #[test]
 fn unsupported_type_names_supported_ones() {
     let err = dequantize(GgmlType::IQ2_XXS, &[0; 66], 256).unwrap_err();
-    assert!(err.contains("IQ2_XXS") && err.contains("Q4_K"), "{err}");
+    assert!(err.contains("IQ2_XXS"), "{err}");
+    assert!(err.contains("Q4_K"), "{err}");
     let err = dequantize(GgmlType::Q4_0, &[0; 17], 32).unwrap_err();
     assert!(err.contains("17 bytes"), "{err}");
 }
@@ -286,7 +288,8 @@ fn bad_tensors_name_the_problem() {
 fn open_errors_name_the_file() {
     let path = temp_file("not-gguf.gguf", b"PK\x03\x04 a zip file");
     let err = GgufFile::open(&path).unwrap_err().to_string();
-    assert!(err.contains("not-gguf.gguf") && err.contains("magic"), "{err}");
+    assert!(err.contains("not-gguf.gguf"), "{err}");
+    assert!(err.contains("magic"), "{err}");
 
     let missing = std::env::temp_dir().join("edgefold-no-such-file.gguf");
     let err = GgufFile::open(&missing).unwrap_err().to_string();

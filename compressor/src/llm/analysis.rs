@@ -2,6 +2,7 @@
 //! stream, and which blocks can be removed at the smallest cost in perplexity.
 
 use super::{perplexity, ForwardError, Llama, Observation};
+use crate::text::cosine;
 
 /// Block Influence of every block (Men et al. 2024, "ShortGPT"): the mean over tokens of
 /// `1 - cos(h_in, h_out)`, where `h_in` and `h_out` are the residual stream before and after
@@ -32,20 +33,6 @@ pub fn block_influence(
         count += chunk.len();
     }
     Ok(sums.into_iter().map(|s| s / count.max(1) as f64).collect())
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (f64::from(x), f64::from(y));
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        return 1.0;
-    }
-    ab / (aa.sqrt() * bb.sqrt())
 }
 
 /// One step of [`sleb`]: the block removed and the calibration perplexity after removing it.

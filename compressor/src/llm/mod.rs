@@ -60,6 +60,7 @@ impl LlamaConfig {
                 format!("architecture `{arch}` is not supported; only `llama` is"),
             ));
         }
+
         let key = |name: &str| format!("llama.{name}");
         let usize_of = |name: &str| -> Result<usize, GgufError> {
             let v = file.require_u64(&key(name))?;
@@ -84,6 +85,7 @@ impl LlamaConfig {
                 ),
             ));
         }
+
         let head_dim = dim / heads;
         let rope_dims = match file.get(&key("rope.dimension_count")) {
             Some(_) => usize_of("rope.dimension_count")?,
@@ -103,11 +105,13 @@ impl LlamaConfig {
                 ));
             }
         }
+
         let rope_base = match file.get(&key("rope.freq_base")) {
             Some(_) => file.require_f64(&key("rope.freq_base"))? as f32,
             None => 10_000.0,
         };
         let norm_eps = file.require_f64(&key("attention.layer_norm_rms_epsilon"))? as f32;
+
         let embedding = file
             .tensor("token_embd.weight")
             .ok_or_else(|| file.tensor_error("token_embd.weight", "missing"))?;
@@ -191,8 +195,8 @@ impl Matrix {
     /// Stores the matrix as `kind`, with error feedback from `gram` (the `k × k` Gram of the
     /// layer's inputs) for [`WeightKind::Int4Gptq`]. Quantized matrices are dequantized first.
     fn convert(&mut self, kind: WeightKind, gram: Option<&[f64]>) -> Result<(), SpectrumError> {
-        let values = match &self.data {
-            MatrixData::F32(w) => w.clone(),
+        let values = match &mut self.data {
+            MatrixData::F32(w) => std::mem::take(w),
             _ => self.to_f32(),
         };
         let (n, k) = (self.n, self.k);

@@ -51,6 +51,7 @@ impl Sampler {
         if self.config.temperature <= 0.0 || !self.config.temperature.is_finite() {
             return argmax(logits);
         }
+
         let inv_t = 1.0 / f64::from(self.config.temperature);
         let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f64)> = logits
@@ -63,20 +64,23 @@ impl Sampler {
         if probs.is_empty() || total.is_nan() || total <= 0.0 {
             return argmax(logits);
         }
+
+        // Keep the most likely tokens up to the top-p mass, then draw among them.
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let top_p = f64::from(self.config.top_p.clamp(f32::MIN_POSITIVE, 1.0));
-        let mut kept = 0;
+        let mut nucleus_len = 0;
         let mut mass = 0.0;
         for p in &probs {
             mass += p.1 / total;
-            kept += 1;
+            nucleus_len += 1;
             if mass >= top_p {
                 break;
             }
         }
-        probs.truncate(kept);
-        let kept_total: f64 = probs.iter().map(|p| p.1).sum();
-        let mut target = self.next_unit() * kept_total;
+        probs.truncate(nucleus_len);
+
+        let nucleus_total: f64 = probs.iter().map(|p| p.1).sum();
+        let mut target = self.next_unit() * nucleus_total;
         for &(id, p) in &probs {
             if target < p {
                 return id;
