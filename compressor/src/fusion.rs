@@ -258,7 +258,13 @@ fn sources(graph: &Graph, block: &Block, producers: &[Option<usize>]) -> Vec<Vec
 
 /// Returns whether a constant contains already quantized parameters, which fusion cannot merge.
 fn is_quantized(storage: &Storage) -> bool {
-    matches!(storage, Storage::F16(_) | Storage::I8PerRow { .. } | Storage::I4Grouped { .. })
+    matches!(
+        storage,
+        Storage::F16(_)
+            | Storage::I8PerRow { .. }
+            | Storage::I4Grouped { .. }
+            | Storage::I4GroupedMin { .. }
+    )
 }
 
 /// Checks that `other` matches `first` node by node.

@@ -36,6 +36,18 @@ pub enum Storage {
         /// Group length.
         group: usize,
     },
+    /// Rank-2 int4 in groups as [`Storage::I4Grouped`], with an f16 minimum per group:
+    /// value = (q + 8) × scale + min.
+    I4GroupedMin {
+        /// Packed values; each row takes `cols.div_ceil(2)` bytes.
+        packed: Vec<u8>,
+        /// Scales as f16 bits, `[rows, cols / group]`.
+        scales: Vec<u16>,
+        /// Minimums as f16 bits, `[rows, cols / group]`.
+        mins: Vec<u16>,
+        /// Group length.
+        group: usize,
+    },
 }
 
 impl Storage {
@@ -48,7 +60,7 @@ impl Storage {
             Storage::Bool(_) => DType::Bool,
             Storage::F16(_) => DType::F16,
             Storage::I8PerRow { .. } => DType::I8,
-            Storage::I4Grouped { .. } => DType::I4,
+            Storage::I4Grouped { .. } | Storage::I4GroupedMin { .. } => DType::I4,
         }
     }
 
@@ -62,6 +74,9 @@ impl Storage {
             Storage::F16(v) => v.len() * 2,
             Storage::I8PerRow { q, scales } => q.len() + scales.len() * 4,
             Storage::I4Grouped { packed, scales, .. } => packed.len() + scales.len() * 2,
+            Storage::I4GroupedMin { packed, scales, mins, .. } => {
+                packed.len() + (scales.len() + mins.len()) * 2
+            }
         }
     }
 

@@ -221,6 +221,46 @@ pub fn quantize_i4(data: &[f32], rows: usize, cols: usize, group: usize) -> (Vec
     (packed, scales)
 }
 
+/// Quantizes `data` (`rows × cols`) to int4 groups of `group` values with an f16 scale and an
+/// f16 minimum each, on the unsigned grid `value = u × scale + min`, `u` in 0..=15 (llama.cpp's
+/// Q4_1). The nibbles store `u - 8`, so they read as the signed values the runtime expects.
+/// Returns the packed nibbles, the scales and the minimums as f16 bits.
+///
+/// Values already on such a grid (dequantized Q4_1 weights) come back unchanged: the minimum is
+/// the group's smallest value and the scale a fifteenth of its range, both rounded to f16 first.
+pub fn quantize_i4_min(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    group: usize,
+) -> (Vec<u8>, Vec<u16>, Vec<u16>) {
+    let row_bytes = cols.div_ceil(2);
+    let mut packed = vec![0u8; rows * row_bytes];
+    let groups = cols / group;
+    let mut scales = Vec::with_capacity(rows * groups);
+    let mut mins = Vec::with_capacity(rows * groups);
+    for r in 0..rows {
+        for g in 0..groups {
+            let chunk = &data[r * cols + g * group..r * cols + (g + 1) * group];
+            let lo = chunk.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let min = half::f16::from_f32(lo);
+            let scale = half::f16::from_f32((hi - min.to_f32()) / 15.0);
+            let (m, s) = (min.to_f32(), scale.to_f32());
+            scales.push(scale.to_bits());
+            mins.push(min.to_bits());
+            for (i, &v) in chunk.iter().enumerate() {
+                let u = if s > 0.0 { ((v - m) / s).round().clamp(0.0, 15.0) as u8 } else { 0 };
+                let nibble = u ^ 0x08;
+                let c = g * group + i;
+                packed[r * row_bytes + c / 2] |=
+                    if c.is_multiple_of(2) { nibble } else { nibble << 4 };
+            }
+        }
+    }
+    (packed, scales, mins)
+}
+
 /// The f16 scale of one int4 group: the clipping of the largest magnitude (from none down to 80 %)
 /// whose rounding leaves the smallest squared error.
 pub(crate) fn group_scale(chunk: &[f32]) -> half::f16 {

@@ -176,6 +176,30 @@ pub fn pack(
                         });
                         (packed.clone(), Quant::Grouped, scale_index, *group as u32)
                     }
+                    Storage::I4GroupedMin { packed, scales, mins, group } => {
+                        let scale_bytes: Vec<u8> =
+                            scales.iter().chain(mins).flat_map(|x| x.to_le_bytes()).collect();
+                        let offset = put(&mut weights, &scale_bytes);
+                        let scale_index = n + extra.len() as u32;
+                        let groups = v.shape[1].factor / *group as u32;
+                        extra.push(TensorEntry {
+                            name: strings.add(&format!("{}.scales", v.name)),
+                            dtype: DType::F16,
+                            kind: TensorKind::Const,
+                            rank: 3,
+                            quant: Quant::None,
+                            scale_tensor: NO_TENSOR,
+                            group_size: 0,
+                            offset,
+                            byte_len: scale_bytes.len() as u64,
+                            dims: dims_array(&[
+                                Dim::constant(2),
+                                v.shape[0],
+                                Dim::constant(groups),
+                            ]),
+                        });
+                        (packed.clone(), Quant::GroupedMin, scale_index, *group as u32)
+                    }
                 };
                 let offset = put(&mut weights, &bytes);
                 TensorEntry {

@@ -171,6 +171,29 @@ pub enum Error {
         /// Description of the fault.
         reason: &'static str,
     },
+    /// The file holds no language model: it lacks the decoder configuration record.
+    NotADecoder,
+    /// The decoder configuration or the tensors it names are inconsistent.
+    InvalidDecoder {
+        /// Index of the tensor concerned, or `u32::MAX` for the configuration record.
+        tensor: u32,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The positions asked for exceed the context length fixed when the file was written.
+    ContextFull {
+        /// Positions the key-value cache holds.
+        capacity: u32,
+        /// Positions the call needs.
+        needed: u64,
+    },
+    /// A token id is not in the vocabulary.
+    TokenOutOfRange {
+        /// The token id.
+        token: u32,
+        /// Vocabulary size.
+        vocab: u32,
+    },
 }
 
 impl Error {
@@ -200,6 +223,10 @@ impl Error {
             Error::IndexOutOfRange { .. } => "index out of range",
             Error::OpNotBuilt { .. } => "the file uses an op that this runtime was built without",
             Error::NoSelfTest => "the file carries no self-test",
+            Error::NotADecoder => "the file holds no language model",
+            Error::InvalidDecoder { reason, .. } => reason,
+            Error::ContextFull { .. } => "the context length is exhausted",
+            Error::TokenOutOfRange { .. } => "token id outside the vocabulary",
         }
     }
 }
@@ -290,6 +317,24 @@ impl fmt::Display for Error {
             ),
             Error::InvalidSelfTest { at, reason } => {
                 write!(f, "invalid self-test record at byte {at} of its value: {reason}")
+            }
+            Error::NotADecoder => f.write_str(
+                "the file holds no language model (no decoder configuration); compress a GGUF \
+                 model to get one",
+            ),
+            Error::InvalidDecoder { tensor: u32::MAX, reason } => {
+                write!(f, "invalid decoder configuration: {reason}")
+            }
+            Error::InvalidDecoder { tensor, reason } => {
+                write!(f, "invalid decoder tensor {tensor}: {reason}")
+            }
+            Error::ContextFull { capacity, needed } => write!(
+                f,
+                "the context holds {capacity} positions but {needed} are needed; compress the \
+                 model again with a larger --max-seq or start a new context"
+            ),
+            Error::TokenOutOfRange { token, vocab } => {
+                write!(f, "token {token} is outside the vocabulary of {vocab}")
             }
         }
     }

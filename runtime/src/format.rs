@@ -164,6 +164,10 @@ pub enum Quant {
     /// row, with one f16 scale per group in `scale_tensor` (shape `[rows, cols / group_size]`):
     /// value = q × scale, q in -8..=7.
     Grouped = 2,
+    /// A rank-2 [`DType::I4`] tensor in groups like [`Quant::Grouped`], whose `scale_tensor` is f16
+    /// `[2, rows, cols / group_size]`: the scales, then one minimum per group.
+    /// value = (q + 8) × scale + min, q in -8..=7 (the unsigned grid 0..=15 of llama.cpp's Q4_1).
+    GroupedMin = 3,
 }
 
 impl Quant {
@@ -173,6 +177,7 @@ impl Quant {
             0 => Quant::None,
             1 => Quant::PerRow,
             2 => Quant::Grouped,
+            3 => Quant::GroupedMin,
             _ => return None,
         })
     }

@@ -20,6 +20,8 @@ extern crate std;
 
 pub mod cast;
 pub mod crc32;
+#[cfg(feature = "decoder")]
+pub mod decoder;
 pub mod error;
 pub mod format;
 pub mod kernels;

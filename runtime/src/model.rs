@@ -1,12 +1,15 @@
 //! Opening a packed file: every offset, length, alignment, type, shape and index is checked
 //! here once, so the executor can run without checking again.
 
+use crate::cast::cast;
 use crate::error::{Error, Result, Section};
 use crate::format::{
     DType, Dim, Header, Quant, SectionEntry, SectionKind, StrRef, SymbolEntry, TensorEntry,
     TensorKind, BUFFER_ALIGN, HEADER_LEN, MAX_GRAPH_INPUTS, MAX_SYMBOLS, NO_TENSOR, SECTION_ALIGN,
     SECTION_ENTRY_LEN, SYMBOL_ENTRY_LEN, TENSOR_ENTRY_LEN,
 };
+use crate::kernels::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
+use crate::kernels::Weights;
 use crate::ops::OpRecord;
 use crate::shape::Shape;
 
@@ -214,6 +217,44 @@ impl<'a> Model<'a> {
         self.weights.get(start..start.saturating_add(t.byte_len as usize)).unwrap_or(&[])
     }
 
+    /// A constant rank-2 tensor `[n, k]` as the weights of [`crate::kernels::linear`]: f32, f16,
+    /// int8 per row or int4 groups. `None` for other tensors or when the bytes do not fit.
+    pub fn linear_weights(&self, t: &TensorEntry) -> Option<Weights<'a>> {
+        let [_, cols] = rank2(t)?;
+        if t.kind != TensorKind::Const {
+            return None;
+        }
+        let k = cols.factor as usize;
+        Some(match (t.dtype, t.quant) {
+            (DType::F32, Quant::None) => Weights::F32(F32Rows { w: cast(self.const_bytes(t))?, k }),
+            (DType::F16, Quant::None) => Weights::F16(F16Rows { w: cast(self.const_bytes(t))?, k }),
+            (DType::I8, Quant::PerRow) => {
+                let scales = cast(self.const_bytes(&self.tensor(t.scale_tensor).ok()?))?;
+                Weights::I8(I8Rows { q: cast(self.const_bytes(t))?, scales, k })
+            }
+            (DType::I4, Quant::Grouped | Quant::GroupedMin) => Weights::I4(self.int4_rows(t)?),
+            _ => return None,
+        })
+    }
+
+    /// The rows of a constant int4 tensor stored with [`Quant::Grouped`] or [`Quant::GroupedMin`],
+    /// with its scales (and minimums); `None` for other tensors or when the bytes do not fit.
+    pub fn int4_rows(&self, t: &TensorEntry) -> Option<I4Rows<'a>> {
+        let [rows, cols] = rank2(t)?;
+        if t.dtype != DType::I4 || t.kind != TensorKind::Const || t.group_size == 0 {
+            return None;
+        }
+        let (rows, k, group) = (rows.factor as usize, cols.factor as usize, t.group_size as usize);
+        let table = cast::<u16>(self.const_bytes(&self.tensor(t.scale_tensor).ok()?))?;
+        let count = rows.checked_mul(k / group)?;
+        let (scales, mins) = match t.quant {
+            Quant::Grouped => (table.get(..count)?, None),
+            Quant::GroupedMin => (table.get(..count)?, Some(table.get(count..count * 2)?)),
+            _ => return None,
+        };
+        Some(I4Rows { packed: self.const_bytes(t), scales, mins, k, group })
+    }
+
     /// Total bytes of constant data.
     pub fn weights_len(&self) -> usize {
         self.weights.len()
@@ -364,7 +405,7 @@ impl<'a> Model<'a> {
                     return Err(invalid("per-row scales must be a constant f32 [rows] tensor"));
                 }
             }
-            Quant::Grouped => {
+            Quant::Grouped | Quant::GroupedMin => {
                 let [rows, cols] = rank2(t).ok_or(invalid("grouped quantization needs rank 2"))?;
                 if t.dtype != DType::I4 || t.kind != TensorKind::Const {
                     return Err(invalid("grouped quantization needs a constant int4 tensor"));
@@ -375,12 +416,14 @@ impl<'a> Model<'a> {
                 }
                 let s = self.tensor(t.scale_tensor).map_err(|_| invalid("scale tensor missing"))?;
                 let groups = Dim::constant(cols.factor / group);
-                if s.kind != TensorKind::Const
-                    || s.dtype != DType::F16
-                    || s.shape() != [rows, groups]
-                {
+                let shape_ok = match t.quant {
+                    Quant::GroupedMin => s.shape() == [Dim::constant(2), rows, groups],
+                    _ => s.shape() == [rows, groups],
+                };
+                if s.kind != TensorKind::Const || s.dtype != DType::F16 || !shape_ok {
                     return Err(invalid(
-                        "group scales must be a constant f16 [rows, groups] tensor",
+                        "group scales must be a constant f16 [rows, groups] tensor, \
+                         or [2, rows, groups] with minimums",
                     ));
                 }
             }

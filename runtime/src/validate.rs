@@ -179,6 +179,7 @@ fn check_shapes(
                     | (DType::F16, Quant::None)
                     | (DType::I8, Quant::PerRow)
                     | (DType::I4, Quant::Grouped)
+                    | (DType::I4, Quant::GroupedMin)
             );
             ensure(weight_ok, "unsupported weight storage")?;
             let (n, k) = (w.dims[0], w.dims[1]);
@@ -276,7 +277,7 @@ fn check_shapes(
                     DType::F32
                 }
                 (DType::F16, Quant::None) => DType::F32,
-                (DType::I4, Quant::Grouped) => {
+                (DType::I4, Quant::Grouped | Quant::GroupedMin) => {
                     ensure(axis == 0, "quantized tables are gathered along axis 0")?;
                     DType::F32
                 }

@@ -7,6 +7,7 @@
 //! [`sample`] picks tokens from logits, and [`perplexity`] scores text.
 
 pub mod analysis;
+pub mod packed;
 pub mod sample;
 pub mod tokenizer;
 
@@ -18,7 +19,7 @@ use edgefold_runtime::kernels::parallel::linear_threads;
 use edgefold_runtime::kernels::{matmul, Weights};
 
 use crate::gptq::gptq_i4;
-use crate::quantize::{int4_group, quantize_i4, quantize_row_i8};
+use crate::quantize::{int4_group, quantize_i4, quantize_i4_min, quantize_row_i8};
 use crate::spectrum::SpectrumError;
 
 use crate::gguf::{GgufError, GgufFile};
@@ -153,7 +154,7 @@ pub struct Matrix {
 enum MatrixData {
     F32(Vec<f32>),
     I8 { q: Vec<i8>, scales: Vec<f32> },
-    I4 { packed: Vec<u8>, scales: Vec<u16>, group: usize },
+    I4 { packed: Vec<u8>, scales: Vec<u16>, mins: Option<Vec<u16>>, group: usize },
 }
 
 impl Matrix {
@@ -167,8 +168,8 @@ impl Matrix {
         match &self.data {
             MatrixData::F32(w) => Weights::F32(F32Rows { w, k }),
             MatrixData::I8 { q, scales } => Weights::I8(I8Rows { q, scales, k }),
-            MatrixData::I4 { packed, scales, group } => {
-                Weights::I4(I4Rows { packed, scales, k, group: *group })
+            MatrixData::I4 { packed, scales, mins, group } => {
+                Weights::I4(I4Rows { packed, scales, mins: mins.as_deref(), k, group: *group })
             }
         }
     }
@@ -178,7 +179,9 @@ impl Matrix {
         match &self.data {
             MatrixData::F32(w) => 4 * w.len(),
             MatrixData::I8 { q, scales } => q.len() + 4 * scales.len(),
-            MatrixData::I4 { packed, scales, .. } => packed.len() + 2 * scales.len(),
+            MatrixData::I4 { packed, scales, mins, .. } => {
+                packed.len() + 2 * (scales.len() + mins.as_ref().map_or(0, Vec::len))
+            }
         }
     }
 
@@ -203,14 +206,24 @@ impl Matrix {
         self.data = match kind {
             WeightKind::F32 => MatrixData::F32(values),
             WeightKind::Int8 => int8_rows(&values, k),
-            WeightKind::Int4 | WeightKind::Int4Gptq => match int4_group(k) {
+            WeightKind::Int4 | WeightKind::Int4Gptq | WeightKind::Int4Min => match int4_group(k) {
                 None => int8_rows(&values, k),
                 Some(group) => {
-                    let (packed, scales) = match (kind, gram) {
-                        (WeightKind::Int4Gptq, Some(gram)) => gptq_i4(&values, n, k, gram, group)?,
-                        _ => quantize_i4(&values, n, k, group),
+                    let (packed, scales, mins) = match (kind, gram) {
+                        (WeightKind::Int4Gptq, Some(gram)) => {
+                            let (packed, scales) = gptq_i4(&values, n, k, gram, group)?;
+                            (packed, scales, None)
+                        }
+                        (WeightKind::Int4Min, _) => {
+                            let (packed, scales, mins) = quantize_i4_min(&values, n, k, group);
+                            (packed, scales, Some(mins))
+                        }
+                        _ => {
+                            let (packed, scales) = quantize_i4(&values, n, k, group);
+                            (packed, scales, None)
+                        }
                     };
-                    MatrixData::I4 { packed, scales, group }
+                    MatrixData::I4 { packed, scales, mins, group }
                 }
             },
         };
@@ -241,6 +254,9 @@ pub enum WeightKind {
     Int4,
     /// As [`WeightKind::Int4`], with GPTQ error feedback from calibration statistics.
     Int4Gptq,
+    /// Int4 in groups of 32 with an f16 scale and an f16 minimum, on the unsigned grid of
+    /// llama.cpp's Q4_1, so that Q4_1 weights are stored exactly.
+    Int4Min,
 }
 
 /// The weights of one transformer block, row-major `[out, in]`.
@@ -700,7 +716,7 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 }
 
 /// Errors from [`Llama::forward`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ForwardError {
     /// The tokens do not fit in the cache.
@@ -717,6 +733,8 @@ pub enum ForwardError {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// The runtime failed on a packed model.
+    Runtime(edgefold_runtime::Error),
 }
 
 impl fmt::Display for ForwardError {
@@ -730,6 +748,7 @@ impl fmt::Display for ForwardError {
             ForwardError::TokenOutOfRange { token, vocab } => {
                 write!(f, "token id {token} is outside the vocabulary of {vocab}")
             }
+            ForwardError::Runtime(e) => write!(f, "{e}"),
         }
     }
 }
@@ -820,25 +839,86 @@ pub struct Perplexity {
     pub windows: usize,
 }
 
+/// A causal language model with its own key-value cache, run on the host ([`HostLm`]) or from a
+/// packed file ([`packed::PackedLm`]).
+pub trait CausalLm {
+    /// Vocabulary size: the length of one row of logits.
+    fn vocab(&self) -> usize;
+    /// Positions the cache holds.
+    fn capacity(&self) -> usize;
+    /// Positions in the cache.
+    fn len(&self) -> usize;
+    /// Whether the cache is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Empties the cache.
+    fn clear(&mut self);
+    /// Runs `tokens` after the cached positions and returns the logits of every one of them
+    /// (`all_logits`) or of the last.
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, ForwardError>;
+}
+
+/// A [`Llama`] with a cache, run on the host.
+#[derive(Debug)]
+pub struct HostLm {
+    model: Llama,
+    cache: KvCache,
+}
+
+impl HostLm {
+    /// Pairs `model` with a cache of `capacity` positions.
+    pub fn new(model: Llama, capacity: usize) -> HostLm {
+        let cache = model.new_cache(capacity);
+        HostLm { model, cache }
+    }
+
+    /// Returns the model.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+}
+
+impl CausalLm for HostLm {
+    fn vocab(&self) -> usize {
+        self.model.config.vocab
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>, ForwardError> {
+        self.model.forward(tokens, &mut self.cache, all_logits)
+    }
+}
+
 /// Scores `tokens` in non-overlapping windows of `window` tokens, each run from an empty cache:
 /// every token of a window after the first is predicted from the ones before it in the window.
 /// A last partial window of at least two tokens is scored too. `progress` is called with the
-/// number of windows done.
-pub fn perplexity(
-    model: &Llama,
+/// number of windows done. The model's cache must hold `window` positions.
+pub fn perplexity_of(
+    lm: &mut dyn CausalLm,
     tokens: &[u32],
     window: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<Perplexity, ForwardError> {
     let window = window.max(2);
-    let mut cache = model.new_cache(window);
-    let vocab = model.config().vocab;
+    let vocab = lm.vocab();
     let mut total_nll = 0.0f64;
     let mut scored = 0usize;
     let mut windows = 0usize;
     for chunk in tokens.chunks(window).filter(|c| c.len() >= 2) {
-        cache.clear();
-        let logits = model.forward(chunk, &mut cache, true)?;
+        lm.clear();
+        let logits = lm.forward(chunk, true)?;
         for (row, &next) in logits.chunks_exact(vocab).zip(&chunk[1..]) {
             total_nll += negative_log_likelihood(row, next as usize);
             scored += 1;
@@ -848,6 +928,17 @@ pub fn perplexity(
     }
     let mean_nll = if scored == 0 { f64::NAN } else { total_nll / scored as f64 };
     Ok(Perplexity { perplexity: mean_nll.exp(), mean_nll, scored, windows })
+}
+
+/// [`perplexity_of`] for a host model with a cache of `window` positions.
+pub fn perplexity(
+    model: &Llama,
+    tokens: &[u32],
+    window: usize,
+    progress: impl FnMut(usize),
+) -> Result<Perplexity, ForwardError> {
+    let mut lm = HostLm::new(model.clone(), window.max(2));
+    perplexity_of(&mut lm, tokens, window, progress)
 }
 
 /// Returns `-log softmax(logits)[target]`, computed in f64.

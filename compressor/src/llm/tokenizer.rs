@@ -30,6 +30,8 @@ pub enum TokenizeError {
     Encode(String),
     /// The chat template is missing or failed to render.
     Template(String),
+    /// The tokenizer's stored parts are inconsistent.
+    Spec(String),
 }
 
 impl fmt::Display for TokenizeError {
@@ -37,6 +39,7 @@ impl fmt::Display for TokenizeError {
         match self {
             TokenizeError::Encode(e) => write!(f, "tokenizing failed: {e}"),
             TokenizeError::Template(e) => write!(f, "chat template: {e}"),
+            TokenizeError::Spec(e) => write!(f, "tokenizer: {e}"),
         }
     }
 }
@@ -88,9 +91,31 @@ fn optional_token(file: &GgufFile, key: &str, vocab: usize) -> Result<Option<u32
     }
 }
 
-impl GgufTokenizer {
-    /// Builds the tokenizer stored in `file`.
-    pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> {
+/// What a byte-level BPE tokenizer is built from: the parts of a GGUF file's metadata that
+/// [`GgufTokenizer`] uses, which a packed file keeps as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizerSpec {
+    /// Whether digits are split one by one before the byte-level pattern (`smollm`).
+    pub split_digits: bool,
+    /// Token texts in byte-level characters, indexed by id.
+    pub tokens: Vec<String>,
+    /// Merges in priority order.
+    pub merges: Vec<(String, String)>,
+    /// Whether each token is a control token.
+    pub control: Vec<bool>,
+    /// Beginning-of-sequence token.
+    pub bos: Option<u32>,
+    /// End-of-sequence token.
+    pub eos: Option<u32>,
+    /// Whether encoding puts the beginning-of-sequence token first.
+    pub add_bos: bool,
+    /// Jinja chat template.
+    pub chat_template: Option<String>,
+}
+
+impl TokenizerSpec {
+    /// Reads the tokenizer's parts from `file`.
+    pub fn from_gguf(file: &GgufFile) -> Result<TokenizerSpec, GgufError> {
         let model = file.require_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
             return Err(file.metadata_error(
@@ -147,12 +172,114 @@ impl GgufTokenizer {
                     )
                 })?,
         };
+        let vocab_len = tokens.len();
+        Ok(TokenizerSpec {
+            split_digits,
+            control: types.iter().map(|&t| t == TOKEN_TYPE_CONTROL).collect(),
+            bos: optional_token(file, "tokenizer.ggml.bos_token_id", vocab_len)?,
+            eos: optional_token(file, "tokenizer.ggml.eos_token_id", vocab_len)?,
+            add_bos: matches!(file.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true))),
+            chat_template: file
+                .get("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            merges,
+            tokens,
+        })
+    }
 
+    /// Encodes the parts as JSON.
+    pub fn to_json(&self) -> String {
+        let merges: Vec<String> = self.merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        let control: Vec<u32> =
+            self.control.iter().enumerate().filter(|(_, &c)| c).map(|(i, _)| i as u32).collect();
+        serde_json::json!({
+            "split_digits": self.split_digits,
+            "tokens": self.tokens,
+            "merges": merges,
+            "control": control,
+            "bos": self.bos,
+            "eos": self.eos,
+            "add_bos": self.add_bos,
+            "chat_template": self.chat_template,
+        })
+        .to_string()
+    }
+
+    /// Decodes the parts from [`TokenizerSpec::to_json`]'s output, checking that every id is
+    /// inside the vocabulary.
+    pub fn from_json(text: &str) -> Result<TokenizerSpec, TokenizeError> {
+        let bad = |what: &str| TokenizeError::Spec(what.to_owned());
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| TokenizeError::Spec(e.to_string()))?;
+        let strings = |key: &str| -> Result<Vec<String>, TokenizeError> {
+            v[key]
+                .as_array()
+                .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_owned)).collect())
+                .ok_or_else(|| bad(&format!("`{key}` is not an array of strings")))
+        };
+        let tokens = strings("tokens")?;
+        let merges = strings("merges")?
+            .into_iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok((a.to_owned(), b.to_owned())),
+                None => Err(bad(&format!("merge `{m}` is not two tokens separated by a space"))),
+            })
+            .collect::<Result<_, _>>()?;
+        let id = |value: &serde_json::Value| -> Option<u32> {
+            value.as_u64().filter(|&i| (i as usize) < tokens.len()).map(|i| i as u32)
+        };
+        let optional_id = |key: &str| -> Result<Option<u32>, TokenizeError> {
+            match &v[key] {
+                serde_json::Value::Null => Ok(None),
+                value => {
+                    id(value).map(Some).ok_or_else(|| bad(&format!("`{key}` is not a token id")))
+                }
+            }
+        };
+        let mut control = vec![false; tokens.len()];
+        for value in v["control"].as_array().ok_or_else(|| bad("`control` is not an array"))? {
+            control[id(value).ok_or_else(|| bad("a control token is not a token id"))? as usize] =
+                true;
+        }
+        Ok(TokenizerSpec {
+            split_digits: v["split_digits"].as_bool().unwrap_or(false),
+            merges,
+            control,
+            bos: optional_id("bos")?,
+            eos: optional_id("eos")?,
+            add_bos: v["add_bos"].as_bool().unwrap_or(false),
+            chat_template: v["chat_template"].as_str().map(str::to_owned),
+            tokens,
+        })
+    }
+}
+
+impl GgufTokenizer {
+    /// Builds the tokenizer stored in `file`.
+    pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer, GgufError> {
+        let spec = TokenizerSpec::from_gguf(file)?;
+        GgufTokenizer::from_spec(spec)
+            .map_err(|e| file.metadata_error("tokenizer.ggml.merges", e.to_string()))
+    }
+
+    /// Builds a tokenizer from its parts.
+    pub fn from_spec(spec: TokenizerSpec) -> Result<GgufTokenizer, TokenizeError> {
+        let TokenizerSpec {
+            split_digits,
+            tokens,
+            merges,
+            control,
+            bos,
+            eos,
+            add_bos,
+            chat_template,
+        } = spec;
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BpeBuilder::new()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| file.metadata_error("tokenizer.ggml.merges", e.to_string()))?;
+            .map_err(|e| TokenizeError::Spec(e.to_string()))?;
         let mut tokenizer = Tokenizer::new(bpe);
         let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
         let pre_tokenizer = if split_digits {
@@ -162,29 +289,20 @@ impl GgufTokenizer {
         };
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-        let control: Vec<bool> = types.iter().map(|&t| t == TOKEN_TYPE_CONTROL).collect();
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&control)
             .filter(|(_, &c)| c)
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
-        tokenizer
-            .add_special_tokens(specials)
-            .map_err(|e| file.metadata_error("tokenizer.ggml.tokens", e.to_string()))?;
-
-        let vocab_len = tokens.len();
-        let add_bos = matches!(file.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        tokenizer.add_special_tokens(specials).map_err(|e| TokenizeError::Spec(e.to_string()))?;
         Ok(GgufTokenizer {
             tokenizer,
             control,
-            bos: optional_token(file, "tokenizer.ggml.bos_token_id", vocab_len)?,
-            eos: optional_token(file, "tokenizer.ggml.eos_token_id", vocab_len)?,
+            bos,
+            eos,
             add_bos,
-            chat_template: file
-                .get("tokenizer.chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            chat_template,
             char_bytes: byte_chars().into_iter().enumerate().map(|(b, c)| (c, b as u8)).collect(),
             tokens,
         })

@@ -27,13 +27,12 @@ pub(crate) fn linear_neon(call: &mut LinearCall<'_>) {
             Weights::F16(w) if blocked => linear_blocked(&args, &w),
             Weights::F16(w) => linear_direct(&args, &w),
             Weights::I8(w) => linear_direct(&args, &w),
-            Weights::I4(w) if w.group % Neon::LANES == 0 => {
-                let w = I4Aligned::new(w);
-                match blocked {
-                    true => linear_blocked(&args, &w),
-                    false => linear_direct(&args, &w),
-                }
-            }
+            Weights::I4(w) if w.group % Neon::LANES == 0 => match (w.mins.is_some(), blocked) {
+                (false, true) => linear_blocked(&args, &I4Aligned::<false>::new(w)),
+                (false, false) => linear_direct(&args, &I4Aligned::<false>::new(w)),
+                (true, true) => linear_blocked(&args, &I4Aligned::<true>::new(w)),
+                (true, false) => linear_direct(&args, &I4Aligned::<true>::new(w)),
+            },
             Weights::I4(w) => match blocked {
                 true => linear_blocked(&args, &Filled(&w)),
                 false => linear_direct(&args, &Filled(&w)),

@@ -110,13 +110,12 @@ impl ConvWeights<'_> {
     }
 }
 
-/// Weight `index` of row `row` of int4 rows: the signed nibble times its group's f16 scale.
+/// Weight `index` of row `row` of int4 rows.
 #[inline]
 fn i4_at(w: &super::generic::I4Rows<'_>, row: usize, index: usize) -> f32 {
-    let byte = w.packed[row * w.k.div_ceil(2) + index / 2];
-    let nibble = if index.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
-    let q = ((nibble as i8) << 4) >> 4;
-    q as f32 * half::f16::from_bits(w.scales[row * (w.k / w.group) + index / w.group]).to_f32()
+    let mut value = [0f32];
+    super::generic::WeightRows::fill(w, row, index, &mut value);
+    value[0]
 }
 
 /// Weights that the kernels in place turn into f32 at once, in a buffer on the stack.
@@ -800,8 +799,13 @@ mod tests {
             let act = [f32::NEG_INFINITY, f32::INFINITY];
             let expected = reference_conv(&c, &x, &dequantized, &bias, act);
             let mut y = vec![f32::NAN; expected.len()];
-            let rows =
-                super::super::generic::I4Rows { packed: &packed, scales: &scales, k: row, group };
+            let rows = super::super::generic::I4Rows {
+                packed: &packed,
+                scales: &scales,
+                mins: None,
+                k: row,
+                group,
+            };
             conv2d_nchw_f32(
                 &x,
                 &g,

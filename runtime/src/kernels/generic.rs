@@ -72,13 +72,19 @@ impl WeightRows for I8Rows<'_> {
     }
 }
 
-/// Int4 weights in groups along each row, two per byte (low nibble first), one f16 scale per group.
+/// Int4 weights in groups along each row, two per byte (low nibble first), one f16 scale per group
+/// and optionally one f16 minimum per group.
+///
+/// Without minimums a stored nibble `q` in -8..=7 means `q × scale`; with them it means
+/// `(q + 8) × scale + min`, the unsigned 0..=15 grid with an offset that llama.cpp's Q4_1 uses.
 #[derive(Clone, Copy, Debug)]
 pub struct I4Rows<'a> {
     /// Packed values; each row takes `k.div_ceil(2)` bytes.
     pub packed: &'a [u8],
     /// Scales as f16 bits, `[n, k / group]`.
     pub scales: &'a [u16],
+    /// Minimums as f16 bits, `[n, k / group]`, for the grid with offsets.
+    pub mins: Option<&'a [u16]>,
     /// Row length.
     pub k: usize,
     /// Group length (even, divides `k`).
@@ -94,8 +100,12 @@ impl WeightRows for I4Rows<'_> {
             let byte = self.packed[row * row_bytes + c / 2];
             let nibble = if c.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
             let q = ((nibble as i8) << 4) >> 4;
-            let scale = half::f16::from_bits(self.scales[row * groups + c / self.group]).to_f32();
-            *o = q as f32 * scale;
+            let g = row * groups + c / self.group;
+            let scale = half::f16::from_bits(self.scales[g]).to_f32();
+            *o = match self.mins {
+                Some(mins) => (q as f32 + 8.0) * scale + half::f16::from_bits(mins[g]).to_f32(),
+                None => q as f32 * scale,
+            };
         }
     }
 }

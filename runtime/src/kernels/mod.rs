@@ -252,6 +252,9 @@ fn check_weights(w: &Weights<'_>, k: usize, n: usize) {
             }
             check_len("linear: the int4 weight bytes", w.packed.len(), product(n, k.div_ceil(2)));
             check_len("linear: the int4 scales", w.scales.len(), product(n, k / group));
+            if let Some(mins) = w.mins {
+                check_len("linear: the int4 minimums", mins.len(), product(n, k / group));
+            }
             w.k
         }
     };

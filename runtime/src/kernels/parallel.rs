@@ -132,6 +132,7 @@ fn weight_rows(w: Weights<'_>, start: usize, count: usize) -> Weights<'_> {
             Weights::I4(I4Rows {
                 packed: &r.packed[start * bytes..end * bytes],
                 scales: &r.scales[start * groups..end * groups],
+                mins: r.mins.map(|m| &m[start * groups..end * groups]),
                 k: r.k,
                 group: r.group,
             })

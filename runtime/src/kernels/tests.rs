@@ -69,6 +69,14 @@ enum Kind {
     F16,
     I8,
     I4,
+    /// Int4 with a minimum per group.
+    I4Min,
+}
+
+impl Kind {
+    fn is_int4(self) -> bool {
+        matches!(self, Kind::I4 | Kind::I4Min)
+    }
 }
 
 /// Owned weights of one kind, with their exact values for the reference.
@@ -81,6 +89,7 @@ struct TestWeights {
     packed: Vec<u8>,
     scales: Vec<f32>,
     scale_bits: Vec<u16>,
+    min_bits: Vec<u16>,
     group: usize,
     /// Dequantized weights `[n, k]`.
     exact: Vec<f64>,
@@ -97,6 +106,7 @@ impl TestWeights {
             packed: Vec::new(),
             scales: Vec::new(),
             scale_bits: Vec::new(),
+            min_bits: Vec::new(),
             group,
             exact: Vec::new(),
         };
@@ -110,7 +120,7 @@ impl TestWeights {
                 w.exact = w.bits.iter().map(|&b| half::f16::from_bits(b).to_f64()).collect();
             }
             Kind::I8 => w.fill_i8(n, k, rng),
-            Kind::I4 => w.fill_i4(n, k, rng),
+            Kind::I4 | Kind::I4Min => w.fill_i4(n, k, rng),
         }
         w
     }
@@ -128,14 +138,23 @@ impl TestWeights {
         self.scale_bits = (0..n * groups)
             .map(|_| half::f16::from_f32(0.01 + 0.1 * (rng.signed_unit() + 1.0)).to_bits())
             .collect();
+        if self.kind == Kind::I4Min {
+            self.min_bits = (0..n * groups)
+                .map(|_| half::f16::from_f32(-0.8 * (rng.signed_unit() + 1.0)).to_bits())
+                .collect();
+        }
         self.exact = Vec::with_capacity(n * k);
         for j in 0..n {
             for c in 0..k {
                 let byte = self.packed[j * row_bytes + c / 2];
                 let nibble = if c.is_multiple_of(2) { byte & 0x0F } else { byte >> 4 };
                 let q = ((nibble as i8) << 4) >> 4;
-                let scale = half::f16::from_bits(self.scale_bits[j * groups + c / self.group]);
-                self.exact.push(q as f64 * scale.to_f64());
+                let g = j * groups + c / self.group;
+                let scale = half::f16::from_bits(self.scale_bits[g]).to_f64();
+                self.exact.push(match self.min_bits.get(g) {
+                    Some(&m) => (q as f64 + 8.0) * scale + half::f16::from_bits(m).to_f64(),
+                    None => q as f64 * scale,
+                });
             }
         }
     }
@@ -146,9 +165,10 @@ impl TestWeights {
             Kind::F32 => Weights::F32(F32Rows { w: &self.values, k }),
             Kind::F16 => Weights::F16(F16Rows { w: &self.bits, k }),
             Kind::I8 => Weights::I8(I8Rows { q: &self.q, scales: &self.scales, k }),
-            Kind::I4 => Weights::I4(I4Rows {
+            Kind::I4 | Kind::I4Min => Weights::I4(I4Rows {
                 packed: &self.packed,
                 scales: &self.scale_bits,
+                mins: (self.kind == Kind::I4Min).then_some(&self.min_bits[..]),
                 k,
                 group: self.group,
             }),
@@ -230,7 +250,7 @@ fn int4_group(k: usize, pick: usize) -> usize {
 fn check_kind_small(kind: Kind) {
     for (ki, &k) in K_SIZES.iter().enumerate() {
         // Int4 rows hold an even number of values, since groups are even.
-        let k = if kind == Kind::I4 { k + k % 2 } else { k };
+        let k = if kind.is_int4() { k + k % 2 } else { k };
         for &rows in SMALL_ROWS {
             for n in small_widths() {
                 let seed = (ki * 1000 + rows * 50 + n) as u64;
@@ -261,6 +281,11 @@ fn linear_int4_small_shapes() {
 }
 
 #[test]
+fn linear_int4_with_minimums_small_shapes() {
+    check_kind_small(Kind::I4Min);
+}
+
+#[test]
 fn linear_layer_widths() {
     // 17 and 70 rows take the blocked kernels where there are any, and 70 rows by 385 columns
     // span two row blocks and two column blocks of them.
@@ -270,9 +295,9 @@ fn linear_layer_widths() {
     } else {
         (&[(1, 384), (3, 385), (9, 64), (17, 1536), (70, 385)], &[384, 1536])
     };
-    for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4] {
+    for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4, Kind::I4Min] {
         for &(rows, k) in shapes {
-            let k = if kind == Kind::I4 { k + k % 2 } else { k };
+            let k = if kind.is_int4() { k + k % 2 } else { k };
             for &n in widths {
                 check_linear(kind, rows, k, n, int4_group(k, rows), (rows * k + n) as u64);
             }
@@ -284,6 +309,7 @@ fn linear_layer_widths() {
 fn linear_int4_unaligned_group() {
     // Groups of 6 and 2 end inside an 8- or 16-lane vector, so each vector needs several scales.
     check_linear(Kind::I4, 5, 48, 19, 6, 1);
+    check_linear(Kind::I4Min, 5, 48, 19, 6, 3);
     // Miri interprets every operation, so it skips the wider case.
     if !cfg!(miri) {
         check_linear(Kind::I4, 4, 386, 9, 2, 2);
@@ -331,7 +357,7 @@ fn linear_rejects_short_output() {
 #[test]
 #[should_panic(expected = "does not divide")]
 fn linear_rejects_int4_group_not_dividing_k() {
-    let w = I4Rows { packed: &[0; 6], scales: &[0; 2], k: 6, group: 4 };
+    let w = I4Rows { packed: &[0; 6], scales: &[0; 2], mins: None, k: 6, group: 4 };
     linear_with(Isa::best(), &[0.0; 6], 1, 6, Weights::I4(w), 1, None, &mut [0.0]);
 }
 
@@ -392,7 +418,7 @@ fn threaded_linear_matches_one_thread() {
     use super::parallel::{linear_by_outputs, linear_by_rows};
     let mut rng = Rng(91);
     let k = 96;
-    for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4] {
+    for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4, Kind::I4Min] {
         for (rows, n, parts) in [(9, 37, 2), (5, 40, 3), (2, 17, 4), (64, 48, 2), (1, 50, 3)] {
             let w = TestWeights::new(kind, n, k, 32, &mut rng);
             let x = rng.vec(rows * k);

@@ -174,7 +174,8 @@ unsafe impl<S: Simd> VecRows<S> for I8Rows<'_> {
 }
 
 /// Int4 rows whose group length is a multiple of `LANES`, so that one scale covers each vector.
-pub(crate) struct I4Aligned<'a> {
+/// `MIN` selects the grid with per-group minimums.
+pub(crate) struct I4Aligned<'a, const MIN: bool> {
     w: I4Rows<'a>,
     /// Groups per row.
     groups: usize,
@@ -184,18 +185,21 @@ pub(crate) struct I4Aligned<'a> {
     group_shift: Option<u32>,
 }
 
-impl<'a> I4Aligned<'a> {
-    /// Wraps `w`, whose group length must be positive.
+impl<'a, const MIN: bool> I4Aligned<'a, MIN> {
+    /// Wraps `w`, whose group length must be positive and whose minimums must be present exactly
+    /// when `MIN` is true.
     pub(crate) fn new(w: I4Rows<'a>) -> Self {
+        debug_assert_eq!(w.mins.is_some(), MIN);
         let group_shift = w.group.is_power_of_two().then(|| w.group.trailing_zeros());
         I4Aligned { w, groups: w.k / w.group, row_bytes: w.k.div_ceil(2), group_shift }
     }
 }
 
-// SAFETY: `load` reads `LANES / 2` bytes at byte `row * k.div_ceil(2) + col / 2` and one scale at
-// `row * k / group + col / group`; with `col + LANES <= k` both stay inside the checked slices.
-// `col` is a multiple of `LANES` (even) on every call, so the vector starts on a byte.
-unsafe impl<S: Simd> VecRows<S> for I4Aligned<'_> {
+// SAFETY: `load` reads `LANES / 2` bytes at byte `row * k.div_ceil(2) + col / 2` and one scale
+// (and one minimum) at `row * k / group + col / group`; with `col + LANES <= k` they stay inside
+// the checked slices. `col` is a multiple of `LANES` (even) on every call, so the vector starts on
+// a byte.
+unsafe impl<S: Simd, const MIN: bool> VecRows<S> for I4Aligned<'_, MIN> {
     #[inline(always)]
     unsafe fn load(&self, row: usize, col: usize) -> S::V {
         let group = match self.group_shift {
@@ -206,7 +210,19 @@ unsafe impl<S: Simd> VecRows<S> for I4Aligned<'_> {
         let bits = unsafe { *self.w.scales.get_unchecked(row * self.groups + group) };
         let at = row * self.row_bytes + col / 2;
         // SAFETY: in bounds by the trait contract.
-        unsafe { S::mul(S::load_i4(self.w.packed.as_ptr().add(at)), S::splat_f16(bits)) }
+        let q = unsafe { S::load_i4(self.w.packed.as_ptr().add(at)) };
+        match self.w.mins {
+            Some(mins) if MIN => {
+                // SAFETY: the minimums have the shape of the scales, checked with them.
+                let min = unsafe { *mins.get_unchecked(row * self.groups + group) };
+                let scale = half::f16::from_bits(bits).to_f32();
+                let offset = 8.0 * scale + half::f16::from_bits(min).to_f32();
+                // SAFETY: the caller's CPU supports `S`.
+                unsafe { S::mul_add(q, S::splat(scale), S::splat(offset)) }
+            }
+            // SAFETY: the caller's CPU supports `S`.
+            _ => unsafe { S::mul(q, S::splat_f16(bits)) },
+        }
     }
 
     #[inline(always)]

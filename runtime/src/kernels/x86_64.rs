@@ -59,13 +59,12 @@ pub(crate) fn linear_avx2(call: &mut LinearCall<'_>) {
             Weights::F32(w) => linear_avx2_direct(&args, &w),
             Weights::F16(w) => linear_avx2_direct(&args, &w),
             Weights::I8(w) => linear_avx2_direct(&args, &w),
-            Weights::I4(w) if w.group % Avx2::LANES == 0 => {
-                let w = I4Aligned::new(w);
-                match blocked {
-                    true => linear_avx2_blocked(&args, &w),
-                    false => linear_avx2_direct(&args, &w),
-                }
-            }
+            Weights::I4(w) if w.group % Avx2::LANES == 0 => match (w.mins.is_some(), blocked) {
+                (false, true) => linear_avx2_blocked(&args, &I4Aligned::<false>::new(w)),
+                (false, false) => linear_avx2_direct(&args, &I4Aligned::<false>::new(w)),
+                (true, true) => linear_avx2_blocked(&args, &I4Aligned::<true>::new(w)),
+                (true, false) => linear_avx2_direct(&args, &I4Aligned::<true>::new(w)),
+            },
             Weights::I4(w) => match blocked {
                 true => linear_avx2_blocked(&args, &Filled(&w)),
                 false => linear_avx2_direct(&args, &Filled(&w)),
@@ -92,13 +91,12 @@ pub(crate) fn linear_avx512(call: &mut LinearCall<'_>) {
             }
             Weights::F16(w) => linear_avx512_direct(&args, &w),
             Weights::I8(w) => linear_avx512_direct(&args, &w),
-            Weights::I4(w) if w.group % Avx512::LANES == 0 => {
-                let w = I4Aligned::new(w);
-                match blocked {
-                    true => linear_avx512_blocked(&args, &w),
-                    false => linear_avx512_direct(&args, &w),
-                }
-            }
+            Weights::I4(w) if w.group % Avx512::LANES == 0 => match (w.mins.is_some(), blocked) {
+                (false, true) => linear_avx512_blocked(&args, &I4Aligned::<false>::new(w)),
+                (false, false) => linear_avx512_direct(&args, &I4Aligned::<false>::new(w)),
+                (true, true) => linear_avx512_blocked(&args, &I4Aligned::<true>::new(w)),
+                (true, false) => linear_avx512_direct(&args, &I4Aligned::<true>::new(w)),
+            },
             Weights::I4(w) => match blocked {
                 true => linear_avx512_blocked(&args, &Filled(&w)),
                 false => linear_avx512_direct(&args, &Filled(&w)),
@@ -259,11 +257,13 @@ unsafe fn reduce_add4_256(v: [__m256; 4]) -> [f32; 4] {
 /// The CPU must support AVX.
 #[inline(always)]
 unsafe fn reduce_add_256(v: __m256) -> f32 {
+    // The additions pair the lanes as `reduce_add4_256` does, so that an output summed alone
+    // rounds like one summed in a group of four.
     // SAFETY: AVX is guaranteed by the caller.
     unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        let pairs = _mm256_hadd_ps(v, v);
+        let quads = _mm256_hadd_ps(pairs, pairs);
+        let s = _mm_add_ss(_mm256_castps256_ps128(quads), _mm256_extractf128_ps::<1>(quads));
         _mm_cvtss_f32(s)
     }
 }

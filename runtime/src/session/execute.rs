@@ -258,15 +258,7 @@ impl<'m> Session<'m, '_> {
                     scales: cast(scales).ok_or(bad)?,
                 }
             }
-            (DType::I4, Quant::Grouped) => {
-                let scales = model.const_bytes(&model.tensor(w.scale_tensor)?);
-                ConvWeights::I4(k::I4Rows {
-                    packed: model.const_bytes(w),
-                    scales: cast(scales).ok_or(bad)?,
-                    k: w.dims[1].factor as usize,
-                    group: w.group_size as usize,
-                })
-            }
+            (DType::I4, Quant::Grouped) => ConvWeights::I4(model.int4_rows(w).ok_or(bad)?),
             _ => return Err(bad),
         };
         Ok(weights)
@@ -281,7 +273,7 @@ impl<'m> Session<'m, '_> {
         out: &TensorEntry,
         out_shape: &Shape,
     ) -> Result<()> {
-        use crate::kernels::{self, Weights};
+        use crate::kernels;
 
         let model = self.model;
         let w = model.tensor(rec.input(1))?;
@@ -294,30 +286,7 @@ impl<'m> Session<'m, '_> {
         };
         let y = self.typed_mut::<f32>(out, rows * n, op)?;
         let bad = Error::RuntimeShape { op, reason: "weight data does not match its shape" };
-        let weights = match (w.dtype, w.quant) {
-            (DType::F32, _) => {
-                let data = cast::<f32>(model.const_bytes(&w)).ok_or(bad)?;
-                Weights::F32(k::F32Rows { w: data, k: kk })
-            }
-            (DType::F16, _) => {
-                let data = cast::<u16>(model.const_bytes(&w)).ok_or(bad)?;
-                Weights::F16(k::F16Rows { w: data, k: kk })
-            }
-            (DType::I8, Quant::PerRow) => {
-                let q = cast::<i8>(model.const_bytes(&w)).ok_or(bad)?;
-                let s = model.tensor(w.scale_tensor)?;
-                let scales = cast::<f32>(model.const_bytes(&s)).ok_or(bad)?;
-                Weights::I8(k::I8Rows { q, scales, k: kk })
-            }
-            (DType::I4, Quant::Grouped) => {
-                let s = model.tensor(w.scale_tensor)?;
-                let scales = cast::<u16>(model.const_bytes(&s)).ok_or(bad)?;
-                let packed = model.const_bytes(&w);
-                let group = w.group_size as usize;
-                Weights::I4(k::I4Rows { packed, scales, k: kk, group })
-            }
-            _ => return Err(bad),
-        };
+        let weights = model.linear_weights(&w).ok_or(bad)?;
         #[cfg(feature = "std")]
         kernels::parallel::linear_threads(self.threads, x, rows, kk, weights, n, bias, y);
         #[cfg(not(feature = "std"))]
@@ -434,16 +403,12 @@ impl<'m> Session<'m, '_> {
             }
             return Ok(());
         }
-        if data.quant == Quant::Grouped {
+        if matches!(data.quant, Quant::Grouped | Quant::GroupedMin) {
             let bad = Error::RuntimeShape { op, reason: "int4 table does not match its shape" };
-            let s = self.model.tensor(data.scale_tensor)?;
-            let scales = cast::<u16>(self.model.const_bytes(&s)).ok_or(bad)?;
-            let rows = k::I4Rows {
-                packed: self.model.const_bytes(data),
-                scales,
-                k: inner,
-                group: data.group_size as usize,
-            };
+            let rows = self.model.int4_rows(data).ok_or(bad)?;
+            if rows.k != inner {
+                return Err(bad);
+            }
             let y = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
             for i in 0..count {
                 let row = index_at(i)?;

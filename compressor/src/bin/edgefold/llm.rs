@@ -1,5 +1,6 @@
-//! The `generate` command and `eval --task ppl`: language models read from GGUF files and run in
-//! f32 on the host.
+//! Language models: `compress` of a GGUF file, `generate`, and `eval --task ppl`. A GGUF model
+//! runs on the host with its weights dequantized (or stored as `--weights` asks); a packed file
+//! runs through the runtime's decoder.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,14 +11,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use edgefold_compressor::gguf::GgufFile;
+use edgefold_compressor::llm::packed::{pack, tokenizer_of, PackedLm};
 use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
-use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream};
-use edgefold_compressor::llm::{perplexity, Llama, WeightKind};
+use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream, TokenizerSpec};
+use edgefold_compressor::llm::{perplexity_of, CausalLm, HostLm, Llama, WeightKind};
+use edgefold_compressor::writer::write_atomic;
+use edgefold_runtime::decoder::Decoder;
+use edgefold_runtime::{MappedFile, Model};
 
 /// Options of `edgefold generate`.
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// The model: a GGUF file of the Llama architecture.
+    /// The model: a packed file written by `edgefold compress`, or a GGUF file of the Llama
+    /// architecture.
     model: PathBuf,
     /// Text to continue.
     #[arg(long)]
@@ -37,14 +43,16 @@ pub struct GenerateArgs {
     /// Seed of the sampler's random generator.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Context length: prompt plus generated tokens (default: the model's, at most 2048).
+    /// Context length of a GGUF model: prompt plus generated tokens (default: the model's, at
+    /// most 2048). A packed file's context length was fixed by `compress --max-seq`.
     #[arg(long)]
     max_seq: Option<usize>,
     /// Threads for the matrix products.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
-    /// Weight storage: f32, int8 (per row) or int4 (groups of 32, rounded to nearest). The
-    /// embedding is stored as int8 with the latter two.
+    /// Weight storage of a GGUF model: f32, int8 (per row), int4 (groups of 32 with a scale and
+    /// a minimum, as Q4_1) or int4-sym (groups of 32 with a scale). The embedding is stored as
+    /// int8 with the quantized kinds. A packed file keeps the storage it was written with.
     #[arg(long, default_value = "f32", value_parser = parse_weight_kind)]
     weights: WeightKind,
     /// Print one JSON object on stdout instead of streaming the text.
@@ -57,29 +65,27 @@ pub fn parse_weight_kind(value: &str) -> Result<WeightKind, String> {
     match value {
         "f32" => Ok(WeightKind::F32),
         "int8" => Ok(WeightKind::Int8),
-        "int4" => Ok(WeightKind::Int4),
-        other => Err(format!("`{other}` is not a weight storage; use f32, int8 or int4")),
+        "int4" => Ok(WeightKind::Int4Min),
+        "int4-sym" => Ok(WeightKind::Int4),
+        other => Err(format!("`{other}` is not a weight storage; use f32, int8, int4 or int4-sym")),
     }
 }
 
-/// Opens a GGUF model and its tokenizer, rejecting packed files with a clear error, and stores
-/// the model's weights as `weights`.
-fn open_gguf(
-    path: &Path,
-    threads: usize,
-    weights: WeightKind,
-) -> Result<(Llama, GgufTokenizer, u64)> {
+/// Returns whether `path` starts with the GGUF magic bytes.
+pub fn is_gguf(path: &Path) -> Result<bool> {
     let mut head = [0u8; 4];
     let read = std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
         .with_context(|| format!("cannot read {}", path.display()))?;
-    if read == 4 && &head != b"GGUF" && path.extension().is_some_and(|e| e == "fold") {
-        bail!(
-            "{} is a packed file; language models run from GGUF files so far, because the \
-             runtime has no decoder operators yet",
-            path.display()
-        );
-    }
+    Ok(read == 4 && &head == b"GGUF")
+}
+
+/// Opens a GGUF model and its tokenizer and stores the model's weights as `weights`.
+fn open_gguf(
+    path: &Path,
+    threads: usize,
+    weights: WeightKind,
+) -> Result<(Llama, GgufTokenizer, GgufFile)> {
     let file = GgufFile::open(path)?;
     let tokenizer = GgufTokenizer::from_gguf(&file)?;
     let mut model = Llama::from_gguf(&file)?;
@@ -87,7 +93,59 @@ fn open_gguf(
     if weights != WeightKind::F32 {
         model.quantize(weights, None)?;
     }
-    Ok((model, tokenizer, file.file_len()))
+    Ok((model, tokenizer, file))
+}
+
+/// What [`with_model`] tells its caller about the model it opened.
+struct ModelInfo {
+    /// Bytes of the weights as stored.
+    weight_bytes: u64,
+    /// Storage, as named in reports.
+    storage: String,
+}
+
+/// Opens `path`, a packed file or a GGUF model, and runs `f` on it with a cache of `capacity`
+/// positions (a packed file's own context length when `None`, or for a GGUF model the model's,
+/// at most 2048). `weights` applies to GGUF models only.
+fn with_model<T>(
+    path: &Path,
+    threads: usize,
+    weights: WeightKind,
+    capacity: Option<usize>,
+    f: impl FnOnce(&mut dyn CausalLm, &GgufTokenizer, ModelInfo) -> Result<T>,
+) -> Result<T> {
+    if is_gguf(path)? {
+        let (model, tokenizer, _) = open_gguf(path, threads, weights)?;
+        let info = ModelInfo {
+            weight_bytes: model.weight_bytes() as u64,
+            storage: format!("{weights:?} on the host"),
+        };
+        let capacity = capacity.unwrap_or(model.config().context.min(2048));
+        let mut lm = HostLm::new(model, capacity);
+        return f(&mut lm, &tokenizer, info);
+    }
+    let map = MappedFile::open(path)
+        .with_context(|| format!("cannot open {} as a packed file", path.display()))?;
+    let model = Model::open(map.bytes()).with_context(|| {
+        format!("{} is neither a GGUF file nor a valid packed file", path.display())
+    })?;
+    let tokenizer = tokenizer_of(&model)
+        .with_context(|| format!("{} holds no usable tokenizer", path.display()))?;
+    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let decoder = Decoder::new(&model, &mut arena)
+        .with_context(|| format!("{} holds no runnable language model", path.display()))?;
+    let max_seq = decoder.config().max_seq as usize;
+    if let Some(asked) = capacity.filter(|&c| c > max_seq) {
+        bail!(
+            "{} holds a context of {max_seq} positions, fewer than the {asked} needed; compress \
+             it again with --max-seq {asked}",
+            path.display()
+        );
+    }
+    let mut lm = PackedLm::new(decoder);
+    lm.set_threads(threads);
+    let info = ModelInfo { weight_bytes: model.weights_len() as u64, storage: "packed".into() };
+    f(&mut lm, &tokenizer, info)
 }
 
 /// Runs `edgefold generate`.
@@ -103,14 +161,24 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
         );
     }
     let load_start = Instant::now();
-    let (model, tokenizer, _) = open_gguf(&args.model, args.threads.into(), args.weights)?;
-    let load_seconds = load_start.elapsed().as_secs_f64();
+    let model_path = args.model.clone();
+    with_model(&model_path, args.threads.into(), args.weights, args.max_seq, |lm, tokenizer, _| {
+        generate(lm, tokenizer, &args, load_start.elapsed().as_secs_f64())
+    })
+}
+
+fn generate(
+    lm: &mut dyn CausalLm,
+    tokenizer: &GgufTokenizer,
+    args: &GenerateArgs,
+    load_seconds: f64,
+) -> Result<()> {
     let text = if args.chat { tokenizer.chat_prompt(&args.prompt)? } else { args.prompt.clone() };
     let prompt = tokenizer.encode(&text)?;
     if prompt.is_empty() {
         bail!("the prompt is empty; give some text with --prompt");
     }
-    let context = args.max_seq.unwrap_or(model.config().context.min(2048));
+    let context = lm.capacity();
     if prompt.len() >= context {
         bail!(
             "the prompt has {} tokens but the context holds {context}; shorten it or raise \
@@ -118,7 +186,6 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
             prompt.len()
         );
     }
-    let mut cache = model.new_cache(context.min(prompt.len() + args.max_tokens));
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -126,7 +193,7 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
     });
 
     let prompt_start = Instant::now();
-    let mut logits = model.forward(&prompt, &mut cache, false)?;
+    let mut logits = lm.forward(&prompt, false)?;
     let prompt_seconds = prompt_start.elapsed().as_secs_f64();
 
     let mut stream = TextStream::default();
@@ -142,17 +209,17 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
             break;
         }
         generated.push(next);
-        let piece = stream.push(&tokenizer, next);
+        let piece = stream.push(tokenizer, next);
         if !args.json {
             stdout.write_all(piece.as_bytes())?;
             stdout.flush()?;
         }
         out.push_str(&piece);
-        if cache.len() == cache.capacity() {
+        if lm.len() == lm.capacity() {
             stop = "context full";
             break;
         }
-        logits = model.forward(&[next], &mut cache, false)?;
+        logits = lm.forward(&[next], false)?;
     }
     let rest = stream.finish();
     out.push_str(&rest);
@@ -221,23 +288,29 @@ pub fn eval_perplexity(
         }
         // The original always runs in f32; `weights` applies to the second file.
         let kind = if i == 0 { WeightKind::F32 } else { weights };
-        let (model, tokenizer, _) = open_gguf(path, threads, kind)?;
-        let bytes = model.weight_bytes() as u64;
-        let mut tokens = tokenizer.encode(&text)?;
-        tokens.truncate(limit.unwrap_or(8192));
-        if tokens.len() < 2 {
-            bail!("{} contains fewer than 2 tokens; perplexity needs more text", data.display());
-        }
-        let windows = tokens.len().div_ceil(window);
-        let bar = ProgressBar::new(windows as u64).with_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows {eta}")
-                .expect("valid template"),
-        );
-        bar.set_message(format!("ppl {}", path.display()));
-        let start = Instant::now();
-        let result = perplexity(&model, &tokens, window, |done| bar.set_position(done as u64))?;
-        bar.finish_and_clear();
-        results.push((path.to_path_buf(), bytes, tokens.len(), result, start.elapsed()));
+        let (bytes, n_tokens, result, time) =
+            with_model(path, threads, kind, Some(window), |lm, tokenizer, info| {
+                let mut tokens = tokenizer.encode(&text)?;
+                tokens.truncate(limit.unwrap_or(8192));
+                if tokens.len() < 2 {
+                    bail!(
+                        "{} contains fewer than 2 tokens; perplexity needs more text",
+                        data.display()
+                    );
+                }
+                let windows = tokens.len().div_ceil(window);
+                let bar = ProgressBar::new(windows as u64).with_style(
+                    ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows {eta}")
+                        .expect("valid template"),
+                );
+                bar.set_message(format!("ppl {} ({})", path.display(), info.storage));
+                let start = Instant::now();
+                let result =
+                    perplexity_of(lm, &tokens, window, |done| bar.set_position(done as u64))?;
+                bar.finish_and_clear();
+                Ok((info.weight_bytes, tokens.len(), result, start.elapsed()))
+            })?;
+        results.push((path.to_path_buf(), bytes, n_tokens, result, time));
     }
     if json {
         let entries: Vec<_> = results
@@ -286,4 +359,199 @@ fn same_file(a: &Path, b: &Path) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
+}
+
+/// Settings of `edgefold compress` for a GGUF language model.
+pub struct GgufCompressOptions {
+    /// Block storage: f32, int8 or int4 (groups with minimums).
+    pub weights: WeightKind,
+    /// Positions of the key-value cache.
+    pub max_seq: usize,
+    /// Smallest quality (original perplexity over the candidate's) the planner accepts.
+    pub min_quality: Option<f64>,
+    /// Text whose first tokens the planner scores candidates on.
+    pub calibration: Option<PathBuf>,
+    /// Tokens of the calibration text the planner scores.
+    pub calibration_tokens: usize,
+    /// Threads for the matrix products.
+    pub threads: usize,
+    /// Print one JSON object on stdout.
+    pub json: bool,
+}
+
+/// One model the planner measured.
+struct Candidate {
+    weights: WeightKind,
+    removed: Vec<usize>,
+    bytes: usize,
+    perplexity: f64,
+    quality: f64,
+}
+
+/// Runs `edgefold compress` on a GGUF model: stores its blocks as asked, or lets the planner
+/// choose the smallest storage and block removals that keep `min_quality`, and packs the result
+/// with its tokenizer.
+pub fn cmd_compress_gguf(model_path: &Path, output: &Path, o: GgufCompressOptions) -> Result<()> {
+    if o.max_seq == 0 {
+        bail!("--max-seq must be at least 1");
+    }
+    let started = Instant::now();
+    let file = GgufFile::open(model_path)?;
+    let spec = TokenizerSpec::from_gguf(&file)?;
+    let mut original = Llama::from_gguf(&file)?;
+    original.set_threads(o.threads);
+    let f32_bytes = original.weight_bytes();
+    let layers = original.config().layers;
+    let (model, plan) = match o.min_quality {
+        None => {
+            let mut model = original;
+            if o.weights != WeightKind::F32 {
+                model.quantize(o.weights, None)?;
+            }
+            (model, None)
+        }
+        Some(min_quality) => {
+            let Some(calibration) = &o.calibration else {
+                bail!("--min-quality needs --calibration TEXT, a text file to score models on");
+            };
+            let (model, candidates) = plan_gguf(original, &spec, calibration, min_quality, &o)?;
+            (model, Some(candidates))
+        }
+    };
+    let metadata = vec![("source".to_owned(), model_path.display().to_string().into_bytes())];
+    let bytes = pack(&model, &spec, o.max_seq, &metadata)?;
+    write_atomic(output, &bytes).with_context(|| format!("cannot write {}", output.display()))?;
+    let kept = model.block_ids().to_vec();
+    let report = json!({
+        "model": model_path,
+        "output": output,
+        "file_bytes": bytes.len(),
+        "source_bytes": file.file_len(),
+        "f32_weight_bytes": f32_bytes,
+        "weight_bytes": model.weight_bytes(),
+        "fraction_of_f32": model.weight_bytes() as f64 / f32_bytes as f64,
+        "blocks": kept.len(),
+        "source_blocks": layers,
+        "max_seq": o.max_seq,
+        "seconds": started.elapsed().as_secs_f64(),
+        "planner": plan.as_ref().map(|c: &Vec<Candidate>| c.iter().map(|c| json!({
+            "weights": format!("{:?}", c.weights),
+            "removed_blocks": c.removed,
+            "weight_bytes": c.bytes,
+            "perplexity": c.perplexity,
+            "quality": c.quality,
+        })).collect::<Vec<_>>()),
+    });
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "wrote {} ({} bytes): {} of {} blocks, weights {:.1} % of f32, context {} positions",
+            output.display(),
+            bytes.len(),
+            kept.len(),
+            layers,
+            100.0 * model.weight_bytes() as f64 / f32_bytes as f64,
+            o.max_seq
+        );
+    }
+    Ok(())
+}
+
+/// Picks the smallest storage whose perplexity ratio on the calibration text keeps
+/// `min_quality`, then removes blocks in order of increasing Block Influence while it still
+/// does, verifying each removal by perplexity (as SLEB does).
+fn plan_gguf(
+    original: Llama,
+    spec: &TokenizerSpec,
+    calibration: &Path,
+    min_quality: f64,
+    o: &GgufCompressOptions,
+) -> Result<(Llama, Vec<Candidate>)> {
+    if !(min_quality > 0.0 && min_quality <= 1.0) {
+        bail!("--min-quality {min_quality} is invalid; give a fraction above 0 and at most 1");
+    }
+    const WINDOW: usize = 512;
+    let text = std::fs::read_to_string(calibration)
+        .with_context(|| format!("cannot read the calibration text {}", calibration.display()))?;
+    let tokenizer = GgufTokenizer::from_spec(spec.clone())?;
+    let mut tokens = tokenizer.encode(&text)?;
+    tokens.truncate(o.calibration_tokens);
+    if tokens.len() < 2 * WINDOW {
+        bail!(
+            "{} holds {} tokens; the planner needs at least {} to score models",
+            calibration.display(),
+            tokens.len(),
+            2 * WINDOW
+        );
+    }
+    let score = |model: &Llama| -> Result<f64> {
+        let mut lm = HostLm::new(model.clone(), WINDOW);
+        Ok(perplexity_of(&mut lm, &tokens, WINDOW, |_| {})?.perplexity)
+    };
+    let bar = ProgressBar::new_spinner();
+    bar.set_message("planner: perplexity of the original");
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let base = score(&original)?;
+    let mut candidates = Vec::new();
+    let mut chosen: Option<Llama> = None;
+    for kind in [WeightKind::Int4Min, WeightKind::Int8, WeightKind::F32] {
+        bar.set_message(format!("planner: {kind:?} storage"));
+        let mut model = original.clone();
+        if kind != WeightKind::F32 {
+            model.quantize(kind, None)?;
+        }
+        let perplexity = score(&model)?;
+        let quality = base / perplexity;
+        log::info!("{kind:?}: perplexity {perplexity:.4}, quality {quality:.4}");
+        candidates.push(Candidate {
+            weights: kind,
+            removed: Vec::new(),
+            bytes: model.weight_bytes(),
+            perplexity,
+            quality,
+        });
+        if quality >= min_quality {
+            chosen = Some(model);
+            break;
+        }
+    }
+    let Some(mut model) = chosen else {
+        bar.finish_and_clear();
+        bail!(
+            "no storage keeps --min-quality {min_quality} on {}: even f32 scores {:.4}",
+            calibration.display(),
+            candidates.last().map_or(0.0, |c| c.quality)
+        );
+    };
+    let kind = candidates.last().map_or(WeightKind::F32, |c| c.weights);
+    bar.set_message("planner: Block Influence");
+    let influence =
+        edgefold_compressor::llm::analysis::block_influence(&original, &tokens, WINDOW)?;
+    let order = edgefold_compressor::llm::analysis::lowest_influence(&influence, influence.len());
+    let mut removed = Vec::new();
+    // The first and last blocks carry the most; removals stop at the first that fails.
+    for &block in order.iter().take(8) {
+        bar.set_message(format!("planner: removing block {block}"));
+        let mut trial = model.clone();
+        trial.remove_blocks(&[block]);
+        let perplexity = score(&trial)?;
+        let quality = base / perplexity;
+        let mut ids = removed.clone();
+        ids.push(block);
+        candidates.push(Candidate {
+            weights: kind,
+            removed: ids.clone(),
+            bytes: trial.weight_bytes(),
+            perplexity,
+            quality,
+        });
+        if quality < min_quality {
+            break;
+        }
+        removed = ids;
+        model = trial;
+    }
+    bar.finish_and_clear();
+    Ok((model, candidates))
 }

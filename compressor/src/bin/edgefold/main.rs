@@ -130,7 +130,7 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct CompressArgs {
-    /// The ONNX model.
+    /// The model: ONNX, or GGUF for a language model of the Llama architecture.
     model: PathBuf,
     /// Output file.
     #[arg(short, long)]
@@ -141,9 +141,11 @@ struct CompressArgs {
     /// Low-rank factorization of linear weights: off, elbow or energy:F.
     #[arg(long, default_value = "off")]
     low_rank: LowRank,
-    /// Largest sequence length (every variable axis but the batch); sizes the arena.
-    #[arg(long, default_value_t = 128)]
-    max_seq: u32,
+    /// Largest sequence length (every variable axis but the batch); sizes the arena. For a GGUF
+    /// language model: the context length, whose key-value cache the arena holds. Default 128,
+    /// or 2048 for GGUF models.
+    #[arg(long)]
+    max_seq: Option<u32>,
     /// Largest batch size; sizes the arena.
     #[arg(long, default_value_t = 1)]
     max_batch: u32,
@@ -163,6 +165,7 @@ struct CompressArgs {
     #[arg(long, default_value = "sts")]
     task: String,
     /// Calibration data for the planner: .csv (STS pairs), .txt (sentences) or .npz (inputs).
+    /// For GGUF models a text file, whose first 4,096 tokens score the candidates.
     #[arg(long)]
     calibration: Option<PathBuf>,
     /// Evaluation data for the planner (default: the last fifth of the calibration data).
@@ -195,9 +198,19 @@ struct CompressArgs {
     /// --self-test).
     #[arg(long = "self-test-input")]
     self_test_input: Vec<PathBuf>,
+    /// Threads for the matrix products of the planner on GGUF models.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+impl CompressArgs {
+    /// The largest sequence length of an ONNX model.
+    fn max_seq(&self) -> u32 {
+        self.max_seq.unwrap_or(128)
+    }
 }
 
 #[derive(clap::Args)]
@@ -333,7 +346,10 @@ fn spinner(message: &str) -> ProgressBar {
 }
 
 fn cmd_compress(args: CompressArgs) -> Result<()> {
-    if args.max_seq == 0 || args.max_batch == 0 {
+    if llm::is_gguf(&args.model)? {
+        return compress_gguf(args);
+    }
+    if args.max_seq() == 0 || args.max_batch == 0 {
         bail!("--max-seq and --max-batch must be at least 1");
     }
     if args.min_quality.is_some() || args.target_size.is_some() {
@@ -346,14 +362,14 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
         return cmd_compress_fused(args);
     }
     if let Some(t) = &args.tokenizer {
-        TextEncoder::from_file(t, args.max_seq as usize).with_context(|| {
+        TextEncoder::from_file(t, args.max_seq() as usize).with_context(|| {
             format!("--tokenizer {} is not a usable tokenizer.json", t.display())
         })?;
     }
     let options = CompressOptions {
         quantize: args.quantize,
         low_rank: args.low_rank,
-        import: ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq },
+        import: ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq() },
         tokenizer: args.tokenizer.clone(),
     };
     let started = Instant::now();
@@ -504,6 +520,7 @@ fn storage_name(dtype: DType, quant: Quant) -> String {
         Quant::None => format!("{dtype:?}").to_lowercase(),
         Quant::PerRow => "int8 per row".into(),
         Quant::Grouped => "int4 groups".into(),
+        Quant::GroupedMin => "int4 groups with minimums".into(),
     }
 }
 
@@ -1342,7 +1359,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     let calibration_path = args.calibration.as_ref().context(
         "the planner needs --calibration DATA (.csv STS pairs, .txt sentences or .npz inputs)",
     )?;
-    let import = ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq };
+    let import = ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq() };
     let (graph, _) = load_graph(&args.model, &import)?;
     let input_names: Vec<String> =
         graph.inputs.iter().map(|&v| graph.values[v].name.clone()).collect();
@@ -1377,7 +1394,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     };
 
     let mut encoder = match &tokenizer_path {
-        Some(p) => Some(TextEncoder::from_file(p, args.max_seq as usize)?),
+        Some(p) => Some(TextEncoder::from_file(p, args.max_seq() as usize)?),
         None => None,
     };
     let samples: Vec<Vec<HostTensor>> = match &calibration_part {
@@ -1585,6 +1602,37 @@ fn verified_fusion(
 
 /// `compress --fuse-blocks N`: calibrates, fuses the most similar adjacent pairs, then factorizes,
 /// quantizes and packs with the fixed settings.
+fn compress_gguf(args: CompressArgs) -> Result<()> {
+    let weights = match args.quantize {
+        Quantize::F32 => edgefold_compressor::llm::WeightKind::F32,
+        Quantize::Int8 => edgefold_compressor::llm::WeightKind::Int8,
+        Quantize::Int4 => edgefold_compressor::llm::WeightKind::Int4Min,
+        Quantize::F16 => {
+            bail!("--quantize f16 is not available for GGUF models; use f32, int8 or int4")
+        }
+    };
+    let unsupported = [
+        (args.low_rank != LowRank::Off, "--low-rank"),
+        (args.target_size.is_some(), "--target-size"),
+        (args.fuse_blocks > 0 || args.fuse, "--fuse-blocks and --fuse"),
+        (args.self_test || !args.self_test_input.is_empty(), "--self-test"),
+        (args.tokenizer.is_some(), "--tokenizer (the GGUF file has its own)"),
+    ];
+    if let Some((_, option)) = unsupported.iter().find(|(set, _)| *set) {
+        bail!("{option} is not available for GGUF language models yet");
+    }
+    let options = llm::GgufCompressOptions {
+        weights,
+        max_seq: args.max_seq.unwrap_or(2048) as usize,
+        min_quality: args.min_quality,
+        calibration: args.calibration.clone(),
+        calibration_tokens: 4096,
+        threads: args.threads.into(),
+        json: args.json,
+    };
+    llm::cmd_compress_gguf(&args.model, &args.output, options)
+}
+
 fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
     use edgefold_compressor::calibrate::calibrate;
     use edgefold_compressor::datasets::{self, Dataset};
@@ -1596,7 +1644,7 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
     let calibration_path = args.calibration.as_ref().context(
         "--fuse-blocks needs --calibration DATA (.csv STS pairs, .txt sentences or .npz inputs)",
     )?;
-    let import = ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq };
+    let import = ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq() };
     let (mut graph, _) = load_graph(&args.model, &import)?;
     let tokenizer = args
         .tokenizer
@@ -1608,7 +1656,7 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
         }
         text => {
             let path = tokenizer.as_ref().context("text calibration data needs --tokenizer")?;
-            let encoder = TextEncoder::from_file(path, args.max_seq as usize)?;
+            let encoder = TextEncoder::from_file(path, args.max_seq() as usize)?;
             let names: Vec<String> =
                 graph.inputs.iter().map(|&v| graph.values[v].name.clone()).collect();
             let mut sentences = datasets::sentences(&text);
