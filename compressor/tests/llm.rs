@@ -1,5 +1,6 @@
 //! SmolLM2-135M-Instruct from its GGUF file: the f32 forward pass against a NumPy reference,
-//! the key-value cache, greedy decoding, the tokenizer and perplexity.
+//! the key-value cache, greedy decoding, the tokenizer, perplexity, and the packed model run by
+//! the runtime's decoder.
 //!
 //! The model comes from `scripts/fetch-models.sh`. The reference logits come from
 //! `scripts/llama_reference.py`, which needs python3 with numpy, gguf and tokenizers.
@@ -12,7 +13,12 @@ use edgefold_compressor::gguf::GgufFile;
 use edgefold_compressor::llm::analysis::{block_influence, lowest_influence};
 use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
 use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream};
-use edgefold_compressor::llm::{perplexity, Llama, WeightKind};
+use edgefold_compressor::llm::packed::{pack, tokenizer_of, PackedLm};
+use edgefold_compressor::llm::tokenizer::TokenizerSpec;
+use edgefold_compressor::llm::{perplexity, perplexity_of, CausalLm, HostLm, Llama, WeightKind};
+use edgefold_compressor::writer::with_metadata;
+use edgefold_runtime::decoder::{Decoder, DecoderConfig, Logits, CONFIG_KEY};
+use edgefold_runtime::{MappedFile, Model};
 use edgefold_compressor::npy;
 use edgefold_compressor::tensor::TensorData;
 use edgefold_compressor::testdata::skip;
@@ -29,6 +35,7 @@ fn model_path() -> PathBuf {
 struct Loaded {
     model: Llama,
     tokenizer: GgufTokenizer,
+    spec: TokenizerSpec,
 }
 
 /// Loads the model once for all tests, or returns `None` after reporting the skip.
@@ -43,7 +50,8 @@ fn loaded() -> Option<&'static Loaded> {
         let mut model = Llama::from_gguf(&file).unwrap();
         model.set_threads(2);
         let tokenizer = GgufTokenizer::from_gguf(&file).unwrap();
-        Some(Loaded { model, tokenizer })
+        let spec = TokenizerSpec::from_gguf(&file).unwrap();
+        Some(Loaded { model, tokenizer, spec })
     });
     if loaded.is_none() {
         skip(&format!("{} is missing; run scripts/fetch-models.sh", model_path().display()));
@@ -320,4 +328,160 @@ fn damaged_model_files_fail_cleanly() {
     assert!(err.contains("gpt_x"), "{err}");
     assert!(err.contains("general.architecture"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The model with int4 groups with minimums, and its packed file with a context of `max_seq`
+/// positions.
+fn packed_int4(m: &Loaded, max_seq: usize) -> (Llama, Vec<u8>) {
+    let mut quantized = m.model.clone();
+    quantized.quantize(WeightKind::Int4Min, None).unwrap();
+    let bytes = pack(&quantized, &m.spec, max_seq, &[]).unwrap();
+    (quantized, bytes)
+}
+
+/// Writes `bytes` to a temporary file and maps it, as `edgefold generate` does.
+fn mapped(bytes: &[u8], name: &str) -> MappedFile {
+    let path = std::env::temp_dir().join(format!("edgefold-{name}-{}.fold", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let map = MappedFile::open(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    map
+}
+
+#[test]
+fn packed_int4_matches_host_and_keeps_paris() {
+    let Some(m) = loaded() else { return };
+    let (quantized, bytes) = packed_int4(m, 64);
+    let map = mapped(&bytes, "paris");
+    let model = Model::open(map.bytes()).unwrap();
+    let tokenizer = tokenizer_of(&model).unwrap();
+    let prompt = "The capital of France is";
+    let ids = tokenizer.encode(prompt).unwrap();
+    assert_eq!(ids, m.tokenizer.encode(prompt).unwrap(), "the packed tokenizer differs");
+    let vocab = m.model.config().vocab;
+
+    // Int4 groups with minimums hold the Q4_1 block weights exactly; the embedding, Q8_0 in
+    // the source, is rounded again to int8 per row, so the logits move a little.
+    let reference = {
+        let mut cache = m.model.new_cache(ids.len());
+        m.model.forward(&ids, &mut cache, true).unwrap()
+    };
+    let host = {
+        let mut cache = quantized.new_cache(ids.len());
+        quantized.forward(&ids, &mut cache, true).unwrap()
+    };
+    let source_cosine = cosine(&host, &reference);
+    eprintln!("int4 with minimums against the dequantized source: logit cosine {source_cosine:.6}");
+    assert!(source_cosine > 0.999, "int4 with minimums: logit cosine {source_cosine}");
+    let last = ids.len() - 1;
+    let paris = m.tokenizer.encode(" Paris").unwrap()[0];
+    assert_eq!(argmax(&host[last * vocab..]), paris, "int4 with minimums changed the answer");
+
+    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut decoder = Decoder::new(&model, &mut arena).unwrap();
+    assert_eq!(decoder.config().max_seq, 64);
+    let packed = decoder.forward(&ids, Logits::All).unwrap().to_vec();
+    let diff = max_diff(&packed, &host);
+    eprintln!("packed decoder against the host model: max |logit diff| {diff:.2e}");
+    assert!(diff < 1e-3, "the packed decoder differs from the host model by {diff}");
+
+    // One token at a time from a truncated cache gives the same logits.
+    decoder.truncate(2);
+    for (i, &id) in ids.iter().enumerate().skip(2) {
+        let step = decoder.forward(&[id], Logits::Last).unwrap();
+        let diff = max_diff(step, &packed[i * vocab..(i + 1) * vocab]);
+        assert!(diff < 1e-3, "position {i}: cached step differs by {diff}");
+    }
+
+    // Greedy decoding continues with " Paris".
+    let mut lm = PackedLm::new(decoder);
+    lm.clear();
+    let mut logits = lm.forward(&ids, false).unwrap();
+    let mut generated = Vec::new();
+    for _ in 0..3 {
+        let next = argmax(&logits);
+        generated.push(next);
+        logits = lm.forward(&[next], false).unwrap();
+    }
+    let text = tokenizer.decode(&generated);
+    assert!(text.trim_start().starts_with("Paris"), "continued with {text:?}");
+
+    // The context is fixed at 64 positions.
+    let long = vec![ids[1]; 64 - lm.len() + 1];
+    let err = lm.forward(&long, false).unwrap_err().to_string();
+    assert!(err.contains("64"), "{err}");
+    let err = lm.forward(&[vocab as u32], false).unwrap_err().to_string();
+    assert!(err.contains(&vocab.to_string()), "{err}");
+}
+
+#[test]
+fn packed_perplexity_matches_host() {
+    let Some(m) = loaded() else { return };
+    let path = repo_root().join("../shared/data/lm/wikitext2_valid.txt");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        skip(&format!("{} is missing", path.display()));
+        return;
+    };
+    let tokens = &m.tokenizer.encode(&text[..4_000]).unwrap()[..200];
+    let (quantized, bytes) = packed_int4(m, 100);
+    let map = mapped(&bytes, "perplexity");
+    let model = Model::open(map.bytes()).unwrap();
+    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut lm = PackedLm::new(Decoder::new(&model, &mut arena).unwrap());
+    let packed = perplexity_of(&mut lm, tokens, 100, |_| {}).unwrap();
+    let mut host = HostLm::new(quantized, 100);
+    let expected = perplexity_of(&mut host, tokens, 100, |_| {}).unwrap();
+    eprintln!("perplexity: packed {:.4}, host {:.4}", packed.perplexity, expected.perplexity);
+    assert_eq!(packed.scored, 198);
+    let relative = (packed.perplexity / expected.perplexity - 1.0).abs();
+    assert!(relative < 1e-4, "perplexities differ by {relative}");
+}
+
+#[test]
+fn packed_decoder_rejects_inconsistent_records() {
+    let Some(m) = loaded() else { return };
+    let (_, bytes) = packed_int4(m, 16);
+    let map = mapped(&bytes, "records");
+    let model = Model::open(map.bytes()).unwrap();
+    let config = DecoderConfig::parse(model.metadata(CONFIG_KEY).unwrap()).unwrap();
+
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut more_layers = config;
+    more_layers.layers += 1;
+    cases.push(("calls for", more_layers.to_bytes().to_vec()));
+    let mut untied = config;
+    untied.tied = false;
+    cases.push(("calls for", untied.to_bytes().to_vec()));
+    let mut deep = config;
+    deep.layers = 1000;
+    cases.push(("fewer tensors", deep.to_bytes().to_vec()));
+    let mut wider = config;
+    wider.ffn_dim += 2;
+    cases.push(("shape", wider.to_bytes().to_vec()));
+    let mut heads = config;
+    heads.kv_heads = 2;
+    cases.push(("heads", heads.to_bytes().to_vec()));
+    let mut huge = config;
+    huge.max_seq = u32::MAX;
+    huge.rows = u32::MAX;
+    cases.push(("overflows", huge.to_bytes().to_vec()));
+    cases.push(("56 bytes", config.to_bytes()[..20].to_vec()));
+    let mut version = config.to_bytes();
+    version[0] = 9;
+    cases.push(("version", version.to_vec()));
+
+    for (expected, record) in cases {
+        let changed = with_metadata(&bytes, CONFIG_KEY, &record).unwrap();
+        let map = mapped(&changed, "changed");
+        let model = Model::open(map.bytes()).unwrap();
+        let mut arena = vec![0u8; 1 << 20];
+        let err = Decoder::new(&model, &mut arena).err().expect("an inconsistent record opened");
+        let message = err.to_string();
+        assert!(message.contains(expected), "expected {expected:?} in {message:?}");
+    }
+
+    // An arena one byte short is refused with the size needed.
+    let mut arena = vec![0u8; model.arena_bytes_unaligned() - 64];
+    let err = Decoder::new(&model, &mut arena).err().unwrap().to_string();
+    assert!(err.contains("arena too small"), "{err}");
 }
