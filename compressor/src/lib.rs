@@ -2,6 +2,7 @@
 //! them and packs them into the file format that `edgefold-runtime` opens.
 #![warn(missing_docs)]
 
+pub mod bleu;
 pub mod blocks;
 pub mod calibrate;
 pub mod datasets;
