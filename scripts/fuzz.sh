@@ -42,6 +42,9 @@ for quantize in f32 f16 int8 int4; do
 done
 compress dynamic-shapes "$fixtures/onnx/dynamic_shapes.onnx" --max-seq 8 --max-batch 2 --self-test
 compress broadcasts "$fixtures/onnx/broadcasts.onnx" --quantize f32 --self-test
+# A two-block language model, run by the decoder instead of an op list.
+compress tiny-llama-int4 "$fixtures/llm/tiny-llama.gguf" --quantize int4 --max-seq 8
+compress tiny-llama-int8 "$fixtures/llm/tiny-llama.gguf" --quantize int8 --max-seq 4
 for model in conv1d_chain conv2d_chain conv_shared_output; do
     compress "${model//_/-}-int8" "$fixtures/windows/$model.onnx" --quantize int8
 done

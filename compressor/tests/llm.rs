@@ -11,18 +11,18 @@ use std::sync::OnceLock;
 
 use edgefold_compressor::gguf::GgufFile;
 use edgefold_compressor::llm::analysis::{block_influence, lowest_influence};
-use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
-use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream};
 use edgefold_compressor::llm::packed::{pack, tokenizer_of, PackedLm};
+use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
 use edgefold_compressor::llm::tokenizer::TokenizerSpec;
+use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream};
 use edgefold_compressor::llm::{perplexity, perplexity_of, CausalLm, HostLm, Llama, WeightKind};
-use edgefold_compressor::writer::with_metadata;
-use edgefold_runtime::decoder::{Decoder, DecoderConfig, Logits, CONFIG_KEY};
-use edgefold_runtime::{MappedFile, Model};
 use edgefold_compressor::npy;
 use edgefold_compressor::tensor::TensorData;
 use edgefold_compressor::testdata::skip;
 use edgefold_compressor::text::cosine;
+use edgefold_compressor::writer::with_metadata;
+use edgefold_runtime::decoder::{Decoder, DecoderConfig, Logits, CONFIG_KEY};
+use edgefold_runtime::{MappedFile, Model};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

@@ -1,10 +1,12 @@
 //! Opens the bytes up to the header's `file_len` as a packed file (checksums repaired first), and
 //! if it opens, runs it once in a 1 MiB arena with inputs read from the bytes past `file_len`.
 //! Running must end in a typed error or outputs whose lengths match their shapes. A file that
-//! carries a self-test record then runs it too, in the same arena.
+//! carries a self-test record then runs it too, in the same arena, and a file that holds a
+//! language model runs a few tokens through the decoder.
 #![no_main]
 
 use edgefold_fuzz::{read_outputs, repair_checksums, set_inputs, AlignedCopy, InputFeed};
+use edgefold_runtime::decoder::{Decoder, Logits};
 use edgefold_runtime::{Model, Session};
 use libfuzzer_sys::fuzz_target;
 
@@ -33,4 +35,11 @@ fuzz_target!(|data: &[u8]| {
     }
     // Any outcome is fine; only a panic, hang or bad access is a failure.
     let _ = edgefold_runtime::selftest::run(&model, &mut arena);
+    if let Ok(mut decoder) = Decoder::new(&model, &mut arena) {
+        let tokens = feed.tokens::<3>();
+        if let Ok(logits) = decoder.forward(&tokens, Logits::All) {
+            assert!(logits.len() <= 3 * decoder.config().vocab as usize);
+        }
+        let _ = decoder.forward(&tokens[..1], Logits::Last);
+    }
 });

@@ -153,6 +153,11 @@ impl<'a> InputFeed<'a> {
         InputFeed { bytes }
     }
 
+    /// Takes `N` token ids of one byte each, zero-padded when fewer remain.
+    pub fn tokens<const N: usize>(&mut self) -> [u32; N] {
+        self.take::<N>().map(u32::from)
+    }
+
     /// Takes `N` bytes, zero-padded when fewer remain.
     fn take<const N: usize>(&mut self) -> [u8; N] {
         let mut out = [0u8; N];

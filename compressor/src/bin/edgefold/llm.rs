@@ -162,15 +162,22 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
     }
     let load_start = Instant::now();
     let model_path = args.model.clone();
-    with_model(&model_path, args.threads.into(), args.weights, args.max_seq, |lm, tokenizer, _| {
-        generate(lm, tokenizer, &args, load_start.elapsed().as_secs_f64())
-    })
+    with_model(
+        &model_path,
+        args.threads.into(),
+        args.weights,
+        args.max_seq,
+        |lm, tokenizer, info| {
+            generate(lm, tokenizer, &args, &info.storage, load_start.elapsed().as_secs_f64())
+        },
+    )
 }
 
 fn generate(
     lm: &mut dyn CausalLm,
     tokenizer: &GgufTokenizer,
     args: &GenerateArgs,
+    storage: &str,
     load_seconds: f64,
 ) -> Result<()> {
     let text = if args.chat { tokenizer.chat_prompt(&args.prompt)? } else { args.prompt.clone() };
@@ -237,7 +244,8 @@ fn generate(
             "prompt_tokens_per_second": prompt_rate,
             "generate_tokens_per_second": generate_rate,
             "threads": args.threads,
-            "weights": format!("{:?}", args.weights),
+            "weights": storage,
+            "memory_kib": memory_kib(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -250,6 +258,22 @@ fn generate(
         );
     }
     Ok(())
+}
+
+/// The process's resident memory from `/proc/self/status` (Linux and Android): the peak
+/// (`VmHWM`), and now the anonymous pages (`RssAnon`: heap, arena and stacks) apart from the
+/// file pages (`RssFile`: the mapped model and the binary), in KiB. `None` elsewhere.
+fn memory_kib() -> Option<serde_json::Value> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    };
+    Some(json!({
+        "peak_rss": field("VmHWM:")?,
+        "rss_anon": field("RssAnon:")?,
+        "rss_file": field("RssFile:")?,
+    }))
 }
 
 /// Settings of `edgefold eval --task ppl`.
