@@ -281,8 +281,8 @@ struct DecoderLayer {
     ffn: FeedForward,
 }
 
-/// What the decoder needs from the encoder: its output and, per decoder layer, the
-/// cross-attention keys and values computed from it once.
+/// Encoder-derived data of one sentence: the source length and, per decoder layer, the
+/// cross-attention keys and values, computed once from the encoder output.
 #[derive(Debug)]
 struct EncoderContext {
     source_len: usize,
@@ -444,7 +444,7 @@ impl MarianModel {
     /// `[ids.len(), dim]` in row-major order.
     ///
     /// # Errors
-    /// [`MarianError::Input`] when `ids` is empty or holds an id outside the vocabulary.
+    /// [`MarianError::Input`] when `ids` is empty or contains an id outside the vocabulary.
     pub fn encode(&self, ids: &[u32]) -> Result<Vec<f32>, MarianError> {
         if ids.is_empty() {
             return Err(MarianError::Input("the source sentence has no tokens".into()));

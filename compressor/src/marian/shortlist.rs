@@ -5,9 +5,10 @@
 //! target ids, the source ids themselves (the vocabulary is shared) and the lists of the
 //! sentence's source ids.
 //!
-//! Layout (little-endian): six `u64` (magic `0xF11A48D5013417F5`, checksum, `first`, `best`,
-//! number of offsets, number of list entries), then the offsets as `u64` (one per source id plus
-//! one; source id `s` owns entries `offsets[s]..offsets[s + 1]`), then the entries as `u32`.
+//! Layout (little-endian): a header of six `u64` (magic `0xF11A48D5013417F5`, checksum, `first`,
+//! `best`, number of offsets, number of list entries), then the offsets as `u64`, then the
+//! entries as `u32`. There is one offset per source id plus a final one, so that source id `s`
+//! owns the entries `offsets[s]..offsets[s + 1]`.
 
 use std::path::{Path, PathBuf};
 

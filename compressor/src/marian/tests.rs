@@ -44,7 +44,7 @@ fn f32_entry(name: &'static str, shape: Vec<i32>, values: &[f32]) -> Entry {
     Entry { name, type_code: 0x404, shape, data }
 }
 
-/// An intgemm8 tensor whose stored bytes are `stored`, followed by `multiplier`.
+/// Builds an intgemm8 tensor whose stored bytes are `stored`, followed by `multiplier`.
 fn int8_entry(name: &'static str, shape: Vec<i32>, stored: &[i8], multiplier: f32) -> Entry {
     let mut data: Vec<u8> = stored.iter().map(|&v| v as u8).collect();
     data.extend_from_slice(&multiplier.to_le_bytes());
