@@ -580,9 +580,13 @@ impl MarianModel {
     /// Translates source ids by beam search with `beam` hypotheses and returns the target ids
     /// of the best finished hypothesis without `</s>`.
     ///
-    /// Hypotheses are ranked by their summed log-probability divided by their length (`</s>`
-    /// included), as Marian's `normalize: 1.0`. A hypothesis still open after `max_len` tokens
-    /// competes with the finished ones. `beam == 1` gives the greedy result.
+    /// Finished hypotheses are ranked by their summed log-probability divided by their length
+    /// with `</s>` counted, which is length normalization with exponent 1 (`normalize: 1.0` in
+    /// the configuration shipped with the models). A hypothesis still open after `max_len`
+    /// tokens competes with the finished ones. `beam == 1` gives the greedy result.
+    ///
+    /// NOTE: the results have not been compared with Marian's own beam search, which may count
+    /// the length or stop the search differently.
     ///
     /// # Errors
     /// [`MarianError::Input`] when `beam` is 0, and as [`MarianModel::translate_greedy`].
