@@ -1,0 +1,108 @@
+//! A two-block Llama model with random weights (tests/fixtures/llm/tiny-llama.gguf), packed in
+//! every storage kind and run by the runtime's decoder: its logits against the host model's,
+//! cached steps, the arena it asks for, and damaged files.
+
+use std::path::Path;
+
+use edgefold_compressor::gguf::GgufFile;
+use edgefold_compressor::llm::packed::{pack, tokenizer_of};
+use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TokenizerSpec};
+use edgefold_compressor::llm::{Llama, WeightKind};
+use edgefold_runtime::decoder::{Decoder, DecoderConfig, Logits, CONFIG_KEY};
+use edgefold_runtime::{MappedFile, Model};
+
+fn fixture() -> (Llama, TokenizerSpec) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/tiny-llama.gguf");
+    let file = GgufFile::open(&path).unwrap();
+    (Llama::from_gguf(&file).unwrap(), TokenizerSpec::from_gguf(&file).unwrap())
+}
+
+fn mapped(bytes: &[u8], name: &str) -> MappedFile {
+    let path = std::env::temp_dir().join(format!("edgefold-tiny-{name}-{}.fold", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let map = MappedFile::open(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    map
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn every_storage_kind_runs_like_the_host_model() {
+    let (original, spec) = fixture();
+    let tokenizer = GgufTokenizer::from_spec(spec.clone()).unwrap();
+    // More tokens than one pass of the decoder holds (16), with merges and a control token.
+    let text = "the tether<|endoftext|> then the other thing, 42 times.";
+    let ids = tokenizer.encode(text).unwrap();
+    assert!(ids.len() > 20, "{} tokens", ids.len());
+    let vocab = original.config().vocab;
+    for kind in [WeightKind::F32, WeightKind::Int8, WeightKind::Int4, WeightKind::Int4Min] {
+        let mut model = original.clone();
+        if kind != WeightKind::F32 {
+            model.quantize(kind, None).unwrap();
+        }
+        let host = {
+            let mut cache = model.new_cache(ids.len());
+            model.forward(&ids, &mut cache, true).unwrap()
+        };
+        let bytes = pack(&model, &spec, 40, &[]).unwrap();
+        let map = mapped(&bytes, "kinds");
+        let file = Model::open(map.bytes()).unwrap();
+        assert_eq!(tokenizer_of(&file).unwrap().encode(text).unwrap(), ids);
+        let config = DecoderConfig::parse(file.metadata(CONFIG_KEY).unwrap()).unwrap();
+        assert_eq!(file.arena_bytes() as u64, config.arena_bytes().unwrap());
+        let mut arena = vec![0u8; file.arena_bytes_unaligned()];
+        let mut decoder = Decoder::new(&file, &mut arena).unwrap();
+
+        // A pass of 16 tokens, then one token at a time.
+        let first = decoder.forward(&ids[..16], Logits::All).unwrap().to_vec();
+        let diff = max_diff(&first, &host[..16 * vocab]);
+        let scale = host.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        eprintln!("{kind:?}: max |logit diff| {diff:.2e} (largest logit {scale:.2})");
+        assert!(diff <= 1e-4 * scale.max(1.0), "{kind:?}: logits differ by {diff}");
+        for (i, &id) in ids.iter().enumerate().skip(16) {
+            let step = decoder.forward(&[id], Logits::Last).unwrap();
+            let diff = max_diff(step, &host[i * vocab..(i + 1) * vocab]);
+            assert!(diff <= 1e-4 * scale.max(1.0), "{kind:?} position {i}: differs by {diff}");
+        }
+        // The whole input at once, asking for the last logits only, runs in passes.
+        decoder.truncate(0);
+        let last = decoder.forward(&ids, Logits::Last).unwrap();
+        let diff = max_diff(last, &host[(ids.len() - 1) * vocab..]);
+        assert!(diff <= 1e-4 * scale.max(1.0), "{kind:?}: last logits differ by {diff}");
+        assert_eq!(decoder.len(), ids.len());
+        let err = decoder.forward(&ids[..17], Logits::All).unwrap_err();
+        assert!(err.to_string().contains("one pass"), "{err}");
+    }
+}
+
+#[test]
+fn damaged_packed_models_fail_cleanly() {
+    let (mut model, spec) = fixture();
+    model.quantize(WeightKind::Int4Min, None).unwrap();
+    let bytes = pack(&model, &spec, 8, &[]).unwrap();
+    let mut opened = 0;
+    // Every 61st byte flipped in turn, and files cut short: each must open to an error, or
+    // open and run to logits or an error, never panic.
+    for at in (0..bytes.len()).step_by(61) {
+        let mut damaged = bytes.clone();
+        damaged[at] ^= 0x5A;
+        let map = mapped(&damaged, "flipped");
+        let Ok(file) = Model::open(map.bytes()) else { continue };
+        opened += 1;
+        let mut arena = vec![0u8; file.arena_bytes_unaligned().min(1 << 24)];
+        if let Ok(mut decoder) = Decoder::new(&file, &mut arena) {
+            if let Ok(logits) = decoder.forward(&[1, 2, 3], Logits::All) {
+                assert_eq!(logits.len(), 3 * decoder.config().vocab as usize);
+            }
+        }
+    }
+    eprintln!("{opened} of the damaged files opened");
+    for len in [0, 100, bytes.len() / 2, bytes.len() - 1] {
+        let map = mapped(&bytes[..len], "cut");
+        assert!(Model::open(map.bytes()).is_err(), "a file cut to {len} bytes opened");
+    }
+}
