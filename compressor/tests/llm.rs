@@ -349,7 +349,7 @@ fn mapped(bytes: &[u8], name: &str) -> MappedFile {
 }
 
 #[test]
-fn packed_int4_matches_host_and_keeps_paris() {
+fn packed_int4_keeps_paris() {
     let Some(m) = loaded() else { return };
     let (quantized, bytes) = packed_int4(m, 64);
     let map = mapped(&bytes, "paris");
@@ -438,7 +438,7 @@ fn packed_perplexity_matches_host() {
 }
 
 #[test]
-fn packed_decoder_rejects_inconsistent_records() {
+fn decoder_rejects_bad_records() {
     let Some(m) = loaded() else { return };
     let (_, bytes) = packed_int4(m, 16);
     let map = mapped(&bytes, "records");

@@ -18,7 +18,8 @@ fn fixture() -> (Llama, TokenizerSpec) {
 }
 
 fn mapped(bytes: &[u8], name: &str) -> MappedFile {
-    let path = std::env::temp_dir().join(format!("edgefold-tiny-{name}-{}.fold", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("edgefold-tiny-{name}-{}.fold", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
     let map = MappedFile::open(&path).unwrap();
     std::fs::remove_file(&path).ok();
@@ -31,10 +32,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn every_storage_kind_runs_like_the_host_model() {
+fn storage_kinds_match_host_model() {
     let (original, spec) = fixture();
     let tokenizer = GgufTokenizer::from_spec(spec.clone()).unwrap();
-    // More tokens than one pass of the decoder holds (16), with merges and a control token.
+    // More tokens than one pass of the decoder takes (16), with merges and a control token.
     let text = "the tether<|endoftext|> then the other thing, 42 times.";
     let ids = tokenizer.encode(text).unwrap();
     assert!(ids.len() > 20, "{} tokens", ids.len());
@@ -80,7 +81,7 @@ fn every_storage_kind_runs_like_the_host_model() {
 }
 
 #[test]
-fn damaged_packed_models_fail_cleanly() {
+fn damaged_packed_files_fail_cleanly() {
     let (mut model, spec) = fixture();
     model.quantize(WeightKind::Int4Min, None).unwrap();
     let bytes = pack(&model, &spec, 8, &[]).unwrap();

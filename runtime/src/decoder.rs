@@ -2,7 +2,7 @@
 //! grouped-query attention over a key-value cache, and a SiLU-gated MLP, with the output
 //! projection tied to the token embedding or stored apart.
 //!
-//! A file holds such a model as constant tensors in a fixed order and a configuration record in
+//! A file contains such a model as constant tensors in a fixed order and a configuration record in
 //! its metadata under [`CONFIG_KEY`]; it has no op list. [`Decoder`] runs it one or more tokens at
 //! a time. The key-value cache and every intermediate live in the caller's arena, whose size the
 //! file states: the context length is fixed when the file is written.
@@ -61,7 +61,7 @@ pub struct DecoderConfig {
     pub rope_dims: u32,
     /// Vocabulary size.
     pub vocab: u32,
-    /// Positions the key-value cache holds.
+    /// Capacity of the key-value cache, in positions.
     pub max_seq: u32,
     /// Tokens run together in one pass; longer inputs run in passes of this many.
     pub rows: u32,
@@ -350,7 +350,7 @@ impl<'m, 'a> Decoder<'m, 'a> {
     /// # Errors
     /// [`Error::ContextFull`] when the cache has no room for the tokens,
     /// [`Error::TokenOutOfRange`] for an id outside the vocabulary, [`Error::InvalidDecoder`]
-    /// when [`Logits::All`] is asked for more tokens than one pass holds. On an error the cache
+    /// when [`Logits::All`] is requested for more tokens than one pass takes. On an error the cache
     /// keeps the positions of the passes that finished.
     pub fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<&[f32]> {
         let rows = self.config.rows as usize;

@@ -171,7 +171,7 @@ pub enum Error {
         /// Description of the fault.
         reason: &'static str,
     },
-    /// The file holds no language model: it lacks the decoder configuration record.
+    /// The file contains no language model: the decoder configuration record is missing.
     NotADecoder,
     /// The decoder configuration or the tensors it names are inconsistent.
     InvalidDecoder {
@@ -180,9 +180,9 @@ pub enum Error {
         /// What is wrong.
         reason: &'static str,
     },
-    /// The positions asked for exceed the context length fixed when the file was written.
+    /// The positions requested exceed the context length fixed when the file was written.
     ContextFull {
-        /// Positions the key-value cache holds.
+        /// Capacity of the key-value cache, in positions.
         capacity: u32,
         /// Positions the call needs.
         needed: u64,
@@ -223,7 +223,7 @@ impl Error {
             Error::IndexOutOfRange { .. } => "index out of range",
             Error::OpNotBuilt { .. } => "the file uses an op that this runtime was built without",
             Error::NoSelfTest => "the file carries no self-test",
-            Error::NotADecoder => "the file holds no language model",
+            Error::NotADecoder => "the file contains no language model",
             Error::InvalidDecoder { reason, .. } => reason,
             Error::ContextFull { .. } => "the context length is exhausted",
             Error::TokenOutOfRange { .. } => "token id outside the vocabulary",
@@ -319,7 +319,7 @@ impl fmt::Display for Error {
                 write!(f, "invalid self-test record at byte {at} of its value: {reason}")
             }
             Error::NotADecoder => f.write_str(
-                "the file holds no language model (no decoder configuration); compress a GGUF \
+                "the file contains no language model (no decoder configuration); compress a GGUF \
                  model to get one",
             ),
             Error::InvalidDecoder { tensor: u32::MAX, reason } => {
@@ -330,7 +330,7 @@ impl fmt::Display for Error {
             }
             Error::ContextFull { capacity, needed } => write!(
                 f,
-                "the context holds {capacity} positions but {needed} are needed; compress the \
+                "the context has room for {capacity} positions but {needed} are needed; compress the \
                  model again with a larger --max-seq or start a new context"
             ),
             Error::TokenOutOfRange { token, vocab } => {

@@ -130,15 +130,15 @@ fn with_model<T>(
         format!("{} is neither a GGUF file nor a valid packed file", path.display())
     })?;
     let tokenizer = tokenizer_of(&model)
-        .with_context(|| format!("{} holds no usable tokenizer", path.display()))?;
+        .with_context(|| format!("{} contains no usable tokenizer", path.display()))?;
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
     let decoder = Decoder::new(&model, &mut arena)
-        .with_context(|| format!("{} holds no runnable language model", path.display()))?;
+        .with_context(|| format!("{} contains no runnable language model", path.display()))?;
     let max_seq = decoder.config().max_seq as usize;
-    if let Some(asked) = capacity.filter(|&c| c > max_seq) {
+    if let Some(needed) = capacity.filter(|&c| c > max_seq) {
         bail!(
-            "{} holds a context of {max_seq} positions, fewer than the {asked} needed; compress \
-             it again with --max-seq {asked}",
+            "{} has a context of {max_seq} positions, fewer than the {needed} needed; compress \
+             it again with --max-seq {needed}",
             path.display()
         );
     }
@@ -503,7 +503,7 @@ fn plan_gguf(
     tokens.truncate(o.calibration_tokens);
     if tokens.len() < 2 * WINDOW {
         bail!(
-            "{} holds {} tokens; the planner needs at least {} to score models",
+            "{} contains {} tokens; the planner needs at least {} to score models",
             calibration.display(),
             tokens.len(),
             2 * WINDOW
