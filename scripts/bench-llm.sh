@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Compares language model speed side by side: `edgefold generate` on the host (f32, int8 and int4
-# weights) and llama.cpp (through llama-cpp-python) on the same GGUF file, with 1 and 2 threads.
-# The prompt is the first 128 tokens of the text; 64 tokens are generated greedily.
+# weights) and on the packed int4 file that `edgefold compress` writes, and llama.cpp on the same
+# GGUF file, with 1 and 2 threads. The prompt is the first 128 tokens of the text; 64 tokens are
+# generated greedily.
 #
-# Usage: scripts/bench-llm.sh [MODEL.gguf] [TEXT]   (needs a release build and llama-cpp-python)
+# llama.cpp runs through llama-cpp-python, or through its own llama-bench when LLAMA_BENCH names
+# that binary (built from llama.cpp's source with cmake); llama-bench times a prompt of 128
+# tokens and 64 generated tokens, each from an empty context.
+#
+# Usage: [LLAMA_BENCH=path/to/llama-bench] scripts/bench-llm.sh [MODEL.gguf] [TEXT]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 model="${1:-$root/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
@@ -32,6 +37,10 @@ print(t.decode(ids), end="")
 PY
 )"
 
+packed="$(mktemp -d)/model-int4.fold"
+trap 'rm -rf "$(dirname "$packed")"' EXIT
+"$edgefold" compress "$model" -o "$packed" --quantize int4 --max-seq 512 > /dev/null
+
 echo "| engine | weights | threads | prompt tokens | prompt tokens/s | generation tokens/s |"
 echo "|---|---|---:|---:|---:|---:|"
 for threads in 1 2; do
@@ -40,6 +49,13 @@ for threads in 1 2; do
             --threads "$threads" --json \
             | python3 "$root/scripts/llm_row.py" "edgefold (host)" "$weights" "$threads"
     done
-    python3 "$root/scripts/bench_llamacpp.py" "$model" "$text" --threads "$threads" --no-ppl \
-        | python3 "$root/scripts/llm_row.py" "llama.cpp" "Q4_1 (file)" "$threads"
+    "$edgefold" generate "$packed" --prompt "$prompt" --max-tokens 64 --threads "$threads" --json \
+        | python3 "$root/scripts/llm_row.py" "edgefold (packed)" "int4" "$threads"
+    if [ -n "${LLAMA_BENCH:-}" ]; then
+        "$LLAMA_BENCH" -m "$model" -p 128 -n 64 -t "$threads" -r 3 -o json \
+            | python3 "$root/scripts/llm_row.py" --llama-bench "llama.cpp" "Q4_1 (file)" "$threads"
+    else
+        python3 "$root/scripts/bench_llamacpp.py" "$model" "$text" --threads "$threads" --no-ppl \
+            | python3 "$root/scripts/llm_row.py" "llama.cpp" "Q4_1 (file)" "$threads"
+    fi
 done
