@@ -1,10 +1,11 @@
 //! A two-block Llama model with random weights (tests/fixtures/llm/tiny-llama.gguf), packed in
 //! every storage kind and run by the runtime's decoder: its logits against the host model's,
-//! cached steps, the arena it asks for, and damaged files.
+//! cached steps, the arena it requests, damaged files, and the redundancy analysis.
 
 use std::path::Path;
 
 use edgefold_compressor::gguf::GgufFile;
+use edgefold_compressor::llm::analysis::{block_influence, block_similarity};
 use edgefold_compressor::llm::packed::{pack, tokenizer_of};
 use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TokenizerSpec};
 use edgefold_compressor::llm::{Llama, WeightKind};
@@ -106,4 +107,58 @@ fn damaged_packed_files_fail_cleanly() {
         let map = mapped(&bytes[..len], "cut");
         assert!(Model::open(map.bytes()).is_err(), "a file cut to {len} bytes opened");
     }
+}
+
+#[test]
+fn block_similarity_agrees_with_influence() {
+    let (model, spec) = fixture();
+    let tokenizer = GgufTokenizer::from_spec(spec).unwrap();
+    let ids = tokenizer.encode("the tether then the other thing, 42 times over the theme").unwrap();
+    let similarity = block_similarity(&model, &ids, 16).unwrap();
+    let influence = block_influence(&model, &ids, 16).unwrap();
+    assert_eq!(similarity.influence.len(), 2);
+    for (a, b) in similarity.influence.iter().zip(&influence) {
+        assert!((a - b).abs() < 1e-9, "influence {a} against {b}");
+    }
+    for (block, &angle) in similarity.angular.iter().enumerate() {
+        assert!(angle > 0.0 && angle < 1.0, "block {block}: angular distance {angle}");
+    }
+    let cosine = &similarity.cosine;
+    assert_eq!(cosine[0][0], 1.0);
+    assert_eq!(cosine[1][1], 1.0);
+    assert_eq!(cosine[0][1], cosine[1][0]);
+    assert!(cosine[0][1] > -1.0 && cosine[0][1] < 1.0, "{}", cosine[0][1]);
+}
+
+#[test]
+fn analyze_writes_report_and_plots() {
+    let dir = std::env::temp_dir().join(format!("edgefold-tiny-analyze-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("calibration.txt");
+    std::fs::write(&text, "the tether then the other thing. ".repeat(40)).unwrap();
+    let report = dir.join("report");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/tiny-llama.gguf");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edgefold"))
+        .arg("analyze")
+        .arg(&model)
+        .arg("--calibration")
+        .arg(&text)
+        .arg("--report")
+        .arg(&report)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["blocks"]["influence"].as_array().unwrap().len(), 2);
+    assert_eq!(json["blocks"]["cosine"].as_array().unwrap().len(), 2);
+    // Three MLP matrices per block, each with raw and whitened spectra.
+    let matrices = json["matrices"].as_array().unwrap();
+    assert_eq!(matrices.len(), 6);
+    assert!(matrices.iter().all(|m| m["whitened_singular_values"].is_array()));
+    for name in ["report.json", "block_influence.png", "block_similarity.svg", "spectra_ffn_up.png"]
+    {
+        assert!(report.join(name).exists(), "{name} is missing");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -35,6 +35,70 @@ pub fn block_influence(
     Ok(sums.into_iter().map(|s| s / count.max(1) as f64).collect())
 }
 
+/// How much each block changes the residual stream, and how alike the blocks' outputs are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockSimilarity {
+    /// Block Influence of each block, as [`block_influence`] computes it.
+    pub influence: Vec<f64>,
+    /// Mean angular distance `arccos(cos(h_in, h_out)) / π` of each block.
+    pub angular: Vec<f64>,
+    /// `cosine[i][j]`: mean over tokens of the cosine between the outputs of blocks `i` and `j`.
+    pub cosine: Vec<Vec<f64>>,
+}
+
+/// Measures [`BlockSimilarity`] over `tokens`, run in windows of `window` from an empty cache.
+pub fn block_similarity(
+    model: &Llama,
+    tokens: &[u32],
+    window: usize,
+) -> Result<BlockSimilarity, ForwardError> {
+    let dim = model.config().dim;
+    let blocks = model.config().layers;
+    let mut influence = vec![0.0f64; blocks];
+    let mut angular = vec![0.0f64; blocks];
+    let mut cosine_sums = vec![vec![0.0f64; blocks]; blocks];
+    let mut count = 0usize;
+    let mut cache = model.new_cache(window.max(1));
+    for chunk in tokens.chunks(window.max(1)) {
+        cache.clear();
+        // The residual stream at every block boundary, `[blocks + 1][tokens × dim]`.
+        let mut boundaries: Vec<Vec<f32>> = Vec::with_capacity(blocks + 1);
+        model.forward_observed(chunk, &mut cache, false, &mut |o| {
+            if let Observation::BlockInput { hidden, .. } = o {
+                boundaries.push(hidden.to_vec());
+            }
+        })?;
+        for token in 0..chunk.len() {
+            let at = |b: usize| &boundaries[b][token * dim..(token + 1) * dim];
+            for block in 0..blocks {
+                let c = cosine(at(block), at(block + 1)).clamp(-1.0, 1.0);
+                influence[block] += 1.0 - c;
+                angular[block] += c.acos() / std::f64::consts::PI;
+            }
+            for i in 0..blocks {
+                for j in i..blocks {
+                    let c = if i == j { 1.0 } else { cosine(at(i + 1), at(j + 1)) };
+                    cosine_sums[i][j] += c;
+                }
+            }
+        }
+        count += chunk.len();
+    }
+    let n = count.max(1) as f64;
+    let mut cosine = vec![vec![0.0f64; blocks]; blocks];
+    for i in 0..blocks {
+        for j in i..blocks {
+            cosine[i][j] = cosine_sums[i][j] / n;
+            cosine[j][i] = cosine[i][j];
+        }
+    }
+    Ok(BlockSimilarity {
+        influence: influence.into_iter().map(|v| v / n).collect(),
+        angular: angular.into_iter().map(|v| v / n).collect(),
+        cosine,
+    })
+}
+
 /// One step of [`sleb`]: the block removed and the calibration perplexity after removing it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Removal {

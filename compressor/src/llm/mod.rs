@@ -185,6 +185,16 @@ impl Matrix {
         }
     }
 
+    /// Returns the number of rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Returns the number of columns (inputs).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
     /// Returns the values as f32, dequantized if stored quantized.
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.n * self.k];
@@ -385,6 +395,22 @@ impl Llama {
             + blocks
             + 4 * self.output_norm.len()
             + self.output.as_ref().map_or(0, |m| m.bytes())
+    }
+
+    /// Returns block `block`'s matrix `name` (`attn_q`, `attn_k`, `attn_v`, `attn_output`,
+    /// `ffn_gate`, `ffn_up` or `ffn_down`).
+    pub fn block_matrix(&self, block: usize, name: &str) -> Option<&Matrix> {
+        let b = self.blocks.get(block)?;
+        Some(match name {
+            "attn_q" => &b.wq,
+            "attn_k" => &b.wk,
+            "attn_v" => &b.wv,
+            "attn_output" => &b.wo,
+            "ffn_gate" => &b.w_gate,
+            "ffn_up" => &b.w_up,
+            "ffn_down" => &b.w_down,
+            _ => return None,
+        })
     }
 
     /// Returns the indices, in the original model, of the blocks this model keeps.

@@ -579,3 +579,153 @@ fn plan_gguf(
     bar.finish_and_clear();
     Ok((model, candidates))
 }
+
+/// Settings of `edgefold analyze` for a GGUF language model.
+pub struct AnalyzeOptions {
+    /// Text the model runs on.
+    pub calibration: PathBuf,
+    /// Tokens of the text used.
+    pub tokens: usize,
+    /// Directory for report.json and the plots.
+    pub report: Option<PathBuf>,
+    /// Print one JSON object on stdout.
+    pub json: bool,
+}
+
+/// Runs `edgefold analyze` on a GGUF model: Block Influence, angular distance and the
+/// block-by-block cosine similarity of outputs on the calibration text, and the singular spectra
+/// of the MLP matrices, raw and whitened by the Gram of their inputs.
+pub fn cmd_analyze_gguf(model_path: &Path, o: AnalyzeOptions) -> Result<()> {
+    use edgefold_compressor::llm::analysis::block_similarity;
+    use edgefold_compressor::plots::{
+        plot_block_influence, plot_similarity, plot_spectra, SpectrumPlot,
+    };
+    use edgefold_compressor::spectrum::{elbow_rank, energy_rank, summarize};
+    use edgefold_compressor::whiten::Whitening;
+
+    const WINDOW: usize = 512;
+    let (model, tokenizer, _) = open_gguf(model_path, 1, WeightKind::F32)?;
+    let text = std::fs::read_to_string(&o.calibration)
+        .with_context(|| format!("cannot read the calibration text {}", o.calibration.display()))?;
+    let mut tokens = tokenizer.encode(&text)?;
+    tokens.truncate(o.tokens);
+    if tokens.len() < 2 {
+        bail!("{} contains fewer than 2 tokens", o.calibration.display());
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar.set_message(format!("block similarity over {} tokens", tokens.len()));
+    let similarity = block_similarity(&model, &tokens, WINDOW)?;
+    bar.set_message("input Grams of the linear layers");
+    let stats = model.calibrate(&tokens, WINDOW, |_| {})?;
+    let layers = model.config().layers;
+    let mut spectra = Vec::new();
+    for block in 0..layers {
+        for name in ["ffn_gate", "ffn_up", "ffn_down"] {
+            bar.set_message(format!("spectra of block {block} {name}"));
+            let Some(matrix) = model.block_matrix(block, name) else { continue };
+            let (rows, cols) = (matrix.rows(), matrix.cols());
+            let values = matrix.to_f32();
+            let summary = summarize(&values, rows, cols)?;
+            let whitened = match stats.gram(block, name) {
+                Some(gram) => Some(Whitening::new(gram, cols)?.singular_values(&values, rows)?),
+                None => None,
+            };
+            spectra.push((format!("blk.{block}.{name}"), summary, whitened));
+        }
+    }
+    bar.finish_and_clear();
+
+    let matrices: Vec<_> = spectra
+        .iter()
+        .map(|(name, s, w)| {
+            json!({
+                "name": name, "rows": s.rows, "cols": s.cols, "elbow": s.elbow,
+                "energy_90": s.energy_90, "energy_99": s.energy_99, "break_even": s.break_even,
+                "whitened_elbow": w.as_deref().map(elbow_rank),
+                "whitened_energy_99": w.as_deref().map(|w| energy_rank(w, 0.99)),
+                "singular_values": s.singular_values,
+                "whitened_singular_values": w,
+            })
+        })
+        .collect();
+    let report = json!({
+        "model": model_path,
+        "calibration": o.calibration,
+        "tokens": tokens.len(),
+        "window": WINDOW,
+        "blocks": {
+            "influence": similarity.influence,
+            "angular_distance": similarity.angular,
+            "cosine": similarity.cosine,
+        },
+        "matrices": matrices,
+    });
+    if let Some(dir) = &o.report {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        plot_block_influence(
+            dir,
+            "block_influence",
+            "Block influence: 1 - cos(h_in, h_out) per block",
+            &similarity.influence,
+            &similarity.angular,
+        )?;
+        plot_similarity(
+            dir,
+            "block_similarity",
+            "Cosine similarity of block outputs",
+            &similarity.cosine,
+        )?;
+        for name in ["ffn_gate", "ffn_up", "ffn_down"] {
+            // Six blocks spread over the depth keep the lines readable.
+            let picked: Vec<SpectrumPlot> = spectra
+                .iter()
+                .filter(|(n, _, _)| n.ends_with(name))
+                .step_by(layers.div_ceil(6).max(1))
+                .map(|(n, s, w)| SpectrumPlot {
+                    name: n,
+                    singular_values: &s.singular_values,
+                    whitened: w.as_deref(),
+                    elbow: s.elbow,
+                    energy_90: s.energy_90,
+                    energy_99: s.energy_99,
+                    break_even: s.break_even,
+                })
+                .collect();
+            let title = format!("Singular spectra of {name} (solid raw, dashed whitened)");
+            plot_spectra(dir, &format!("spectra_{name}"), &title, &picked)?;
+        }
+        eprintln!("report written to {}", dir.display());
+    }
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("block  influence (1 - cos)  angular distance  cosine with the next block's output");
+    for b in 0..layers {
+        let next = similarity.cosine[b].get(b + 1).map_or("-".into(), |c| format!("{c:.4}"));
+        println!(
+            "{b:>5}  {:>20.4}  {:>16.4}  {next:>10}",
+            similarity.influence[b], similarity.angular[b]
+        );
+    }
+    println!(
+        "{:<20} {:>11} {:>6} {:>6} {:>10} {:>8} {:>8}",
+        "matrix", "shape", "elbow", "99%", "break-even", "w.elbow", "w.99%"
+    );
+    for (name, s, w) in &spectra {
+        let (we, w99) = match w {
+            Some(w) => (elbow_rank(w).to_string(), energy_rank(w, 0.99).to_string()),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{name:<20} {:>11} {:>6} {:>6} {:>10} {we:>8} {w99:>8}",
+            format!("{}x{}", s.rows, s.cols),
+            s.elbow,
+            s.energy_99,
+            s.break_even
+        );
+    }
+    Ok(())
+}

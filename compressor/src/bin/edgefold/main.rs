@@ -215,10 +215,11 @@ impl CompressArgs {
 
 #[derive(clap::Args)]
 struct AnalyzeArgs {
-    /// The ONNX model.
+    /// The model: ONNX, or GGUF for a language model.
     model: PathBuf,
     /// Calibration data (.csv STS pairs, .txt sentences, .npz inputs): adds whitened spectra,
-    /// block influence and block similarity.
+    /// block influence and block similarity. For GGUF models a text file (required), whose
+    /// first 16 × --samples tokens are run in windows of 512.
     #[arg(long)]
     calibration: Option<PathBuf>,
     /// Tokenizer for text calibration data (default: tokenizer.json beside the model).
@@ -649,6 +650,18 @@ fn cmd_inspect(path: &Path, list_tensors: bool, as_json: bool) -> Result<()> {
 }
 
 fn cmd_analyze(args: AnalyzeArgs) -> Result<()> {
+    if llm::is_gguf(&args.model)? {
+        let Some(calibration) = &args.calibration else {
+            bail!("analyzing a GGUF model needs --calibration TEXT, a text file to run it on");
+        };
+        let options = llm::AnalyzeOptions {
+            calibration: calibration.clone(),
+            tokens: args.samples.max(1) * 16,
+            report: args.report.clone(),
+            json: args.json,
+        };
+        return llm::cmd_analyze_gguf(&args.model, options);
+    }
     use edgefold_compressor::calibrate::calibrate;
     use edgefold_compressor::datasets::{self, Dataset};
     use edgefold_compressor::spectrum::{elbow_rank, energy_rank};
