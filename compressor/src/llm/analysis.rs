@@ -75,23 +75,19 @@ pub fn block_similarity(
                 influence[block] += 1.0 - c;
                 angular[block] += c.acos() / std::f64::consts::PI;
             }
-            for i in 0..blocks {
-                for j in i..blocks {
-                    let c = if i == j { 1.0 } else { cosine(at(i + 1), at(j + 1)) };
-                    cosine_sums[i][j] += c;
+            for (i, row) in cosine_sums.iter_mut().enumerate() {
+                for (j, sum) in row.iter_mut().enumerate().skip(i) {
+                    *sum += if i == j { 1.0 } else { cosine(at(i + 1), at(j + 1)) };
                 }
             }
         }
         count += chunk.len();
     }
     let n = count.max(1) as f64;
-    let mut cosine = vec![vec![0.0f64; blocks]; blocks];
-    for i in 0..blocks {
-        for j in i..blocks {
-            cosine[i][j] = cosine_sums[i][j] / n;
-            cosine[j][i] = cosine[i][j];
-        }
-    }
+    // The sums fill the upper triangle; the matrix is symmetric.
+    let cosine = (0..blocks)
+        .map(|i| (0..blocks).map(|j| cosine_sums[i.min(j)][i.max(j)] / n).collect::<Vec<f64>>())
+        .collect();
     Ok(BlockSimilarity {
         influence: influence.into_iter().map(|v| v / n).collect(),
         angular: angular.into_iter().map(|v| v / n).collect(),
