@@ -330,7 +330,7 @@ fn damaged_model_files_fail_cleanly() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The model with int4 groups with minimums, and its packed file with a context of `max_seq`
+/// Returns the model with int4 groups with minimums, and its packed file with a context of `max_seq`
 /// positions.
 fn packed_int4(m: &Loaded, max_seq: usize) -> (Llama, Vec<u8>) {
     let mut quantized = m.model.clone();
@@ -360,7 +360,7 @@ fn packed_int4_keeps_paris() {
     assert_eq!(ids, m.tokenizer.encode(prompt).unwrap(), "the packed tokenizer differs");
     let vocab = m.model.config().vocab;
 
-    // Int4 groups with minimums hold the Q4_1 block weights exactly; the embedding, Q8_0 in
+    // Int4 groups with minimums store the Q4_1 block weights exactly. The embedding, Q8_0 in
     // the source, is rounded again to int8 per row, so the logits move a little.
     let reference = {
         let mut cache = m.model.new_cache(ids.len());

@@ -121,13 +121,15 @@ fn block_similarity_agrees_with_influence() {
         assert!((a - b).abs() < 1e-9, "influence {a} against {b}");
     }
     for (block, &angle) in similarity.angular.iter().enumerate() {
-        assert!(angle > 0.0 && angle < 1.0, "block {block}: angular distance {angle}");
+        assert!(angle > 0.0, "block {block}: angular distance {angle}");
+        assert!(angle < 1.0, "block {block}: angular distance {angle}");
     }
     let cosine = &similarity.cosine;
     assert_eq!(cosine[0][0], 1.0);
     assert_eq!(cosine[1][1], 1.0);
     assert_eq!(cosine[0][1], cosine[1][0]);
-    assert!(cosine[0][1] > -1.0 && cosine[0][1] < 1.0, "{}", cosine[0][1]);
+    assert!(cosine[0][1] > -1.0, "{}", cosine[0][1]);
+    assert!(cosine[0][1] < 1.0, "{}", cosine[0][1]);
 }
 
 #[test]

@@ -144,7 +144,7 @@ fn run_with_stdin(command: &mut Command, input: &str) -> std::process::Output {
         .spawn()
         .unwrap();
     // A command that fails on its arguments may exit before reading its input, and the write
-    // then fails with a broken pipe; its output still tells what happened.
+    // then fails with a broken pipe; its output still shows what happened.
     let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
     child.wait_with_output().unwrap()
 }

@@ -1,7 +1,7 @@
 //! Opens the bytes up to the header's `file_len` as a packed file (checksums repaired first), and
 //! if it opens, runs it once in a 1 MiB arena with inputs read from the bytes past `file_len`.
 //! Running must end in a typed error or outputs whose lengths match their shapes. A file that
-//! carries a self-test record then runs it too, in the same arena, and a file that holds a
+//! carries a self-test record then runs it too, in the same arena, and a file that contains a
 //! language model runs a few tokens through the decoder.
 #![no_main]
 

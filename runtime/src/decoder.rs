@@ -231,7 +231,7 @@ struct Layout {
     total: usize,
 }
 
-/// Which logits [`Decoder::forward`] returns.
+/// Selection of the logits that [`Decoder::forward`] returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
     /// Those of the last token only.
@@ -345,7 +345,7 @@ impl<'m, 'a> Decoder<'m, 'a> {
     }
 
     /// Runs `tokens`, which follow the cached positions, appends their keys and values to the
-    /// cache, and returns logits as `which` asks (`vocab` values per token).
+    /// cache, and returns the logits that `which` selects (`vocab` values per token).
     ///
     /// # Errors
     /// [`Error::ContextFull`] when the cache has no room for the tokens,
@@ -490,7 +490,7 @@ fn linear(threads: usize, x: &[f32], rows: usize, w: Weights<'_>, y: &mut [f32])
     }
 }
 
-/// The matrix at tensor `index`, checked by [`check_tensors`].
+/// Returns the matrix at tensor `index`, checked by [`check_tensors`].
 fn weights_at<'a>(model: &Model<'a>, index: u32) -> Result<Weights<'a>> {
     let t = model.tensor(index)?;
     model.linear_weights(&t).ok_or(Error::InvalidDecoder {
@@ -499,14 +499,14 @@ fn weights_at<'a>(model: &Model<'a>, index: u32) -> Result<Weights<'a>> {
     })
 }
 
-/// The f32 norm weights at tensor `index`.
+/// Returns the f32 norm weights at tensor `index`.
 fn norm_at<'a>(model: &Model<'a>, index: u32) -> Result<&'a [f32]> {
     let t = model.tensor(index)?;
     cast::<f32>(model.const_bytes(&t))
         .ok_or(Error::InvalidDecoder { tensor: index, reason: "norm weights are not f32" })
 }
 
-/// Checks that the tensor table holds the model `config` describes, in order.
+/// Checks that the tensor table contains the model that `config` describes, in order.
 fn check_tensors(model: &Model<'_>, config: &DecoderConfig) -> Result<()> {
     if (model.tensor_count() as u64) < config.tensor_count() {
         return Err(Error::InvalidDecoder {
@@ -586,6 +586,8 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 /// Rotates pairs `(2i, 2i + 1)` of the first `rope_dims` values of every head, at positions from
 /// `start` on (llama.cpp's normal rotary mode, for which GGUF files store their query and key
 /// rows permuted).
+// NOTE: every layer recomputes the same angles (a power, a sine and a cosine per pair and
+// position): about 5,800 libm calls per token for SmolLM2, an estimated 1 % of its time.
 fn rope(c: &DecoderConfig, x: &mut [f32], start: usize, heads: usize) {
     let hd = c.head_dim as usize;
     let pairs = c.rope_dims as usize / 2;
@@ -747,6 +749,7 @@ mod tests {
         assert_eq!(row[3], 0.0);
         let sum: f32 = row.iter().sum();
         assert!((sum - 1.0).abs() < 1e-6, "{row:?}");
-        assert!(row[2] > row[1] && row[1] > row[0]);
+        assert!(row[2] > row[1]);
+        assert!(row[1] > row[0]);
     }
 }

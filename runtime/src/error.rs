@@ -177,7 +177,7 @@ pub enum Error {
     InvalidDecoder {
         /// Index of the tensor concerned, or `u32::MAX` for the configuration record.
         tensor: u32,
-        /// What is wrong.
+        /// Description of the fault.
         reason: &'static str,
     },
     /// The positions requested exceed the context length fixed when the file was written.

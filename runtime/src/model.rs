@@ -217,7 +217,7 @@ impl<'a> Model<'a> {
         self.weights.get(start..start.saturating_add(t.byte_len as usize)).unwrap_or(&[])
     }
 
-    /// A constant rank-2 tensor `[n, k]` as the weights of [`crate::kernels::linear`]: f32, f16,
+    /// Returns a constant rank-2 tensor `[n, k]` as the weights of [`crate::kernels::linear`]: f32, f16,
     /// int8 per row or int4 groups. `None` for other tensors or when the bytes do not fit.
     pub fn linear_weights(&self, t: &TensorEntry) -> Option<Weights<'a>> {
         let [_, cols] = rank2(t)?;
@@ -237,8 +237,9 @@ impl<'a> Model<'a> {
         })
     }
 
-    /// The rows of a constant int4 tensor stored with [`Quant::Grouped`] or [`Quant::GroupedMin`],
-    /// with its scales (and minimums); `None` for other tensors or when the bytes do not fit.
+    /// Returns the rows of a constant int4 tensor stored with [`Quant::Grouped`] or
+    /// [`Quant::GroupedMin`], with its scales and minimums. `None` for other tensors or when the
+    /// bytes do not fit.
     pub fn int4_rows(&self, t: &TensorEntry) -> Option<I4Rows<'a>> {
         let [rows, cols] = rank2(t)?;
         if t.dtype != DType::I4 || t.kind != TensorKind::Const || t.group_size == 0 {

@@ -874,7 +874,7 @@ pub trait CausalLm {
     fn capacity(&self) -> usize;
     /// Positions in the cache.
     fn len(&self) -> usize;
-    /// Whether the cache is empty.
+    /// Returns whether the cache is empty.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

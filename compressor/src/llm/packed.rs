@@ -32,7 +32,7 @@ fn storage(m: &Matrix) -> Storage {
     }
 }
 
-/// The decoder configuration of `model` with a cache of `max_seq` positions.
+/// Returns the decoder configuration of `model` with a cache of `max_seq` positions.
 pub fn decoder_config(model: &Llama, max_seq: usize) -> Result<DecoderConfig, WriteError> {
     let c = &model.config;
     let u = |what: &str, v: usize| {
@@ -55,7 +55,7 @@ pub fn decoder_config(model: &Llama, max_seq: usize) -> Result<DecoderConfig, Wr
     })
 }
 
-/// Serializes `model`, its tokenizer and `metadata` into a packed file whose arena holds a
+/// Serializes `model`, its tokenizer and `metadata` into a packed file whose arena contains a
 /// key-value cache of `max_seq` positions.
 ///
 /// # Errors

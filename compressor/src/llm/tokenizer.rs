@@ -91,8 +91,8 @@ fn optional_token(file: &GgufFile, key: &str, vocab: usize) -> Result<Option<u32
     }
 }
 
-/// What a byte-level BPE tokenizer is built from: the parts of a GGUF file's metadata that
-/// [`GgufTokenizer`] uses, which a packed file keeps as JSON.
+/// Parts of a GGUF file's metadata that a byte-level BPE [`GgufTokenizer`] is built from, which
+/// a packed file keeps as JSON.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizerSpec {
     /// Whether digits are split one by one before the byte-level pattern (`smollm`).

@@ -258,7 +258,7 @@ impl MarianFile {
         };
         let bytes = self.tensor_bytes(info);
         let count = rows * cols;
-        // Parsing checked that the data holds the values and the 4-byte multiplier.
+        // Parsing checked that the data contains the values and the 4-byte multiplier.
         let raw = &bytes[..count];
         let multiplier = f32::from_le_bytes(bytes[count..count + 4].try_into().unwrap());
         if !(multiplier.is_finite() && multiplier > 0.0) {
@@ -287,7 +287,7 @@ impl MarianFile {
     ///
     /// # Errors
     /// [`MarianError::Tensor`] when the tensor is missing, has another shape, has an element
-    /// type other than float32 or intgemm8, or holds a non-finite value.
+    /// type other than float32 or intgemm8, or contains a non-finite value.
     pub fn tensor_f32(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<f32>, MarianError> {
         let info = self.require(name)?;
         self.check_shape(info, shape)?;

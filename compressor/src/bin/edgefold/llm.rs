@@ -1,5 +1,5 @@
 //! Language models: `compress` of a GGUF file, `generate`, and `eval --task ppl`. A GGUF model
-//! runs on the host with its weights dequantized (or stored as `--weights` asks); a packed file
+//! runs on the host with its weights dequantized (or stored as `--weights` selects); a packed file
 //! runs through the runtime's decoder.
 
 use std::io::Write;
@@ -96,7 +96,7 @@ fn open_gguf(
     Ok((model, tokenizer, file))
 }
 
-/// What [`with_model`] tells its caller about the model it opened.
+/// Description of the model that [`with_model`] opened, for reports.
 struct ModelInfo {
     /// Bytes of the weights as stored.
     weight_bytes: u64,
@@ -260,7 +260,7 @@ fn generate(
     Ok(())
 }
 
-/// The process's resident memory from `/proc/self/status` (Linux and Android): the peak
+/// Reads the process's resident memory from `/proc/self/status` (Linux and Android): the peak
 /// (`VmHWM`), and now the anonymous pages (`RssAnon`: heap, arena and stacks) apart from the
 /// file pages (`RssFile`: the mapped model and the binary), in KiB. `None` elsewhere.
 fn memory_kib() -> Option<serde_json::Value> {

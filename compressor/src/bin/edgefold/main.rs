@@ -211,7 +211,7 @@ struct CompressArgs {
 }
 
 impl CompressArgs {
-    /// The largest sequence length of an ONNX model.
+    /// Returns the largest sequence length of an ONNX model.
     fn max_seq(&self) -> u32 {
         self.max_seq.unwrap_or(128)
     }
