@@ -155,6 +155,13 @@ pub enum Error {
         /// The runtime's cargo feature that builds the op.
         feature: &'static str,
     },
+    /// The file stores a tensor in a quantization that this build of the runtime leaves out.
+    QuantNotBuilt {
+        /// Index of the tensor in the tensor table.
+        tensor: u32,
+        /// The runtime's cargo feature that builds the quantization.
+        feature: &'static str,
+    },
     /// A shape computed at run time is inconsistent (for example a slice past the end).
     RuntimeShape {
         /// Op that found it.
@@ -222,6 +229,9 @@ impl Error {
             Error::NotRun => "outputs are only available after a successful run",
             Error::IndexOutOfRange { .. } => "index out of range",
             Error::OpNotBuilt { .. } => "the file uses an op that this runtime was built without",
+            Error::QuantNotBuilt { .. } => {
+                "the file stores weights in a quantization that this runtime was built without"
+            }
             Error::NoSelfTest => "the file carries no self-test",
             Error::NotADecoder => "the file contains no language model",
             Error::InvalidDecoder { reason, .. } => reason,
@@ -309,6 +319,11 @@ impl fmt::Display for Error {
             Error::OpNotBuilt { op, feature } => write!(
                 f,
                 "op {op} is not built into this runtime; enable the runtime's `{feature}` feature"
+            ),
+            Error::QuantNotBuilt { tensor, feature } => write!(
+                f,
+                "tensor {tensor} is quantized in a way this runtime is not built for; enable the \
+                 runtime's `{feature}` feature"
             ),
             Error::RuntimeShape { op, reason } => write!(f, "op {op}: {reason}"),
             Error::NoSelfTest => f.write_str(

@@ -232,6 +232,7 @@ impl<'a> Model<'a> {
                 let scales = cast(self.const_bytes(&self.tensor(t.scale_tensor).ok()?))?;
                 Weights::I8(I8Rows { q: cast(self.const_bytes(t))?, scales, k })
             }
+            #[cfg(feature = "weights-int4")]
             (DType::I4, Quant::Grouped | Quant::GroupedMin) => Weights::I4(self.int4_rows(t)?),
             _ => return None,
         })
@@ -407,6 +408,9 @@ impl<'a> Model<'a> {
                 }
             }
             Quant::Grouped | Quant::GroupedMin => {
+                if !cfg!(feature = "weights-int4") {
+                    return Err(Error::QuantNotBuilt { tensor: i, feature: "weights-int4" });
+                }
                 let [rows, cols] = rank2(t).ok_or(invalid("grouped quantization needs rank 2"))?;
                 if t.dtype != DType::I4 || t.kind != TensorKind::Const {
                     return Err(invalid("grouped quantization needs a constant int4 tensor"));

@@ -74,3 +74,45 @@ fn oversized_batch_is_rejected() {
     assert_eq!(err, Error::InputShapeMismatch { input: 0, axis: 0, expected: 2, given: 3 });
     assert_eq!(session.run().err(), Some(Error::InputNotSet { input: 0 }));
 }
+
+/// `y = x · wᵀ` with int4 weights in one group of 4 per row, scales 0.5 and 0.25, signed nibbles.
+fn int4_linear_file() -> Vec<u8> {
+    let mut f = FileBuilder::new();
+    let x = f.activation("x", DType::F32, &[c(1), c(4)]);
+    // Row 0 holds 1, -2, 3, -8 and row 1 holds 7, 0, -1, 2, as two's-complement nibbles with the
+    // low nibble first.
+    let packed = [0xE1, 0x83, 0x07, 0x2F];
+    let w = f.constant("w", DType::I4, &[c(2), c(4)], &packed);
+    let scales = [half::f16::from_f32(0.5), half::f16::from_f32(0.25)];
+    let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let s = f.constant("w.scales", DType::F16, &[c(2), c(1)], &scale_bytes);
+    f.quantize(w, Quant::Grouped, s, 4);
+    let y = f.activation("y", DType::F32, &[c(1), c(2)]);
+    f.op("fc", Op::Linear, &[x, w], &[y]);
+    f.io(&[x], &[y]);
+    f.build()
+}
+
+/// A file with int4 weights runs when the runtime is built with `weights-int4`, and otherwise is
+/// refused when it is opened, naming the tensor and the feature.
+#[test]
+fn int4_weights_follow_their_feature() {
+    let file = Aligned::new(&int4_linear_file());
+    if cfg!(target_endian = "big") {
+        assert_eq!(edgefold_runtime::Model::open(file.bytes()).err(), Some(Error::BigEndianHost));
+        return;
+    }
+    if !cfg!(feature = "weights-int4") {
+        let err = edgefold_runtime::Model::open(file.bytes()).err();
+        assert_eq!(err, Some(Error::QuantNotBuilt { tensor: 1, feature: "weights-int4" }));
+        return;
+    }
+    let model = open_or_expect_big_endian(file.bytes()).expect("little-endian host");
+    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut session = Session::new(&model, &mut arena).expect("arena is large enough");
+    session.set_input(0, &[1, 4], &[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    session.run().unwrap();
+    let (_, y) = session.output::<f32>(0).unwrap();
+    // Row 0: (1 - 4 + 9 - 32) * 0.5; row 1: (7 + 0 - 3 + 8) * 0.25.
+    assert_eq!(y, [-13.0, 3.0]);
+}

@@ -535,6 +535,24 @@ pub fn expand<T: Copy>(x: &[T], in_shape: &Shape, out: &mut [T], out_shape: &Sha
     RowGather { shape: *out_shape, strides }.copy(x, out);
 }
 
+/// [`transpose`] of elements of `size` bytes, given as bytes. One copy of the code serves every
+/// element size, where each type given to [`transpose`] adds its own.
+pub fn transpose_bytes(
+    x: &[u8],
+    in_shape: &Shape,
+    perm: &[u8; MAX_RANK],
+    out: &mut [u8],
+    size: usize,
+) {
+    RowGather::transposed(in_shape, perm).copy_bytes(x, out, size);
+}
+
+/// [`expand`] of elements of `size` bytes, given as bytes.
+pub fn expand_bytes(x: &[u8], in_shape: &Shape, out: &mut [u8], out_shape: &Shape, size: usize) {
+    let strides = in_shape.broadcast_strides(out_shape);
+    RowGather { shape: *out_shape, strides }.copy_bytes(x, out, size);
+}
+
 /// A strided copy: output element `index` of `shape` reads input element
 /// `sum of index[axis] * strides[axis]`.
 struct RowGather {
@@ -566,6 +584,30 @@ impl RowGather {
             let row = &mut out[o * last..(o + 1) * last];
             for (i, r) in row.iter_mut().enumerate() {
                 *r = x[off + i * step];
+            }
+        });
+    }
+
+    /// [`copy`](Self::copy) of elements of `size` bytes.
+    fn copy_bytes(&self, x: &[u8], out: &mut [u8], size: usize) {
+        let rank = self.shape.rank;
+        let last = if rank == 0 { 1 } else { self.shape.dims[rank - 1] };
+        let step = if rank == 0 { 0 } else { self.strides[rank - 1] * size };
+        self.for_each_row(&mut |o, off| {
+            let row = &mut out[o * last * size..(o + 1) * last * size];
+            let mut from = off * size;
+            if size == 4 {
+                // Word copies for f32 and the other four-byte types, the common case.
+                for r in row.chunks_exact_mut(4) {
+                    let word: [u8; 4] = x[from..from + 4].try_into().unwrap_or_default();
+                    r.copy_from_slice(&word);
+                    from += step;
+                }
+                return;
+            }
+            for r in row.chunks_exact_mut(size) {
+                r.copy_from_slice(&x[from..from + size]);
+                from += step;
             }
         });
     }
@@ -745,5 +787,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The byte-wise transpose and broadcast equal the typed ones for every element size, on
+    /// shapes with odd extents, axes of extent 1 and a rank-0 tensor.
+    #[test]
+    fn byte_copies_match_typed_copies() {
+        let shape = |dims: &[usize]| Shape::from_slice(dims).unwrap();
+        let mut perm = [0u8; MAX_RANK];
+        let cases: [(&[usize], &[u8]); 4] =
+            [(&[3, 5, 2], &[2, 0, 1]), (&[1, 4, 1, 3], &[3, 1, 2, 0]), (&[7], &[0]), (&[], &[])];
+        for (dims, order) in cases {
+            let xs = shape(dims);
+            perm[..order.len()].copy_from_slice(order);
+            let x: Vec<u64> = (0..xs.numel() as u64).map(|i| i * 0x0101_0203_0507_0B0D).collect();
+            let mut want = std::vec![0u64; x.len()];
+            transpose(&x, &xs, &perm, &mut want);
+            for size in [1, 2, 4, 8] {
+                // Elements of `size` bytes: the first `size` bytes of each u64, little-endian.
+                let narrow = |v: &[u64]| -> Vec<u8> {
+                    v.iter().flat_map(|e| e.to_le_bytes()[..size].to_vec()).collect()
+                };
+                let x_narrow = narrow(&x);
+                let mut got = std::vec![0u8; x_narrow.len()];
+                transpose_bytes(&x_narrow, &xs, &perm, &mut got, size);
+                assert_eq!(got, narrow(&want), "transpose {dims:?} by {order:?}, {size} bytes");
+            }
+        }
+        let (xs, os) = (shape(&[3, 1, 2]), shape(&[2, 3, 4, 2]));
+        let x: Vec<u16> = (0..6).map(|i| 0x0100 * i + 7).collect();
+        let mut want = std::vec![0u16; os.numel()];
+        expand(&x, &xs, &mut want, &os);
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut got = std::vec![0u8; want.len() * 2];
+        expand_bytes(&bytes, &xs, &mut got, &os, 2);
+        let want: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(got, want, "expand [3, 1, 2] to [2, 3, 4, 2]");
     }
 }

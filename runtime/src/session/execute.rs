@@ -4,7 +4,7 @@
 // Builds without every op leave some imports and parameters unused.
 #![cfg_attr(not(feature = "all-ops"), allow(unused_imports, unused_variables))]
 
-use crate::cast::{cast, cast_mut};
+use crate::cast::cast;
 use crate::error::{Error, Result};
 use crate::format::{DType, Quant, TensorEntry, TensorKind, MAX_RANK};
 use crate::kernels::conv::{self, ConvWeights, Geometry};
@@ -258,6 +258,7 @@ impl<'m> Session<'m, '_> {
                     scales: cast(scales).ok_or(bad)?,
                 }
             }
+            #[cfg(feature = "weights-int4")]
             (DType::I4, Quant::Grouped) => ConvWeights::I4(model.int4_rows(w).ok_or(bad)?),
             _ => return Err(bad),
         };
@@ -403,6 +404,7 @@ impl<'m> Session<'m, '_> {
             }
             return Ok(());
         }
+        #[cfg(feature = "weights-int4")]
         if matches!(data.quant, Quant::Grouped | Quant::GroupedMin) {
             let bad = Error::RuntimeShape { op, reason: "int4 table does not match its shape" };
             let rows = self.model.int4_rows(data).ok_or(bad)?;
@@ -448,7 +450,7 @@ impl<'m> Session<'m, '_> {
         Ok(())
     }
 
-    /// Runs a transpose or expand on typed views chosen by element size.
+    /// Runs a transpose or expand on the tensors' bytes.
     #[cfg(any(feature = "op-transpose", feature = "op-expand"))]
     fn movement(
         &mut self,
@@ -462,14 +464,12 @@ impl<'m> Session<'m, '_> {
         let esize = x.dtype.size();
         let src = self.bytes(x, xs.numel() * esize, op)?;
         let dst = self.activation_mut(out, os.numel() * esize, op)?;
-        let bad = Error::RuntimeShape { op, reason: "misaligned tensor" };
-        match esize {
-            1 => m.apply(src, xs, dst, os),
-            2 => m.apply(cast::<u16>(src).ok_or(bad)?, xs, cast_mut::<u16>(dst).ok_or(bad)?, os),
-            4 => m.apply(cast::<u32>(src).ok_or(bad)?, xs, cast_mut::<u32>(dst).ok_or(bad)?, os),
-            8 => m.apply(cast::<u64>(src).ok_or(bad)?, xs, cast_mut::<u64>(dst).ok_or(bad)?, os),
-            _ => return Err(bad),
+        // One byte-wise copy serves every element size, which keeps the code small on
+        // microcontrollers.
+        if !matches!(esize, 1 | 2 | 4 | 8) {
+            return Err(Error::RuntimeShape { op, reason: "unsupported element size" });
         }
+        m.apply_bytes(src, xs, dst, os, esize);
         Ok(())
     }
 
@@ -611,12 +611,12 @@ enum Movement {
 
 #[cfg(any(feature = "op-transpose", feature = "op-expand"))]
 impl Movement {
-    fn apply<T: Copy>(self, src: &[T], xs: &Shape, dst: &mut [T], os: &Shape) {
+    fn apply_bytes(self, src: &[u8], xs: &Shape, dst: &mut [u8], os: &Shape, size: usize) {
         match self {
             #[cfg(feature = "op-transpose")]
-            Movement::Transpose(perm) => k::transpose(src, xs, &perm, dst),
+            Movement::Transpose(perm) => k::transpose_bytes(src, xs, &perm, dst, size),
             #[cfg(feature = "op-expand")]
-            Movement::Expand => k::expand(src, xs, dst, os),
+            Movement::Expand => k::expand_bytes(src, xs, dst, os, size),
         }
     }
 }
