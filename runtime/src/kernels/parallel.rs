@@ -1,20 +1,19 @@
 //! [`linear`] and [`matmul_batch`] split across threads, with the `std` feature.
 //!
-//! Each call splits its work into one contiguous part per thread and runs the parts on scoped
-//! threads, the calling thread taking the first. No pool is kept, so every call starts its
-//! threads again, and each thread gets at least [`MIN_MACS_PER_THREAD`] multiply-adds.
+//! Each call splits its work into one contiguous part per thread. The calling thread runs the
+//! first part and rayon's global pool the others, so the worker threads are started once per
+//! process and only woken for each call. Each part gets at least [`MIN_MACS_PER_THREAD`]
+//! multiply-adds. The pool has one thread per core unless `RAYON_NUM_THREADS` says otherwise;
+//! asking for more parts than it has threads queues the extra parts.
 //!
 //! NOTE: that minimum was not tuned. At the 16 G multiply-adds per second measured for the AVX2
-//! kernel it is about 16 µs of work, near the estimated cost of starting a thread, so products
-//! just above it may gain little from a second thread.
+//! kernel it is about 16 µs of work.
 //!
 //! Work is split by rows of the output, so each output value is computed by the same kernel
 //! in the same order as on one thread. The exception is the one the note on [`linear`] describes.
 //! With int4 weights (and f16 on AVX-512 and NEON) a row's result can depend on how many rows
 //! share the call, so a part with fewer rows can round differently. Results for a given thread
 //! count repeat exactly.
-
-use std::thread;
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
 use super::{linear, matmul_batch, Weights};
@@ -70,11 +69,11 @@ pub(crate) fn linear_by_rows(
     let per = rows.div_ceil(parts);
     let x = &x[..rows * k];
     let y = &mut y[..rows * n];
-    thread::scope(|s| {
+    rayon_core::in_place_scope(|s| {
         let mut jobs = x.chunks(per * k).zip(y.chunks_mut(per * n));
         let first = jobs.next();
         for (xs, ys) in jobs {
-            s.spawn(move || linear(xs, xs.len() / k.max(1), k, w, n, bias, ys));
+            s.spawn(move |_| linear(xs, xs.len() / k.max(1), k, w, n, bias, ys));
         }
         if let Some((xs, ys)) = first {
             linear(xs, xs.len() / k.max(1), k, w, n, bias, ys);
@@ -96,14 +95,14 @@ pub(crate) fn linear_by_outputs(
 ) {
     let per = n.div_ceil(parts);
     let y = &mut y[..n];
-    thread::scope(|s| {
+    rayon_core::in_place_scope(|s| {
         let mut jobs = y.chunks_mut(per).enumerate();
         let first = jobs.next();
         for (i, ys) in jobs {
             let (start, count) = (i * per, ys.len());
             let w = weight_rows(w, start, count);
             let b = bias.map(|b| &b[start..start + count]);
-            s.spawn(move || linear(x, 1, k, w, count, b, ys));
+            s.spawn(move |_| linear(x, 1, k, w, count, b, ys));
         }
         if let Some((_, ys)) = first {
             let count = ys.len();
@@ -185,11 +184,11 @@ pub(crate) fn matmul_batch_parts<'a>(
     let run = move |first: usize, out: &mut [f32]| {
         matmul_batch(out.len() / size, |j| a(first + j), |j| b(first + j), out, m, k, n);
     };
-    thread::scope(|s| {
+    rayon_core::in_place_scope(|s| {
         let mut jobs = c.chunks_mut(per * size).enumerate();
         let first = jobs.next();
         for (i, cs) in jobs {
-            s.spawn(move || run(i * per, cs));
+            s.spawn(move |_| run(i * per, cs));
         }
         if let Some((_, cs)) = first {
             run(0, cs);
