@@ -437,6 +437,43 @@ fn packed_perplexity_matches_host() {
     assert!(relative < 1e-4, "perplexities differ by {relative}");
 }
 
+/// With int8 activations (integer products where the CPU has the kernel) the packed model still
+/// continues the prompt with " Paris", and its perplexity stays within 2 % of the f32 products'.
+/// On CPUs without the kernel both runs take the same f32 path.
+#[test]
+fn int8_activations_keep_paris_and_perplexity() {
+    let Some(m) = loaded() else { return };
+    let path = repo_root().join("../shared/data/lm/wikitext2_valid.txt");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        skip(&format!("{} is missing", path.display()));
+        return;
+    };
+    let (_, bytes) = packed_int4(m, 100);
+    let map = mapped(&bytes, "int8-activations");
+    let model = Model::open(map.bytes()).unwrap();
+    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut lm = PackedLm::new(Decoder::new(&model, &mut arena).unwrap());
+    let tokens = &m.tokenizer.encode(&text[..4_000]).unwrap()[..200];
+    let exact = perplexity_of(&mut lm, tokens, 100, |_| {}).unwrap();
+    lm.set_int8_activations(true);
+    let int8 = perplexity_of(&mut lm, tokens, 100, |_| {}).unwrap();
+    eprintln!("perplexity: f32 products {:.4}, int8 {:.4}", exact.perplexity, int8.perplexity);
+    let relative = (int8.perplexity / exact.perplexity - 1.0).abs();
+    assert!(relative < 0.02, "int8 activations change the perplexity by {relative}");
+
+    lm.clear();
+    let ids = m.tokenizer.encode("The capital of France is").unwrap();
+    let mut logits = lm.forward(&ids, false).unwrap();
+    let mut generated = Vec::new();
+    for _ in 0..3 {
+        let next = argmax(&logits);
+        generated.push(next);
+        logits = lm.forward(&[next], false).unwrap();
+    }
+    let text = m.tokenizer.decode(&generated);
+    assert!(text.trim_start().starts_with("Paris"), "continued with {text:?}");
+}
+
 #[test]
 fn decoder_rejects_bad_records() {
     let Some(m) = loaded() else { return };

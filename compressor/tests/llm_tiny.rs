@@ -81,6 +81,40 @@ fn storage_kinds_match_host_model() {
     }
 }
 
+/// Int8 activations reach the decoder's products: where the CPU has the integer kernel the logits
+/// change, and nothing changes elsewhere. The kernel's own test bounds its error exactly; the
+/// cosine floor here only catches gross mistakes such as a group read with another's scale.
+/// (Measured: 0.9987 to 0.9997 over the positions; the random weights of this model amplify
+/// the rounding more than a trained model's do.)
+#[test]
+fn int8_activations_stay_close() {
+    let (mut model, spec) = fixture();
+    model.quantize(WeightKind::Int4Min, None).unwrap();
+    let bytes = pack(&model, &spec, 16, &[]).unwrap();
+    let map = mapped(&bytes, "int8-activations");
+    let packed = Model::open(map.bytes()).unwrap();
+    let mut arena = vec![0u8; packed.arena_bytes_unaligned()];
+    let mut decoder = Decoder::new(&packed, &mut arena).unwrap();
+    let tokens = [3, 17, 42, 5, 99, 23, 7];
+    let exact = decoder.forward(&tokens, Logits::All).unwrap().to_vec();
+    decoder.truncate(0);
+    decoder.set_int8_activations(true);
+    let int8 = decoder.forward(&tokens, Logits::All).unwrap().to_vec();
+    if !edgefold_runtime::kernels::int8_products_supported() {
+        assert_eq!(int8, exact, "without the integer kernel the products stay in f32");
+        return;
+    }
+    assert!(max_diff(&int8, &exact) > 0.0, "the integer kernel did not run");
+    let vocab = int8.len() / tokens.len();
+    for (position, (a, b)) in int8.chunks(vocab).zip(exact.chunks(vocab)).enumerate() {
+        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        let cosine = dot / (norm(a) * norm(b));
+        eprintln!("position {position}: logit cosine {cosine:.6}");
+        assert!(cosine > 0.99, "position {position}: logit cosine {cosine}");
+    }
+}
+
 #[test]
 fn damaged_packed_files_fail_cleanly() {
     let (mut model, spec) = fixture();

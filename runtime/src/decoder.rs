@@ -267,9 +267,18 @@ pub struct Decoder<'m, 'a> {
     layout: Layout,
     arena: &'a mut [f32],
     len: usize,
-    /// Threads that `linear` may use; see [`Decoder::set_threads`].
-    #[cfg(feature = "std")]
+    /// Settings of the matrix products; see [`Decoder::set_threads`] and
+    /// [`Decoder::set_int8_activations`].
+    products: Products,
+}
+
+/// Settings of a decoder's matrix products.
+#[derive(Clone, Copy)]
+struct Products {
+    /// Threads that `linear` may use.
     threads: usize,
+    /// Whether `linear` may quantize its input to int8 ([`kernels::linear_int8`]).
+    int8: bool,
 }
 
 /// Returns whether `name` is `blk.{layer}.{part}`.
@@ -312,8 +321,7 @@ impl<'m, 'a> Decoder<'m, 'a> {
             layout,
             arena,
             len: 0,
-            #[cfg(feature = "std")]
-            threads: 1,
+            products: Products { threads: 1, int8: false },
         })
     }
 
@@ -341,7 +349,14 @@ impl<'m, 'a> Decoder<'m, 'a> {
     /// Lets the matrix products split their work across up to `threads` threads (at least 1).
     #[cfg(feature = "std")]
     pub fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
+        self.products.threads = threads.max(1);
+    }
+
+    /// Lets the matrix products quantize their inputs to int8 where an integer kernel exists for
+    /// the weights and the CPU ([`kernels::linear_int8`]): faster token by token, at the cost of
+    /// that rounding. Off by default, when results follow the stored weights in f32.
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.products.int8 = on;
     }
 
     /// Runs `tokens`, which follow the cached positions, appends their keys and values to the
@@ -413,10 +428,7 @@ impl<'m, 'a> Decoder<'m, 'a> {
     fn pass(&mut self, tokens: &[u32], logit_rows: usize) -> Result<()> {
         let c = self.config;
         let model = self.model;
-        #[cfg(feature = "std")]
-        let threads = self.threads;
-        #[cfg(not(feature = "std"))]
-        let threads = 1;
+        let products = self.products;
         let start = self.len;
         let t = tokens.len();
         let (dim, q_dim, kv_dim) = (c.dim as usize, c.q_dim() as usize, c.kv_dim() as usize);
@@ -436,9 +448,9 @@ impl<'m, 'a> Decoder<'m, 'a> {
             let q = &mut p.q[..t * q_dim];
             let k = &mut p.k[..t * kv_dim];
             let v = &mut p.v[..t * kv_dim];
-            linear(threads, normed, t, weights_at(&model, at(1))?, q);
-            linear(threads, normed, t, weights_at(&model, at(2))?, k);
-            linear(threads, normed, t, weights_at(&model, at(3))?, v);
+            linear(products, normed, t, weights_at(&model, at(1))?, q);
+            linear(products, normed, t, weights_at(&model, at(2))?, k);
+            linear(products, normed, t, weights_at(&model, at(3))?, v);
             rope(&c, q, start, c.heads as usize);
             rope(&c, k, start, c.kv_heads as usize);
             store_cache(&c, p.cache, layer as usize, start, k, v);
@@ -450,18 +462,18 @@ impl<'m, 'a> Decoder<'m, 'a> {
             let attn = &mut p.attn[..t * q_dim];
             attention(&c, q, p.cache, layer as usize, start, t, scratch, attn);
             let proj = &mut p.proj[..t * dim];
-            linear(threads, attn, t, weights_at(&model, at(4))?, proj);
+            linear(products, attn, t, weights_at(&model, at(4))?, proj);
             add_in_place(x, proj);
 
             rms_norm(x, norm_at(&model, at(5))?, c.norm_eps, normed);
             let gate = &mut p.gate[..t * ffn];
             let up = &mut p.up[..t * ffn];
-            linear(threads, normed, t, weights_at(&model, at(6))?, gate);
-            linear(threads, normed, t, weights_at(&model, at(7))?, up);
+            linear(products, normed, t, weights_at(&model, at(6))?, gate);
+            linear(products, normed, t, weights_at(&model, at(7))?, up);
             for (g, &u) in gate.iter_mut().zip(up.iter()) {
                 *g = *g / (1.0 + exp_approx(-*g)) * u;
             }
-            linear(threads, gate, t, weights_at(&model, at(8))?, proj);
+            linear(products, gate, t, weights_at(&model, at(8))?, proj);
             add_in_place(x, proj);
         }
 
@@ -472,21 +484,31 @@ impl<'m, 'a> Decoder<'m, 'a> {
             rms_norm(last, norm_at(&model, 1)?, c.norm_eps, normed);
             let output = weights_at(&model, if c.tied { 0 } else { 2 })?;
             let logits = &mut p.logits[..rows * c.vocab as usize];
-            linear(threads, normed, rows, output, logits);
+            linear(products, normed, rows, output, logits);
         }
         self.len = start + t;
         Ok(())
     }
 }
 
-fn linear(threads: usize, x: &[f32], rows: usize, w: Weights<'_>, y: &mut [f32]) {
+fn linear(products: Products, x: &[f32], rows: usize, w: Weights<'_>, y: &mut [f32]) {
     let (k, n) = (x.len() / rows.max(1), y.len() / rows.max(1));
     #[cfg(feature = "std")]
-    kernels::parallel::linear_threads(threads, x, rows, k, w, n, None, y);
-    #[cfg(not(feature = "std"))]
     {
-        let _ = threads;
-        kernels::linear(x, rows, k, w, n, None, y);
+        use kernels::parallel::LinearKernel;
+        let kernel = match products.int8 {
+            true => kernels::linear_int8 as LinearKernel,
+            false => kernels::linear as LinearKernel,
+        };
+        kernels::parallel::linear_threads_with(kernel, products.threads, x, rows, k, w, n, None, y);
+    }
+    // Boards run one thread.
+    #[cfg(not(feature = "std"))]
+    let _ = products.threads;
+    #[cfg(not(feature = "std"))]
+    match products.int8 {
+        true => kernels::linear_int8(x, rows, k, w, n, None, y),
+        false => kernels::linear(x, rows, k, w, n, None, y),
     }
 }
 

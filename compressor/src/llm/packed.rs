@@ -142,6 +142,12 @@ impl<'m, 'a> PackedLm<'m, 'a> {
     pub fn set_threads(&mut self, threads: usize) {
         self.decoder.set_threads(threads);
     }
+
+    /// Lets the matrix products quantize their inputs to int8 where the runtime has an integer
+    /// kernel for the weights and the CPU (see `Decoder::set_int8_activations`).
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.decoder.set_int8_activations(on);
+    }
 }
 
 fn forward_error(e: edgefold_runtime::Error) -> ForwardError {

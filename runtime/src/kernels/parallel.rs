@@ -16,7 +16,7 @@
 //! count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
-use super::{linear, matmul_batch, Weights};
+use super::{linear, linear_int8, matmul_batch, Weights};
 
 /// Minimum multiply-adds per thread. A smaller call runs on fewer threads.
 pub const MIN_MACS_PER_THREAD: usize = 1 << 18;
@@ -25,6 +25,10 @@ pub const MIN_MACS_PER_THREAD: usize = 1 << 18;
 fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
     threads.min(parts).min(macs / MIN_MACS_PER_THREAD).max(1)
 }
+
+/// A `linear` kernel: [`linear`] or [`linear_int8`].
+pub type LinearKernel =
+    for<'a> fn(&'a [f32], usize, usize, Weights<'a>, usize, Option<&'a [f32]>, &'a mut [f32]);
 
 /// Runs [`linear`] on up to `threads` threads. The rows of `x` are split into contiguous parts,
 /// or, for a single row, the rows of `w` (the outputs).
@@ -43,20 +47,60 @@ pub fn linear_threads(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    linear_threads_with(linear, threads, x, rows, k, w, n, bias, y);
+}
+
+/// [`linear_threads`] running `kernel` on each part.
+///
+/// # Panics
+///
+/// As `kernel` does, or if a thread panics.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_threads_with(
+    kernel: LinearKernel,
+    threads: usize,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let macs = rows.saturating_mul(k).saturating_mul(n);
     // A single row is split by outputs, more rows by rows.
     let splittable = if rows == 1 { n } else { rows };
     let parts = threads_for(threads, macs, splittable);
     match (parts, rows) {
-        (1, _) => linear(x, rows, k, w, n, bias, y),
-        (_, 1) => linear_by_outputs(parts, x, k, w, n, bias, y),
-        _ => linear_by_rows(parts, x, rows, k, w, n, bias, y),
+        (1, _) => kernel(x, rows, k, w, n, bias, y),
+        (_, 1) => linear_by_outputs(kernel, parts, x, k, w, n, bias, y),
+        _ => linear_by_rows(kernel, parts, x, rows, k, w, n, bias, y),
     }
 }
 
-/// Runs [`linear`] with the rows of `x` split into `parts` contiguous parts, one per thread.
+/// [`linear_threads`] with [`linear_int8`].
+///
+/// # Panics
+///
+/// As [`linear`] does, or if a thread panics.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_int8_threads(
+    threads: usize,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    linear_threads_with(linear_int8, threads, x, rows, k, w, n, bias, y);
+}
+
+/// Runs `kernel` with the rows of `x` split into `parts` contiguous parts, one per thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_rows(
+    kernel: LinearKernel,
     parts: usize,
     x: &[f32],
     rows: usize,
@@ -73,18 +117,19 @@ pub(crate) fn linear_by_rows(
         let mut jobs = x.chunks(per * k).zip(y.chunks_mut(per * n));
         let first = jobs.next();
         for (xs, ys) in jobs {
-            s.spawn(move |_| linear(xs, xs.len() / k.max(1), k, w, n, bias, ys));
+            s.spawn(move |_| kernel(xs, xs.len() / k.max(1), k, w, n, bias, ys));
         }
         if let Some((xs, ys)) = first {
-            linear(xs, xs.len() / k.max(1), k, w, n, bias, ys);
+            kernel(xs, xs.len() / k.max(1), k, w, n, bias, ys);
         }
     });
 }
 
-/// Runs [`linear`] on one row with the outputs split into `parts` contiguous parts, one per
+/// Runs `kernel` on one row with the outputs split into `parts` contiguous parts, one per
 /// thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_outputs(
+    kernel: LinearKernel,
     parts: usize,
     x: &[f32],
     k: usize,
@@ -102,11 +147,11 @@ pub(crate) fn linear_by_outputs(
             let (start, count) = (i * per, ys.len());
             let w = weight_rows(w, start, count);
             let b = bias.map(|b| &b[start..start + count]);
-            s.spawn(move |_| linear(x, 1, k, w, count, b, ys));
+            s.spawn(move |_| kernel(x, 1, k, w, count, b, ys));
         }
         if let Some((_, ys)) = first {
             let count = ys.len();
-            linear(x, 1, k, weight_rows(w, 0, count), count, bias.map(|b| &b[..count]), ys);
+            kernel(x, 1, k, weight_rows(w, 0, count), count, bias.map(|b| &b[..count]), ys);
         }
     });
 }

@@ -10,7 +10,7 @@ use std::vec;
 use std::vec::Vec;
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
-use super::{linear_with, matmul_with, Isa, Weights};
+use super::{linear, linear_int8, linear_with, matmul_with, Isa, Weights};
 
 /// Row lengths: around the 8- and 16-lane widths, around a 384-wide layer, and 100.
 #[cfg(not(miri))]
@@ -427,9 +427,9 @@ fn threaded_linear_matches_one_thread() {
             super::linear(&x, rows, k, w.weights(), n, Some(&bias), &mut single);
             let mut split = vec![CANARY; rows * n + 3];
             if rows == 1 {
-                linear_by_outputs(parts, &x, k, w.weights(), n, Some(&bias), &mut split);
+                linear_by_outputs(linear, parts, &x, k, w.weights(), n, Some(&bias), &mut split);
             } else {
-                linear_by_rows(parts, &x, rows, k, w.weights(), n, Some(&bias), &mut split);
+                linear_by_rows(linear, parts, &x, rows, k, w.weights(), n, Some(&bias), &mut split);
             }
             // With int4 and f16 weights a part below the blocked kernels' row threshold may
             // round differently, as the note on `linear` explains. The other kinds must match
@@ -470,5 +470,101 @@ fn threaded_matmul_batch_matches_one_thread() {
             got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             "{count} products in {parts} parts"
         );
+    }
+}
+
+/// `x` quantized as `linear_int8` does: per group of 32, the largest magnitude maps to 127 and
+/// values round to the nearest integer (ties to even). Returns the dequantized values.
+fn quantized_q8(x: &[f32]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(x.len());
+    for group in x.chunks(32) {
+        let largest = group.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = largest / 127.0;
+        let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+        for &v in group {
+            out.push((v * inverse).round_ties_even() as f64 * scale as f64);
+        }
+    }
+    out
+}
+
+/// `linear_int8` against an f64 reference on the int8-quantized input (with the group minimums
+/// times the exact input, as the kernel computes them), and within the quantization's error
+/// bound of the exact `linear`. Rows of 2, 6, 18 and 48 groups take the kernel; rows of 5 and of
+/// 3 groups take the f32 path. Cases have 1 to 5 rows, an all-zero group and one large value in
+/// each row.
+#[test]
+fn linear_int8_activations() {
+    // Under Miri, which has no VNNI and runs the f32 path, one small shape.
+    let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
+        &[(2, 64, 3)]
+    } else {
+        &[
+            (1, 64, 33),
+            (5, 576, 17),
+            (4, 64, 7),
+            (1, 1536, 5),
+            (2, 192, 40),
+            (2, 160, 9),
+            (1, 96, 3),
+        ]
+    };
+    for (case, &(rows, k, n)) in shapes.iter().enumerate() {
+        for kind in [Kind::I4Min, Kind::I4] {
+            let mut rng = Rng(900 + case as u64);
+            let mut x = rng.vec(rows * k);
+            x[..32.min(k)].fill(0.0);
+            for m in 0..rows {
+                x[m * k + k - 1] = 40.0;
+            }
+            let w = TestWeights::new(kind, n, k, 32, &mut rng);
+            let bias = rng.vec(n);
+            let mut y = vec![CANARY; rows * n + 5];
+            linear_int8(&x, rows, k, w.weights(), n, Some(&bias), &mut y);
+            let mut exact = vec![0f32; rows * n];
+            linear(&x, rows, k, w.weights(), n, Some(&bias), &mut exact);
+            let integer = k.is_multiple_of(64) && super::vnni::supported();
+            for m in 0..rows {
+                let row = &x[m * k..(m + 1) * k];
+                let xq = quantized_q8(row);
+                for j in 0..n {
+                    let describe = || format!("{kind:?} rows {rows} k {k} n {n}: y[{m}, {j}]");
+                    let got = y[m * n + j];
+                    if !integer {
+                        assert_eq!(got, exact[m * n + j], "{}: not the f32 path", describe());
+                        continue;
+                    }
+                    let wrow = &w.exact[j * k..(j + 1) * k];
+                    // A group's minimum multiplies the exact inputs, the rest the quantized ones.
+                    let min = |c: usize| match kind {
+                        Kind::I4Min => half::f16::from_bits(w.min_bits[j * k / 32 + c / 32]),
+                        _ => half::f16::ZERO,
+                    };
+                    let terms = (0..k).map(|c| {
+                        let m = min(c).to_f64();
+                        (wrow[c] - m) * xq[c] + m * row[c] as f64
+                    });
+                    let (want, abs) = reference_dot(terms, bias[j] as f64);
+                    assert_close(got, want, abs, k, describe);
+                    // Each quantized value is within half a step of the input.
+                    let bound: f64 = row
+                        .chunks(32)
+                        .zip(wrow.chunks(32))
+                        .map(|(xs, ws)| {
+                            let step = xs.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                            ws.iter().map(|w| w.abs()).sum::<f64>() * step / 2.0
+                        })
+                        .sum();
+                    let error = (got - exact[m * n + j]) as f64;
+                    assert!(
+                        error.abs() <= bound * 1.001 + abs * 1e-5,
+                        "{}: {got} is {error:e} from f32 {}, over the bound {bound:e}",
+                        describe(),
+                        exact[m * n + j]
+                    );
+                }
+            }
+            assert!(y[rows * n..].iter().all(|&v| v == CANARY), "rows {rows} k {k}: wrote past y");
+        }
     }
 }

@@ -275,6 +275,10 @@ struct EvalArgs {
     /// Threads for the matrix products of ppl.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// For ppl: quantize the inputs of the second model's matrix products to int8 where the
+    /// runtime has an integer kernel, as `generate --int8-activations` does (packed files only).
+    #[arg(long)]
+    int8_activations: bool,
     /// For ppl: weight storage of the second model (f32, int8 or int4); bytes are then those of
     /// the stored weights.
     #[arg(long, default_value = "f32", value_parser = llm::parse_weight_kind)]
@@ -1049,7 +1053,10 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             let options = llm::PerplexityOptions {
                 limit: args.limit,
                 window: args.window,
-                threads: args.threads.into(),
+                products: llm::Products {
+                    threads: args.threads.into(),
+                    int8_activations: args.int8_activations,
+                },
                 weights: args.weights,
                 json: args.json,
             };

@@ -1,0 +1,262 @@
+//! `linear` with int4 weights and int8 activations on x86_64 with AVX-512 VNNI.
+//!
+//! Each row of `x` is quantized to int8 in groups of 32 values with one f32 scale per group (the
+//! largest magnitude maps to 127), and the products of weight nibbles and activation bytes are
+//! summed in 32-bit integers with `vpdpbusd`, 64 per instruction. A group's integer sum is then
+//! scaled by the weight's and the activation's scales. llama.cpp multiplies Q4_1 weights by
+//! activations quantized the same way (its Q8_1 blocks).
+//!
+//! Weight nibbles are read as unsigned values `t = nibble ^ 8` in 0..=15, so that a stored
+//! signed `q` is `t - 8`. For a group with weight scale `d`, minimum `m` (with minimums) and
+//! activation scale `s`:
+//! - with minimums, `Σ w x = d s Σ t xq + m Σ x`, with the exact `Σ x` of the f32 inputs;
+//! - without, `Σ w x = d s Σ t xq - 8 d s Σ xq`.
+//!
+//! The second term is a dot product over groups, of a per-row vector (`m` or `d`) with a
+//! per-input one.
+
+use core::arch::x86_64::*;
+
+use super::generic::I4Rows;
+use super::LinearCall;
+use super::Weights;
+
+/// Values per activation group; the weights' group must be the same.
+const GROUP: usize = 32;
+
+/// Longest row the kernel takes: the quantized input lives on the stack (10 KiB per row of `x`
+/// at this length).
+pub(crate) const MAX_K: usize = 8192;
+
+/// Rows of `x` that share each unpacked weight group.
+const ROWS: usize = 4;
+
+/// Returns whether the CPU runs this kernel: AVX-512F, BW, VL and VNNI, with AVX2, FMA and F16C.
+pub(crate) fn supported() -> bool {
+    #[cfg(feature = "std")]
+    {
+        super::x86_64::has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        super::x86_64::has_avx512()
+            && cfg!(all(
+                target_feature = "avx512bw",
+                target_feature = "avx512vl",
+                target_feature = "avx512vnni"
+            ))
+    }
+}
+
+/// One row of `x` quantized for [`dot_rows`].
+///
+/// The bytes of each pair of groups (A, B) are laid out as A's even-indexed values, B's even,
+/// A's odd, B's odd, 16 each: the order in which [`dot_rows`] unpacks the low and high nibbles of
+/// 32 weight bytes.
+#[repr(C, align(64))]
+struct Quantized {
+    q: [i8; MAX_K],
+    /// Scale of each group.
+    scale: [f32; MAX_K / GROUP],
+    /// Per group, `Σ x` (weights with minimums) or `-8 s Σ xq` (without).
+    offset: [f32; MAX_K / GROUP],
+}
+
+/// Runs the call with int8 activations when this kernel applies: int4 weights in groups of 32
+/// with an even number of groups per row, `k <= MAX_K`, and a CPU with VNNI. Returns false,
+/// having done nothing, otherwise.
+pub(crate) fn linear(call: &mut LinearCall<'_>) -> bool {
+    let Weights::I4(w) = call.w else {
+        return false;
+    };
+    let k = call.k;
+    let fits = w.group == GROUP && k <= MAX_K && (k / GROUP).is_multiple_of(2);
+    if !fits || !supported() {
+        return false;
+    }
+    let empty =
+        || Quantized { q: [0; MAX_K], scale: [0.0; MAX_K / GROUP], offset: [0.0; MAX_K / GROUP] };
+    let mut quantized = [empty(), empty(), empty(), empty()];
+    let (n, rows) = (call.n, call.rows);
+    let mut row = 0;
+    while row < rows {
+        let block = (rows - row).min(ROWS);
+        let x = &call.x[row * k..(row + block) * k];
+        let y = &mut call.y[row * n..(row + block) * n];
+        // SAFETY: `supported` checked the CPU features; `LinearCall::new` checked that `w` holds
+        // `n` rows of `k` values with `k / 32` scales (and minimums) each, and `x` and `y` were
+        // cut to `block` rows of `k` and `n` values above, with `k <= MAX_K`.
+        unsafe {
+            for (values, q) in x.chunks_exact(k).zip(&mut quantized) {
+                quantize(values, w.mins.is_some(), q);
+            }
+            match (w.mins.is_some(), block) {
+                (true, 4) => block_rows::<true, 4>(&quantized, &w, k, y),
+                (true, 3) => block_rows::<true, 3>(&quantized, &w, k, y),
+                (true, 2) => block_rows::<true, 2>(&quantized, &w, k, y),
+                (true, _) => block_rows::<true, 1>(&quantized, &w, k, y),
+                (false, 4) => block_rows::<false, 4>(&quantized, &w, k, y),
+                (false, 3) => block_rows::<false, 3>(&quantized, &w, k, y),
+                (false, 2) => block_rows::<false, 2>(&quantized, &w, k, y),
+                (false, _) => block_rows::<false, 1>(&quantized, &w, k, y),
+            }
+        }
+        if let Some(b) = call.bias {
+            for y_row in y.chunks_exact_mut(n) {
+                for (o, &b) in y_row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+        }
+        row += block;
+    }
+    true
+}
+
+/// Quantizes `x` (a multiple of 64 values, at most `MAX_K`) into `out`.
+///
+/// # Safety
+///
+/// The CPU must support [`supported`]'s features, and `x.len()` must be a multiple of 64 and at
+/// most `MAX_K`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn quantize(x: &[f32], with_mins: bool, out: &mut Quantized) {
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (g, values) in x.chunks_exact(GROUP).enumerate() {
+        // SAFETY: `values` has 32 elements; `g < MAX_K / 32` and the stores write 16 bytes each
+        // at `64 * (g / 2) + 16 * (g % 2)` and 32 bytes after it, inside `out.q`.
+        unsafe {
+            let lo = _mm512_loadu_ps(values.as_ptr());
+            let hi = _mm512_loadu_ps(values.as_ptr().add(16));
+            let largest = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
+            let scale = largest / 127.0;
+            let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+            let inverse = _mm512_set1_ps(inverse);
+            let ev = _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), inverse);
+            let od = _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), inverse);
+            // Round to nearest (even on ties), then narrow with saturation; the products are
+            // within ±127 except for a NaN, whose conversion gives i32::MIN and saturates.
+            let ev = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(ev));
+            let od = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(od));
+            let at = 64 * (g / 2) + 16 * (g % 2);
+            let q = out.q.as_mut_ptr().add(at);
+            _mm_storeu_si128(q.cast(), ev);
+            _mm_storeu_si128(q.add(32).cast(), od);
+            out.scale[g] = scale;
+            out.offset[g] = if with_mins {
+                _mm512_reduce_add_ps(_mm512_add_ps(lo, hi))
+            } else {
+                let sum = _mm512_add_epi32(_mm512_cvtepi8_epi32(ev), _mm512_cvtepi8_epi32(od));
+                -8.0 * scale * _mm512_reduce_add_epi32(sum) as f32
+            };
+        }
+    }
+}
+
+/// Lane-wise absolute value.
+#[inline(always)]
+unsafe fn abs(v: __m512) -> __m512 {
+    // SAFETY: AVX-512F per the caller.
+    unsafe {
+        _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MAX)))
+    }
+}
+
+/// `y[r, j] = Σ w[j] · x[r]` for every row `j` of `w` and the first `R` quantized rows of `x`,
+/// with `y` holding `R` rows of `n` values.
+///
+/// # Safety
+///
+/// As for [`quantize`]; `w` must hold `y.len() / R` rows of `k` values (checked by `LinearCall`),
+/// with minimums exactly when `MIN`, and the first `R` entries of `q` must be rows of `x`
+/// quantized with minimums when `MIN`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn block_rows<const MIN: bool, const R: usize>(
+    q: &[Quantized; ROWS],
+    w: &I4Rows<'_>,
+    k: usize,
+    y: &mut [f32],
+) {
+    let groups = k / GROUP;
+    let n = y.len() / R;
+    for j in 0..n {
+        // SAFETY: row `j` is inside `w` (see above).
+        let sums = unsafe { dot_rows::<MIN, R>(q, w, j, groups) };
+        for (r, sum) in sums.into_iter().enumerate() {
+            y[r * n + j] = sum;
+        }
+    }
+}
+
+/// The dot products of weight row `row` with the first `R` quantized rows of `x`. Each group of
+/// weights is unpacked once for all `R`.
+///
+/// # Safety
+///
+/// As for [`block_rows`], with `row` one of `w`'s rows and `groups` its even number of groups.
+#[inline(always)]
+unsafe fn dot_rows<const MIN: bool, const R: usize>(
+    q: &[Quantized; ROWS],
+    w: &I4Rows<'_>,
+    row: usize,
+    groups: usize,
+) -> [f32; R] {
+    // SAFETY: every pointer below stays inside row `row` of the packed weights (16 bytes per
+    // group), its scales and minimums (one per group), and the `groups` groups of each `q`; the
+    // masked loads read only the lanes of groups that exist.
+    unsafe {
+        let packed = w.packed.as_ptr().add(row * groups * (GROUP / 2));
+        let scales = w.scales.as_ptr().add(row * groups);
+        let mins = w.mins.map_or(core::ptr::null(), |m| m.as_ptr().add(row * groups));
+        let low = _mm256_set1_epi8(0x0F);
+        let flip = _mm256_set1_epi8(0x88u8 as i8);
+        // Lanes 0-3 and 8-11 of a pair's sums belong to its first group, 4-7 and 12-15 to its
+        // second: this index picks each lane's scale from 16 groups' scales.
+        let first_pair = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+        let next_pair = _mm512_set1_epi32(2);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut offsets = [_mm512_setzero_ps(); R];
+        let mut combined = [_mm512_setzero_ps(); R];
+        let mut g = 0;
+        while g < groups {
+            let count = (groups - g).min(16);
+            let mask: __mmask16 = if count == 16 { u16::MAX } else { (1u16 << count) - 1 };
+            let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales.add(g).cast()));
+            let per_row = match MIN {
+                true => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins.add(g).cast())),
+                false => d,
+            };
+            for r in 0..R {
+                let per_input = _mm512_maskz_loadu_ps(mask, q[r].offset.as_ptr().add(g));
+                offsets[r] = _mm512_fmadd_ps(per_row, per_input, offsets[r]);
+                let s = _mm512_maskz_loadu_ps(mask, q[r].scale.as_ptr().add(g));
+                combined[r] = _mm512_mul_ps(d, s);
+            }
+            let mut index = first_pair;
+            for pair in (g / 2)..(g + count) / 2 {
+                let bytes = _mm256_loadu_si256(packed.add(32 * pair).cast());
+                let bytes = _mm256_xor_si256(bytes, flip);
+                let lo = _mm256_and_si256(bytes, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low);
+                let weights = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                for r in 0..R {
+                    let x = _mm512_load_si512(q[r].q.as_ptr().add(64 * pair).cast());
+                    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, x);
+                    let scale = _mm512_permutexvar_ps(index, combined[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+                }
+                index = _mm512_add_epi32(index, next_pair);
+            }
+            g += count;
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(offsets[r]);
+        }
+        out
+    }
+}
