@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compares language model speed side by side: `edgefold generate` on the host (f32, int8 and int4
-# weights) and on the packed int4 file that `edgefold compress` writes, and llama.cpp on the same
-# GGUF file, with 1 and 2 threads. The prompt is the first 128 tokens of the text; 64 tokens are
+# weights) and on the packed int4 file that `edgefold compress` writes (with f32 and with int8
+# activations), and llama.cpp on the same GGUF file, with 1 and 2 threads. The prompt is the first 128 tokens of the text; 64 tokens are
 # generated greedily.
 #
 # llama.cpp runs through llama-cpp-python, or through its own llama-bench when LLAMA_BENCH names
@@ -51,6 +51,9 @@ for threads in 1 2; do
     done
     "$edgefold" generate "$packed" --prompt "$prompt" --max-tokens 64 --threads "$threads" --json \
         | python3 "$root/scripts/llm_row.py" "edgefold (packed)" "int4" "$threads"
+    "$edgefold" generate "$packed" --prompt "$prompt" --max-tokens 64 --threads "$threads" \
+        --int8-activations --json \
+        | python3 "$root/scripts/llm_row.py" "edgefold (packed)" "int4, int8 activations" "$threads"
     if [ -n "${LLAMA_BENCH:-}" ]; then
         "$LLAMA_BENCH" -m "$model" -p 128 -n 64 -t "$threads" -r 3 -o json \
             | python3 "$root/scripts/llm_row.py" --llama-bench "llama.cpp" "Q4_1 (file)" "$threads"
