@@ -312,8 +312,8 @@ pub fn int8_products_supported() -> bool {
 }
 
 /// [`linear`] that may quantize `x` to int8 for integer products, where a kernel for the weights
-/// and this CPU exists: int4 weights in groups of 32 (with an even number of groups per row and
-/// `k` up to 8,192) and AVX-512 VNNI. Elsewhere it is [`linear`].
+/// and this CPU exists: int4 weights in groups of 32 or int8 weights, `k` a multiple of 64 up to
+/// 8,192, and AVX-512 VNNI. Elsewhere it is [`linear`].
 ///
 /// Each row of `x` is quantized in groups of 32 values with the largest magnitude mapped to 127,
 /// so results differ from [`linear`]'s by that rounding: a relative error of up to about 0.4 %

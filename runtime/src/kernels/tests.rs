@@ -490,9 +490,9 @@ fn quantized_q8(x: &[f32]) -> Vec<f64> {
 
 /// `linear_int8` against an f64 reference on the int8-quantized input (with the group minimums
 /// times the exact input, as the kernel computes them), and within the quantization's error
-/// bound of the exact `linear`. Rows of 2, 6, 18 and 48 groups take the kernel; rows of 5 and of
-/// 3 groups take the f32 path. Cases have 1 to 5 rows, an all-zero group and one large value in
-/// each row.
+/// bound of the exact `linear`, for int4 weights with and without minimums and int8 weights.
+/// Rows of 2, 6, 18 and 48 groups take the kernel; rows of 5 and of 3 groups take the f32 path.
+/// Cases have 1 to 5 rows, an all-zero group and one large value in each row.
 #[test]
 fn linear_int8_activations() {
     // Under Miri, which has no VNNI and runs the f32 path, one small shape.
@@ -510,7 +510,7 @@ fn linear_int8_activations() {
         ]
     };
     for (case, &(rows, k, n)) in shapes.iter().enumerate() {
-        for kind in [Kind::I4Min, Kind::I4] {
+        for kind in [Kind::I4Min, Kind::I4, Kind::I8] {
             let mut rng = Rng(900 + case as u64);
             let mut x = rng.vec(rows * k);
             x[..32.min(k)].fill(0.0);

@@ -1,4 +1,4 @@
-//! `linear` with int4 weights and int8 activations on x86_64 with AVX-512 VNNI.
+//! `linear` with int4 or int8 weights and int8 activations on x86_64 with AVX-512 VNNI.
 //!
 //! Each row of `x` is quantized to int8 in groups of 32 values with one f32 scale per group (the
 //! largest magnitude maps to 127), and the products of weight nibbles and activation bytes are
@@ -14,10 +14,13 @@
 //!
 //! The second term is a dot product over groups, of a per-row vector (`m` or `d`) with a
 //! per-input one.
+//!
+//! Int8 weights (one scale per row) take the inputs in their own order, each stored plus 128
+//! as an unsigned byte; see [`dot_rows_i8`].
 
 use core::arch::x86_64::*;
 
-use super::generic::I4Rows;
+use super::generic::{I4Rows, I8Rows};
 use super::LinearCall;
 use super::Weights;
 
@@ -65,16 +68,17 @@ struct Quantized {
     offset: [f32; MAX_K / GROUP],
 }
 
-/// Runs the call with int8 activations when this kernel applies: int4 weights in groups of 32
-/// with an even number of groups per row, `k <= MAX_K`, and a CPU with VNNI. Returns false,
-/// having done nothing, otherwise.
+/// Runs the call with int8 activations when this kernel applies: `k <= MAX_K` a multiple of 64,
+/// int4 weights in groups of 32 or int8 weights, and a CPU with VNNI. Returns false, having done
+/// nothing, otherwise.
 pub(crate) fn linear(call: &mut LinearCall<'_>) -> bool {
-    let Weights::I4(w) = call.w else {
-        return false;
-    };
     let k = call.k;
-    let fits = w.group == GROUP && k <= MAX_K && (k / GROUP).is_multiple_of(2);
-    if !fits || !supported() {
+    let fits = match call.w {
+        Weights::I4(w) => w.group == GROUP,
+        Weights::I8(_) => true,
+        _ => false,
+    };
+    if !fits || k > MAX_K || !k.is_multiple_of(2 * GROUP) || !supported() {
         return false;
     }
     let empty =
@@ -87,21 +91,38 @@ pub(crate) fn linear(call: &mut LinearCall<'_>) -> bool {
         let x = &call.x[row * k..(row + block) * k];
         let y = &mut call.y[row * n..(row + block) * n];
         // SAFETY: `supported` checked the CPU features; `LinearCall::new` checked that `w` holds
-        // `n` rows of `k` values with `k / 32` scales (and minimums) each, and `x` and `y` were
-        // cut to `block` rows of `k` and `n` values above, with `k <= MAX_K`.
+        // `n` rows of `k` values (int4: with `k / 32` scales, and minimums, each; int8: with a
+        // scale each), and `x` and `y` were cut to `block` rows of `k` and `n` values above, with
+        // `k <= MAX_K` a multiple of 64.
         unsafe {
-            for (values, q) in x.chunks_exact(k).zip(&mut quantized) {
-                quantize(values, w.mins.is_some(), q);
-            }
-            match (w.mins.is_some(), block) {
-                (true, 4) => block_rows::<true, 4>(&quantized, &w, k, y),
-                (true, 3) => block_rows::<true, 3>(&quantized, &w, k, y),
-                (true, 2) => block_rows::<true, 2>(&quantized, &w, k, y),
-                (true, _) => block_rows::<true, 1>(&quantized, &w, k, y),
-                (false, 4) => block_rows::<false, 4>(&quantized, &w, k, y),
-                (false, 3) => block_rows::<false, 3>(&quantized, &w, k, y),
-                (false, 2) => block_rows::<false, 2>(&quantized, &w, k, y),
-                (false, _) => block_rows::<false, 1>(&quantized, &w, k, y),
+            match call.w {
+                Weights::I4(w) => {
+                    for (values, q) in x.chunks_exact(k).zip(&mut quantized) {
+                        quantize(values, w.mins.is_some(), q);
+                    }
+                    match (w.mins.is_some(), block) {
+                        (true, 4) => block_rows::<true, 4>(&quantized, &w, k, y),
+                        (true, 3) => block_rows::<true, 3>(&quantized, &w, k, y),
+                        (true, 2) => block_rows::<true, 2>(&quantized, &w, k, y),
+                        (true, _) => block_rows::<true, 1>(&quantized, &w, k, y),
+                        (false, 4) => block_rows::<false, 4>(&quantized, &w, k, y),
+                        (false, 3) => block_rows::<false, 3>(&quantized, &w, k, y),
+                        (false, 2) => block_rows::<false, 2>(&quantized, &w, k, y),
+                        (false, _) => block_rows::<false, 1>(&quantized, &w, k, y),
+                    }
+                }
+                Weights::I8(w) => {
+                    for (values, q) in x.chunks_exact(k).zip(&mut quantized) {
+                        quantize_biased(values, q);
+                    }
+                    match block {
+                        4 => block_rows_i8::<4>(&quantized, &w, k, y),
+                        3 => block_rows_i8::<3>(&quantized, &w, k, y),
+                        2 => block_rows_i8::<2>(&quantized, &w, k, y),
+                        _ => block_rows_i8::<1>(&quantized, &w, k, y),
+                    }
+                }
+                _ => return false,
             }
         }
         if let Some(b) = call.bias {
@@ -114,6 +135,111 @@ pub(crate) fn linear(call: &mut LinearCall<'_>) -> bool {
         row += block;
     }
     true
+}
+
+/// Quantizes `x` for int8 weights: groups of 32 as in [`quantize`], in their own order, each value
+/// stored plus 128 as an unsigned byte (the operand `vpdpbusd` takes unsigned).
+///
+/// # Safety
+///
+/// As for [`quantize`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn quantize_biased(x: &[f32], out: &mut Quantized) {
+    for (g, values) in x.chunks_exact(GROUP).enumerate() {
+        // SAFETY: `values` has 32 elements; `g < MAX_K / 32` and the stores write 32 bytes at
+        // `32 * g`, inside `out.q`.
+        unsafe {
+            let lo = _mm512_loadu_ps(values.as_ptr());
+            let hi = _mm512_loadu_ps(values.as_ptr().add(16));
+            let largest = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
+            let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+            let inverse = _mm512_set1_ps(inverse);
+            let bias = _mm_set1_epi8(0x80u8 as i8);
+            let lo = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse)));
+            let hi = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse)));
+            let q = out.q.as_mut_ptr().add(GROUP * g);
+            _mm_storeu_si128(q.cast(), _mm_xor_si128(lo, bias));
+            _mm_storeu_si128(q.add(16).cast(), _mm_xor_si128(hi, bias));
+            out.scale[g] = largest / 127.0;
+        }
+    }
+}
+
+/// [`block_rows`] for int8 weights with one scale per row, from [`quantize_biased`] inputs.
+///
+/// # Safety
+///
+/// As for [`block_rows`], with `w` holding `y.len() / R` rows of `k` values and a scale each.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn block_rows_i8<const R: usize>(
+    q: &[Quantized; ROWS],
+    w: &I8Rows<'_>,
+    k: usize,
+    y: &mut [f32],
+) {
+    let n = y.len() / R;
+    for j in 0..n {
+        // SAFETY: row `j` is inside `w` (see above).
+        let sums = unsafe { dot_rows_i8::<R>(q, w.q.as_ptr().add(j * k), k / GROUP) };
+        let scale = w.scales[j];
+        for (r, sum) in sums.into_iter().enumerate() {
+            y[r * n + j] = sum * scale;
+        }
+    }
+}
+
+/// The dot products of one int8 weight row, `groups` groups long (an even number), with the
+/// first `R` inputs of `q`, before the row's scale.
+///
+/// Each input byte is its value plus 128, so `Σ w xq = Σ w (xq + 128) - 128 Σ w`, and the second
+/// term comes from one more `vpdpbusd` of the weights with bytes of 128.
+///
+/// # Safety
+///
+/// As for [`block_rows_i8`], with `row` pointing at a row of `groups * 32` weights.
+#[inline(always)]
+unsafe fn dot_rows_i8<const R: usize>(
+    q: &[Quantized; ROWS],
+    row: *const i8,
+    groups: usize,
+) -> [f32; R] {
+    // SAFETY: every pointer below stays inside the row and the `groups` groups of each `q`; the
+    // masked loads read only the lanes of groups that exist.
+    unsafe {
+        let bias = _mm512_set1_epi8(0x80u8 as i8);
+        // Lanes 0-7 of a pair's sums belong to its first group, 8-15 to its second.
+        let first_pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let next_pair = _mm512_set1_epi32(2);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut scales = [_mm512_setzero_ps(); R];
+        let mut g = 0;
+        while g < groups {
+            let count = (groups - g).min(16);
+            let mask: __mmask16 = if count == 16 { u16::MAX } else { (1u16 << count) - 1 };
+            for r in 0..R {
+                scales[r] = _mm512_maskz_loadu_ps(mask, q[r].scale.as_ptr().add(g));
+            }
+            let mut index = first_pair;
+            for pair in (g / 2)..(g + count) / 2 {
+                let weights = _mm512_loadu_si512(row.add(64 * pair).cast());
+                let offset = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, weights);
+                for r in 0..R {
+                    let x = _mm512_load_si512(q[r].q.as_ptr().add(64 * pair).cast());
+                    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x, weights);
+                    let sums = _mm512_sub_epi32(sums, offset);
+                    let scale = _mm512_permutexvar_ps(index, scales[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r]);
+                }
+                index = _mm512_add_epi32(index, next_pair);
+            }
+            g += count;
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]);
+        }
+        out
+    }
 }
 
 /// Quantizes `x` (a multiple of 64 values, at most `MAX_K`) into `out`.
