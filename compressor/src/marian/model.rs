@@ -12,6 +12,11 @@
 //!   each followed by a residual connection and layer normalization;
 //! - the output layer multiplies by the transposed embedding matrix and adds a bias.
 
+use edgefold_runtime::kernels::{
+    self,
+    generic::{F32Rows, I8Rows},
+    Weights,
+};
 use std::sync::Arc;
 
 use super::file::MarianFile;
@@ -128,13 +133,25 @@ impl MarianConfig {
     }
 }
 
-/// A dense layer `y = x W + b` with `W` stored as `[inputs, outputs]` in row-major order.
+/// A dense layer `y = x W + b`. `W` is kept transposed, `[outputs, inputs]`, as the runtime's
+/// `linear` kernels take it: in int8 with one scale when the file stores it so (intgemm8), else
+/// in f32.
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: Vec<f32>,
+    weight: LinearWeight,
     bias: Option<Vec<f32>>,
     inputs: usize,
     outputs: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    F32(Vec<f32>),
+    /// Values and one scale per output (all equal: the file's multiplier, inverted).
+    I8 {
+        q: Vec<i8>,
+        scales: Vec<f32>,
+    },
 }
 
 impl Linear {
@@ -145,7 +162,16 @@ impl Linear {
         inputs: usize,
         outputs: usize,
     ) -> Result<Linear, MarianError> {
-        let weight = file.tensor_f32(weight, Some(&[inputs, outputs]))?;
+        let weight = match file.int8_matrix(weight, Some(&[inputs, outputs])) {
+            Ok(m) => LinearWeight::I8 {
+                q: transpose(&m.values, inputs, outputs),
+                scales: vec![1.0 / m.multiplier; outputs],
+            },
+            Err(_) => {
+                let w = file.tensor_f32(weight, Some(&[inputs, outputs]))?;
+                LinearWeight::F32(transpose(&w, inputs, outputs))
+            }
+        };
         let bias = match bias {
             Some(name) => Some(file.tensor_f32(name, Some(&[1, outputs]))?),
             None => None,
@@ -153,22 +179,35 @@ impl Linear {
         Ok(Linear { weight, bias, inputs, outputs })
     }
 
-    /// Applies the layer to `rows` input rows stored one after another.
-    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+    /// Applies the layer to `rows` input rows stored one after another. With `int8`, the
+    /// inputs of int8 weights may be quantized to int8 for integer products
+    /// ([`kernels::linear_int8`]).
+    fn forward(&self, x: &[f32], rows: usize, int8: bool) -> Vec<f32> {
         debug_assert_eq!(x.len(), rows * self.inputs);
         let mut y = vec![0.0f32; rows * self.outputs];
-        for (x_row, y_row) in x.chunks_exact(self.inputs).zip(y.chunks_exact_mut(self.outputs)) {
-            if let Some(bias) = &self.bias {
-                y_row.copy_from_slice(bias);
-            }
-            for (&xi, w_row) in x_row.iter().zip(self.weight.chunks_exact(self.outputs)) {
-                for (yj, &wij) in y_row.iter_mut().zip(w_row) {
-                    *yj += xi * wij;
-                }
-            }
+        let (k, n) = (self.inputs, self.outputs);
+        let w = match &self.weight {
+            LinearWeight::F32(w) => Weights::F32(F32Rows { w, k }),
+            LinearWeight::I8 { q, scales } => Weights::I8(I8Rows { q, scales, k }),
+        };
+        let bias = self.bias.as_deref();
+        match int8 {
+            true => kernels::linear_int8(x, rows, k, w, n, bias, &mut y),
+            false => kernels::linear(x, rows, k, w, n, bias, &mut y),
         }
         y
     }
+}
+
+/// `[rows, cols]` to `[cols, rows]`, row-major.
+fn transpose<T: Copy + Default>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); values.len()];
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -250,12 +289,12 @@ impl FeedForward {
     }
 
     /// Applies the block and its residual normalization to `rows` rows of `x` in place.
-    fn apply(&self, x: &mut [f32], rows: usize) {
-        let mut hidden = self.up.forward(x, rows);
+    fn apply(&self, x: &mut [f32], rows: usize, int8: bool) {
+        let mut hidden = self.up.forward(x, rows, int8);
         for v in &mut hidden {
             *v = v.max(0.0);
         }
-        let out = self.down.forward(&hidden, rows);
+        let out = self.down.forward(&hidden, rows, int8);
         self.norm.add_and_normalize(x, &out);
     }
 }
@@ -341,10 +380,12 @@ pub struct MarianModel {
     encoder: Vec<EncoderLayer>,
     decoder: Vec<DecoderLayer>,
     eos: u32,
+    /// Whether products with int8 weights may quantize their inputs to int8.
+    int8_activations: bool,
 }
 
 impl MarianModel {
-    /// Builds the model from a Marian file, dequantizing int8 weights to f32. `eos` is the id of
+    /// Builds the model from a Marian file, keeping int8 weights in int8. `eos` is the id of
     /// `</s>`, which ends a translation.
     ///
     /// # Errors
@@ -391,7 +432,23 @@ impl MarianModel {
                 ffn: FeedForward::load(file, &format!("decoder_l{l}_ffn"), dim, ffn_dim)?,
             });
         }
-        Ok(MarianModel { config, embedding, output_bias, encoder, decoder, eos })
+        Ok(MarianModel {
+            config,
+            embedding,
+            output_bias,
+            encoder,
+            decoder,
+            eos,
+            int8_activations: false,
+        })
+    }
+
+    /// Lets the products with int8 weights quantize their inputs to int8 in groups of 32 where
+    /// the runtime has an integer kernel ([`kernels::linear_int8`]): faster, with that rounding.
+    /// (Marian quantizes the inputs of these models too, with one precomputed scale per matrix,
+    /// the `alphas` of the file name.) Off by default.
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
     }
 
     /// Returns the hyperparameters.
@@ -457,13 +514,13 @@ impl MarianModel {
 
         for layer in &self.encoder {
             let a = &layer.attention;
-            let q = a.query.forward(&x, n);
-            let k = a.key.forward(&x, n);
-            let v = a.value.forward(&x, n);
+            let q = a.query.forward(&x, n, self.int8_activations);
+            let k = a.key.forward(&x, n, self.int8_activations);
+            let v = a.value.forward(&x, n, self.int8_activations);
             let mixed = attend(&q, n, &k, &v, n, self.config.heads, dim);
-            let out = a.output.forward(&mixed, n);
+            let out = a.output.forward(&mixed, n, self.int8_activations);
             a.norm.add_and_normalize(&mut x, &out);
-            layer.ffn.apply(&mut x, n);
+            layer.ffn.apply(&mut x, n, self.int8_activations);
         }
         Ok(x)
     }
@@ -475,8 +532,16 @@ impl MarianModel {
     pub fn start(&self, source: &[u32]) -> Result<DecoderState, MarianError> {
         let output = self.encode(source)?;
         let n = source.len();
-        let keys = self.decoder.iter().map(|l| l.context.key.forward(&output, n)).collect();
-        let values = self.decoder.iter().map(|l| l.context.value.forward(&output, n)).collect();
+        let keys = self
+            .decoder
+            .iter()
+            .map(|l| l.context.key.forward(&output, n, self.int8_activations))
+            .collect();
+        let values = self
+            .decoder
+            .iter()
+            .map(|l| l.context.value.forward(&output, n, self.int8_activations))
+            .collect();
         Ok(DecoderState {
             context: Arc::new(EncoderContext { source_len: n, keys, values }),
             encoder_output: Arc::new(output),
@@ -514,8 +579,8 @@ impl MarianModel {
 
         for (l, layer) in self.decoder.iter().enumerate() {
             let cell = &mut state.cells[l];
-            let forget = layer.ssru.forget.forward(&y, 1);
-            let input = layer.ssru.input.forward(&y, 1);
+            let forget = layer.ssru.forget.forward(&y, 1, self.int8_activations);
+            let input = layer.ssru.input.forward(&y, 1, self.int8_activations);
             let mut out = vec![0.0f32; dim];
             for i in 0..dim {
                 let f = sigmoid(forget[i]);
@@ -525,14 +590,14 @@ impl MarianModel {
             layer.ssru.norm.add_and_normalize(&mut y, &out);
 
             let a = &layer.context;
-            let q = a.query.forward(&y, 1);
+            let q = a.query.forward(&y, 1, self.int8_activations);
             let (keys, values) = (&state.context.keys[l], &state.context.values[l]);
             let n = state.context.source_len;
             let mixed = attend(&q, 1, keys, values, n, self.config.heads, dim);
-            let out = a.output.forward(&mixed, 1);
+            let out = a.output.forward(&mixed, 1, self.int8_activations);
             a.norm.add_and_normalize(&mut y, &out);
 
-            layer.ffn.apply(&mut y, 1);
+            layer.ffn.apply(&mut y, 1, self.int8_activations);
         }
         state.position += 1;
         y

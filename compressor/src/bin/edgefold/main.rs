@@ -275,8 +275,9 @@ struct EvalArgs {
     /// Threads for the matrix products of ppl.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
-    /// For ppl: quantize the inputs of the second model's matrix products to int8 where the
-    /// runtime has an integer kernel, as `generate --int8-activations` does (packed files only).
+    /// For ppl and bleu: quantize the inputs of the second model's matrix products to int8
+    /// where the runtime has an integer kernel, as `generate --int8-activations` and `translate
+    /// --int8-activations` do (for ppl: packed files only).
     #[arg(long)]
     int8_activations: bool,
     /// For ppl: weight storage of the second model (f32, int8 or int4); bytes are then those of
@@ -1067,6 +1068,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
                 data: &args.data,
                 reference: args.reference.as_deref(),
                 limit: args.limit,
+                int8_activations: args.int8_activations,
                 json: args.json,
             };
             return translate::eval_bleu(&args.original, &args.file, options);
