@@ -83,46 +83,58 @@ pub(crate) fn linear(call: &mut LinearCall<'_>) -> bool {
     }
     let empty =
         || Quantized { q: [0; MAX_K], scale: [0.0; MAX_K / GROUP], offset: [0.0; MAX_K / GROUP] };
-    let mut quantized = [empty(), empty(), empty(), empty()];
-    let (n, rows) = (call.n, call.rows);
+    // One quantized row costs 10 KiB of stack to clear, so a single row gets one.
+    match call.rows {
+        1 => run(call, &mut [empty()]),
+        _ => run(call, &mut [empty(), empty(), empty(), empty()]),
+    }
+    true
+}
+
+/// Runs an applicable call (see [`linear`]) in blocks of up to `quantized.len()` rows, at most
+/// [`ROWS`].
+fn run(call: &mut LinearCall<'_>, quantized: &mut [Quantized]) {
+    let (k, n, rows) = (call.k, call.n, call.rows);
     let mut row = 0;
     while row < rows {
-        let block = (rows - row).min(ROWS);
+        let block = (rows - row).min(quantized.len()).min(ROWS);
         let x = &call.x[row * k..(row + block) * k];
         let y = &mut call.y[row * n..(row + block) * n];
-        // SAFETY: `supported` checked the CPU features; `LinearCall::new` checked that `w` holds
-        // `n` rows of `k` values (int4: with `k / 32` scales, and minimums, each; int8: with a
-        // scale each), and `x` and `y` were cut to `block` rows of `k` and `n` values above, with
-        // `k <= MAX_K` a multiple of 64.
+        let quantized = &mut quantized[..block];
+        // SAFETY: `linear` checked the CPU features and that `k <= MAX_K` is a multiple of 64;
+        // `LinearCall::new` checked that `w` holds `n` rows of `k` values (int4: with `k / 32`
+        // scales, and minimums, each; int8: with a scale each), and `x` and `y` were cut to
+        // `block` rows of `k` and `n` values above.
         unsafe {
             match call.w {
                 Weights::I4(w) => {
-                    for (values, q) in x.chunks_exact(k).zip(&mut quantized) {
+                    for (values, q) in x.chunks_exact(k).zip(quantized.iter_mut()) {
                         quantize(values, w.mins.is_some(), q);
                     }
                     match (w.mins.is_some(), block) {
-                        (true, 4) => block_rows::<true, 4>(&quantized, &w, k, y),
-                        (true, 3) => block_rows::<true, 3>(&quantized, &w, k, y),
-                        (true, 2) => block_rows::<true, 2>(&quantized, &w, k, y),
-                        (true, _) => block_rows::<true, 1>(&quantized, &w, k, y),
-                        (false, 4) => block_rows::<false, 4>(&quantized, &w, k, y),
-                        (false, 3) => block_rows::<false, 3>(&quantized, &w, k, y),
-                        (false, 2) => block_rows::<false, 2>(&quantized, &w, k, y),
-                        (false, _) => block_rows::<false, 1>(&quantized, &w, k, y),
+                        (true, 4) => block_rows::<true, 4>(quantized, &w, k, y),
+                        (true, 3) => block_rows::<true, 3>(quantized, &w, k, y),
+                        (true, 2) => block_rows::<true, 2>(quantized, &w, k, y),
+                        (true, _) => block_rows::<true, 1>(quantized, &w, k, y),
+                        (false, 4) => block_rows::<false, 4>(quantized, &w, k, y),
+                        (false, 3) => block_rows::<false, 3>(quantized, &w, k, y),
+                        (false, 2) => block_rows::<false, 2>(quantized, &w, k, y),
+                        (false, _) => block_rows::<false, 1>(quantized, &w, k, y),
                     }
                 }
                 Weights::I8(w) => {
-                    for (values, q) in x.chunks_exact(k).zip(&mut quantized) {
+                    for (values, q) in x.chunks_exact(k).zip(quantized.iter_mut()) {
                         quantize_biased(values, q);
                     }
                     match block {
-                        4 => block_rows_i8::<4>(&quantized, &w, k, y),
-                        3 => block_rows_i8::<3>(&quantized, &w, k, y),
-                        2 => block_rows_i8::<2>(&quantized, &w, k, y),
-                        _ => block_rows_i8::<1>(&quantized, &w, k, y),
+                        4 => block_rows_i8::<4>(quantized, &w, k, y),
+                        3 => block_rows_i8::<3>(quantized, &w, k, y),
+                        2 => block_rows_i8::<2>(quantized, &w, k, y),
+                        _ => block_rows_i8::<1>(quantized, &w, k, y),
                     }
                 }
-                _ => return false,
+                // `linear` lets only int4 and int8 weights through.
+                _ => {}
             }
         }
         if let Some(b) = call.bias {
@@ -134,7 +146,6 @@ pub(crate) fn linear(call: &mut LinearCall<'_>) -> bool {
         }
         row += block;
     }
-    true
 }
 
 /// Quantizes `x` for int8 weights: groups of 32 as in [`quantize`], in their own order, each value
@@ -171,12 +182,7 @@ unsafe fn quantize_biased(x: &[f32], out: &mut Quantized) {
 ///
 /// As for [`block_rows`], with `w` holding `y.len() / R` rows of `k` values and a scale each.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn block_rows_i8<const R: usize>(
-    q: &[Quantized; ROWS],
-    w: &I8Rows<'_>,
-    k: usize,
-    y: &mut [f32],
-) {
+unsafe fn block_rows_i8<const R: usize>(q: &[Quantized], w: &I8Rows<'_>, k: usize, y: &mut [f32]) {
     let n = y.len() / R;
     for j in 0..n {
         // SAFETY: row `j` is inside `w` (see above).
@@ -198,13 +204,11 @@ unsafe fn block_rows_i8<const R: usize>(
 ///
 /// As for [`block_rows_i8`], with `row` pointing at a row of `groups * 32` weights.
 #[inline(always)]
-unsafe fn dot_rows_i8<const R: usize>(
-    q: &[Quantized; ROWS],
-    row: *const i8,
-    groups: usize,
-) -> [f32; R] {
+unsafe fn dot_rows_i8<const R: usize>(q: &[Quantized], row: *const i8, groups: usize) -> [f32; R] {
     // SAFETY: every pointer below stays inside the row and the `groups` groups of each `q`; the
     // masked loads read only the lanes of groups that exist.
+    // With the length known, the indexing below needs no bounds checks.
+    let q = &q[..R];
     unsafe {
         let bias = _mm512_set1_epi8(0x80u8 as i8);
         // Lanes 0-7 of a pair's sums belong to its first group, 8-15 to its second.
@@ -302,7 +306,7 @@ unsafe fn abs(v: __m512) -> __m512 {
 /// quantized with minimums when `MIN`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn block_rows<const MIN: bool, const R: usize>(
-    q: &[Quantized; ROWS],
+    q: &[Quantized],
     w: &I4Rows<'_>,
     k: usize,
     y: &mut [f32],
@@ -326,7 +330,7 @@ unsafe fn block_rows<const MIN: bool, const R: usize>(
 /// As for [`block_rows`], with `row` one of `w`'s rows and `groups` its even number of groups.
 #[inline(always)]
 unsafe fn dot_rows<const MIN: bool, const R: usize>(
-    q: &[Quantized; ROWS],
+    q: &[Quantized],
     w: &I4Rows<'_>,
     row: usize,
     groups: usize,
@@ -334,6 +338,8 @@ unsafe fn dot_rows<const MIN: bool, const R: usize>(
     // SAFETY: every pointer below stays inside row `row` of the packed weights (16 bytes per
     // group), its scales and minimums (one per group), and the `groups` groups of each `q`; the
     // masked loads read only the lanes of groups that exist.
+    // With the length known, the indexing below needs no bounds checks.
+    let q = &q[..R];
     unsafe {
         let packed = w.packed.as_ptr().add(row * groups * (GROUP / 2));
         let scales = w.scales.as_ptr().add(row * groups);
