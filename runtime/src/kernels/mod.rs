@@ -10,6 +10,8 @@ pub mod conv;
 pub mod generic;
 #[cfg(feature = "std")]
 pub mod parallel;
+#[cfg(feature = "std")]
+mod pool;
 #[cfg(test)]
 mod tests;
 #[cfg(any(target_arch = "x86_64", all(target_arch = "aarch64", target_feature = "neon")))]

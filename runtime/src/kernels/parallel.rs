@@ -1,13 +1,13 @@
 //! [`linear`] and [`matmul_batch`] split across threads, with the `std` feature.
 //!
-//! Each call splits its work into one contiguous part per thread. The calling thread runs the
-//! first part and rayon's global pool the others, so the worker threads are started once per
-//! process and only woken for each call. Each part gets at least [`MIN_MACS_PER_THREAD`]
-//! multiply-adds. The pool has one thread per core unless `RAYON_NUM_THREADS` says otherwise;
-//! asking for more parts than it has threads queues the extra parts.
+//! Each call splits its work into one contiguous part per thread, which the calling thread and
+//! the workers of [`super::pool`] share; the workers are started once per process. Each part gets
+//! at least [`MIN_MACS_PER_THREAD`] multiply-adds.
 //!
-//! NOTE: that minimum was not tuned. At the 16 G multiply-adds per second measured for the AVX2
-//! kernel it is about 16 µs of work.
+//! The minimum was measured on SmolLM2 generation (2 threads, int4 weights, int8 activations,
+//! Xeon with AVX-512): 2^16 gave 114 to 127 tokens/s where 2^18 gave 96 to 99, because at 2^18
+//! the 576 x 576 attention projections ran on one thread.
+//! NOTE: it was not measured on other CPUs or with more than 2 threads.
 //!
 //! Work is split by rows of the output, so each output value is computed by the same kernel
 //! in the same order as on one thread. The exception is the one the note on [`linear`] describes.
@@ -16,10 +16,10 @@
 //! count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
-use super::{linear, linear_int8, matmul_batch, Weights};
+use super::{linear, linear_int8, matmul_batch, pool, Weights};
 
 /// Minimum multiply-adds per thread. A smaller call runs on fewer threads.
-pub const MIN_MACS_PER_THREAD: usize = 1 << 18;
+pub const MIN_MACS_PER_THREAD: usize = 1 << 16;
 
 /// Returns the thread count for `macs` multiply-adds, at most `threads` and at most `parts`.
 fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
@@ -112,16 +112,9 @@ pub(crate) fn linear_by_rows(
 ) {
     let per = rows.div_ceil(parts);
     let x = &x[..rows * k];
-    let y = &mut y[..rows * n];
-    rayon_core::in_place_scope(|s| {
-        let mut jobs = x.chunks(per * k).zip(y.chunks_mut(per * n));
-        let first = jobs.next();
-        for (xs, ys) in jobs {
-            s.spawn(move |_| kernel(xs, xs.len() / k.max(1), k, w, n, bias, ys));
-        }
-        if let Some((xs, ys)) = first {
-            kernel(xs, xs.len() / k.max(1), k, w, n, bias, ys);
-        }
+    split_mut(&mut y[..rows * n], per * n, &|i, ys| {
+        let xs = &x[i * per * k..][..ys.len() / n.max(1) * k];
+        kernel(xs, ys.len() / n.max(1), k, w, n, bias, ys);
     });
 }
 
@@ -139,20 +132,10 @@ pub(crate) fn linear_by_outputs(
     y: &mut [f32],
 ) {
     let per = n.div_ceil(parts);
-    let y = &mut y[..n];
-    rayon_core::in_place_scope(|s| {
-        let mut jobs = y.chunks_mut(per).enumerate();
-        let first = jobs.next();
-        for (i, ys) in jobs {
-            let (start, count) = (i * per, ys.len());
-            let w = weight_rows(w, start, count);
-            let b = bias.map(|b| &b[start..start + count]);
-            s.spawn(move |_| kernel(x, 1, k, w, count, b, ys));
-        }
-        if let Some((_, ys)) = first {
-            let count = ys.len();
-            kernel(x, 1, k, weight_rows(w, 0, count), count, bias.map(|b| &b[..count]), ys);
-        }
+    split_mut(&mut y[..n], per, &|i, ys| {
+        let (start, count) = (i * per, ys.len());
+        let b = bias.map(|b| &b[start..start + count]);
+        kernel(x, 1, k, weight_rows(w, start, count), count, b, ys);
     });
 }
 
@@ -229,14 +212,40 @@ pub(crate) fn matmul_batch_parts<'a>(
     let run = move |first: usize, out: &mut [f32]| {
         matmul_batch(out.len() / size, |j| a(first + j), |j| b(first + j), out, m, k, n);
     };
-    rayon_core::in_place_scope(|s| {
-        let mut jobs = c.chunks_mut(per * size).enumerate();
-        let first = jobs.next();
-        for (i, cs) in jobs {
-            s.spawn(move |_| run(i * per, cs));
-        }
-        if let Some((_, cs)) = first {
-            run(0, cs);
-        }
+    split_mut(c, per * size, &|i, cs| run(i * per, cs));
+}
+
+/// Calls `f(i, chunk)` for each of the consecutive `chunk`-long parts of `data` (the last may be
+/// shorter) on the worker pool, the calling thread taking a part too.
+fn split_mut(data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    if chunk == 0 || data.is_empty() {
+        return;
+    }
+    let len = data.len();
+    let parts = len.div_ceil(chunk);
+    let base = SharedMut(data.as_mut_ptr());
+    pool::run(parts, &|i| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        // SAFETY: `pool::run` calls this once for each `i < parts`, so the ranges
+        // `start..end` are inside `data` and never overlap, and `data` stays borrowed until
+        // every call has returned.
+        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        f(i, part);
     });
 }
+
+/// A pointer into a slice that the parts of one job write in disjoint ranges.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+
+impl SharedMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: each part writes its own range of the slice (see `split_mut`).
+unsafe impl Send for SharedMut {}
+// SAFETY: as above; the pointer itself is only copied.
+unsafe impl Sync for SharedMut {}
