@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod datasets;
 pub mod embed;
 pub mod exec;
+mod file_bytes;
 pub mod fusion;
 pub mod gguf;
 pub mod gptq;

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::*;
 
@@ -277,4 +277,33 @@ fn shortlist_rejects_damaged_files() {
         assert!(err.contains(name), "{err}");
         assert!(err.contains(expected), "{name}: {err}");
     }
+}
+
+#[test]
+fn reader_parses_bytes_like_a_file() {
+    let bytes = model_bytes(&sample_entries());
+    let opened = MarianFile::open(&write_temp("from-bytes.bin", &bytes)).unwrap();
+    let name = Path::new("in-memory.bin");
+    let parsed = MarianFile::from_bytes(name, bytes.clone()).unwrap();
+    assert_eq!(parsed.path(), name);
+    assert_eq!(parsed.tensors(), opened.tensors());
+    assert_eq!(parsed.config(), opened.config());
+    assert_eq!(parsed.tensor_f32("layer_W", None).unwrap(), vec![0.5, 1.0, 1.5, 2.0, 2.5, 3.0]);
+
+    let err = MarianFile::from_bytes(name, bytes[..20].to_vec()).unwrap_err().to_string();
+    assert!(err.contains("in-memory.bin"), "{err}");
+    assert!(err.contains("invalid file at byte"), "{err}");
+}
+
+#[test]
+fn shortlist_parses_bytes_like_a_file() {
+    let bytes = shortlist_bytes(2, &[0, 2, 3, 3], &[5, 6, 7]);
+    let name = Path::new("in-memory.s2t.bin");
+    let shortlist = Shortlist::from_bytes(name, &bytes).unwrap();
+    assert_eq!(shortlist.first(), 2);
+    assert_eq!(shortlist.candidates(&[0], 9, 10).unwrap(), vec![0, 1, 5, 6, 9]);
+
+    let err = Shortlist::from_bytes(name, &bytes[..20]).unwrap_err().to_string();
+    assert!(err.contains("in-memory.s2t.bin"), "{err}");
+    assert!(err.contains("shorter than"), "{err}");
 }
