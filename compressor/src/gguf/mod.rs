@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use edgefold_runtime::MappedFile;
 
+use crate::file_bytes::FileBytes;
+
 pub use quants::{dequantize, GgmlType};
 
 /// The four bytes every GGUF file starts with.
@@ -180,10 +182,11 @@ impl TensorInfo {
     }
 }
 
-/// A GGUF file mapped into memory, with its metadata and tensor table parsed.
+/// A GGUF file mapped into memory (or passed in as bytes), with its metadata and tensor table
+/// parsed.
 pub struct GgufFile {
     path: PathBuf,
-    file: MappedFile,
+    file: FileBytes,
     version: u32,
     metadata: BTreeMap<String, Value>,
     tensors: Vec<TensorInfo>,
@@ -205,13 +208,26 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
         let file = MappedFile::open(path)
             .map_err(|source| GgufError::Io { path: path.to_path_buf(), source })?;
+        GgufFile::from_file_bytes(path, FileBytes::Mapped(file))
+    }
+
+    /// Parses a GGUF file that is already in memory. `path` only names the file in errors and in
+    /// [`GgufFile::path`], and nothing is read from it.
+    ///
+    /// # Errors
+    /// [`GgufError::Format`] when the bytes are not a valid GGUF file of version 2 or 3.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
+        GgufFile::from_file_bytes(path, FileBytes::Owned(bytes))
+    }
+
+    fn from_file_bytes(path: &Path, file: FileBytes) -> Result<GgufFile, GgufError> {
         let (version, metadata, tensors) = parse(file.bytes()).map_err(|(offset, reason)| {
             GgufError::Format { path: path.to_path_buf(), offset, reason }
         })?;
         Ok(GgufFile { path: path.to_path_buf(), file, version, metadata, tensors })
     }
 
-    /// Returns the path the file was opened from.
+    /// Returns the path the file was opened from, or the one given to [`GgufFile::from_bytes`].
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -310,3 +310,22 @@ fn open_errors_name_the_file() {
     let err = GgufFile::open(&missing).unwrap_err().to_string();
     assert!(err.contains("edgefold-no-such-file.gguf"), "{err}");
 }
+
+#[test]
+fn from_bytes_matches_open() {
+    let opened = GgufFile::open(&fixture()).unwrap();
+    let bytes = std::fs::read(fixture()).unwrap();
+    let name = Path::new("in-memory.gguf");
+    let parsed = GgufFile::from_bytes(name, bytes).unwrap();
+    assert_eq!(parsed.path(), name);
+    assert_eq!(parsed.version(), opened.version());
+    assert_eq!(parsed.metadata(), opened.metadata());
+    assert_eq!(parsed.tensors(), opened.tensors());
+    for info in opened.tensors() {
+        assert_eq!(parsed.tensor_bytes(info), opened.tensor_bytes(info), "{}", info.name);
+    }
+
+    let err = GgufFile::from_bytes(name, b"GGUF".to_vec()).unwrap_err().to_string();
+    assert!(err.contains("in-memory.gguf"), "{err}");
+    assert!(err.contains("version"), "{err}");
+}

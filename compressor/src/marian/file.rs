@@ -23,6 +23,7 @@ use edgefold_runtime::MappedFile;
 
 use super::config::{parse_yaml, YamlValue};
 use super::MarianError;
+use crate::file_bytes::FileBytes;
 
 /// The only format version Marian writes.
 const FORMAT_VERSION: u64 = 1;
@@ -127,10 +128,10 @@ impl Int8Matrix {
     }
 }
 
-/// A Marian model file mapped into memory, with its tensor table parsed.
+/// A Marian model file mapped into memory (or passed in as bytes), with its tensor table parsed.
 pub struct MarianFile {
     path: PathBuf,
-    file: MappedFile,
+    file: FileBytes,
     tensors: Vec<TensorInfo>,
     config: Option<Vec<(String, YamlValue)>>,
 }
@@ -154,6 +155,20 @@ impl MarianFile {
     pub fn open(path: &Path) -> Result<MarianFile, MarianError> {
         let file = MappedFile::open(path)
             .map_err(|source| MarianError::Io { path: path.to_path_buf(), source })?;
+        MarianFile::from_file_bytes(path, FileBytes::Mapped(file))
+    }
+
+    /// Parses a model file that is already in memory, including its YAML configuration. `path`
+    /// only names the file in errors and in [`MarianFile::path`], and nothing is read from it.
+    ///
+    /// # Errors
+    /// [`MarianError::Format`] when the structure is invalid, and [`MarianError::Config`] when
+    /// the embedded YAML is invalid.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<MarianFile, MarianError> {
+        MarianFile::from_file_bytes(path, FileBytes::Owned(bytes))
+    }
+
+    fn from_file_bytes(path: &Path, file: FileBytes) -> Result<MarianFile, MarianError> {
         let tensors = parse(file.bytes()).map_err(|(offset, reason)| MarianError::Format {
             path: path.to_path_buf(),
             offset,
@@ -164,7 +179,7 @@ impl MarianFile {
         Ok(out)
     }
 
-    /// Returns the path the file was opened from.
+    /// Returns the path the file was opened from, or the one given to [`MarianFile::from_bytes`].
     pub fn path(&self) -> &Path {
         &self.path
     }

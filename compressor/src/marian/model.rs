@@ -29,6 +29,15 @@ const LAYER_NORM_EPS: f32 = 1e-6;
 /// configuration that ships with the Firefox Translations models.
 const MAX_LENGTH_FACTOR: f32 = 2.5;
 
+/// Tensors of one encoder layer: the four projections of self-attention with their biases and
+/// layer normalization (10), and the feed-forward block's two layers with their biases and layer
+/// normalization (6).
+const ENCODER_LAYER_TENSORS: usize = 16;
+
+/// Tensors of one decoder layer: the SSRU cell's two weights, forget bias and layer normalization
+/// (5), then cross-attention (10) and a feed-forward block (6) as in an encoder layer.
+const DECODER_LAYER_TENSORS: usize = 21;
+
 /// Hyperparameters of a Marian transformer with an SSRU decoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MarianConfig {
@@ -51,8 +60,9 @@ impl MarianConfig {
     /// and checks that the options describe an architecture [`MarianModel`] implements.
     ///
     /// # Errors
-    /// [`MarianError::Config`] when a required key is missing or names another architecture,
-    /// and [`MarianError::Tensor`] when `Wemb` is missing or not a matrix.
+    /// [`MarianError::Config`] when a required key is missing, names another architecture, or
+    /// gives more layers than the file has tensors for, and [`MarianError::Tensor`] when `Wemb` is
+    /// missing or not a matrix.
     pub fn from_file(file: &MarianFile) -> Result<MarianConfig, MarianError> {
         let embedding = file.tensor("Wemb").ok_or_else(|| file.tensor_error("Wemb", "missing"))?;
         let [vocab, dim] = embedding.shape[..] else {
@@ -117,6 +127,24 @@ impl MarianConfig {
                 "dim-emb",
                 format!("is {}, but Wemb has {dim} columns", config.dim),
             ));
+        }
+        // A depth beyond what the tensor table can contain is rejected here, before it sizes any
+        // allocation.
+        let tensors = file.tensors().len();
+        for (key, layers, per_layer) in [
+            ("enc-depth", config.encoder_layers, ENCODER_LAYER_TENSORS),
+            ("dec-depth", config.decoder_layers, DECODER_LAYER_TENSORS),
+        ] {
+            let max = tensors / per_layer;
+            if layers > max {
+                return Err(file.config_error(
+                    key,
+                    format!(
+                        "is {layers}, but the file's {tensors} tensors are enough for at most \
+                         {max} layers of {per_layer} tensors"
+                    ),
+                ));
+            }
         }
         if !config.dim.is_multiple_of(config.heads) || !config.dim.is_multiple_of(2) {
             return Err(file.config_error(

@@ -39,6 +39,15 @@ impl Shortlist {
     pub fn open(path: &Path) -> Result<Shortlist, MarianError> {
         let bytes = std::fs::read(path)
             .map_err(|source| MarianError::Io { path: path.to_path_buf(), source })?;
+        Shortlist::from_bytes(path, &bytes)
+    }
+
+    /// Parses and checks a binary shortlist that is already in memory. `path` only names the
+    /// file in errors, and nothing is read from it.
+    ///
+    /// # Errors
+    /// [`MarianError::Format`] when the magic, the sizes or the offsets are invalid.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Shortlist, MarianError> {
         let fail = |offset: usize, reason: String| MarianError::Format {
             path: path.to_path_buf(),
             offset: offset as u64,

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::*;
 
@@ -276,5 +276,85 @@ fn shortlist_rejects_damaged_files() {
         let err = Shortlist::open(&path).unwrap_err().to_string();
         assert!(err.contains(name), "{err}");
         assert!(err.contains(expected), "{name}: {err}");
+    }
+}
+
+#[test]
+fn reader_parses_bytes_like_a_file() {
+    let bytes = model_bytes(&sample_entries());
+    let opened = MarianFile::open(&write_temp("from-bytes.bin", &bytes)).unwrap();
+    let name = Path::new("in-memory.bin");
+    let parsed = MarianFile::from_bytes(name, bytes.clone()).unwrap();
+    assert_eq!(parsed.path(), name);
+    assert_eq!(parsed.tensors(), opened.tensors());
+    assert_eq!(parsed.config(), opened.config());
+    assert_eq!(parsed.tensor_f32("layer_W", None).unwrap(), vec![0.5, 1.0, 1.5, 2.0, 2.5, 3.0]);
+
+    let err = MarianFile::from_bytes(name, bytes[..20].to_vec()).unwrap_err().to_string();
+    assert!(err.contains("in-memory.bin"), "{err}");
+    assert!(err.contains("invalid file at byte"), "{err}");
+}
+
+#[test]
+fn shortlist_parses_bytes_like_a_file() {
+    let bytes = shortlist_bytes(2, &[0, 2, 3, 3], &[5, 6, 7]);
+    let name = Path::new("in-memory.s2t.bin");
+    let shortlist = Shortlist::from_bytes(name, &bytes).unwrap();
+    assert_eq!(shortlist.first(), 2);
+    assert_eq!(shortlist.candidates(&[0], 9, 10).unwrap(), vec![0, 1, 5, 6, 9]);
+
+    let err = Shortlist::from_bytes(name, &bytes[..20]).unwrap_err().to_string();
+    assert!(err.contains("in-memory.s2t.bin"), "{err}");
+    assert!(err.contains("shorter than"), "{err}");
+}
+
+/// Returns a configuration of the supported architecture with the given depths, for a width of 2
+/// with one head.
+fn supported_yaml(encoder_layers: u64, decoder_layers: u64) -> Vec<u8> {
+    let yaml = format!(
+        "type: transformer\ntransformer-decoder-autoreg: rnn\ndec-cell: ssru\n\
+         transformer-ffn-activation: relu\ntransformer-ffn-depth: 2\n\
+         transformer-postprocess: dan\ntransformer-preprocess: \"\"\n\
+         transformer-postprocess-emb: d\ntied-embeddings-all: true\n\
+         enc-depth: {encoder_layers}\ndec-depth: {decoder_layers}\ndim-emb: 2\n\
+         transformer-heads: 1\ntransformer-dim-ffn: 4\n\0"
+    );
+    yaml.into_bytes()
+}
+
+/// Names of one-value tensors that pad a tensor table.
+const FILLERS: [&str; 18] = [
+    "f0", "f1", "f2", "f3", "f4", "f5", "f6", "f7", "f8", "f9", "f10", "f11", "f12", "f13", "f14",
+    "f15", "f16", "f17",
+];
+
+#[test]
+fn config_rejects_depth_beyond_tensors() {
+    // With 2 tensors no layer fits. With 20, one encoder layer (16 tensors) fits but no decoder
+    // layer (21 tensors). Each depth is rejected before the model reserves room for its layers.
+    let cases = [
+        ("deep-encoder.bin", supported_yaml(100_000_000_000_000, 1), 0, "enc-depth", "2 tensors"),
+        ("deep-decoder.bin", supported_yaml(1, u64::MAX), 18, "dec-depth", "20 tensors"),
+    ];
+    for (name, yaml, fillers, key, tensors) in cases {
+        let mut entries = vec![
+            int8_entry("Wemb", vec![3, 2], &[1, 2, 3, 4, 5, 6], 4.0),
+            Entry {
+                name: "special:model.yml",
+                type_code: 0x101,
+                shape: vec![yaml.len() as i32],
+                data: yaml,
+            },
+        ];
+        for filler in &FILLERS[..fillers] {
+            entries.push(f32_entry(filler, vec![1], &[0.0]));
+        }
+        let file = MarianFile::open(&write_temp(name, &model_bytes(&entries))).unwrap();
+
+        let err = MarianConfig::from_file(&file).unwrap_err().to_string();
+        assert!(err.contains(&format!("configuration key `{key}`")), "{name}: {err}");
+        assert!(err.contains(&format!("{tensors} are enough for at most 0 layers")), "{err}");
+        let err = MarianModel::from_file(&file, 0).unwrap_err().to_string();
+        assert!(err.contains(key), "{name}: {err}");
     }
 }
