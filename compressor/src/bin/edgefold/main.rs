@@ -96,7 +96,8 @@ enum Command {
     Eval(EvalArgs),
     /// Time loading and inference of a packed text encoder (or of the original ONNX with tract).
     Bench(BenchArgs),
-    /// Generate text with a language model from a GGUF file, streaming tokens as they come.
+    /// Generate text with a language model (a packed file or a GGUF file), streaming tokens as
+    /// they come.
     Generate(llm::GenerateArgs),
     /// Translate sentences read from stdin, one per line, with a Marian model, printing each
     /// translation as soon as it is done.
@@ -253,7 +254,8 @@ struct EvalArgs {
     /// Metric: sts (Spearman correlation of cosine similarities with gold scores), raw (cosine
     /// and largest difference of every output against the original's), accuracy (top-1 of the
     /// first output against `labels`), anomaly (correlation of reconstruction errors with the
-    /// original's), ppl (perplexity of a GGUF language model, both files being GGUF) or bleu
+    /// original's), ppl (perplexity of a language model: a GGUF original and a packed file or
+    /// GGUF file) or bleu
     /// (BLEU and chrF of greedy translations with the shortlist against --reference, with
     /// sentences per second and median latency).
     #[arg(long)]
@@ -280,8 +282,8 @@ struct EvalArgs {
     /// --int8-activations` do (for ppl: packed files only).
     #[arg(long)]
     int8_activations: bool,
-    /// For ppl: weight storage of the second model (f32, int8 or int4); bytes are then those of
-    /// the stored weights.
+    /// For ppl: weight storage of a GGUF second model (f32, int8, int4 or int4-sym); bytes are
+    /// then those of the stored weights. A packed file keeps the storage it was written with.
     #[arg(long, default_value = "f32", value_parser = llm::parse_weight_kind)]
     weights: edgefold_compressor::llm::WeightKind,
     /// Tokenizer to use instead of the one embedded in the file.
