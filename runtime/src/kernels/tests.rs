@@ -523,7 +523,7 @@ fn linear_int8_activations() {
             linear_int8(&x, rows, k, w.weights(), n, Some(&bias), &mut y);
             let mut exact = vec![0f32; rows * n];
             linear(&x, rows, k, w.weights(), n, Some(&bias), &mut exact);
-            let integer = k.is_multiple_of(64) && super::vnni::supported();
+            let integer = k.is_multiple_of(64) && super::int8_products_supported();
             for m in 0..rows {
                 let row = &x[m * k..(m + 1) * k];
                 let xq = quantized_q8(row);
