@@ -58,6 +58,8 @@ pub mod reference;
 pub mod selftest;
 #[cfg(feature = "compress")]
 pub mod spectrum;
+#[cfg(test)]
+mod temp_file;
 #[cfg(feature = "compress")]
 pub mod tensor;
 #[cfg(feature = "compress")]

@@ -354,7 +354,7 @@ impl<'m, 'a> Decoder<'m, 'a> {
 
     /// Lets the matrix products quantize their inputs to int8 where an integer kernel exists for
     /// the weights and the CPU ([`kernels::linear_int8`]): faster token by token, at the cost of
-    /// that rounding. Off by default, when results follow the stored weights in f32.
+    /// rounding the inputs. Off by default: then results follow the stored weights in f32.
     pub fn set_int8_activations(&mut self, on: bool) {
         self.products.int8 = on;
     }

@@ -79,7 +79,7 @@ fn oversized_batch_is_rejected() {
 fn int4_linear_file() -> Vec<u8> {
     let mut f = FileBuilder::new();
     let x = f.activation("x", DType::F32, &[c(1), c(4)]);
-    // Row 0 holds 1, -2, 3, -8 and row 1 holds 7, 0, -1, 2, as two's-complement nibbles with the
+    // Row 0 contains 1, -2, 3, -8 and row 1 contains 7, 0, -1, 2, as two's-complement nibbles with the
     // low nibble first.
     let packed = [0xE1, 0x83, 0x07, 0x2F];
     let w = f.constant("w", DType::I4, &[c(2), c(4)], &packed);

@@ -1,33 +1,15 @@
 use std::path::PathBuf;
 
 use super::*;
+use crate::temp_file::TempFile;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/quants.gguf")
 }
 
-/// Writes `bytes` to a fresh temporary file and returns its path.
+/// Writes `bytes` to a fresh temporary file and returns it.
 fn temp_file(name: &str, bytes: &[u8]) -> TempFile {
-    let path = std::env::temp_dir().join(format!("edgefold-gguf-{}-{name}", std::process::id()));
-    std::fs::write(&path, bytes).unwrap();
-    TempFile(path)
-}
-
-/// A file that is deleted when the test drops it.
-struct TempFile(PathBuf);
-
-impl std::ops::Deref for TempFile {
-    type Target = std::path::Path;
-
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        std::fs::remove_file(&self.0).ok();
-    }
+    TempFile::new("gguf", name, bytes)
 }
 
 fn parse_err(bytes: &[u8]) -> String {

@@ -227,7 +227,7 @@ impl Linear {
     }
 }
 
-/// `[rows, cols]` to `[cols, rows]`, row-major.
+/// Transposes a row-major `[rows, cols]` matrix to `[cols, rows]`.
 fn transpose<T: Copy + Default>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut out = vec![T::default(); values.len()];
     for (r, row) in values.chunks_exact(cols).enumerate() {
@@ -472,9 +472,9 @@ impl MarianModel {
     }
 
     /// Lets the products with int8 weights quantize their inputs to int8 in groups of 32 where
-    /// the runtime has an integer kernel ([`kernels::linear_int8`]): faster, with that rounding.
-    /// (Marian quantizes the inputs of these models too, with one precomputed scale per matrix,
-    /// the `alphas` of the file name.) Off by default.
+    /// the runtime has an integer kernel ([`kernels::linear_int8`]): faster, at the cost of
+    /// rounding the inputs. Marian quantizes the inputs of these models too, with one precomputed
+    /// scale per matrix (the `alphas` of the file name). Off by default.
     pub fn set_int8_activations(&mut self, on: bool) {
         self.int8_activations = on;
     }

@@ -1,6 +1,7 @@
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::*;
+use crate::temp_file::TempFile;
 
 /// One tensor of a synthetic model file: name, type code, shape and data.
 struct Entry {
@@ -69,27 +70,7 @@ fn sample_entries() -> Vec<Entry> {
 }
 
 fn write_temp(name: &str, bytes: &[u8]) -> TempFile {
-    let path =
-        std::env::temp_dir().join(format!("edgefold-marian-unit-{}-{name}", std::process::id()));
-    std::fs::write(&path, bytes).unwrap();
-    TempFile(path)
-}
-
-/// A file that is deleted when the test drops it.
-struct TempFile(PathBuf);
-
-impl std::ops::Deref for TempFile {
-    type Target = std::path::Path;
-
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        std::fs::remove_file(&self.0).ok();
-    }
+    TempFile::new("marian-unit", name, bytes)
 }
 
 #[test]

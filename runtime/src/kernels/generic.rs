@@ -797,12 +797,14 @@ mod tests {
         let mut perm = [0u8; MAX_RANK];
         let cases: [(&[usize], &[u8]); 4] =
             [(&[3, 5, 2], &[2, 0, 1]), (&[1, 4, 1, 3], &[3, 1, 2, 0]), (&[7], &[0]), (&[], &[])];
+
         for (dims, order) in cases {
             let xs = shape(dims);
             perm[..order.len()].copy_from_slice(order);
             let x: Vec<u64> = (0..xs.numel() as u64).map(|i| i * 0x0101_0203_0507_0B0D).collect();
             let mut want = std::vec![0u64; x.len()];
             transpose(&x, &xs, &perm, &mut want);
+
             for size in [1, 2, 4, 8] {
                 // Elements of `size` bytes: the first `size` bytes of each u64, little-endian.
                 let narrow = |v: &[u64]| -> Vec<u8> {
@@ -814,10 +816,12 @@ mod tests {
                 assert_eq!(got, narrow(&want), "transpose {dims:?} by {order:?}, {size} bytes");
             }
         }
+
         let (xs, os) = (shape(&[3, 1, 2]), shape(&[2, 3, 4, 2]));
         let x: Vec<u16> = (0..6).map(|i| 0x0100 * i + 7).collect();
         let mut want = std::vec![0u16; os.numel()];
         expand(&x, &xs, &mut want, &os);
+
         let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut got = std::vec![0u8; want.len() * 2];
         expand_bytes(&bytes, &xs, &mut got, &os, 2);

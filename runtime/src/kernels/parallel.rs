@@ -1,11 +1,11 @@
 //! [`linear`] and [`matmul_batch`] split across threads, with the `std` feature.
 //!
-//! Each call splits its work into one contiguous part per thread, which the calling thread and
-//! the workers of [`super::pool`] share; the workers are started once per process. Each part gets
-//! at least [`MIN_MACS_PER_THREAD`] multiply-adds.
+//! Each call splits its work into one contiguous part per thread. The calling thread and the
+//! workers of [`super::pool`], started once per process, share the parts. Each part gets at least
+//! [`MIN_MACS_PER_THREAD`] multiply-adds.
 //!
 //! The minimum was measured on SmolLM2 generation (2 threads, int4 weights, int8 activations,
-//! Xeon with AVX-512): 2^16 gave 114 to 127 tokens/s where 2^18 gave 96 to 99, because at 2^18
+//! Xeon with AVX-512). 2^16 gave 114 to 127 tokens/s where 2^18 gave 96 to 99, because with 2^18
 //! the 576 x 576 attention projections ran on one thread.
 //! NOTE: it was not measured on other CPUs or with more than 2 threads.
 //!
@@ -16,7 +16,7 @@
 //! count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
-use super::{linear, linear_int8, matmul_batch, pool, Weights};
+use super::{linear, matmul_batch, pool, Weights};
 
 /// Minimum multiply-adds per thread. A smaller call runs on fewer threads.
 pub const MIN_MACS_PER_THREAD: usize = 1 << 16;
@@ -26,7 +26,7 @@ fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
     threads.min(parts).min(macs / MIN_MACS_PER_THREAD).max(1)
 }
 
-/// A `linear` kernel: [`linear`] or [`linear_int8`].
+/// A `linear` kernel: [`linear`] or [`super::linear_int8`].
 pub type LinearKernel =
     for<'a> fn(&'a [f32], usize, usize, Weights<'a>, usize, Option<&'a [f32]>, &'a mut [f32]);
 
@@ -76,25 +76,6 @@ pub fn linear_threads_with(
         (_, 1) => linear_by_outputs(kernel, parts, x, k, w, n, bias, y),
         _ => linear_by_rows(kernel, parts, x, rows, k, w, n, bias, y),
     }
-}
-
-/// [`linear_threads`] with [`linear_int8`].
-///
-/// # Panics
-///
-/// As [`linear`] does, or if a thread panics.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_int8_threads(
-    threads: usize,
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: Weights<'_>,
-    n: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    linear_threads_with(linear_int8, threads, x, rows, k, w, n, bias, y);
 }
 
 /// Runs `kernel` with the rows of `x` split into `parts` contiguous parts, one per thread.

@@ -134,13 +134,13 @@ impl Pool {
             if claim >> 32 != generation || part >= job.parts {
                 return;
             }
-            let taken = self.claim.compare_exchange_weak(
+            let claimed = self.claim.compare_exchange_weak(
                 claim,
                 claim + 1,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
-            if taken.is_err() {
+            if claimed.is_err() {
                 continue;
             }
             // SAFETY: part `part` of this generation was just taken, so the caller of `run` is

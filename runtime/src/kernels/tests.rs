@@ -488,9 +488,10 @@ fn quantized_q8(x: &[f32]) -> Vec<f64> {
     out
 }
 
-/// `linear_int8` against an f64 reference on the int8-quantized input (with the group minimums
-/// times the exact input, as the kernel computes them), and within the quantization's error
-/// bound of the exact `linear`, for int4 weights with and without minimums and int8 weights.
+/// `linear_int8` against an f64 reference on the int8-quantized input, in which the group
+/// minimums multiply the exact input as in the kernel. Each result is also within the
+/// quantization's error bound of the exact `linear`. Weights are int4 with and without
+/// minimums, and int8.
 /// Rows of 2, 6, 18 and 48 groups take the kernel; rows of 5 and of 3 groups take the f32 path.
 /// Cases have 1 to 5 rows, an all-zero group and one large value in each row.
 #[test]

@@ -1,8 +1,8 @@
 //! `linear` with int4 or int8 weights and int8 activations on x86_64 with AVX-512 VNNI.
 //!
-//! Each row of `x` is quantized to int8 in groups of 32 values with one f32 scale per group (the
-//! largest magnitude maps to 127), and the products of weight nibbles and activation bytes are
-//! summed in 32-bit integers with `vpdpbusd`, 64 per instruction. A group's integer sum is then
+//! Each row of `x` is quantized to int8 in groups of 32 values with one f32 scale per group, so
+//! that the largest magnitude maps to 127. The products of weight nibbles and activation bytes
+//! are then summed in 32-bit integers with `vpdpbusd`, 64 per instruction. A group's integer sum is then
 //! scaled by the weight's and the activation's scales. llama.cpp multiplies Q4_1 weights by
 //! activations quantized the same way (its Q8_1 blocks).
 //!
@@ -27,8 +27,8 @@ use super::Weights;
 /// Values per activation group; the weights' group must be the same.
 const GROUP: usize = 32;
 
-/// Longest row the kernel takes: the quantized input lives on the stack (10 KiB per row of `x`
-/// at this length).
+/// Maximum row length of the kernel. The quantized input lives on the stack, 10 KiB per row of
+/// `x` at this length.
 pub(crate) const MAX_K: usize = 8192;
 
 /// Rows of `x` that share each unpacked weight group.
@@ -102,7 +102,7 @@ fn run(call: &mut LinearCall<'_>, quantized: &mut [Quantized]) {
         let y = &mut call.y[row * n..(row + block) * n];
         let quantized = &mut quantized[..block];
         // SAFETY: `linear` checked the CPU features and that `k <= MAX_K` is a multiple of 64;
-        // `LinearCall::new` checked that `w` holds `n` rows of `k` values (int4: with `k / 32`
+        // `LinearCall::new` checked that `w` contains `n` rows of `k` values (int4: with `k / 32`
         // scales, and minimums, each; int8: with a scale each), and `x` and `y` were cut to
         // `block` rows of `k` and `n` values above.
         unsafe {
@@ -194,8 +194,8 @@ unsafe fn block_rows_i8<const R: usize>(q: &[Quantized], w: &I8Rows<'_>, k: usiz
     }
 }
 
-/// The dot products of one int8 weight row, `groups` groups long (an even number), with the
-/// first `R` inputs of `q`, before the row's scale.
+/// Computes the dot products of one int8 weight row, `groups` groups long (an even number),
+/// with the first `R` inputs of `q`, before the row's scale.
 ///
 /// Each input byte is its value plus 128, so `Σ w xq = Σ w (xq + 128) - 128 Σ w`, and the second
 /// term comes from one more `vpdpbusd` of the weights with bytes of 128.
@@ -205,10 +205,10 @@ unsafe fn block_rows_i8<const R: usize>(q: &[Quantized], w: &I8Rows<'_>, k: usiz
 /// As for [`block_rows_i8`], with `row` pointing at a row of `groups * 32` weights.
 #[inline(always)]
 unsafe fn dot_rows_i8<const R: usize>(q: &[Quantized], row: *const i8, groups: usize) -> [f32; R] {
-    // SAFETY: every pointer below stays inside the row and the `groups` groups of each `q`; the
-    // masked loads read only the lanes of groups that exist.
     // With the length known, the indexing below needs no bounds checks.
     let q = &q[..R];
+    // SAFETY: every pointer below stays inside the row and the `groups` groups of each `q`. The
+    // masked loads read only the lanes of groups that exist.
     unsafe {
         let bias = _mm512_set1_epi8(0x80u8 as i8);
         // Lanes 0-7 of a pair's sums belong to its first group, 8-15 to its second.
@@ -322,8 +322,8 @@ unsafe fn block_rows<const MIN: bool, const R: usize>(
     }
 }
 
-/// The dot products of weight row `row` with the first `R` quantized rows of `x`. Each group of
-/// weights is unpacked once for all `R`.
+/// Computes the dot products of weight row `row` with the first `R` quantized rows of `x`. Each
+/// group of weights is unpacked once for all `R`.
 ///
 /// # Safety
 ///
@@ -335,11 +335,11 @@ unsafe fn dot_rows<const MIN: bool, const R: usize>(
     row: usize,
     groups: usize,
 ) -> [f32; R] {
-    // SAFETY: every pointer below stays inside row `row` of the packed weights (16 bytes per
-    // group), its scales and minimums (one per group), and the `groups` groups of each `q`; the
-    // masked loads read only the lanes of groups that exist.
     // With the length known, the indexing below needs no bounds checks.
     let q = &q[..R];
+    // SAFETY: every pointer below stays inside row `row` of the packed weights (16 bytes per
+    // group), its scales and minimums (one per group), and the `groups` groups of each `q`. The
+    // masked loads read only the lanes of groups that exist.
     unsafe {
         let packed = w.packed.as_ptr().add(row * groups * (GROUP / 2));
         let scales = w.scales.as_ptr().add(row * groups);

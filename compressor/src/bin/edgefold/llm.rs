@@ -216,7 +216,10 @@ fn generate(
                  was packed with {context})"
             ),
         };
-        bail!("the prompt has {} tokens but the context holds {context}; {fix}", prompt.len());
+        bail!(
+            "the prompt has {} tokens but the context has {context} positions; {fix}",
+            prompt.len()
+        );
     }
     let mut sampler = Sampler::new(SamplerConfig {
         temperature: args.temperature,
