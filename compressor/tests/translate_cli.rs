@@ -247,3 +247,77 @@ fn translate_directory_without_model() {
     assert!(stderr.contains(&*dir.to_string_lossy()), "{stderr}");
     assert!(stderr.contains("no Marian model"), "{stderr}");
 }
+
+#[test]
+fn compressed_model_translates_from_file() {
+    let Some(model) = en_pt_model() else { return };
+    let Some((english, portuguese)) = tatoeba() else { return };
+    let dir = std::env::temp_dir().join(format!("edgefold-marian-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let output_path = dir.join("enpt.fold");
+
+    // A search on 40 calibration sentences, whose references are the same lines in Portuguese.
+    let output = edgefold()
+        .arg("compress")
+        .arg(&model)
+        .arg("-o")
+        .arg(&output_path)
+        .args(["--min-quality", "0.9", "--task", "bleu", "--samples", "40", "--json"])
+        .arg("--calibration")
+        .arg(&english)
+        .arg("--reference")
+        .arg(&portuguese)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let bytes = std::fs::metadata(&output_path).unwrap().len();
+    assert_eq!(report["output_bytes"], bytes);
+    assert!(report["ratio"].as_f64().unwrap() < 0.8, "{report}");
+    assert!(report["quality"].as_f64().unwrap() >= 0.9, "{report}");
+    let steps = report["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["kept"] == true), "{report}");
+    // Every kept step met the floor when it was taken.
+    assert!(steps.iter().filter(|s| s["kept"] == true).all(|s| s["quality"].as_f64() >= Some(0.9)));
+    // The tokenizer and shortlist are copied beside the output for `translate`.
+    for name in ["tokenizer.json", "lex.50.50.enpt.s2t.bin"] {
+        assert!(dir.join(name).exists(), "{name} was not copied");
+    }
+
+    let translated = run_with_stdin(edgefold().arg("translate").arg(&output_path), "Hello!\n\n");
+    assert!(translated.status.success(), "{}", String::from_utf8_lossy(&translated.stderr));
+    let stdout = String::from_utf8(translated.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].contains("Olá"), "{stdout}");
+    assert_eq!(lines[1], "");
+
+    let eval = edgefold()
+        .arg("eval")
+        .arg(&model)
+        .arg(&output_path)
+        .args(["--task", "bleu", "--json", "--limit", &BLEU_SENTENCES.to_string()])
+        .arg("--data")
+        .arg(&english)
+        .arg("--reference")
+        .arg(&portuguese)
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(report["results"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(report["retained"], report["bleu_ratio"]);
+    let retained = report["retained"].as_f64().unwrap();
+    assert!(retained > 0.85, "the compressed model keeps {retained} of the BLEU");
+
+    // A packed file that contains no translation model is rejected with a clear message.
+    let fixture = repo_root().join("compressor/tests/fixtures/onnx/patterns.onnx");
+    let other = dir.join("patterns.fold");
+    let packed = edgefold().arg("compress").arg(&fixture).arg("-o").arg(&other).output().unwrap();
+    assert!(packed.status.success(), "{}", String::from_utf8_lossy(&packed.stderr));
+    let rejected = run_with_stdin(edgefold().arg("translate").arg(&other), "Hello!\n");
+    assert!(!rejected.status.success());
+    let stderr = String::from_utf8_lossy(&rejected.stderr);
+    assert!(stderr.contains("without a translation model"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

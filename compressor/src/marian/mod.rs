@@ -9,6 +9,8 @@
 //! Hugging Face `tokenizer.json`, and [`Shortlist`] reads the lexical shortlist that restricts
 //! the output vocabulary to likely translations of the source words.
 
+#[cfg(feature = "compress")]
+mod compress;
 mod config;
 mod file;
 mod model;
@@ -18,6 +20,10 @@ mod tokenizer;
 use std::fmt;
 use std::path::PathBuf;
 
+#[cfg(feature = "compress")]
+pub use compress::{
+    is_packed_marian, pack, MarianCalibration, MarianPart, MatrixStorage, CONFIG_KEY,
+};
 pub use config::{parse_yaml, YamlValue};
 pub use file::{ElementType, Int8Matrix, MarianFile, TensorInfo};
 pub use model::{DecoderState, MarianConfig, MarianModel};

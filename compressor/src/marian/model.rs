@@ -14,7 +14,7 @@
 
 use edgefold_runtime::kernels::{
     self,
-    generic::{F32Rows, I8Rows},
+    generic::{F32Rows, I4Rows, I8Rows, WeightRows},
     Weights,
 };
 use std::sync::Arc;
@@ -162,24 +162,62 @@ impl MarianConfig {
 }
 
 /// A dense layer `y = x W + b`. `W` is kept transposed, `[outputs, inputs]`, as the runtime's
-/// `linear` kernels take it: in int8 with one scale when the file stores it so (intgemm8), else
-/// in f32.
+/// `linear` kernels take it: in int8 with one scale when the file stores it so (intgemm8), in
+/// f32, or in int4 groups after compression.
 #[derive(Debug, Clone)]
-struct Linear {
-    weight: LinearWeight,
-    bias: Option<Vec<f32>>,
-    inputs: usize,
-    outputs: usize,
+pub(super) struct Linear {
+    pub(super) weight: LinearWeight,
+    pub(super) bias: Option<Vec<f32>>,
+    pub(super) inputs: usize,
+    pub(super) outputs: usize,
+    /// While calibrating, the Gram matrix of the inputs seen so far.
+    #[cfg(feature = "compress")]
+    pub(super) gram: Option<std::sync::Arc<super::compress::GramRecorder>>,
 }
 
+/// The stored values of a matrix `[outputs, inputs]`.
 #[derive(Debug, Clone)]
-enum LinearWeight {
+pub(super) enum LinearWeight {
     F32(Vec<f32>),
-    /// Values and one scale per output (all equal: the file's multiplier, inverted).
+    /// Values and one scale per output (all equal for a Marian file: its multiplier, inverted).
     I8 {
         q: Vec<i8>,
         scales: Vec<f32>,
     },
+    /// Int4 in groups along each row with f16 scales, and f16 minimums when `mins` is set
+    /// (the runtime's [`I4Rows`] layout). Only compression makes them.
+    #[cfg_attr(not(feature = "compress"), allow(dead_code))]
+    I4 {
+        packed: Vec<u8>,
+        scales: Vec<u16>,
+        mins: Option<Vec<u16>>,
+        group: usize,
+    },
+}
+
+impl LinearWeight {
+    /// Returns the weights as the runtime's kernels take them, for rows of `k` values.
+    fn view(&self, k: usize) -> Weights<'_> {
+        match self {
+            LinearWeight::F32(w) => Weights::F32(F32Rows { w, k }),
+            LinearWeight::I8 { q, scales } => Weights::I8(I8Rows { q, scales, k }),
+            LinearWeight::I4 { packed, scales, mins, group } => {
+                Weights::I4(I4Rows { packed, scales, mins: mins.as_deref(), k, group: *group })
+            }
+        }
+    }
+
+    /// Returns the bytes the values and their scales take in a packed file.
+    #[cfg_attr(not(feature = "compress"), allow(dead_code))]
+    pub(super) fn byte_len(&self) -> usize {
+        match self {
+            LinearWeight::F32(w) => w.len() * 4,
+            LinearWeight::I8 { q, scales } => q.len() + scales.len() * 4,
+            LinearWeight::I4 { packed, scales, mins, .. } => {
+                packed.len() + (scales.len() + mins.as_ref().map_or(0, Vec::len)) * 2
+            }
+        }
+    }
 }
 
 impl Linear {
@@ -204,26 +242,86 @@ impl Linear {
             Some(name) => Some(file.tensor_f32(name, Some(&[1, outputs]))?),
             None => None,
         };
-        Ok(Linear { weight, bias, inputs, outputs })
+        Ok(Linear::new(weight, bias, inputs, outputs))
+    }
+
+    /// Returns a layer with the given weights and bias that records nothing.
+    pub(super) fn new(
+        weight: LinearWeight,
+        bias: Option<Vec<f32>>,
+        inputs: usize,
+        outputs: usize,
+    ) -> Linear {
+        Linear {
+            weight,
+            bias,
+            inputs,
+            outputs,
+            #[cfg(feature = "compress")]
+            gram: None,
+        }
     }
 
     /// Applies the layer to `rows` input rows stored one after another. With `int8`, the
-    /// inputs of int8 weights may be quantized to int8 for integer products
+    /// inputs of int8 and int4 weights may be quantized to int8 for integer products
     /// ([`kernels::linear_int8`]).
     fn forward(&self, x: &[f32], rows: usize, int8: bool) -> Vec<f32> {
         debug_assert_eq!(x.len(), rows * self.inputs);
+        #[cfg(feature = "compress")]
+        if let Some(gram) = &self.gram {
+            gram.record(x, rows);
+        }
         let mut y = vec![0.0f32; rows * self.outputs];
         let (k, n) = (self.inputs, self.outputs);
-        let w = match &self.weight {
-            LinearWeight::F32(w) => Weights::F32(F32Rows { w, k }),
-            LinearWeight::I8 { q, scales } => Weights::I8(I8Rows { q, scales, k }),
-        };
+        let w = self.weight.view(k);
         let bias = self.bias.as_deref();
         match int8 {
             true => kernels::linear_int8(x, rows, k, w, n, bias, &mut y),
             false => kernels::linear(x, rows, k, w, n, bias, &mut y),
         }
         y
+    }
+
+    /// Writes row `r` of the stored `[outputs, inputs]` matrix into `out` as f32.
+    pub(super) fn row(&self, r: usize, out: &mut [f32]) {
+        let k = self.inputs;
+        if let LinearWeight::I4 { packed, scales, mins, group } = &self.weight {
+            // One scale (and minimum) per group, decoded once.
+            let groups = k / group;
+            let bytes = &packed[r * k.div_ceil(2)..][..k.div_ceil(2)];
+            for (g, chunk) in out.chunks_exact_mut(*group).enumerate() {
+                let at = r * groups + g;
+                let scale = half::f16::from_bits(scales[at]).to_f32();
+                let (offset, min) = match mins {
+                    Some(mins) => (8.0, half::f16::from_bits(mins[at]).to_f32()),
+                    None => (0.0, 0.0),
+                };
+                let pairs = &bytes[g * group / 2..][..group / 2];
+                for (o, &byte) in chunk.chunks_exact_mut(2).zip(pairs) {
+                    let low = (((byte << 4) as i8) >> 4) as f32;
+                    let high = ((byte as i8) >> 4) as f32;
+                    o[0] = (low + offset) * scale + min;
+                    o[1] = (high + offset) * scale + min;
+                }
+            }
+            return;
+        }
+        match self.weight.view(k) {
+            Weights::F32(w) => w.fill(r, 0, out),
+            Weights::F16(w) => w.fill(r, 0, out),
+            Weights::I8(w) => w.fill(r, 0, out),
+            Weights::I4(w) => w.fill(r, 0, out),
+        }
+    }
+
+    /// Returns the stored matrix `[outputs, inputs]` as f32.
+    #[cfg_attr(not(feature = "compress"), allow(dead_code))]
+    pub(super) fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.outputs * self.inputs];
+        for (r, row) in out.chunks_exact_mut(self.inputs).enumerate() {
+            self.row(r, row);
+        }
+        out
     }
 }
 
@@ -239,9 +337,9 @@ fn transpose<T: Copy + Default>(values: &[T], rows: usize, cols: usize) -> Vec<T
 }
 
 #[derive(Debug, Clone)]
-struct LayerNorm {
-    scale: Vec<f32>,
-    bias: Vec<f32>,
+pub(super) struct LayerNorm {
+    pub(super) scale: Vec<f32>,
+    pub(super) bias: Vec<f32>,
 }
 
 impl LayerNorm {
@@ -271,12 +369,12 @@ impl LayerNorm {
 
 /// Multi-head attention with its output projection and the layer normalization after it.
 #[derive(Debug, Clone)]
-struct Attention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    output: Linear,
-    norm: LayerNorm,
+pub(super) struct Attention {
+    pub(super) query: Linear,
+    pub(super) key: Linear,
+    pub(super) value: Linear,
+    pub(super) output: Linear,
+    pub(super) norm: LayerNorm,
 }
 
 impl Attention {
@@ -295,10 +393,10 @@ impl Attention {
 }
 
 #[derive(Debug, Clone)]
-struct FeedForward {
-    up: Linear,
-    down: Linear,
-    norm: LayerNorm,
+pub(super) struct FeedForward {
+    pub(super) up: Linear,
+    pub(super) down: Linear,
+    pub(super) norm: LayerNorm,
 }
 
 impl FeedForward {
@@ -329,23 +427,23 @@ impl FeedForward {
 
 /// An SSRU cell with the layer normalization after its residual connection.
 #[derive(Debug, Clone)]
-struct Ssru {
-    input: Linear,
-    forget: Linear,
-    norm: LayerNorm,
+pub(super) struct Ssru {
+    pub(super) input: Linear,
+    pub(super) forget: Linear,
+    pub(super) norm: LayerNorm,
 }
 
 #[derive(Debug, Clone)]
-struct EncoderLayer {
-    attention: Attention,
-    ffn: FeedForward,
+pub(super) struct EncoderLayer {
+    pub(super) attention: Attention,
+    pub(super) ffn: FeedForward,
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    ssru: Ssru,
-    context: Attention,
-    ffn: FeedForward,
+pub(super) struct DecoderLayer {
+    pub(super) ssru: Ssru,
+    pub(super) context: Attention,
+    pub(super) ffn: FeedForward,
 }
 
 /// Encoder-derived data of one sentence: the source length and, per decoder layer, the
@@ -401,12 +499,12 @@ impl DecoderState {
 /// A Marian transformer with an SSRU decoder, in f32.
 #[derive(Debug, Clone)]
 pub struct MarianModel {
-    config: MarianConfig,
-    /// `[vocab, dim]`, shared by the source and target embeddings and the output layer.
-    embedding: Vec<f32>,
-    output_bias: Vec<f32>,
-    encoder: Vec<EncoderLayer>,
-    decoder: Vec<DecoderLayer>,
+    pub(super) config: MarianConfig,
+    /// `[vocab, dim]`, shared by the source and target embeddings and the output layer, whose
+    /// bias it carries.
+    pub(super) embedding: Linear,
+    pub(super) encoder: Vec<EncoderLayer>,
+    pub(super) decoder: Vec<DecoderLayer>,
     eos: u32,
     /// Whether products with int8 weights may quantize their inputs to int8.
     int8_activations: bool,
@@ -429,8 +527,13 @@ impl MarianModel {
             )));
         }
         let (dim, ffn_dim) = (config.dim, config.ffn_dim);
-        let embedding = file.tensor_f32("Wemb", Some(&[config.vocab, dim]))?;
-        let output_bias = file.tensor_f32("decoder_ff_logit_out_b", Some(&[1, config.vocab]))?;
+        let (vocab, embedding) = (config.vocab, "Wemb");
+        let weight = match file.int8_matrix(embedding, Some(&[vocab, dim])) {
+            Ok(m) => LinearWeight::I8 { q: m.values, scales: vec![1.0 / m.multiplier; vocab] },
+            Err(_) => LinearWeight::F32(file.tensor_f32(embedding, Some(&[vocab, dim]))?),
+        };
+        let bias = file.tensor_f32("decoder_ff_logit_out_b", Some(&[1, vocab]))?;
+        let embedding = Linear::new(weight, Some(bias), dim, vocab);
 
         let mut encoder = Vec::with_capacity(config.encoder_layers);
         for l in 1..=config.encoder_layers {
@@ -460,15 +563,19 @@ impl MarianModel {
                 ffn: FeedForward::load(file, &format!("decoder_l{l}_ffn"), dim, ffn_dim)?,
             });
         }
-        Ok(MarianModel {
-            config,
-            embedding,
-            output_bias,
-            encoder,
-            decoder,
-            eos,
-            int8_activations: false,
-        })
+        Ok(MarianModel { config, embedding, encoder, decoder, eos, int8_activations: false })
+    }
+
+    /// Assembles a model from its parts, with f32 activations.
+    #[cfg_attr(not(feature = "compress"), allow(dead_code))]
+    pub(super) fn from_parts(
+        config: MarianConfig,
+        embedding: Linear,
+        encoder: Vec<EncoderLayer>,
+        decoder: Vec<DecoderLayer>,
+        eos: u32,
+    ) -> MarianModel {
+        MarianModel { config, embedding, encoder, decoder, eos, int8_activations: false }
     }
 
     /// Lets the products with int8 weights quantize their inputs to int8 in groups of 32 where
@@ -513,9 +620,9 @@ impl MarianModel {
         for (i, (id, row)) in ids.iter().zip(out.chunks_exact_mut(dim)).enumerate() {
             match id {
                 Some(id) => {
-                    let e = &self.embedding[*id as usize * dim..(*id as usize + 1) * dim];
-                    for (v, &x) in row.iter_mut().zip(e) {
-                        *v = x * scale;
+                    self.embedding.row(*id as usize, row);
+                    for v in row.iter_mut() {
+                        *v *= scale;
                     }
                 }
                 // The first decoder step has no previous token and uses a zero embedding.
@@ -596,8 +703,15 @@ impl MarianModel {
         if let Some(token) = state.last_token {
             self.check_ids(&[token])?;
         }
+        let table = self.output_table(candidates);
         let hidden = self.decoder_hidden(state);
-        Ok(self.logits(&hidden, candidates))
+        Ok(self.logits(&hidden, table.as_ref()))
+    }
+
+    /// Runs one decoder step with the output rows of a sentence's candidates already gathered.
+    fn step_with(&self, state: &mut DecoderState, table: Option<&OutputTable>) -> Vec<f32> {
+        let hidden = self.decoder_hidden(state);
+        self.logits(&hidden, table)
     }
 
     fn decoder_hidden(&self, state: &mut DecoderState) -> Vec<f32> {
@@ -631,16 +745,34 @@ impl MarianModel {
         y
     }
 
-    fn logits(&self, hidden: &[f32], candidates: Option<&[u32]>) -> Vec<f32> {
+    /// Gathers the output rows and biases of `candidates` in f32, once per sentence, so that
+    /// each step's logits are one product whatever the storage of the embedding.
+    fn output_table(&self, candidates: Option<&[u32]>) -> Option<OutputTable> {
+        let ids = candidates?;
         let dim = self.config.dim;
-        let logit = |id: usize| {
-            let row = &self.embedding[id * dim..(id + 1) * dim];
-            dot(hidden, row) + self.output_bias[id]
-        };
-        match candidates {
-            Some(ids) => ids.iter().map(|&id| logit(id as usize)).collect(),
-            None => (0..self.config.vocab).map(logit).collect(),
+        let mut weights = vec![0.0f32; ids.len() * dim];
+        for (&id, row) in ids.iter().zip(weights.chunks_exact_mut(dim)) {
+            self.embedding.row(id as usize, row);
         }
+        let all = self.embedding.bias.as_deref().unwrap_or(&[]);
+        let bias = ids.iter().map(|&id| all.get(id as usize).copied().unwrap_or(0.0)).collect();
+        Some(OutputTable { weights, bias })
+    }
+
+    /// Returns the logits of the candidates in `table`, or of the whole vocabulary without one.
+    fn logits(&self, hidden: &[f32], table: Option<&OutputTable>) -> Vec<f32> {
+        #[cfg(feature = "compress")]
+        if let Some(gram) = &self.embedding.gram {
+            gram.record(hidden, 1);
+        }
+        let Some(table) = table else {
+            return self.embedding.forward(hidden, 1, false);
+        };
+        let (k, n) = (self.config.dim, table.bias.len());
+        let mut y = vec![0.0f32; n];
+        let w = Weights::F32(F32Rows { w: &table.weights, k });
+        kernels::linear(hidden, 1, k, w, n, Some(&table.bias), &mut y);
+        y
     }
 
     /// Translates source ids (ending with `</s>`) by greedy search and returns the target ids
@@ -655,10 +787,14 @@ impl MarianModel {
         max_len: usize,
         candidates: Option<&[u32]>,
     ) -> Result<Vec<u32>, MarianError> {
+        if let Some(ids) = candidates {
+            self.check_ids(ids)?;
+        }
+        let table = self.output_table(candidates);
         let mut state = self.start(source)?;
         let mut out = Vec::new();
         while out.len() < max_len {
-            let logits = self.step(&mut state, candidates)?;
+            let logits = self.step_with(&mut state, table.as_ref());
             let best = argmax(&logits);
             let token = candidates.map_or(best as u32, |ids| ids[best]);
             if token == self.eos {
@@ -693,6 +829,10 @@ impl MarianModel {
         if beam == 0 {
             return Err(MarianError::Input("the beam size must be at least 1".into()));
         }
+        if let Some(ids) = candidates {
+            self.check_ids(ids)?;
+        }
+        let table = self.output_table(candidates);
         let mut alive =
             vec![Hypothesis { state: self.start(source)?, tokens: Vec::new(), score: 0.0 }];
         let mut finished: Vec<(f32, Vec<u32>)> = Vec::new();
@@ -703,7 +843,7 @@ impl MarianModel {
             let mut states = Vec::with_capacity(alive.len());
             for (h, hyp) in alive.iter().enumerate() {
                 let mut state = hyp.state.clone();
-                let logits = self.step(&mut state, candidates)?;
+                let logits = self.step_with(&mut state, table.as_ref());
                 let log_probs = log_softmax(&logits);
                 for (j, &lp) in log_probs.iter().enumerate() {
                     let token = candidates.map_or(j as u32, |ids| ids[j]);
@@ -740,6 +880,12 @@ impl MarianModel {
         let best = finished.into_iter().max_by(|a, b| a.0.total_cmp(&b.0));
         Ok(best.map(|(_, tokens)| tokens).unwrap_or_default())
     }
+}
+
+/// The output rows `[candidates, dim]` and biases of one sentence's candidate tokens.
+struct OutputTable {
+    weights: Vec<f32>,
+    bias: Vec<f32>,
 }
 
 struct Hypothesis {

@@ -25,6 +25,7 @@ use edgefold_runtime::format::{Quant, SectionKind, TensorKind};
 use edgefold_runtime::{DType, MappedFile, Model, Session};
 
 mod llm;
+mod marian;
 mod translate;
 
 /// Compress trained neural networks and run them on devices.
@@ -176,9 +177,13 @@ struct CompressArgs {
     /// Evaluation data for the planner (default: the last fifth of the calibration data).
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    /// Calibration samples used.
-    #[arg(long, default_value_t = 256)]
-    samples: usize,
+    /// Calibration samples used (default 256; for a translation model 1,000 sentences).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Reference translations for a translation model's --min-quality search: one line per
+    /// line of --calibration.
+    #[arg(long)]
+    reference: Option<PathBuf>,
     /// Evaluation pairs or samples that screen candidates; a candidate that passes is confirmed
     /// on all of the evaluation data.
     #[arg(long, default_value_t = 300)]
@@ -212,6 +217,11 @@ struct CompressArgs {
 }
 
 impl CompressArgs {
+    /// Returns the number of calibration samples of a model other than a translation model.
+    fn samples(&self) -> usize {
+        self.samples.unwrap_or(256)
+    }
+
     /// Returns the largest sequence length of an ONNX model.
     fn max_seq(&self) -> u32 {
         self.max_seq.unwrap_or(128)
@@ -366,6 +376,9 @@ fn spinner(message: &str) -> ProgressBar {
 }
 
 fn cmd_compress(args: CompressArgs) -> Result<()> {
+    if args.model.is_dir() || (!llm::is_gguf(&args.model)? && marian::is_marian(&args.model)) {
+        return compress_marian(args);
+    }
     if llm::is_gguf(&args.model)? {
         return compress_gguf(args);
     }
@@ -1446,7 +1459,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     };
     let samples: Vec<Vec<HostTensor>> = match &calibration_part {
         Dataset::Tensors { inputs, .. } => {
-            inputs.iter().take(args.samples).map(|t| vec![t.clone()]).collect()
+            inputs.iter().take(args.samples()).map(|t| vec![t.clone()]).collect()
         }
         text => {
             let encoder = encoder
@@ -1454,7 +1467,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
                 .context("text calibration data needs a tokenizer: pass --tokenizer")?;
             let mut sentences = datasets::sentences(text);
             sentences.dedup();
-            sentences.truncate(args.samples);
+            sentences.truncate(args.samples());
             datasets::text_samples(encoder, &input_names, &sentences).map_err(anyhow::Error::msg)?
         }
     };
@@ -1647,6 +1660,42 @@ fn verified_fusion(
     Ok(Some((fused, run)))
 }
 
+/// `compress` on a Marian translation model.
+fn compress_marian(args: CompressArgs) -> Result<()> {
+    let storage = match args.quantize {
+        Quantize::Int8 => marian::MarianStorage::AsStored,
+        Quantize::Int4 => marian::MarianStorage::Int4,
+        other => bail!(
+            "--quantize {other:?} is not available for translation models; use int8 (the \
+             stored int8 matrices) or int4"
+        ),
+    };
+    let unsupported = [
+        (args.low_rank != LowRank::Off, "--low-rank"),
+        (args.target_size.is_some(), "--target-size"),
+        (args.fuse_blocks > 0 || args.fuse, "--fuse-blocks and --fuse"),
+        (args.self_test || !args.self_test_input.is_empty(), "--self-test"),
+        (args.tokenizer.is_some(), "--tokenizer (the model's tokenizer.json is used)"),
+        (args.eval_data.is_some(), "--eval-data (the search scores --calibration)"),
+        (args.report.is_some(), "--report"),
+    ];
+    if let Some((_, option)) = unsupported.iter().find(|(set, _)| *set) {
+        bail!("{option} is not available for translation models yet");
+    }
+    if args.min_quality.is_some() && args.task != "bleu" && args.task != "sts" {
+        bail!("--task {} does not apply to translation models; use --task bleu", args.task);
+    }
+    let options = marian::MarianCompressOptions {
+        storage,
+        min_quality: args.min_quality,
+        calibration: args.calibration.clone(),
+        reference: args.reference.clone(),
+        samples: args.samples.unwrap_or(1000),
+        json: args.json,
+    };
+    marian::cmd_compress_marian(&args.model, &args.output, options)
+}
+
 /// `compress --fuse-blocks N`: calibrates, fuses the most similar adjacent pairs, then factorizes,
 /// quantizes and packs with the fixed settings.
 fn compress_gguf(args: CompressArgs) -> Result<()> {
@@ -1699,7 +1748,7 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
         .or_else(|| args.model.parent().map(|d| d.join("tokenizer.json")).filter(|p| p.exists()));
     let samples: Vec<Vec<HostTensor>> = match datasets::load(calibration_path)? {
         Dataset::Tensors { inputs, .. } => {
-            inputs.into_iter().take(args.samples).map(|t| vec![t]).collect()
+            inputs.into_iter().take(args.samples()).map(|t| vec![t]).collect()
         }
         text => {
             let path = tokenizer.as_ref().context("text calibration data needs --tokenizer")?;
@@ -1708,7 +1757,7 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
                 graph.inputs.iter().map(|&v| graph.values[v].name.clone()).collect();
             let mut sentences = datasets::sentences(&text);
             sentences.dedup();
-            sentences.truncate(args.samples);
+            sentences.truncate(args.samples());
             datasets::text_samples(&encoder, &names, &sentences).map_err(anyhow::Error::msg)?
         }
     };

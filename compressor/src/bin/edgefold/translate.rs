@@ -10,7 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use edgefold_compressor::bleu::{corpus_bleu, corpus_chrf};
-use edgefold_compressor::marian::{MarianFile, MarianModel, MarianTokenizer, Shortlist};
+use edgefold_compressor::marian::{
+    is_packed_marian, MarianFile, MarianModel, MarianTokenizer, Shortlist,
+};
+use edgefold_runtime::mmap::MappedFile;
+use edgefold_runtime::Model;
 
 /// Options of `edgefold translate`.
 #[derive(clap::Args)]
@@ -36,15 +40,18 @@ pub struct TranslateArgs {
 }
 
 /// The files of a Marian model, as found on disk.
-struct ModelFiles {
-    model: PathBuf,
-    tokenizer: PathBuf,
-    shortlist: Option<PathBuf>,
+pub struct ModelFiles {
+    /// The Marian model or packed file.
+    pub model: PathBuf,
+    /// The Hugging Face tokenizer.
+    pub tokenizer: PathBuf,
+    /// The lexical shortlist, when there is one.
+    pub shortlist: Option<PathBuf>,
 }
 
 /// Finds the model, tokenizer and shortlist files of `path`, a model directory or a model's
 /// `.bin` file.
-fn find_model_files(path: &Path) -> Result<ModelFiles> {
+pub fn find_model_files(path: &Path) -> Result<ModelFiles> {
     if !path.exists() {
         bail!(
             "{} not found; give a directory with a Marian model .bin and its tokenizer.json \
@@ -118,6 +125,35 @@ fn find_model_bin(dir: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Returns whether the file at `path` starts as a packed file does.
+pub fn is_packed(path: &Path) -> Result<bool> {
+    let mut head = [0u8; 8];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(read == head.len() && head == edgefold_runtime::format::MAGIC)
+}
+
+/// Opens a Marian model file or a packed file written by `edgefold compress` from one.
+fn open_model(path: &Path, eos: u32) -> Result<MarianModel> {
+    if !is_packed(path)? {
+        let file = MarianFile::open(path)?;
+        return Ok(MarianModel::from_file(&file, eos)?);
+    }
+    let map = MappedFile::open(path)
+        .with_context(|| format!("cannot open {} as a packed file", path.display()))?;
+    let model = Model::open(map.bytes())
+        .with_context(|| format!("{} is not a valid packed file", path.display()))?;
+    if !is_packed_marian(&model) {
+        bail!(
+            "{} is a packed file without a translation model; translate and eval --task bleu \
+             take files that `edgefold compress` wrote from a Marian model",
+            path.display()
+        );
+    }
+    Ok(MarianModel::from_packed(&model, path, eos)?)
+}
+
 /// Source tokens translated at once; longer lines are translated in pieces of this many.
 const MAX_SOURCE_TOKENS: usize = 256;
 
@@ -135,8 +171,7 @@ impl Translator {
     pub fn open(path: &Path, use_shortlist: bool, beam: usize) -> Result<Translator> {
         let files = find_model_files(path)?;
         let tokenizer = MarianTokenizer::from_file(&files.tokenizer)?;
-        let file = MarianFile::open(&files.model)?;
-        let model = MarianModel::from_file(&file, tokenizer.eos())?;
+        let model = open_model(&files.model, tokenizer.eos())?;
         if tokenizer.vocab_size() != model.config().vocab {
             bail!(
                 "{} has {} tokens but {} has a vocabulary of {}; use the tokenizer.json made for \
@@ -172,6 +207,17 @@ impl Translator {
 
     /// Translates one sentence. A line that is empty or only whitespace gives an empty string.
     pub fn translate(&self, sentence: &str) -> Result<String> {
+        self.translate_with(&self.model, sentence)
+    }
+
+    /// Returns the loaded model.
+    pub fn model(&self) -> &MarianModel {
+        &self.model
+    }
+
+    /// Translates one sentence with `model` in place of the loaded one, with this translator's
+    /// tokenizer, shortlist and beam.
+    pub fn translate_with(&self, model: &MarianModel, sentence: &str) -> Result<String> {
         if sentence.trim().is_empty() {
             return Ok(String::new());
         }
@@ -180,7 +226,7 @@ impl Translator {
         // of the length, so a long line is translated in pieces.
         let words = &source[..source.len().saturating_sub(1)];
         if words.len() <= MAX_SOURCE_TOKENS {
-            return self.translate_ids(&source);
+            return self.translate_ids(model, &source);
         }
         log::warn!(
             "a line of {} tokens is translated in pieces of {MAX_SOURCE_TOKENS}; split long \
@@ -190,25 +236,25 @@ impl Translator {
         let mut pieces = Vec::new();
         for chunk in words.chunks(MAX_SOURCE_TOKENS) {
             let mut ids = chunk.to_vec();
-            ids.push(self.model.eos());
-            pieces.push(self.translate_ids(&ids)?);
+            ids.push(model.eos());
+            pieces.push(self.translate_ids(model, &ids)?);
         }
         Ok(pieces.join(" "))
     }
 
     /// Translates encoded source ids that end with `</s>`.
-    fn translate_ids(&self, source: &[u32]) -> Result<String> {
+    fn translate_ids(&self, model: &MarianModel, source: &[u32]) -> Result<String> {
         let candidates = match &self.shortlist {
             Some(shortlist) => {
-                Some(shortlist.candidates(source, self.model.eos(), self.model.config().vocab)?)
+                Some(shortlist.candidates(source, model.eos(), model.config().vocab)?)
             }
             None => None,
         };
         let max_len = MarianModel::max_target_len(source.len());
         let target = if self.beam == 1 {
-            self.model.translate_greedy(source, max_len, candidates.as_deref())?
+            model.translate_greedy(source, max_len, candidates.as_deref())?
         } else {
-            self.model.translate_beam(source, self.beam, max_len, candidates.as_deref())?
+            model.translate_beam(source, self.beam, max_len, candidates.as_deref())?
         };
         Ok(self.tokenizer.decode(&target)?)
     }
@@ -407,6 +453,7 @@ fn print_bleu_json(runs: &[BleuRun], sentences: usize, same: bool) -> Result<()>
         "same_model": same,
         "results": results,
         "bleu_ratio": ratio(|run| run.bleu),
+        "retained": ratio(|run| run.bleu),
         "chrf_ratio": ratio(|run| run.chrf),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,0 +1,361 @@
+//! `edgefold compress` for Marian translation models: int4 storage of groups of matrices and
+//! encoder layer removal, fixed or chosen by a search verified by BLEU, packed into one file.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use edgefold_compressor::bleu::corpus_bleu;
+use edgefold_compressor::marian::{
+    pack, MarianCalibration, MarianModel, MarianPart, MatrixStorage,
+};
+use edgefold_compressor::writer::write_atomic;
+
+use crate::translate::{find_model_files, Translator};
+
+/// Storage of a Marian model's matrices without a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarianStorage {
+    /// Every matrix as the file stores it (int8 for the Firefox Translations models).
+    AsStored,
+    /// The embedding and the feed-forward matrices as int4 groups of 32 (with error feedback
+    /// when calibration sentences are given), the rest as stored.
+    Int4,
+}
+
+/// Sentences whose matrix inputs give the error feedback statistics.
+const GRAM_SENTENCES: usize = 300;
+
+/// The storage that one step of the search gives a part's matrices.
+#[derive(Debug, Clone, Copy)]
+enum PartStorage {
+    /// Symmetric int4 with error feedback from the calibration statistics.
+    Gptq,
+    /// Int4 rounded to the nearest grid point, with or without minimums.
+    Rounded(MatrixStorage),
+}
+
+impl PartStorage {
+    fn name(self) -> &'static str {
+        match self {
+            PartStorage::Gptq => "int4 (GPTQ)",
+            PartStorage::Rounded(s) => s.name(),
+        }
+    }
+
+    fn apply(self, model: &mut MarianModel, part: MarianPart, calibration: &MarianCalibration) {
+        match self {
+            PartStorage::Gptq => model.quantize_part_gptq(part, calibration),
+            PartStorage::Rounded(s) => model.quantize_part(part, s),
+        }
+    }
+}
+
+/// Records the inputs of every matrix while the original translates the first
+/// [`GRAM_SENTENCES`] of `sources`.
+fn calibrate(translator: &Translator, sources: &[String]) -> Result<MarianCalibration> {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message("recording the inputs of each matrix");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let mut failure = None;
+    let calibration = translator.model().calibrate(|model| {
+        for source in sources.iter().take(GRAM_SENTENCES) {
+            if let Err(e) = translator.translate_with(model, source) {
+                failure = Some(e);
+                break;
+            }
+        }
+        Ok(())
+    })?;
+    spinner.finish_and_clear();
+    match failure {
+        Some(e) => Err(e.context("translating a calibration sentence failed")),
+        None => Ok(calibration),
+    }
+}
+
+/// Settings of `edgefold compress` for a Marian model.
+pub struct MarianCompressOptions {
+    /// Storage without a search.
+    pub storage: MarianStorage,
+    /// With it, the smallest model whose calibration BLEU keeps this fraction of the original's.
+    pub min_quality: Option<f64>,
+    /// Source sentences for the search, one per line.
+    pub calibration: Option<PathBuf>,
+    /// Reference translations, one per line of `calibration`.
+    pub reference: Option<PathBuf>,
+    /// Calibration sentences used, from the start of the file.
+    pub samples: usize,
+    /// Print one JSON object on stdout.
+    pub json: bool,
+}
+
+/// Returns whether `path` is a Marian model: a directory with one, or a `.bin` file that is not
+/// a lexical shortlist.
+pub fn is_marian(path: &Path) -> bool {
+    if path.is_dir() {
+        return true;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.ends_with(".bin") && !name.starts_with("lex.")
+}
+
+/// One step of the search: what it changes, and its size and quality once verified.
+struct Step {
+    change: String,
+    bytes: usize,
+    quality: f64,
+    kept: bool,
+}
+
+/// Translates `sources` with `model` and returns the corpus BLEU against `references`.
+fn bleu(
+    translator: &Translator,
+    model: &MarianModel,
+    sources: &[String],
+    references: &[String],
+) -> Result<f64> {
+    let mut hypotheses = Vec::with_capacity(sources.len());
+    for (i, source) in sources.iter().enumerate() {
+        let translation = translator
+            .translate_with(model, source)
+            .with_context(|| format!("translating calibration line {} failed", i + 1))?;
+        hypotheses.push(translation);
+    }
+    Ok(corpus_bleu(&hypotheses, &[references])?.score)
+}
+
+fn read_lines(path: &Path, samples: usize) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.lines().take(samples).map(|l| l.strip_suffix('\r').unwrap_or(l).to_owned()).collect())
+}
+
+/// Searches for the smallest model that keeps `floor` of the original's BLEU on the
+/// calibration sentences. Each part's matrices, largest part first, are tried as int4 with
+/// error feedback, then rounded int4, then int4 with minimums. Then each encoder layer is
+/// removed in turn, last first. A change is kept only when the model with it meets the floor.
+fn search(
+    translator: &Translator,
+    floor: f64,
+    sources: &[String],
+    references: &[String],
+) -> Result<(MarianModel, f64, f64, Vec<Step>)> {
+    let original = translator.model();
+    let baseline = bleu(translator, original, sources, references)?;
+    if baseline <= 0.0 {
+        bail!(
+            "the original model scores BLEU {baseline:.2} on the calibration data, so no fraction \
+             of it can be measured; check that --reference matches --calibration line by line"
+        );
+    }
+    log::info!("original: BLEU {baseline:.2} on {} calibration sentences", sources.len());
+
+    let calibration = calibrate(translator, sources)?;
+    let storages = [
+        PartStorage::Gptq,
+        PartStorage::Rounded(MatrixStorage::Int4),
+        PartStorage::Rounded(MatrixStorage::Int4Min),
+    ];
+    let layers = original.config().encoder_layers;
+    let total = MarianPart::ALL.len() * storages.len() + layers;
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template"),
+    );
+    bar.set_message("searching");
+
+    let mut current = original.clone();
+    let mut quality = 1.0;
+    let mut steps = Vec::new();
+    let mut try_step = |candidate: MarianModel, change: String| -> Result<Option<MarianModel>> {
+        let score = bleu(translator, &candidate, sources, references)?;
+        let fraction = score / baseline;
+        let kept = fraction >= floor;
+        log::info!(
+            "{change}: BLEU {score:.2} ({:.2} % of the original), {} bytes: {}",
+            fraction * 100.0,
+            candidate.weight_bytes(),
+            if kept { "kept" } else { "turned down" }
+        );
+        steps.push(Step { change, bytes: candidate.weight_bytes(), quality: fraction, kept });
+        bar.inc(1);
+        Ok(kept.then(|| {
+            quality = fraction;
+            candidate
+        }))
+    };
+    for part in MarianPart::ALL {
+        for (i, storage) in storages.iter().enumerate() {
+            let mut candidate = current.clone();
+            storage.apply(&mut candidate, part, &calibration);
+            let change = format!("{} as {}", part.name(), storage.name());
+            if let Some(model) = try_step(candidate, change)? {
+                current = model;
+                bar.inc((storages.len() - i - 1) as u64);
+                break;
+            }
+        }
+    }
+    // Layers go last first, so a removal leaves the indices of the layers still to try as
+    // they were.
+    for layer in (0..layers).rev() {
+        if current.config().encoder_layers == 1 {
+            break;
+        }
+        let mut candidate = current.clone();
+        candidate.remove_encoder_layers(&[layer])?;
+        if let Some(model) = try_step(candidate, format!("remove encoder layer {}", layer + 1))? {
+            current = model;
+        }
+    }
+    bar.finish_and_clear();
+    Ok((current, baseline, quality, steps))
+}
+
+/// Copies the tokenizer and the shortlist of the original beside the output, where `translate`
+/// looks for them, unless files of those names are there already.
+fn copy_companions(model: &Path, output: &Path) -> Result<Vec<PathBuf>> {
+    let files = find_model_files(model)?;
+    let dir = output.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    let mut copied = Vec::new();
+    for source in std::iter::once(files.tokenizer).chain(files.shortlist) {
+        let Some(name) = source.file_name() else { continue };
+        let target = dir.join(name);
+        if target.exists() {
+            continue;
+        }
+        let bytes =
+            std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
+        write_atomic(&target, &bytes)?;
+        copied.push(target);
+    }
+    Ok(copied)
+}
+
+/// Runs `edgefold compress` on a Marian model directory or `.bin` file.
+pub fn cmd_compress_marian(
+    model: &Path,
+    output: &Path,
+    options: MarianCompressOptions,
+) -> Result<()> {
+    let started = Instant::now();
+    let translator = Translator::open(model, true, 1)?;
+    let original_bytes = std::fs::metadata(find_model_files(model)?.model)
+        .with_context(|| format!("cannot read {}", model.display()))?
+        .len();
+
+    let (compressed, measured, steps) = match options.min_quality {
+        Some(floor) => {
+            if !(0.0..=1.0).contains(&floor) || floor == 0.0 {
+                bail!("--min-quality {floor} is outside (0, 1]; give a fraction such as 0.97");
+            }
+            let calibration = options.calibration.as_deref().context(
+                "--min-quality on a translation model needs --calibration SRC.txt (source \
+                 sentences, one per line) and --reference REF.txt (their translations)",
+            )?;
+            let reference = options.reference.as_deref().context(
+                "--min-quality on a translation model needs --reference REF.txt with one \
+                 translation per line of --calibration",
+            )?;
+            if options.samples == 0 {
+                bail!("--samples 0 leaves no calibration sentences; use 1 or more");
+            }
+            let sources = read_lines(calibration, options.samples)?;
+            let references = read_lines(reference, options.samples)?;
+            if sources.len() != references.len() || sources.is_empty() {
+                bail!(
+                    "{} gives {} sentences and {} gives {}; each calibration sentence needs one \
+                     reference line",
+                    calibration.display(),
+                    sources.len(),
+                    reference.display(),
+                    references.len()
+                );
+            }
+            let (model, baseline, quality, steps) =
+                search(&translator, floor, &sources, &references)?;
+            (model, Some((baseline, quality, sources.len())), steps)
+        }
+        None => {
+            let mut m = translator.model().clone();
+            if options.storage == MarianStorage::Int4 {
+                let calibration = match &options.calibration {
+                    Some(path) => {
+                        let sources = read_lines(path, options.samples.max(1))?;
+                        Some(calibrate(&translator, &sources)?)
+                    }
+                    None => None,
+                };
+                for part in [MarianPart::Embedding, MarianPart::EncoderFfn, MarianPart::DecoderFfn]
+                {
+                    match &calibration {
+                        Some(c) => m.quantize_part_gptq(part, c),
+                        None => m.quantize_part(part, MatrixStorage::Int4),
+                    }
+                }
+            }
+            (m, None, Vec::new())
+        }
+    };
+
+    let bytes = pack(&compressed, &[]).context("cannot pack the translation model")?;
+    write_atomic(output, &bytes)?;
+    let copied = copy_companions(model, output)?;
+    for path in &copied {
+        log::info!("copied {} beside the output", path.display());
+    }
+    let ratio = bytes.len() as f64 / original_bytes as f64;
+    let seconds = started.elapsed().as_secs_f64();
+    let config = compressed.config();
+    if options.json {
+        let report = json!({
+            "model": model,
+            "output": output,
+            "source_bytes": original_bytes,
+            "output_bytes": bytes.len(),
+            "ratio": ratio,
+            "encoder_layers": config.encoder_layers,
+            "calibration_bleu": measured.map(|(b, _, _)| b),
+            "quality": measured.map(|(_, q, _)| q),
+            "calibration_sentences": measured.map(|(_, _, n)| n),
+            "steps": steps.iter().map(|s| json!({
+                "change": s.change, "bytes": s.bytes, "quality": s.quality, "kept": s.kept,
+            })).collect::<Vec<_>>(),
+            "copied": copied,
+            "seconds": seconds,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for s in &steps {
+        println!(
+            "  {:<40} {:>6.2} % of BLEU  {:>10} bytes  {}",
+            s.change,
+            s.quality * 100.0,
+            s.bytes,
+            if s.kept { "kept" } else { "turned down" }
+        );
+    }
+    println!(
+        "wrote {}: {} bytes, {:.1} % of {} ({} bytes), {} encoder layers{}, in {seconds:.1} s",
+        output.display(),
+        bytes.len(),
+        ratio * 100.0,
+        model.display(),
+        original_bytes,
+        config.encoder_layers,
+        match measured {
+            Some((b, q, n)) => format!(
+                "; keeps {:.2} % of the original's BLEU ({b:.2}) on {n} calibration sentences",
+                q * 100.0
+            ),
+            None => String::new(),
+        }
+    );
+    Ok(())
+}
