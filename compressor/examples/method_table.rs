@@ -34,7 +34,7 @@ use edgefold_compressor::ir::{Graph, Node, Storage, Value};
 use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::{load_graph, pack_graph, CompressOptions};
 use edgefold_compressor::planner::{drop_blocks, verified_drop_order, Evaluator, Task};
-use edgefold_compressor::quantize::{quantize, LowRank, Quantize};
+use edgefold_compressor::quantize::{quantize, quantize_i4_min, LowRank, Quantize};
 use edgefold_compressor::spectrum::low_rank_factors;
 use edgefold_compressor::text::{read_sts, TextEncoder};
 use edgefold_compressor::whiten::Whitening;
@@ -54,6 +54,9 @@ struct Args {
     /// STS-B dev pairs, every one of which scores each row.
     #[arg(long)]
     dev: PathBuf,
+    /// Measure only the storage precisions (f16, int8 and the int4 variants).
+    #[arg(long)]
+    precision_only: bool,
     /// Calibration sentences (distinct, from the start of the train file).
     #[arg(long, default_value_t = 256)]
     samples: usize,
@@ -281,8 +284,14 @@ fn main() -> Result<()> {
     };
     bench.measure("none (f32)", "packed as is", &original, 0.0)?;
 
-    let selections = measure_removals(&mut bench, &selection, &calibration)?;
-    measure_low_rank(&mut bench, &calibration)?;
+    let selections = match args.precision_only {
+        true => String::new(),
+        false => {
+            let selections = measure_removals(&mut bench, &selection, &calibration)?;
+            measure_low_rank(&mut bench, &calibration)?;
+            selections
+        }
+    };
     measure_precision(&mut bench, &calibration)?;
 
     println!("{}", render(&bench, dev_count));
@@ -421,6 +430,28 @@ fn measure_precision(bench: &mut Bench, calibration: &Calibration) -> Result<()>
         quantize(&mut g, mode);
         bench.measure(method, detail, &g, t.elapsed().as_secs_f64())?;
     }
+    // The same tensors as plain int4, each with an f16 minimum per group as well.
+    let t = Instant::now();
+    let mut g = bench.original.clone();
+    quantize(&mut g, Quantize::Int4);
+    for (value, original) in g.values.iter_mut().zip(&bench.original.values) {
+        let (Some(Storage::I4Grouped { group, .. }), Some(Storage::F32(data))) =
+            (&value.data, &original.data)
+        else {
+            continue;
+        };
+        let group = *group;
+        let [rows, cols] = value.const_shape()[..] else { continue };
+        let (packed, scales, mins) = quantize_i4_min(data, rows, cols, group);
+        value.data = Some(Storage::I4GroupedMin { packed, scales, mins, group });
+    }
+    bench.measure(
+        "int4 with minimums",
+        "groups of 32, f16 scale and minimum, plain rounding; embedding tables int8",
+        &g,
+        t.elapsed().as_secs_f64(),
+    )?;
+
     let t = Instant::now();
     let mut g = bench.original.clone();
     quantize_linear_gptq(&mut g, calibration)?;
