@@ -1666,7 +1666,7 @@ fn compress_marian(args: CompressArgs) -> Result<()> {
         Quantize::Int8 => marian::MarianStorage::AsStored,
         Quantize::Int4 => marian::MarianStorage::Int4,
         other => bail!(
-            "--quantize {other:?} is not available for translation models; use int8 (the \
+            "--quantize {other} is not available for translation models; use int8 (the \
              stored int8 matrices) or int4"
         ),
     };
