@@ -1,0 +1,1079 @@
+//! Marian "tiny" translation models: a post-norm transformer encoder and a decoder whose layers
+//! are an SSRU cell, cross-attention over the encoder output and a feed-forward block, each
+//! followed by a residual connection and layer normalization.
+//!
+//! A file contains such a model as constant tensors in a fixed order and a configuration record in
+//! its metadata under [`CONFIG_KEY`]; it has no op list. [`Translator`] encodes one source
+//! sentence at a time and then runs the decoder one target token per step. The cross-attention
+//! keys and values, the greedy search's SSRU cells and every intermediate live in the caller's
+//! arena, whose size the record fixes through the maximum source length.
+//!
+//! Tensor order, with Marian's names: `Wemb` `[vocab, dim]` (the token embedding and the output
+//! matrix) and `Wemb_b` `[vocab]` (the output bias); per encoder layer L from 1, the 16 tensors
+//! of [`ENCODER_PARTS`] named `encoder_lL_PART`; per decoder layer, the 21 tensors of
+//! [`DECODER_PARTS`] named `decoder_lL_PART`. Matrices are stored `[out, in]` in any kind that
+//! [`Model::linear_weights`] accepts; biases and layer normalization weights are f32 vectors.
+//!
+//! The computation follows the host model of `edgefold-compressor` (`MarianModel`): embeddings
+//! scaled by `sqrt(dim)` plus sinusoidal positions, ReLU feed-forward blocks, and logits from the
+//! embedding matrix plus its bias.
+
+use crate::cast::{cast, cast_mut};
+use crate::error::{Error, Result};
+use crate::format::{DType, TensorEntry, TensorKind, SECTION_ALIGN};
+use crate::kernels::generic::{F32Rows, WeightRows};
+use crate::kernels::{self, Weights};
+use crate::model::Model;
+
+/// Metadata key of the configuration record.
+pub const CONFIG_KEY: &str = "translator.marian";
+
+/// Length of the configuration record in bytes.
+pub const CONFIG_LEN: usize = 40;
+
+/// Version of the configuration record this runtime reads.
+const CONFIG_VERSION: u32 = 1;
+
+/// Tensors before the first encoder layer: `Wemb` and `Wemb_b`.
+const EMBEDDING_TENSORS: u32 = 2;
+
+/// Shape of a tensor in a layer, in terms of the model's widths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartShape {
+    /// Matrix `[dim, dim]`.
+    Square,
+    /// Matrix `[ffn_dim, dim]`, the first layer of a feed-forward block.
+    Up,
+    /// Matrix `[dim, ffn_dim]`, the second layer of a feed-forward block.
+    Down,
+    /// Vector `[dim]`.
+    Width,
+    /// Vector `[ffn_dim]`.
+    FfnWidth,
+}
+
+/// Tensors of an encoder layer in file order: name suffix and shape.
+pub const ENCODER_PARTS: [(&str, PartShape); 16] = [
+    ("self_Wq", PartShape::Square),
+    ("self_Wq_b", PartShape::Width),
+    ("self_Wk", PartShape::Square),
+    ("self_Wk_b", PartShape::Width),
+    ("self_Wv", PartShape::Square),
+    ("self_Wv_b", PartShape::Width),
+    ("self_Wo", PartShape::Square),
+    ("self_Wo_b", PartShape::Width),
+    ("self_Wo_ln_scale", PartShape::Width),
+    ("self_Wo_ln_bias", PartShape::Width),
+    ("ffn_W1", PartShape::Up),
+    ("ffn_W1_b", PartShape::FfnWidth),
+    ("ffn_W2", PartShape::Down),
+    ("ffn_W2_b", PartShape::Width),
+    ("ffn_ffn_ln_scale", PartShape::Width),
+    ("ffn_ffn_ln_bias", PartShape::Width),
+];
+
+/// Tensors of a decoder layer in file order: name suffix and shape.
+pub const DECODER_PARTS: [(&str, PartShape); 21] = [
+    ("rnn_W", PartShape::Square),
+    ("rnn_Wf", PartShape::Square),
+    ("rnn_Wf_b", PartShape::Width),
+    ("rnn_ffn_ln_scale", PartShape::Width),
+    ("rnn_ffn_ln_bias", PartShape::Width),
+    ("context_Wq", PartShape::Square),
+    ("context_Wq_b", PartShape::Width),
+    ("context_Wk", PartShape::Square),
+    ("context_Wk_b", PartShape::Width),
+    ("context_Wv", PartShape::Square),
+    ("context_Wv_b", PartShape::Width),
+    ("context_Wo", PartShape::Square),
+    ("context_Wo_b", PartShape::Width),
+    ("context_Wo_ln_scale", PartShape::Width),
+    ("context_Wo_ln_bias", PartShape::Width),
+    ("ffn_W1", PartShape::Up),
+    ("ffn_W1_b", PartShape::FfnWidth),
+    ("ffn_W2", PartShape::Down),
+    ("ffn_W2_b", PartShape::Width),
+    ("ffn_ffn_ln_scale", PartShape::Width),
+    ("ffn_ffn_ln_bias", PartShape::Width),
+];
+
+/// Offset of the self-attention block in an encoder layer, and of the SSRU cell, the
+/// cross-attention and the feed-forward block in a decoder layer.
+const ENCODER_ATTENTION: u32 = 0;
+const ENCODER_FFN: u32 = 10;
+const DECODER_SSRU: u32 = 0;
+const DECODER_ATTENTION: u32 = 5;
+const DECODER_FFN: u32 = 15;
+
+/// Shape and hyperparameters of a translation model, as stored in its configuration record.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TranslatorConfig {
+    /// Encoder layers.
+    pub encoder_layers: u32,
+    /// Decoder layers.
+    pub decoder_layers: u32,
+    /// Model width; even.
+    pub dim: u32,
+    /// Attention heads; divides `dim`.
+    pub heads: u32,
+    /// Hidden width of the feed-forward blocks.
+    pub ffn_dim: u32,
+    /// Size of the vocabulary shared by source and target.
+    pub vocab: u32,
+    /// Id of `</s>`, which ends source sentences and translations.
+    pub eos: u32,
+    /// Maximum source length in tokens, `</s>` included.
+    pub max_source: u32,
+    /// Epsilon of layer normalization.
+    pub norm_eps: f32,
+}
+
+impl TranslatorConfig {
+    /// Encodes the record: nine little-endian u32 words (version, the eight sizes in field
+    /// order) and the epsilon's f32 bits.
+    pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
+        let words = [
+            CONFIG_VERSION,
+            self.encoder_layers,
+            self.decoder_layers,
+            self.dim,
+            self.heads,
+            self.ffn_dim,
+            self.vocab,
+            self.eos,
+            self.max_source,
+            self.norm_eps.to_bits(),
+        ];
+        let mut bytes = [0u8; CONFIG_LEN];
+        for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// Decodes and checks a record.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTranslator`] when the record has another length or version, or describes
+    /// an impossible model.
+    pub fn parse(bytes: &[u8]) -> Result<TranslatorConfig> {
+        let invalid = |reason| Error::InvalidTranslator { tensor: u32::MAX, reason };
+        if bytes.len() != CONFIG_LEN {
+            return Err(invalid("the record is not 40 bytes long"));
+        }
+        let mut words = [0u32; CONFIG_LEN / 4];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+            *word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        if words[0] != CONFIG_VERSION {
+            return Err(invalid("unknown record version"));
+        }
+        let config = TranslatorConfig {
+            encoder_layers: words[1],
+            decoder_layers: words[2],
+            dim: words[3],
+            heads: words[4],
+            ffn_dim: words[5],
+            vocab: words[6],
+            eos: words[7],
+            max_source: words[8],
+            norm_eps: f32::from_bits(words[9]),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<()> {
+        let invalid = |reason| Err(Error::InvalidTranslator { tensor: u32::MAX, reason });
+        let sizes = [
+            self.encoder_layers,
+            self.decoder_layers,
+            self.dim,
+            self.heads,
+            self.ffn_dim,
+            self.vocab,
+            self.max_source,
+        ];
+        if sizes.contains(&0) {
+            return invalid("a size is zero");
+        }
+        if !self.dim.is_multiple_of(2) || !self.dim.is_multiple_of(self.heads) {
+            return invalid("the width is odd or the heads do not divide it");
+        }
+        if self.eos >= self.vocab {
+            return invalid("the end-of-sentence id is outside the vocabulary");
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return invalid("the layer normalization epsilon is not a non-negative number");
+        }
+        if self.tensor_count() > u32::MAX as u64 {
+            return invalid("the tensor count overflows");
+        }
+        if self.layout().is_none() {
+            return invalid("the arena size overflows");
+        }
+        Ok(())
+    }
+
+    /// Number of named tensors of the model, in the order the module documentation gives.
+    pub fn tensor_count(&self) -> u64 {
+        EMBEDDING_TENSORS as u64
+            + ENCODER_PARTS.len() as u64 * self.encoder_layers as u64
+            + DECODER_PARTS.len() as u64 * self.decoder_layers as u64
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> u32 {
+        self.dim / self.heads.max(1)
+    }
+
+    /// Arena bytes a [`Translator`] needs, without the alignment padding of its start; `None`
+    /// when the size overflows.
+    pub fn arena_bytes(&self) -> Option<u64> {
+        self.layout().map(|l| l.total as u64 * 4)
+    }
+
+    /// Extents of the arena's parts, in f32 values.
+    fn layout(&self) -> Option<Layout> {
+        let u = |v: u32| v as usize;
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        let (source, dim, ffn) = (u(self.max_source), u(self.dim), u(self.ffn_dim));
+        let layers = u(self.decoder_layers);
+        let rows = mul(source, dim)?;
+        let parts = [
+            rows,                        // x
+            rows,                        // q
+            rows,                        // k
+            rows,                        // v
+            rows,                        // attention output
+            rows,                        // projection
+            mul(source, ffn)?,           // feed-forward hidden
+            source,                      // one row of attention scores
+            mul(mul(layers, 2)?, rows)?, // cross-attention keys and values
+            mul(STEP_ROWS, dim)?,        // decoder step rows
+            ffn,                         // decoder step feed-forward hidden
+            mul(layers, dim)?,           // SSRU cells of the greedy search
+            u(self.vocab),               // logits
+            dim,                         // one embedding row
+        ];
+        let mut total = 0usize;
+        for p in parts {
+            total = total.checked_add(p)?;
+        }
+        // The byte count must fit in u64 and in the address space.
+        total.checked_mul(4)?;
+        Some(Layout { parts, total })
+    }
+}
+
+/// Rows of `dim` values that a decoder step uses: the hidden state, the SSRU's forget gate and
+/// input, the query, the attention output and a projection.
+const STEP_ROWS: usize = 6;
+
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    parts: [usize; 14],
+    total: usize,
+}
+
+/// The arena split into its parts.
+struct Parts<'s> {
+    x: &'s mut [f32],
+    q: &'s mut [f32],
+    k: &'s mut [f32],
+    v: &'s mut [f32],
+    attn: &'s mut [f32],
+    proj: &'s mut [f32],
+    hidden: &'s mut [f32],
+    scores: &'s mut [f32],
+    context: &'s mut [f32],
+    step: &'s mut [f32],
+    step_hidden: &'s mut [f32],
+    cells: &'s mut [f32],
+    logits: &'s mut [f32],
+    row: &'s mut [f32],
+}
+
+/// Settings of a translator's matrix products.
+#[derive(Clone, Copy)]
+struct Products {
+    /// Threads that `linear` may use.
+    threads: usize,
+    /// Whether `linear` may quantize its input to int8 ([`kernels::linear_int8`]).
+    int8: bool,
+}
+
+/// A translation model ready to run: the model, and the encoded sentence and scratch in the
+/// caller's arena.
+pub struct Translator<'m, 'a> {
+    model: Model<'m>,
+    config: TranslatorConfig,
+    layout: Layout,
+    arena: &'a mut [f32],
+    /// Tokens of the encoded source sentence; 0 before [`Translator::encode`] succeeds.
+    source_len: usize,
+    products: Products,
+}
+
+impl<'m, 'a> Translator<'m, 'a> {
+    /// Reads the configuration of `model`, checks every named tensor against it, and places the
+    /// scratch in `arena`, whose start is rounded up to a 64-byte boundary.
+    ///
+    /// # Errors
+    /// [`Error::NotATranslator`] without a configuration record, [`Error::InvalidTranslator`]
+    /// when the record is invalid or a tensor is missing, misnamed or misshapen, and
+    /// [`Error::ArenaTooSmall`] with the bytes needed.
+    pub fn new(model: &Model<'m>, arena: &'a mut [u8]) -> Result<Self> {
+        let record = model.metadata(CONFIG_KEY).ok_or(Error::NotATranslator)?;
+        let config = TranslatorConfig::parse(record)?;
+        let layout = config.layout().ok_or(Error::InvalidTranslator {
+            tensor: u32::MAX,
+            reason: "the arena size overflows",
+        })?;
+        check_tensors(model, &config)?;
+
+        let bytes = layout.total * 4;
+        let pad = arena.as_ptr().align_offset(SECTION_ALIGN);
+        let too_small = Error::ArenaTooSmall {
+            required: (bytes + SECTION_ALIGN - 1) as u64,
+            provided: arena.len() as u64,
+        };
+        if pad >= SECTION_ALIGN || arena.len() < pad.saturating_add(bytes) {
+            return Err(too_small);
+        }
+        let arena = cast_mut::<f32>(&mut arena[pad..pad + bytes]).ok_or(too_small)?;
+        Ok(Translator {
+            model: *model,
+            config,
+            layout,
+            arena,
+            source_len: 0,
+            products: Products { threads: 1, int8: false },
+        })
+    }
+
+    /// Returns the configuration read from the file.
+    pub fn config(&self) -> &TranslatorConfig {
+        &self.config
+    }
+
+    /// Returns the number of tokens of the encoded source sentence, 0 before the first
+    /// successful [`Translator::encode`].
+    pub fn source_len(&self) -> usize {
+        self.source_len
+    }
+
+    /// Lets the matrix products split their work across up to `threads` threads (at least 1).
+    #[cfg(feature = "std")]
+    pub fn set_threads(&mut self, threads: usize) {
+        self.products.threads = threads.max(1);
+    }
+
+    /// Lets the matrix products quantize their inputs to int8 where an integer kernel exists for
+    /// the weights and the CPU ([`kernels::linear_int8`]): faster, at the cost of rounding the
+    /// inputs. Off by default: then results follow the stored weights in f32. The output layer
+    /// always runs in f32.
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.products.int8 = on;
+    }
+
+    fn parts(&mut self) -> Parts<'_> {
+        let mut rest: &mut [f32] = self.arena;
+        let mut take = |len: usize| {
+            let (head, tail) = core::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            head
+        };
+        let p = self.layout.parts;
+        Parts {
+            x: take(p[0]),
+            q: take(p[1]),
+            k: take(p[2]),
+            v: take(p[3]),
+            attn: take(p[4]),
+            proj: take(p[5]),
+            hidden: take(p[6]),
+            scores: take(p[7]),
+            context: take(p[8]),
+            step: take(p[9]),
+            step_hidden: take(p[10]),
+            cells: take(p[11]),
+            logits: take(p[12]),
+            row: take(p[13]),
+        }
+    }
+
+    /// Runs the encoder on `source`, token ids that end with `</s>`, and stores each decoder
+    /// layer's cross-attention keys and values for the sentence in the arena.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTranslatorInput`] for an empty source, [`Error::SourceTooLong`] beyond
+    /// [`TranslatorConfig::max_source`] tokens, and [`Error::TokenOutOfRange`] for an id outside
+    /// the vocabulary. After an error no sentence is encoded.
+    pub fn encode(&mut self, source: &[u32]) -> Result<()> {
+        self.source_len = 0;
+        let c = self.config;
+        if source.is_empty() {
+            return Err(Error::InvalidTranslatorInput { reason: "the source has no tokens" });
+        }
+        if source.len() > c.max_source as usize {
+            return Err(Error::SourceTooLong { capacity: c.max_source, len: source.len() as u64 });
+        }
+        self.check_tokens(source)?;
+
+        let model = self.model;
+        let products = self.products;
+        let (n, dim) = (source.len(), c.dim as usize);
+        let p = self.parts();
+        let x = &mut p.x[..n * dim];
+        let embedding = weights_at(&model, 0)?;
+        for (position, (row, &token)) in x.chunks_exact_mut(dim).zip(source).enumerate() {
+            embed(&embedding, Some(token), position, row);
+        }
+
+        for layer in 0..c.encoder_layers {
+            let base = encoder_base(&c, layer);
+            let at = base + ENCODER_ATTENTION;
+            let q = &mut p.q[..n * dim];
+            let k = &mut p.k[..n * dim];
+            let v = &mut p.v[..n * dim];
+            project(&model, products, at, x, n, q)?;
+            project(&model, products, at + 2, x, n, k)?;
+            project(&model, products, at + 4, x, n, v)?;
+            let attn = &mut p.attn[..n * dim];
+            attend(&c, q, k, v, n, &mut p.scores[..n], attn);
+            let proj = &mut p.proj[..n * dim];
+            project(&model, products, at + 6, attn, n, proj)?;
+            normalize_at(&model, &c, at + 8, x, proj)?;
+
+            let hidden = &mut p.hidden[..n * c.ffn_dim as usize];
+            let ffn = FeedForwardScratch { hidden, out: proj };
+            feed_forward(&model, products, &c, base + ENCODER_FFN, x, n, ffn)?;
+        }
+
+        let rows = n * dim;
+        for layer in 0..c.decoder_layers {
+            let at = decoder_base(&c, layer) + DECODER_ATTENTION;
+            let (keys, values) = context_at(p.context, layer as usize, c.max_source as usize, dim);
+            project(&model, products, at + 2, x, n, &mut keys[..rows])?;
+            project(&model, products, at + 4, x, n, &mut values[..rows])?;
+        }
+        self.source_len = n;
+        Ok(())
+    }
+
+    /// Runs one decoder step over the encoded sentence and returns the logits of the next token:
+    /// over `candidates` in their order, or over the whole vocabulary without them.
+    ///
+    /// `cells` contains the SSRU cells, `decoder_layers × dim` values that are zero before the
+    /// first step and that the step updates. `token` is the previous target token (`None` at the
+    /// first step, which embeds zeros) and `position` its target position, from 0.
+    ///
+    /// # Errors
+    /// [`Error::NoSourceEncoded`] before a successful [`Translator::encode`],
+    /// [`Error::InvalidTranslatorInput`] when `cells` has another length or there are more
+    /// candidates than vocabulary entries, and [`Error::TokenOutOfRange`] for a token or
+    /// candidate outside the vocabulary.
+    pub fn step(
+        &mut self,
+        cells: &mut [f32],
+        token: Option<u32>,
+        position: usize,
+        candidates: Option<&[u32]>,
+    ) -> Result<&[f32]> {
+        if self.source_len == 0 {
+            return Err(Error::NoSourceEncoded);
+        }
+        if cells.len() != self.layout.parts[11] {
+            return Err(Error::InvalidTranslatorInput {
+                reason: "the cells are not decoder_layers × dim values",
+            });
+        }
+        if let Some(token) = token {
+            self.check_tokens(&[token])?;
+        }
+        self.check_candidates(candidates)?;
+
+        self.parts().cells.copy_from_slice(cells);
+        let count = self.run_step(token, position, candidates)?;
+        let p = self.parts();
+        cells.copy_from_slice(p.cells);
+        let logits_at = self.logits_offset();
+        Ok(&self.arena[logits_at..logits_at + count])
+    }
+
+    /// Translates `source`, token ids that end with `</s>`, by greedy search over `candidates`
+    /// (a lexical shortlist) or the whole vocabulary, writes the target ids without `</s>` to
+    /// `out`, and returns how many it wrote. The search stops at `</s>` or when `out` is full.
+    ///
+    /// # Errors
+    /// As [`Translator::encode`] and [`Translator::step`], and
+    /// [`Error::InvalidTranslatorInput`] when `candidates` is empty.
+    pub fn translate_greedy(
+        &mut self,
+        source: &[u32],
+        candidates: Option<&[u32]>,
+        out: &mut [u32],
+    ) -> Result<usize> {
+        if candidates.is_some_and(<[u32]>::is_empty) {
+            return Err(Error::InvalidTranslatorInput { reason: "the candidate list is empty" });
+        }
+        self.check_candidates(candidates)?;
+        self.encode(source)?;
+        self.parts().cells.fill(0.0);
+
+        let logits_at = self.logits_offset();
+        let mut previous = None;
+        let mut written = 0;
+        while written < out.len() {
+            let count = self.run_step(previous, written, candidates)?;
+            let best = argmax(&self.arena[logits_at..logits_at + count]);
+            let token = match candidates {
+                Some(ids) => ids[best],
+                None => best as u32,
+            };
+            if token == self.config.eos {
+                break;
+            }
+            out[written] = token;
+            written += 1;
+            previous = Some(token);
+        }
+        Ok(written)
+    }
+
+    fn logits_offset(&self) -> usize {
+        self.layout.parts[..12].iter().sum()
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.config.vocab;
+        match tokens.iter().find(|&&t| t >= vocab) {
+            Some(&token) => Err(Error::TokenOutOfRange { token, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    fn check_candidates(&self, candidates: Option<&[u32]>) -> Result<()> {
+        let Some(ids) = candidates else { return Ok(()) };
+        if ids.len() > self.config.vocab as usize {
+            return Err(Error::InvalidTranslatorInput {
+                reason: "there are more candidates than vocabulary entries",
+            });
+        }
+        self.check_tokens(ids)
+    }
+
+    /// Runs one decoder step with the cells in the arena, on inputs already checked, writes the
+    /// logits to the arena and returns their count.
+    fn run_step(
+        &mut self,
+        token: Option<u32>,
+        position: usize,
+        candidates: Option<&[u32]>,
+    ) -> Result<usize> {
+        let c = self.config;
+        let model = self.model;
+        let products = self.products;
+        let (n, dim) = (self.source_len, c.dim as usize);
+        let p = self.parts();
+        let (y, rest) = p.step.split_at_mut(dim);
+        let (forget, rest) = rest.split_at_mut(dim);
+        let (input, rest) = rest.split_at_mut(dim);
+        let (q, rest) = rest.split_at_mut(dim);
+        let (mixed, proj) = rest.split_at_mut(dim);
+
+        let embedding = weights_at(&model, 0)?;
+        embed(&embedding, token, position, y);
+        for layer in 0..c.decoder_layers {
+            let base = decoder_base(&c, layer);
+            let cell = &mut p.cells[layer as usize * dim..][..dim];
+            let ssru = base + DECODER_SSRU;
+            linear(
+                products,
+                y,
+                1,
+                weights_at(&model, ssru + 1)?,
+                Some(vector_at(&model, ssru + 2)?),
+                forget,
+            );
+            linear(products, y, 1, weights_at(&model, ssru)?, None, input);
+            for ((state, &f), out) in cell.iter_mut().zip(forget.iter()).zip(input.iter_mut()) {
+                let f = sigmoid(f);
+                *state = f * *state + (1.0 - f) * *out;
+                *out = state.max(0.0);
+            }
+            normalize_at(&model, &c, ssru + 3, y, input)?;
+
+            let at = base + DECODER_ATTENTION;
+            project(&model, products, at, y, 1, q)?;
+            let (keys, values) = context_at(p.context, layer as usize, c.max_source as usize, dim);
+            attend_over(&c, q, &keys[..n * dim], &values[..n * dim], &mut p.scores[..n], mixed);
+            project(&model, products, at + 6, mixed, 1, proj)?;
+            normalize_at(&model, &c, at + 8, y, proj)?;
+
+            let ffn = FeedForwardScratch { hidden: &mut *p.step_hidden, out: &mut *proj };
+            feed_forward(&model, products, &c, base + DECODER_FFN, y, 1, ffn)?;
+        }
+
+        // The output layer runs in f32 whatever the settings, as the host model's does.
+        let f32_products = Products { threads: products.threads, int8: false };
+        let bias = vector_at(&model, 1)?;
+        match candidates {
+            None => {
+                let logits = &mut p.logits[..c.vocab as usize];
+                linear(f32_products, y, 1, embedding, Some(bias), logits);
+                Ok(logits.len())
+            }
+            Some(ids) => {
+                for (&id, logit) in ids.iter().zip(p.logits.iter_mut()) {
+                    fill_row(&embedding, id as usize, p.row);
+                    let row = Weights::F32(F32Rows { w: p.row, k: dim });
+                    let b = &bias[id as usize..id as usize + 1];
+                    kernels::linear(y, 1, dim, row, 1, Some(b), core::slice::from_mut(logit));
+                }
+                Ok(ids.len())
+            }
+        }
+    }
+}
+
+/// Index of the first tensor of encoder layer `layer` (from 0).
+fn encoder_base(c: &TranslatorConfig, layer: u32) -> u32 {
+    EMBEDDING_TENSORS + ENCODER_PARTS.len() as u32 * layer.min(c.encoder_layers)
+}
+
+/// Index of the first tensor of decoder layer `layer` (from 0).
+fn decoder_base(c: &TranslatorConfig, layer: u32) -> u32 {
+    encoder_base(c, c.encoder_layers) + DECODER_PARTS.len() as u32 * layer
+}
+
+/// Returns the keys and values `[max_source, dim]` of decoder layer `layer` in the cross-attention
+/// part of the arena, laid out `[layer][keys, values][max_source][dim]`.
+fn context_at(
+    context: &mut [f32],
+    layer: usize,
+    max_source: usize,
+    dim: usize,
+) -> (&mut [f32], &mut [f32]) {
+    let rows = max_source * dim;
+    context[layer * 2 * rows..][..2 * rows].split_at_mut(rows)
+}
+
+/// `y = x Wᵀ + b` with the matrix at `index` and its bias at `index + 1`, for `rows` rows.
+fn project(
+    model: &Model<'_>,
+    products: Products,
+    index: u32,
+    x: &[f32],
+    rows: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    let bias = vector_at(model, index + 1)?;
+    linear(products, x, rows, weights_at(model, index)?, Some(bias), y);
+    Ok(())
+}
+
+fn linear(
+    products: Products,
+    x: &[f32],
+    rows: usize,
+    w: Weights<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (k, n) = (x.len() / rows.max(1), y.len() / rows.max(1));
+    #[cfg(feature = "std")]
+    {
+        use kernels::parallel::LinearKernel;
+        let kernel = match products.int8 {
+            true => kernels::linear_int8 as LinearKernel,
+            false => kernels::linear as LinearKernel,
+        };
+        kernels::parallel::linear_threads_with(kernel, products.threads, x, rows, k, w, n, bias, y);
+    }
+    // Boards run one thread.
+    #[cfg(not(feature = "std"))]
+    let _ = products.threads;
+    #[cfg(not(feature = "std"))]
+    match products.int8 {
+        true => kernels::linear_int8(x, rows, k, w, n, bias, y),
+        false => kernels::linear(x, rows, k, w, n, bias, y),
+    }
+}
+
+struct FeedForwardScratch<'s> {
+    hidden: &'s mut [f32],
+    out: &'s mut [f32],
+}
+
+/// Applies the feed-forward block whose tensors start at `index` to `rows` rows of `x` in place:
+/// `x = norm(x + relu(x W1ᵀ + b1) W2ᵀ + b2)`.
+fn feed_forward(
+    model: &Model<'_>,
+    products: Products,
+    c: &TranslatorConfig,
+    index: u32,
+    x: &mut [f32],
+    rows: usize,
+    s: FeedForwardScratch<'_>,
+) -> Result<()> {
+    let hidden = &mut s.hidden[..rows * c.ffn_dim as usize];
+    let out = &mut s.out[..rows * c.dim as usize];
+    project(model, products, index, x, rows, hidden)?;
+    for h in hidden.iter_mut() {
+        *h = h.max(0.0);
+    }
+    project(model, products, index + 2, hidden, rows, out)?;
+    normalize_at(model, c, index + 4, x, out)
+}
+
+/// Adds `residual` to `x` and applies the layer normalization whose scale is at `index` and
+/// bias at `index + 1`, row by row.
+fn normalize_at(
+    model: &Model<'_>,
+    c: &TranslatorConfig,
+    index: u32,
+    x: &mut [f32],
+    residual: &[f32],
+) -> Result<()> {
+    let scale = vector_at(model, index)?;
+    let bias = vector_at(model, index + 1)?;
+    let dim = c.dim as usize;
+    for (row, res) in x.chunks_exact_mut(dim).zip(residual.chunks_exact(dim)) {
+        for (v, &r) in row.iter_mut().zip(res) {
+            *v += r;
+        }
+        let mean = row.iter().sum::<f32>() / dim as f32;
+        let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+        let inv = 1.0 / libm::sqrtf(variance + c.norm_eps);
+        for ((v, &s), &b) in row.iter_mut().zip(scale).zip(bias) {
+            *v = (*v - mean) * inv * s + b;
+        }
+    }
+    Ok(())
+}
+
+/// Multi-head attention of the `n` rows of `q` over the `n` rows of `k` and `v`, writing the
+/// heads' outputs side by side to `out`.
+fn attend(
+    c: &TranslatorConfig,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let dim = c.dim as usize;
+    for (query, target) in q.chunks_exact(dim).zip(out.chunks_exact_mut(dim)).take(n) {
+        attend_over(c, query, k, v, scores, target);
+    }
+}
+
+/// Multi-head attention of one query row over every row of `k` and `v`: per head, a softmax of
+/// the scaled dot products weights the value rows.
+fn attend_over(
+    c: &TranslatorConfig,
+    query: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let (dim, head_dim) = (c.dim as usize, c.head_dim() as usize);
+    let scale = 1.0 / libm::sqrtf(head_dim as f32);
+    out.fill(0.0);
+    for h in 0..c.heads as usize {
+        let cols = h * head_dim..(h + 1) * head_dim;
+        let q_head = &query[cols.clone()];
+        for (score, key) in scores.iter_mut().zip(k.chunks_exact(dim)) {
+            *score = dot(q_head, &key[cols.clone()]) * scale;
+        }
+        softmax_in_place(scores);
+        let target = &mut out[cols.clone()];
+        for (&weight, value) in scores.iter().zip(v.chunks_exact(dim)) {
+            for (t, &x) in target.iter_mut().zip(&value[cols.clone()]) {
+                *t += weight * x;
+            }
+        }
+    }
+}
+
+/// Dot product summed left to right, in the host model's order.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn softmax_in_place(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in values.iter_mut() {
+        *v = libm::expf(*v - max);
+        sum += *v;
+    }
+    for v in values.iter_mut() {
+        *v /= sum;
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + libm::expf(-x))
+}
+
+/// Returns the index of the largest value, the first one on ties, and 0 for no values.
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Writes the embedding of `token` scaled by `sqrt(dim)`, or zeros for `None`, plus the
+/// sinusoidal signal of `position` into `row`.
+fn embed(embedding: &Weights<'_>, token: Option<u32>, position: usize, row: &mut [f32]) {
+    match token {
+        Some(token) => {
+            fill_row(embedding, token as usize, row);
+            let scale = libm::sqrtf(row.len() as f32);
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+        None => row.fill(0.0),
+    }
+    add_position(row, position);
+}
+
+/// Adds Marian's sinusoidal position signal to one row: sines in the first half and cosines in
+/// the second, with timescales from 1 to 10,000 spaced as `10000^(i / (dim/2 - 1))`.
+fn add_position(row: &mut [f32], position: usize) {
+    let half = row.len() / 2;
+    let increment = libm::logf(10000.0) / (half as f32 - 1.0).max(1.0);
+    for i in 0..half {
+        let angle = position as f32 * libm::expf(-(i as f32) * increment);
+        row[i] += libm::sinf(angle);
+        row[half + i] += libm::cosf(angle);
+    }
+}
+
+/// Writes row `row` of `w` to `out` as f32.
+fn fill_row(w: &Weights<'_>, row: usize, out: &mut [f32]) {
+    match w {
+        Weights::F32(w) => w.fill(row, 0, out),
+        Weights::F16(w) => w.fill(row, 0, out),
+        Weights::I8(w) => w.fill(row, 0, out),
+        Weights::I4(w) => w.fill(row, 0, out),
+    }
+}
+
+/// Returns the matrix at tensor `index`, checked by [`check_tensors`].
+fn weights_at<'a>(model: &Model<'a>, index: u32) -> Result<Weights<'a>> {
+    let t = model.tensor(index)?;
+    model.linear_weights(&t).ok_or(Error::InvalidTranslator {
+        tensor: index,
+        reason: "the matrix's data does not match its shape",
+    })
+}
+
+/// Returns the f32 vector at tensor `index`.
+fn vector_at<'a>(model: &Model<'a>, index: u32) -> Result<&'a [f32]> {
+    let t = model.tensor(index)?;
+    cast::<f32>(model.const_bytes(&t)).ok_or(Error::InvalidTranslator {
+        tensor: index,
+        reason: "a bias or layer normalization weight is not f32",
+    })
+}
+
+/// Returns whether `name` is `{stack}_l{layer}_{suffix}`, with `layer` written without leading
+/// zeros.
+fn is_layer_name(name: &str, stack: &str, layer: u32, suffix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(stack) else { return false };
+    let Some(rest) = rest.strip_prefix("_l") else { return false };
+    let Some((number, tail)) = rest.split_once('_') else { return false };
+    let digits_ok = !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && !number.starts_with('0');
+    digits_ok && number.parse::<u32>() == Ok(layer) && tail == suffix
+}
+
+/// Checks that the tensor table starts with the model that `config` describes, in order.
+fn check_tensors(model: &Model<'_>, config: &TranslatorConfig) -> Result<()> {
+    if (model.tensor_count() as u64) < config.tensor_count() {
+        return Err(Error::InvalidTranslator {
+            tensor: model.tensor_count(),
+            reason: "the file has fewer tensors than the configuration names",
+        });
+    }
+    check_part(model, 0, model.tensor_name(0) == "Wemb", Shape::Matrix(config.vocab, config.dim))?;
+    check_part(model, 1, model.tensor_name(1) == "Wemb_b", Shape::Vector(config.vocab))?;
+    for layer in 0..config.encoder_layers {
+        let base = encoder_base(config, layer);
+        for (part, &(suffix, shape)) in ENCODER_PARTS.iter().enumerate() {
+            let index = base + part as u32;
+            let name_ok = is_layer_name(model.tensor_name(index), "encoder", layer + 1, suffix);
+            check_part(model, index, name_ok, config.shape(shape))?;
+        }
+    }
+    for layer in 0..config.decoder_layers {
+        let base = decoder_base(config, layer);
+        for (part, &(suffix, shape)) in DECODER_PARTS.iter().enumerate() {
+            let index = base + part as u32;
+            let name_ok = is_layer_name(model.tensor_name(index), "decoder", layer + 1, suffix);
+            check_part(model, index, name_ok, config.shape(shape))?;
+        }
+    }
+    Ok(())
+}
+
+/// A tensor shape that [`check_tensors`] expects.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// `[n, k]`.
+    Matrix(u32, u32),
+    /// `[len]`.
+    Vector(u32),
+}
+
+impl TranslatorConfig {
+    fn shape(&self, part: PartShape) -> Shape {
+        match part {
+            PartShape::Square => Shape::Matrix(self.dim, self.dim),
+            PartShape::Up => Shape::Matrix(self.ffn_dim, self.dim),
+            PartShape::Down => Shape::Matrix(self.dim, self.ffn_dim),
+            PartShape::Width => Shape::Vector(self.dim),
+            PartShape::FfnWidth => Shape::Vector(self.ffn_dim),
+        }
+    }
+}
+
+fn check_part(model: &Model<'_>, index: u32, name_ok: bool, shape: Shape) -> Result<()> {
+    let invalid = |reason| Error::InvalidTranslator { tensor: index, reason };
+    let t = model.tensor(index)?;
+    if !name_ok {
+        return Err(invalid("the tensor's name is not the one its position calls for"));
+    }
+    match shape {
+        Shape::Matrix(n, k) => {
+            let fits = is_matrix(&t, n, k)
+                && model
+                    .linear_weights(&t)
+                    .is_some_and(|w| weights_fit(&w, n as usize, k as usize));
+            if !fits {
+                return Err(invalid("the matrix has another shape or storage than expected"));
+            }
+        }
+        Shape::Vector(len) => {
+            let shape_ok = t.rank == 1 && t.dims[0].as_constant() == Some(len);
+            let values = cast::<f32>(model.const_bytes(&t));
+            let data_ok = values.is_some_and(|v| v.len() == len as usize);
+            if t.kind != TensorKind::Const || t.dtype != DType::F32 || !shape_ok || !data_ok {
+                return Err(invalid("a bias or layer normalization weight is not f32 [len]"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_matrix(t: &TensorEntry, n: u32, k: u32) -> bool {
+    t.rank == 2 && t.dims[0].as_constant() == Some(n) && t.dims[1].as_constant() == Some(k)
+}
+
+/// Returns whether `w` contains `n` rows of `k` values, so that the kernels and
+/// [`WeightRows::fill`] read only within its slices.
+fn weights_fit(w: &Weights<'_>, n: usize, k: usize) -> bool {
+    let Some(len) = n.checked_mul(k) else { return false };
+    match w {
+        Weights::F32(w) => w.k == k && w.w.len() >= len,
+        Weights::F16(w) => w.k == k && w.w.len() >= len,
+        Weights::I8(w) => w.k == k && w.q.len() >= len && w.scales.len() >= n,
+        Weights::I4(w) => {
+            let group_ok = w.group > 0 && w.group.is_multiple_of(2) && k.is_multiple_of(w.group);
+            if !group_ok || w.k != k {
+                return false;
+            }
+            let groups = n * (k / w.group);
+            let mins_ok = w.mins.is_none_or(|m| m.len() >= groups);
+            w.packed.len() >= n * k.div_ceil(2) && w.scales.len() >= groups && mins_ok
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> TranslatorConfig {
+        TranslatorConfig {
+            encoder_layers: 2,
+            decoder_layers: 1,
+            dim: 8,
+            heads: 2,
+            ffn_dim: 16,
+            vocab: 11,
+            eos: 0,
+            max_source: 5,
+            norm_eps: 1e-6,
+        }
+    }
+
+    #[test]
+    fn config_round_trips() {
+        let config = config();
+        assert_eq!(TranslatorConfig::parse(&config.to_bytes()), Ok(config));
+        assert_eq!(config.tensor_count(), 2 + 2 * 16 + 21);
+    }
+
+    #[test]
+    fn config_rejects_bad_records() {
+        let base = config();
+        let mut cases = [base; 7];
+        cases[0].dim = 0;
+        cases[1].heads = 3;
+        cases[2].dim = 7;
+        cases[2].heads = 7;
+        cases[3].eos = 11;
+        cases[4].norm_eps = f32::NAN;
+        cases[5].max_source = u32::MAX;
+        cases[5].decoder_layers = u32::MAX;
+        cases[6].vocab = 0;
+        for case in cases {
+            assert!(TranslatorConfig::parse(&case.to_bytes()).is_err(), "{case:?}");
+        }
+        assert!(TranslatorConfig::parse(&base.to_bytes()[..36]).is_err());
+        let mut version = base.to_bytes();
+        version[0] = 2;
+        assert!(TranslatorConfig::parse(&version).is_err());
+    }
+
+    #[test]
+    fn arena_bytes_counts_every_part() {
+        let c = config();
+        let rows = 5 * 8;
+        let values = 6 * rows + 5 * 16 + 5 + 2 * rows + 6 * 8 + 16 + 8 + 11 + 8;
+        assert_eq!(c.arena_bytes(), Some(values as u64 * 4));
+    }
+
+    #[test]
+    fn layer_names_match_exactly() {
+        assert!(is_layer_name("encoder_l1_self_Wq", "encoder", 1, "self_Wq"));
+        assert!(is_layer_name("decoder_l12_rnn_Wf_b", "decoder", 12, "rnn_Wf_b"));
+        assert!(!is_layer_name("encoder_l01_self_Wq", "encoder", 1, "self_Wq"));
+        assert!(!is_layer_name("encoder_l2_self_Wq", "encoder", 1, "self_Wq"));
+        assert!(!is_layer_name("decoder_l1_self_Wq", "encoder", 1, "self_Wq"));
+        assert!(!is_layer_name("encoder_l1_self_Wq_b", "encoder", 1, "self_Wq"));
+        assert!(!is_layer_name("encoder_l_self_Wq", "encoder", 0, "self_Wq"));
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut values = [1.0f32, 2.0, 3.0];
+        softmax_in_place(&mut values);
+        let sum: f32 = values.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-6, "{values:?}");
+        assert!(values[2] > values[1]);
+    }
+}
