@@ -8,11 +8,12 @@
 //! keys and values, the greedy search's SSRU cells and every intermediate live in the caller's
 //! arena, whose size the record fixes through the maximum source length.
 //!
-//! Tensor order, with Marian's names: `Wemb` `[vocab, dim]` (the token embedding and the output
-//! matrix) and `Wemb_b` `[vocab]` (the output bias); per encoder layer L from 1, the 16 tensors
-//! of [`ENCODER_PARTS`] named `encoder_lL_PART`; per decoder layer, the 21 tensors of
-//! [`DECODER_PARTS`] named `decoder_lL_PART`. Matrices are stored `[out, in]` in any kind that
-//! [`Model::linear_weights`] accepts; biases and layer normalization weights are f32 vectors.
+//! The tensors keep Marian's names. First come `Wemb` `[vocab, dim]`, the token embedding and
+//! output matrix, and `Wemb_b` `[vocab]`, the output bias. Each encoder layer L, from 1, follows
+//! with the 16 tensors of [`ENCODER_PARTS`] named `encoder_lL_PART`, and each decoder layer with
+//! the 21 tensors of [`DECODER_PARTS`] named `decoder_lL_PART`. Matrices are stored `[out, in]`
+//! in any kind that [`Model::linear_weights`] accepts. Biases and layer normalization weights are
+//! f32 vectors.
 //!
 //! The computation follows the host model of `edgefold-compressor` (`MarianModel`): embeddings
 //! scaled by `sqrt(dim)` plus sinusoidal positions, ReLU feed-forward blocks, and logits from the
@@ -588,22 +589,8 @@ impl<'m, 'a> Translator<'m, 'a> {
         for layer in 0..c.decoder_layers {
             let base = decoder_base(&c, layer);
             let cell = &mut p.cells[layer as usize * dim..][..dim];
-            let ssru = base + DECODER_SSRU;
-            linear(
-                products,
-                y,
-                1,
-                weights_at(&model, ssru + 1)?,
-                Some(vector_at(&model, ssru + 2)?),
-                forget,
-            );
-            linear(products, y, 1, weights_at(&model, ssru)?, None, input);
-            for ((state, &f), out) in cell.iter_mut().zip(forget.iter()).zip(input.iter_mut()) {
-                let f = sigmoid(f);
-                *state = f * *state + (1.0 - f) * *out;
-                *out = state.max(0.0);
-            }
-            normalize_at(&model, &c, ssru + 3, y, input)?;
+            let gates = SsruScratch { forget: &mut *forget, input: &mut *input };
+            ssru(&model, products, &c, base + DECODER_SSRU, y, cell, gates)?;
 
             let at = base + DECODER_ATTENTION;
             project(&model, products, at, y, 1, q)?;
@@ -616,26 +603,64 @@ impl<'m, 'a> Translator<'m, 'a> {
             feed_forward(&model, products, &c, base + DECODER_FFN, y, 1, ffn)?;
         }
 
+        output_logits(&model, products, &c, y, candidates, p.logits, p.row)
+    }
+}
+
+struct SsruScratch<'s> {
+    forget: &'s mut [f32],
+    input: &'s mut [f32],
+}
+
+/// Applies the SSRU cell whose tensors start at `index` to the row `y` in place, updating `cell`:
+/// `f = sigmoid(y Wfᵀ + bf)`, `cell = f cell + (1 - f) y Wᵀ`, `y = norm(y + relu(cell))`.
+fn ssru(
+    model: &Model<'_>,
+    products: Products,
+    c: &TranslatorConfig,
+    index: u32,
+    y: &mut [f32],
+    cell: &mut [f32],
+    s: SsruScratch<'_>,
+) -> Result<()> {
+    project(model, products, index + 1, y, 1, s.forget)?;
+    linear(products, y, 1, weights_at(model, index)?, None, s.input);
+    for ((state, &f), out) in cell.iter_mut().zip(s.forget.iter()).zip(s.input.iter_mut()) {
+        let f = sigmoid(f);
+        *state = f * *state + (1.0 - f) * *out;
+        *out = state.max(0.0);
+    }
+    normalize_at(model, c, index + 3, y, s.input)
+}
+
+/// Writes the logits of the hidden row `y` to `logits`, over `candidates` in their order or over
+/// the whole vocabulary, and returns their count. `row` is scratch for one embedding row.
+fn output_logits(
+    model: &Model<'_>,
+    products: Products,
+    c: &TranslatorConfig,
+    y: &[f32],
+    candidates: Option<&[u32]>,
+    logits: &mut [f32],
+    row: &mut [f32],
+) -> Result<usize> {
+    let embedding = weights_at(model, 0)?;
+    let bias = vector_at(model, 1)?;
+    let Some(ids) = candidates else {
         // The output layer runs in f32 whatever the settings, as the host model's does.
         let f32_products = Products { threads: products.threads, int8: false };
-        let bias = vector_at(&model, 1)?;
-        match candidates {
-            None => {
-                let logits = &mut p.logits[..c.vocab as usize];
-                linear(f32_products, y, 1, embedding, Some(bias), logits);
-                Ok(logits.len())
-            }
-            Some(ids) => {
-                for (&id, logit) in ids.iter().zip(p.logits.iter_mut()) {
-                    fill_row(&embedding, id as usize, p.row);
-                    let row = Weights::F32(F32Rows { w: p.row, k: dim });
-                    let b = &bias[id as usize..id as usize + 1];
-                    kernels::linear(y, 1, dim, row, 1, Some(b), core::slice::from_mut(logit));
-                }
-                Ok(ids.len())
-            }
-        }
+        let logits = &mut logits[..c.vocab as usize];
+        linear(f32_products, y, 1, embedding, Some(bias), logits);
+        return Ok(logits.len());
+    };
+    let dim = c.dim as usize;
+    for (&id, logit) in ids.iter().zip(logits.iter_mut()) {
+        fill_row(&embedding, id as usize, row);
+        let weights = Weights::F32(F32Rows { w: row, k: dim });
+        let b = &bias[id as usize..id as usize + 1];
+        kernels::linear(y, 1, dim, weights, 1, Some(b), core::slice::from_mut(logit));
     }
+    Ok(ids.len())
 }
 
 /// Index of the first tensor of encoder layer `layer` (from 0).
@@ -660,7 +685,7 @@ fn context_at(
     context[layer * 2 * rows..][..2 * rows].split_at_mut(rows)
 }
 
-/// `y = x Wᵀ + b` with the matrix at `index` and its bias at `index + 1`, for `rows` rows.
+/// Computes `y = x Wᵀ + b` with the matrix at `index` and its bias at `index + 1`, for `rows` rows.
 fn project(
     model: &Model<'_>,
     products: Products,
@@ -754,7 +779,7 @@ fn normalize_at(
     Ok(())
 }
 
-/// Multi-head attention of the `n` rows of `q` over the `n` rows of `k` and `v`, writing the
+/// Computes multi-head attention of the `n` rows of `q` over the `n` rows of `k` and `v`, writing the
 /// heads' outputs side by side to `out`.
 fn attend(
     c: &TranslatorConfig,
@@ -771,8 +796,8 @@ fn attend(
     }
 }
 
-/// Multi-head attention of one query row over every row of `k` and `v`: per head, a softmax of
-/// the scaled dot products weights the value rows.
+/// Computes multi-head attention of one query row over every row of `k` and `v`. Per head, a
+/// softmax of the scaled dot products weights the value rows.
 fn attend_over(
     c: &TranslatorConfig,
     query: &[f32],
@@ -800,7 +825,7 @@ fn attend_over(
     }
 }
 
-/// Dot product summed left to right, in the host model's order.
+/// Returns the dot product, summed left to right as the host model sums it.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
