@@ -336,7 +336,7 @@ impl<'m, 'a> Translator<'m, 'a> {
         let bytes = layout.total * 4;
         let pad = arena.as_ptr().align_offset(SECTION_ALIGN);
         let too_small = Error::ArenaTooSmall {
-            required: (bytes + SECTION_ALIGN - 1) as u64,
+            required: bytes.saturating_add(SECTION_ALIGN - 1) as u64,
             provided: arena.len() as u64,
         };
         if pad >= SECTION_ALIGN || arena.len() < pad.saturating_add(bytes) {
