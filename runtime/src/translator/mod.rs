@@ -229,7 +229,8 @@ impl<'m, 'a> Translator<'m, 'a> {
     ///
     /// `cells` contains the SSRU cells, `decoder_layers × dim` values that are zero before the
     /// first step and that the step updates. `token` is the previous target token (`None` at the
-    /// first step, which embeds zeros) and `position` its target position, from 0.
+    /// first step, which embeds zeros), and `position` is the number of steps taken before this
+    /// one, whose sinusoidal signal is added to the token's embedding.
     ///
     /// # Errors
     /// [`Error::NoSourceEncoded`] before a successful [`Translator::encode`],
