@@ -40,6 +40,10 @@ cargo test --workspace --all-targets
 echo "== runtime without std, for thumbv7em-none-eabihf"
 cargo build -p edgefold-runtime --no-default-features --target thumbv7em-none-eabihf
 
+echo "== translator without std, for thumbv7em-none-eabihf"
+cargo build -p edgefold-runtime --no-default-features --features translator \
+    --target thumbv7em-none-eabihf
+
 echo "== runtime tests without int4 weights, as firmware builds it"
 cargo test -p edgefold-runtime --no-default-features --features alloc,all-ops --test open_and_run
 

@@ -1,12 +1,14 @@
 //! Opens the bytes up to the header's `file_len` as a packed file (checksums repaired first), and
 //! if it opens, runs it once in a 1 MiB arena with inputs read from the bytes past `file_len`.
 //! Running must end in a typed error or outputs whose lengths match their shapes. A file that
-//! carries a self-test record then runs it too, in the same arena, and a file that contains a
-//! language model runs a few tokens through the decoder.
+//! carries a self-test record then runs it too, in the same arena. A file that contains a
+//! language model runs a few tokens through the decoder, and one that contains a translation
+//! model translates a few tokens by greedy search.
 #![no_main]
 
 use edgefold_fuzz::{read_outputs, repair_checksums, set_inputs, AlignedCopy, InputFeed};
 use edgefold_runtime::decoder::{Decoder, Logits};
+use edgefold_runtime::translator::Translator;
 use edgefold_runtime::{Model, Session};
 use libfuzzer_sys::fuzz_target;
 
@@ -41,5 +43,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(logits.len() <= 3 * decoder.config().vocab as usize);
         }
         let _ = decoder.forward(&tokens[..1], Logits::Last);
+    }
+    if let Ok(mut translator) = Translator::new(&model, &mut arena) {
+        let source = feed.tokens::<3>();
+        let candidates = feed.tokens::<2>();
+        let mut target = [0u32; 4];
+        if let Ok(written) = translator.translate_greedy(&source, Some(&candidates), &mut target) {
+            assert!(written <= target.len());
+        }
+        let _ = translator.translate_greedy(&source[..1], None, &mut target[..1]);
     }
 });

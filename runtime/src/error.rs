@@ -201,6 +201,29 @@ pub enum Error {
         /// Vocabulary size.
         vocab: u32,
     },
+    /// The file contains no translation model: the translator configuration record is missing.
+    NotATranslator,
+    /// The translator configuration or the tensors it names are inconsistent.
+    InvalidTranslator {
+        /// Index of the tensor concerned, or `u32::MAX` for the configuration record.
+        tensor: u32,
+        /// Description of the fault.
+        reason: &'static str,
+    },
+    /// A source sentence has more tokens than the translator's arena was sized for.
+    SourceTooLong {
+        /// Maximum source length in tokens, `</s>` included, fixed when the file was written.
+        capacity: u32,
+        /// Tokens given.
+        len: u64,
+    },
+    /// A decoder step was requested before a source sentence was encoded.
+    NoSourceEncoded,
+    /// An argument of a translator call is invalid.
+    InvalidTranslatorInput {
+        /// Description of the fault.
+        reason: &'static str,
+    },
 }
 
 impl Error {
@@ -237,6 +260,12 @@ impl Error {
             Error::InvalidDecoder { reason, .. } => reason,
             Error::ContextFull { .. } => "the context length is exhausted",
             Error::TokenOutOfRange { .. } => "token id outside the vocabulary",
+            Error::NotATranslator => "the file contains no translation model",
+            Error::InvalidTranslator { reason, .. } | Error::InvalidTranslatorInput { reason } => {
+                reason
+            }
+            Error::SourceTooLong { .. } => "the source sentence is longer than the maximum",
+            Error::NoSourceEncoded => "no source sentence is encoded",
         }
     }
 }
@@ -350,6 +379,27 @@ impl fmt::Display for Error {
             ),
             Error::TokenOutOfRange { token, vocab } => {
                 write!(f, "token {token} is outside the vocabulary of {vocab}")
+            }
+            Error::NotATranslator => f.write_str(
+                "the file contains no translation model (no translator configuration); pack a \
+                 Marian model to get one",
+            ),
+            Error::InvalidTranslator { tensor: u32::MAX, reason } => {
+                write!(f, "invalid translator configuration: {reason}")
+            }
+            Error::InvalidTranslator { tensor, reason } => {
+                write!(f, "invalid translator tensor {tensor}: {reason}")
+            }
+            Error::SourceTooLong { capacity, len } => write!(
+                f,
+                "the source sentence has {len} tokens but the translator takes at most \
+                 {capacity}; translate it in pieces"
+            ),
+            Error::NoSourceEncoded => {
+                f.write_str("no source sentence is encoded; call encode before step")
+            }
+            Error::InvalidTranslatorInput { reason } => {
+                write!(f, "invalid translator input: {reason}")
             }
         }
     }

@@ -32,6 +32,8 @@ pub mod ops;
 pub mod selftest;
 pub mod session;
 pub mod shape;
+#[cfg(feature = "translator")]
+pub mod translator;
 mod validate;
 
 pub use error::{Error, Result};

@@ -3,16 +3,22 @@
 //!
 //! A packed Marian model is a file without operators. Its constant tensors are the model's
 //! matrices, stored `[outputs, inputs]` in f32, int8 per row or int4 groups, and the layer
-//! normalization weights and biases in f32. Its [`CONFIG_KEY`] record gives the hyperparameters. [`MarianModel::from_packed`] builds the host model from the file's tensors.
+//! normalization weights and biases in f32. Its [`CONFIG_KEY`] record gives the hyperparameters
+//! as JSON for the host, and its [`TRANSLATOR_KEY`] record gives them, with the maximum source
+//! length, to the runtime's translator. [`MarianModel::from_packed`] builds the host model from the
+//! file's tensors.
 
 use std::collections::HashMap;
 
 use edgefold_runtime::format::{DType, Quant, TensorKind};
 use edgefold_runtime::kernels::Weights;
+use edgefold_runtime::translator::TranslatorConfig;
+pub use edgefold_runtime::translator::CONFIG_KEY as TRANSLATOR_KEY;
 use edgefold_runtime::Model;
 
 use super::model::{
     Attention, DecoderLayer, EncoderLayer, FeedForward, LayerNorm, Linear, LinearWeight, Ssru,
+    LAYER_NORM_EPS,
 };
 use super::{MarianConfig, MarianError, MarianModel};
 use crate::gptq::gptq_i4;
@@ -23,6 +29,10 @@ use crate::writer::{pack as pack_graph, WriteError};
 
 /// Metadata key of a packed Marian model's hyperparameters, as JSON.
 pub const CONFIG_KEY: &str = "marian.config";
+
+/// Maximum source length in tokens that the runtime's translator takes from a packed file: 256
+/// tokens and `</s>`, as the CLI translates longer lines in pieces of 256 tokens.
+pub const MAX_SOURCE: u32 = 257;
 
 /// Group length of int4 storage.
 const INT4_GROUP: usize = 32;
@@ -375,10 +385,30 @@ fn config_json(model: &MarianModel) -> String {
     .to_string()
 }
 
-/// Serializes `model` and `metadata` into the bytes of a packed file.
+/// Returns the runtime translator's configuration of a packed model, or `None` when a size does
+/// not fit the record.
+pub fn translator_config(model: &MarianModel) -> Option<TranslatorConfig> {
+    let c = model.config();
+    let word = |v: usize| u32::try_from(v).ok();
+    Some(TranslatorConfig {
+        encoder_layers: word(c.encoder_layers)?,
+        decoder_layers: word(c.decoder_layers)?,
+        dim: word(c.dim)?,
+        heads: word(c.heads)?,
+        ffn_dim: word(c.ffn_dim)?,
+        vocab: word(c.vocab)?,
+        eos: model.eos(),
+        max_source: MAX_SOURCE,
+        norm_eps: LAYER_NORM_EPS,
+    })
+}
+
+/// Serializes `model` and `metadata` into the bytes of a packed file, with the arena size that
+/// the runtime's translator needs for sources of up to [`MAX_SOURCE`] tokens.
 ///
 /// # Errors
-/// [`WriteError::Unrepresentable`] when a size exceeds the format's limits.
+/// [`WriteError::Unrepresentable`] when a size exceeds the format's or the translator record's
+/// limits.
 pub fn pack(model: &MarianModel, metadata: &[(String, Vec<u8>)]) -> Result<Vec<u8>, WriteError> {
     let mut t = Tensors { graph: Graph::default() };
     t.linear("Wemb", &model.embedding);
@@ -394,15 +424,29 @@ pub fn pack(model: &MarianModel, metadata: &[(String, Vec<u8>)]) -> Result<Vec<u
         t.attention(&format!("decoder_l{}_context", i + 1), &l.context);
         t.ffn(&format!("decoder_l{}_ffn", i + 1), &l.ffn);
     }
+    let translator = translator_config(model)
+        .filter(|c| TranslatorConfig::parse(&c.to_bytes()).is_ok())
+        .ok_or_else(|| {
+            WriteError::Unrepresentable(format!(
+                "the model's sizes {:?} do not fit the translator record",
+                model.config()
+            ))
+        })?;
+    let arena_bytes = translator.arena_bytes().ok_or_else(|| {
+        WriteError::Unrepresentable("the translator's arena size overflows".into())
+    })?;
     let count = t.graph.values.len();
     let plan = ArenaPlan {
         offsets: vec![None; count],
         sizes: vec![0; count],
         in_place: Vec::new(),
         scratch: Vec::new(),
-        arena_bytes: 0,
+        arena_bytes,
     };
-    let mut entries = vec![(CONFIG_KEY.to_owned(), config_json(model).into_bytes())];
+    let mut entries = vec![
+        (CONFIG_KEY.to_owned(), config_json(model).into_bytes()),
+        (TRANSLATOR_KEY.to_owned(), translator.to_bytes().to_vec()),
+    ];
     entries.extend(metadata.iter().cloned());
     pack_graph(&t.graph, &plan, &entries)
 }

@@ -22,7 +22,8 @@ use std::path::PathBuf;
 
 #[cfg(feature = "compress")]
 pub use compress::{
-    is_packed_marian, pack, MarianCalibration, MarianPart, MatrixStorage, CONFIG_KEY,
+    is_packed_marian, pack, translator_config, MarianCalibration, MarianPart, MatrixStorage,
+    CONFIG_KEY, MAX_SOURCE, TRANSLATOR_KEY,
 };
 pub use config::{parse_yaml, YamlValue};
 pub use file::{ElementType, Int8Matrix, MarianFile, TensorInfo};

@@ -23,7 +23,7 @@ use super::file::MarianFile;
 use super::{MarianError, YamlValue};
 
 /// Layer normalization epsilon of Marian's transformer layers.
-const LAYER_NORM_EPS: f32 = 1e-6;
+pub(super) const LAYER_NORM_EPS: f32 = 1e-6;
 
 /// Ratio of the maximum target length to the source length, Marian's `max-length-factor` in the
 /// configuration that ships with the Firefox Translations models.
