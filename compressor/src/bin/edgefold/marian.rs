@@ -365,17 +365,17 @@ pub fn cmd_compress_marian(
                 );
             }
             // Two thirds choose the changes and the last third confirms the result.
-            let held = sources.len() / 3;
+            let held_apart = sources.len() / 3;
             let confirmation = Sentences {
-                sources: sources.split_off(sources.len() - held),
-                references: references.split_off(references.len() - held),
+                sources: sources.split_off(sources.len() - held_apart),
+                references: references.split_off(references.len() - held_apart),
             };
             let sentences = Sentences { sources, references };
             let (model, baseline, quality, steps) =
                 search(&translator, floor, &sentences, &confirmation)?;
             // With a confirmation, `baseline` and `quality` are those of the held-apart third.
-            let scored = if held > 0 { held } else { sentences.sources.len() };
-            (model, Some((baseline, quality, scored, held > 0)), steps)
+            let scored = if held_apart > 0 { held_apart } else { sentences.sources.len() };
+            (model, Some((baseline, quality, scored, held_apart > 0)), steps)
         }
         None => {
             let mut m = translator.model().clone();
@@ -419,7 +419,7 @@ pub fn cmd_compress_marian(
             "calibration_bleu": measured.map(|(b, ..)| b),
             "quality": measured.map(|(_, q, ..)| q),
             "calibration_sentences": measured.map(|(_, _, n, _)| n),
-            "confirmed_on_held_apart_sentences": measured.map(|(.., held)| held),
+            "confirmed_on_held_apart_sentences": measured.map(|(.., confirmed)| confirmed),
             "steps": steps.iter().map(|s| json!({
                 "change": s.change, "bytes": s.bytes, "quality": s.quality, "kept": s.kept,
             })).collect::<Vec<_>>(),
@@ -447,10 +447,10 @@ pub fn cmd_compress_marian(
         original_bytes,
         config.encoder_layers,
         match measured {
-            Some((b, q, n, held)) => format!(
+            Some((b, q, n, confirmed)) => format!(
                 "; keeps {:.2} % of the original's BLEU ({b:.2}) on {n} calibration sentences{}",
                 q * 100.0,
-                if held { " that the search did not score" } else { "" }
+                if confirmed { " that the search did not score" } else { "" }
             ),
             None => String::new(),
         }
