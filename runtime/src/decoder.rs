@@ -17,7 +17,7 @@ use crate::cast::{cast, cast_mut};
 use crate::error::{Error, Result};
 use crate::format::{DType, TensorEntry, TensorKind, SECTION_ALIGN};
 use crate::kernels::generic::{exp_approx, F32Rows, WeightRows};
-use crate::kernels::{self, Weights};
+use crate::kernels::{self, Products, Weights};
 use crate::model::Model;
 
 /// Metadata key of the configuration record.
@@ -272,15 +272,6 @@ pub struct Decoder<'m, 'a> {
     products: Products,
 }
 
-/// Settings of a decoder's matrix products.
-#[derive(Clone, Copy)]
-struct Products {
-    /// Threads that `linear` may use.
-    threads: usize,
-    /// Whether `linear` may quantize its input to int8 ([`kernels::linear_int8`]).
-    int8: bool,
-}
-
 /// Returns whether `name` is `blk.{layer}.{part}`.
 fn is_block_name(name: &str, layer: u32, part: &str) -> bool {
     let Some(rest) = name.strip_prefix("blk.") else { return false };
@@ -448,9 +439,9 @@ impl<'m, 'a> Decoder<'m, 'a> {
             let q = &mut p.q[..t * q_dim];
             let k = &mut p.k[..t * kv_dim];
             let v = &mut p.v[..t * kv_dim];
-            linear(products, normed, t, weights_at(&model, at(1))?, q);
-            linear(products, normed, t, weights_at(&model, at(2))?, k);
-            linear(products, normed, t, weights_at(&model, at(3))?, v);
+            products.linear(normed, t, weights_at(&model, at(1))?, None, q);
+            products.linear(normed, t, weights_at(&model, at(2))?, None, k);
+            products.linear(normed, t, weights_at(&model, at(3))?, None, v);
             rope(&c, q, start, c.heads as usize);
             rope(&c, k, start, c.kv_heads as usize);
             store_cache(&c, p.cache, layer as usize, start, k, v);
@@ -462,18 +453,18 @@ impl<'m, 'a> Decoder<'m, 'a> {
             let attn = &mut p.attn[..t * q_dim];
             attention(&c, q, p.cache, layer as usize, start, t, scratch, attn);
             let proj = &mut p.proj[..t * dim];
-            linear(products, attn, t, weights_at(&model, at(4))?, proj);
+            products.linear(attn, t, weights_at(&model, at(4))?, None, proj);
             add_in_place(x, proj);
 
             rms_norm(x, norm_at(&model, at(5))?, c.norm_eps, normed);
             let gate = &mut p.gate[..t * ffn];
             let up = &mut p.up[..t * ffn];
-            linear(products, normed, t, weights_at(&model, at(6))?, gate);
-            linear(products, normed, t, weights_at(&model, at(7))?, up);
+            products.linear(normed, t, weights_at(&model, at(6))?, None, gate);
+            products.linear(normed, t, weights_at(&model, at(7))?, None, up);
             for (g, &u) in gate.iter_mut().zip(up.iter()) {
                 *g = *g / (1.0 + exp_approx(-*g)) * u;
             }
-            linear(products, gate, t, weights_at(&model, at(8))?, proj);
+            products.linear(gate, t, weights_at(&model, at(8))?, None, proj);
             add_in_place(x, proj);
         }
 
@@ -484,31 +475,10 @@ impl<'m, 'a> Decoder<'m, 'a> {
             rms_norm(last, norm_at(&model, 1)?, c.norm_eps, normed);
             let output = weights_at(&model, if c.tied { 0 } else { 2 })?;
             let logits = &mut p.logits[..rows * c.vocab as usize];
-            linear(products, normed, rows, output, logits);
+            products.linear(normed, rows, output, None, logits);
         }
         self.len = start + t;
         Ok(())
-    }
-}
-
-fn linear(products: Products, x: &[f32], rows: usize, w: Weights<'_>, y: &mut [f32]) {
-    let (k, n) = (x.len() / rows.max(1), y.len() / rows.max(1));
-    #[cfg(feature = "std")]
-    {
-        use kernels::parallel::LinearKernel;
-        let kernel = match products.int8 {
-            true => kernels::linear_int8 as LinearKernel,
-            false => kernels::linear as LinearKernel,
-        };
-        kernels::parallel::linear_threads_with(kernel, products.threads, x, rows, k, w, n, None, y);
-    }
-    // Boards run one thread.
-    #[cfg(not(feature = "std"))]
-    let _ = products.threads;
-    #[cfg(not(feature = "std"))]
-    match products.int8 {
-        true => kernels::linear_int8(x, rows, k, w, n, None, y),
-        false => kernels::linear(x, rows, k, w, n, None, y),
     }
 }
 

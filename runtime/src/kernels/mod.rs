@@ -143,6 +143,46 @@ pub enum Weights<'a> {
     I4(I4Rows<'a>),
 }
 
+/// Settings of a model's matrix products, shared by the decoder and the translator.
+#[cfg(any(feature = "decoder", feature = "translator"))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Products {
+    /// Threads that [`Products::linear`] may use. Boards run one thread.
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    pub(crate) threads: usize,
+    /// Whether [`Products::linear`] may quantize its input to int8 ([`linear_int8`]).
+    pub(crate) int8: bool,
+}
+
+#[cfg(any(feature = "decoder", feature = "translator"))]
+impl Products {
+    /// Computes `y = x Wᵀ + bias` for `rows` rows of `x`, with the row lengths of `x` and `y`
+    /// taken from their sizes, on up to `threads` threads with `std` and on one thread on boards.
+    pub(crate) fn linear(
+        self,
+        x: &[f32],
+        rows: usize,
+        w: Weights<'_>,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let (k, n) = (x.len() / rows.max(1), y.len() / rows.max(1));
+        #[cfg(feature = "std")]
+        {
+            let kernel = match self.int8 {
+                true => linear_int8 as parallel::LinearKernel,
+                false => linear as parallel::LinearKernel,
+            };
+            parallel::linear_threads_with(kernel, self.threads, x, rows, k, w, n, bias, y);
+        }
+        #[cfg(not(feature = "std"))]
+        match self.int8 {
+            true => linear_int8(x, rows, k, w, n, bias, y),
+            false => linear(x, rows, k, w, n, bias, y),
+        }
+    }
+}
+
 /// A `linear` call whose slice lengths have been checked against its shape.
 pub(crate) struct LinearCall<'a> {
     x: &'a [f32],

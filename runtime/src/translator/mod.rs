@@ -30,7 +30,7 @@ use crate::cast::{cast, cast_mut};
 use crate::error::{Error, Result};
 use crate::format::SECTION_ALIGN;
 use crate::kernels::generic::{F32Rows, WeightRows};
-use crate::kernels::{self, Weights};
+use crate::kernels::{self, Products, Weights};
 use crate::model::Model;
 use check::check_tensors;
 use config::{
@@ -54,15 +54,6 @@ struct Parts<'s> {
     cells: &'s mut [f32],
     logits: &'s mut [f32],
     row: &'s mut [f32],
-}
-
-/// Settings of a translator's matrix products.
-#[derive(Clone, Copy)]
-struct Products {
-    /// Threads that `linear` may use.
-    threads: usize,
-    /// Whether `linear` may quantize its input to int8 ([`kernels::linear_int8`]).
-    int8: bool,
 }
 
 /// A translation model ready to run: the model, and the encoded sentence and scratch in the
@@ -386,7 +377,7 @@ fn ssru(
     s: SsruScratch<'_>,
 ) -> Result<()> {
     project(model, products, index + 1, y, 1, s.forget)?;
-    linear(products, y, 1, weights_at(model, index)?, None, s.input);
+    products.linear(y, 1, weights_at(model, index)?, None, s.input);
     for ((state, &f), out) in cell.iter_mut().zip(s.forget.iter()).zip(s.input.iter_mut()) {
         let f = sigmoid(f);
         *state = f * *state + (1.0 - f) * *out;
@@ -412,7 +403,7 @@ fn output_logits(
         // The output layer runs in f32 whatever the settings, as the host model's does.
         let f32_products = Products { threads: products.threads, int8: false };
         let logits = &mut logits[..c.vocab as usize];
-        linear(f32_products, y, 1, embedding, Some(bias), logits);
+        f32_products.linear(y, 1, embedding, Some(bias), logits);
         return Ok(logits.len());
     };
     let dim = c.dim as usize;
@@ -447,36 +438,8 @@ fn project(
     y: &mut [f32],
 ) -> Result<()> {
     let bias = vector_at(model, index + 1)?;
-    linear(products, x, rows, weights_at(model, index)?, Some(bias), y);
+    products.linear(x, rows, weights_at(model, index)?, Some(bias), y);
     Ok(())
-}
-
-fn linear(
-    products: Products,
-    x: &[f32],
-    rows: usize,
-    w: Weights<'_>,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    let (k, n) = (x.len() / rows.max(1), y.len() / rows.max(1));
-    #[cfg(feature = "std")]
-    {
-        use kernels::parallel::LinearKernel;
-        let kernel = match products.int8 {
-            true => kernels::linear_int8 as LinearKernel,
-            false => kernels::linear as LinearKernel,
-        };
-        kernels::parallel::linear_threads_with(kernel, products.threads, x, rows, k, w, n, bias, y);
-    }
-    // Boards run one thread.
-    #[cfg(not(feature = "std"))]
-    let _ = products.threads;
-    #[cfg(not(feature = "std"))]
-    match products.int8 {
-        true => kernels::linear_int8(x, rows, k, w, n, bias, y),
-        false => kernels::linear(x, rows, k, w, n, bias, y),
-    }
 }
 
 struct FeedForwardScratch<'s> {

@@ -14,7 +14,7 @@ use edgefold_compressor::marian::{
 };
 use edgefold_compressor::writer::write_atomic;
 
-use crate::translate::{find_model_files, Translator};
+use crate::translate::{find_model_files, ModelFiles, Translator};
 
 /// Storage of a Marian model's matrices without a search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,10 +305,11 @@ impl Change {
 
 /// Copies the tokenizer and the shortlist of the original beside the output, where `translate`
 /// looks for them, unless files of those names are there already.
-fn copy_companions(model: &Path, output: &Path) -> Result<Vec<PathBuf>> {
-    let files = find_model_files(model)?;
-    let dir = output.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+fn copy_companions(files: ModelFiles, output: &Path) -> Result<Vec<PathBuf>> {
+    let dir = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let mut copied = Vec::new();
     for source in std::iter::once(files.tokenizer).chain(files.shortlist) {
         let Some(name) = source.file_name() else { continue };
@@ -332,8 +333,9 @@ pub fn cmd_compress_marian(
 ) -> Result<()> {
     let started = Instant::now();
     let translator = Translator::open(model, true, 1)?;
-    let original_bytes = std::fs::metadata(find_model_files(model)?.model)
-        .with_context(|| format!("cannot read {}", model.display()))?
+    let files = find_model_files(model)?;
+    let original_bytes = std::fs::metadata(&files.model)
+        .with_context(|| format!("cannot read {}", files.model.display()))?
         .len();
 
     let (compressed, measured, steps) = match options.min_quality {
@@ -401,7 +403,7 @@ pub fn cmd_compress_marian(
 
     let bytes = pack(&compressed, &[]).context("cannot pack the translation model")?;
     write_atomic(output, &bytes)?;
-    let copied = copy_companions(model, output)?;
+    let copied = copy_companions(files, output)?;
     for path in &copied {
         log::info!("copied {} beside the output", path.display());
     }
