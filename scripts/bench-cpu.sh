@@ -4,9 +4,11 @@
 # sequence lengths 16, 128 and 512 at batch 1 on 1 and 2 threads, each engine's median latency,
 # load to first output and peak RSS, with speed-ups against onnxruntime f32 and tract.
 #
-# Engines: Edgefold on the model packed as f32 and as int8, and on PLANNED.fold if given (for
-# example the planner's output at --min-quality 0.99, compressed with --max-seq 512). tract-onnx
-# runs the ONNX file on one thread, because its thread pool is not built into Edgefold's binary.
+# Engines: Edgefold on the model packed as f32 and as int8 (the latter also with
+# --int8-activations: integer products on CPUs with AVX-512 VNNI), and on PLANNED.fold if given
+# (for example the planner's output at --min-quality 0.99, compressed with --max-seq 512).
+# tract-onnx runs the ONNX file on one thread, because its thread pool is not built into
+# Edgefold's binary.
 # onnxruntime from PyPI runs the ONNX file in f32 and with its dynamic int8 quantization.
 #
 # Usage: scripts/bench-cpu.sh MODEL.onnx TOKENIZER.json [PLANNED.fold]
@@ -72,6 +74,8 @@ for seq in 16 128 512; do
         common=(--seq "$seq" --runs "$runs" --json)
         measure "Edgefold f32" "$edgefold" bench "$work/f32.fold" --threads "$threads" "${common[@]}"
         measure "Edgefold int8" "$edgefold" bench "$work/int8.fold" --threads "$threads" "${common[@]}"
+        measure "Edgefold int8, int8 activations" "$edgefold" bench "$work/int8.fold" \
+            --threads "$threads" --int8-activations "${common[@]}"
         if [ -n "$planned" ]; then
             measure "Edgefold planner" "$edgefold" bench "$planned" --threads "$threads" "${common[@]}"
         fi

@@ -119,6 +119,7 @@ pub struct PackedEmbedder {
     encoder: TextEncoder,
     choice: OutputChoice,
     inputs: Vec<String>,
+    int8_activations: bool,
 }
 
 impl PackedEmbedder {
@@ -174,7 +175,13 @@ impl PackedEmbedder {
             input_for(name, &Encoded { ids: vec![], attention_mask: vec![], type_ids: vec![] })?;
         }
         let arena = vec![0u8; model.arena_bytes_unaligned()];
-        Ok(PackedEmbedder { map, arena, encoder, choice, inputs })
+        Ok(PackedEmbedder { map, arena, encoder, choice, inputs, int8_activations: false })
+    }
+
+    /// Quantizes the inputs of the matrix products to int8 where the runtime has an integer
+    /// kernel; see [`Session::set_int8_activations`].
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
     }
 
     /// Returns the tokenizer in use.
@@ -194,6 +201,7 @@ impl PackedEmbedder {
         )
         .map_err(EmbedError::Runtime)?;
         let mut session = Session::new(&model, &mut self.arena).map_err(EmbedError::Runtime)?;
+        session.set_int8_activations(self.int8_activations);
         let n = e.ids.len();
         for (i, name) in self.inputs.iter().enumerate() {
             session

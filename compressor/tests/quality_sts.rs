@@ -27,6 +27,19 @@ fn root() -> &'static Path {
 
 /// Returns (original Spearman, compressed Spearman, size ratio) over the first pairs of sts-dev.
 fn measure(model: &Path, quantize: Quantize, tokenizer: &Path, sts: &Path) -> (f64, f64, f64) {
+    let (original, compressed, ratio, _) = measure_with(model, quantize, tokenizer, sts, false);
+    (original, compressed, ratio)
+}
+
+/// [`measure`], the packed file run with or without int8 activations, also returning the
+/// smallest cosine similarity between a packed embedding and the original's.
+fn measure_with(
+    model: &Path,
+    quantize: Quantize,
+    tokenizer: &Path,
+    sts: &Path,
+    int8_activations: bool,
+) -> (f64, f64, f64, f64) {
     let options = CompressOptions {
         quantize,
         low_rank: LowRank::Off,
@@ -36,13 +49,15 @@ fn measure(model: &Path, quantize: Quantize, tokenizer: &Path, sts: &Path) -> (f
     let (bytes, report) = compress(model, &options).unwrap();
     let dir = std::env::temp_dir().join(format!("edgefold-quality-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("{quantize}.fold"));
+    let out = dir.join(format!("{quantize}-{int8_activations}.fold"));
     write_atomic(&out, &bytes).unwrap();
 
     let mut packed = PackedEmbedder::open(&out, None, None).unwrap();
+    packed.set_int8_activations(int8_activations);
     let reference = ReferenceEmbedder::load(model, None, packed.encoder()).unwrap();
     let pairs = read_sts(sts).unwrap();
     let (mut gold, mut ours, mut theirs) = (vec![], vec![], vec![]);
+    let mut agreement = f64::INFINITY;
     for pair in pairs.iter().take(PAIRS) {
         let a = packed.embed(&pair.sentence1).unwrap();
         let b = packed.embed(&pair.sentence2).unwrap();
@@ -52,10 +67,11 @@ fn measure(model: &Path, quantize: Quantize, tokenizer: &Path, sts: &Path) -> (f
         gold.push(pair.score);
         ours.push(cosine(&a, &b));
         theirs.push(cosine(&ra, &rb));
+        agreement = agreement.min(cosine(&a, &ra)).min(cosine(&b, &rb));
     }
     std::fs::remove_dir_all(&dir).ok();
     let ratio = report.output_bytes as f64 / report.source_bytes as f64;
-    (spearman(&theirs, &gold), spearman(&ours, &gold), ratio)
+    (spearman(&theirs, &gold), spearman(&ours, &gold), ratio, agreement)
 }
 
 /// The default model, its tokenizer and the STS-B dev file, or `None` (after reporting the skip).
@@ -81,6 +97,27 @@ fn default_model_int8_keeps_quality() {
         "int8 keeps {:.4} of the Spearman",
         compressed / original
     );
+}
+
+/// Int8 weights with int8 activations (integer products where the CPU has them): the Spearman
+/// correlation within 1 % of the original's, and every embedding close to the original's.
+#[test]
+fn default_model_int8_activations_keep_quality() {
+    let Some((model, tokenizer, sts)) = default_model_files() else {
+        return;
+    };
+    let (original, compressed, _, agreement) =
+        measure_with(&model, Quantize::Int8, &tokenizer, &sts, true);
+    eprintln!(
+        "int8 activations: original {original:.4}, compressed {compressed:.4}, smallest cosine \
+         with the original {agreement:.4}"
+    );
+    assert!(
+        compressed / original >= 0.99,
+        "int8 activations keep {:.4} of the Spearman",
+        compressed / original
+    );
+    assert!(agreement >= 0.98, "an embedding has cosine {agreement} with the original's");
 }
 
 #[test]

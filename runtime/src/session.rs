@@ -45,6 +45,8 @@ pub struct Session<'m, 'a> {
     /// Threads that `linear` and `matmul` may use; see [`Session::set_threads`].
     #[cfg(feature = "std")]
     threads: usize,
+    /// Whether `linear` may quantize its input to int8; see [`Session::set_int8_activations`].
+    int8_activations: bool,
     _arena: PhantomData<&'a mut [u8]>,
 }
 
@@ -77,6 +79,7 @@ impl<'m, 'a> Session<'m, 'a> {
             ran: false,
             #[cfg(feature = "std")]
             threads: 1,
+            int8_activations: false,
             _arena: PhantomData,
         })
     }
@@ -93,6 +96,20 @@ impl<'m, 'a> Session<'m, 'a> {
     #[cfg(feature = "std")]
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Lets `linear` quantize each row of its input to int8 (one scale per row) and multiply it
+    /// with int8 weights in integers, where the CPU has a kernel for that
+    /// ([`crate::kernels::linear_int8_rows`]); other weights and CPUs keep f32 inputs. Faster,
+    /// at the cost of rounding each input to one of 255 steps of its row's largest magnitude.
+    /// Off by default.
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
+    }
+
+    /// Returns the setting of [`set_int8_activations`](Self::set_int8_activations).
+    pub fn int8_activations(&self) -> bool {
+        self.int8_activations
     }
 
     /// Returns the model this session runs.

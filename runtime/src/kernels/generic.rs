@@ -5,6 +5,40 @@ use crate::format::MAX_RANK;
 use crate::ops::{BinaryKind, ReduceKind, UnaryKind};
 use crate::shape::{next_index, Shape};
 
+/// Defines a public function whose body is compiled three times on x86_64: for AVX-512, for AVX2
+/// with FMA, and for the baseline. Each call runs the version for [`super::Isa::best`]. The
+/// bodies are plain loops that the compiler vectorizes, so wider vectors need nothing but the
+/// target features. Elsewhere the body is compiled once.
+macro_rules! vectorized {
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                match super::Isa::best() {
+                    // SAFETY: `best` returns only instruction sets that this CPU supports.
+                    super::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    super::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    _ => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 /// Columns of weights dequantized at once into a stack buffer by [`linear`].
 pub const LINEAR_CHUNK: usize = 256;
 
@@ -211,21 +245,46 @@ pub fn for_each_outer(
     }
 }
 
-fn binary_fn(kind: BinaryKind) -> fn(f32, f32) -> f32 {
-    match kind {
-        BinaryKind::Add => |a, b| a + b,
-        BinaryKind::Sub => |a, b| a - b,
-        BinaryKind::Mul => |a, b| a * b,
-        BinaryKind::Div => |a, b| a / b,
-        BinaryKind::Pow => |a, b| if b == 2.0 { a * a } else { libm::powf(a, b) },
-        BinaryKind::Max => |a, b| if a >= b || b.is_nan() { a } else { b },
-        BinaryKind::Min => |a, b| if a <= b || b.is_nan() { a } else { b },
+/// Calls `$apply` with the element function of `$kind` as its first argument, a closure that
+/// the compiler inlines into the loops (a function pointer would keep them scalar).
+macro_rules! with_binary_fn {
+    ($kind:expr, $apply:ident($($arg:expr),*)) => {
+        match $kind {
+            BinaryKind::Add => $apply(|a: f32, b: f32| a + b, $($arg),*),
+            BinaryKind::Sub => $apply(|a: f32, b: f32| a - b, $($arg),*),
+            BinaryKind::Mul => $apply(|a: f32, b: f32| a * b, $($arg),*),
+            BinaryKind::Div => $apply(|a: f32, b: f32| a / b, $($arg),*),
+            BinaryKind::Pow => {
+                $apply(|a: f32, b: f32| if b == 2.0 { a * a } else { libm::powf(a, b) }, $($arg),*)
+            }
+            BinaryKind::Max => {
+                $apply(|a: f32, b: f32| if a >= b || b.is_nan() { a } else { b }, $($arg),*)
+            }
+            BinaryKind::Min => {
+                $apply(|a: f32, b: f32| if a <= b || b.is_nan() { a } else { b }, $($arg),*)
+            }
+        }
+    };
+}
+
+vectorized! {
+    /// Element-wise `out = a ∘ b` with NumPy broadcasting of `a` and `b` to `out_shape`.
+    pub fn binary(
+        kind: BinaryKind,
+        a: &[f32],
+        a_shape: &Shape,
+        b: &[f32],
+        b_shape: &Shape,
+        out: &mut [f32],
+        out_shape: &Shape,
+    ) {
+        with_binary_fn!(kind, binary_with(a, a_shape, b, b_shape, out, out_shape))
     }
 }
 
-/// Element-wise `out = a ∘ b` with NumPy broadcasting of `a` and `b` to `out_shape`.
-pub fn binary(
-    kind: BinaryKind,
+#[inline(always)]
+fn binary_with(
+    f: impl Fn(f32, f32) -> f32,
     a: &[f32],
     a_shape: &Shape,
     b: &[f32],
@@ -233,7 +292,6 @@ pub fn binary(
     out: &mut [f32],
     out_shape: &Shape,
 ) {
-    let f = binary_fn(kind);
     if a_shape == out_shape && b_shape == out_shape {
         for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
             *o = f(x, y);
@@ -247,16 +305,50 @@ pub fn binary(
         if out_shape.rank == 0 { (0, 0) } else { (sa[out_shape.rank - 1], sb[out_shape.rank - 1]) };
     for_each_outer(out_shape, &sa, &sb, |o, off_a, off_b| {
         let row = &mut out[o * last..(o + 1) * last];
-        for (i, r) in row.iter_mut().enumerate() {
-            *r = f(a[off_a + i * la], b[off_b + i * lb]);
+        match (la, lb) {
+            // The common cases get loops over contiguous slices, which vectorize.
+            (1, 1) => {
+                for ((r, &x), &y) in row.iter_mut().zip(&a[off_a..]).zip(&b[off_b..]) {
+                    *r = f(x, y);
+                }
+            }
+            (1, 0) => {
+                let y = b[off_b];
+                for (r, &x) in row.iter_mut().zip(&a[off_a..]) {
+                    *r = f(x, y);
+                }
+            }
+            (0, 1) => {
+                let x = a[off_a];
+                for (r, &y) in row.iter_mut().zip(&b[off_b..]) {
+                    *r = f(x, y);
+                }
+            }
+            _ => {
+                for (i, r) in row.iter_mut().enumerate() {
+                    *r = f(a[off_a + i * la], b[off_b + i * lb]);
+                }
+            }
         }
     });
 }
 
-/// Element-wise `a = a ∘ b` in place, with `b` broadcast to `shape` (the shape of `a`), with
-/// the results of [`binary`].
-pub fn binary_in_place(kind: BinaryKind, a: &mut [f32], b: &[f32], b_shape: &Shape, shape: &Shape) {
-    let f = binary_fn(kind);
+vectorized! {
+    /// Element-wise `a = a ∘ b` in place, with `b` broadcast to `shape` (the shape of `a`), with
+    /// the results of [`binary`].
+    pub fn binary_in_place(kind: BinaryKind, a: &mut [f32], b: &[f32], b_shape: &Shape, shape: &Shape) {
+        with_binary_fn!(kind, binary_in_place_with(a, b, b_shape, shape))
+    }
+}
+
+#[inline(always)]
+fn binary_in_place_with(
+    f: impl Fn(f32, f32) -> f32,
+    a: &mut [f32],
+    b: &[f32],
+    b_shape: &Shape,
+    shape: &Shape,
+) {
     if b_shape == shape {
         for (x, &y) in a.iter_mut().zip(b) {
             *x = f(*x, y);
@@ -268,8 +360,23 @@ pub fn binary_in_place(kind: BinaryKind, a: &mut [f32], b: &[f32], b_shape: &Sha
     let lb = if shape.rank == 0 { 0 } else { sb[shape.rank - 1] };
     for_each_outer(shape, &sb, &sb, |o, off_b, _| {
         let row = &mut a[o * last..(o + 1) * last];
-        for (i, r) in row.iter_mut().enumerate() {
-            *r = f(*r, b[off_b + i * lb]);
+        match lb {
+            1 => {
+                for (r, &y) in row.iter_mut().zip(&b[off_b..]) {
+                    *r = f(*r, y);
+                }
+            }
+            0 => {
+                let y = b[off_b];
+                for r in row.iter_mut() {
+                    *r = f(*r, y);
+                }
+            }
+            _ => {
+                for (i, r) in row.iter_mut().enumerate() {
+                    *r = f(*r, b[off_b + i * lb]);
+                }
+            }
         }
     });
 }
@@ -280,14 +387,18 @@ pub fn erf(x: f32) -> f32 {
     libm::erff(x)
 }
 
-/// Element-wise unary op, `out[i] = f(x[i])`.
-pub fn unary(kind: UnaryKind, alpha: f32, beta: f32, x: &[f32], out: &mut [f32]) {
-    unary_with(kind, alpha, beta, Separate(x, out));
+vectorized! {
+    /// Element-wise unary op, `out[i] = f(x[i])`.
+    pub fn unary(kind: UnaryKind, alpha: f32, beta: f32, x: &[f32], out: &mut [f32]) {
+        unary_with(kind, alpha, beta, Separate(x, out));
+    }
 }
 
-/// Element-wise unary op in place, `xy[i] = f(xy[i])`, with the results of [`unary`].
-pub fn unary_in_place(kind: UnaryKind, alpha: f32, beta: f32, xy: &mut [f32]) {
-    unary_with(kind, alpha, beta, InPlace(xy));
+vectorized! {
+    /// Element-wise unary op in place, `xy[i] = f(xy[i])`, with the results of [`unary`].
+    pub fn unary_in_place(kind: UnaryKind, alpha: f32, beta: f32, xy: &mut [f32]) {
+        unary_with(kind, alpha, beta, InPlace(xy));
+    }
 }
 
 /// Where an element-wise op reads its input and writes its output.
@@ -303,7 +414,7 @@ struct Separate<'a>(&'a [f32], &'a mut [f32]);
 struct InPlace<'a>(&'a mut [f32]);
 
 impl ElementMap for Separate<'_> {
-    #[inline]
+    #[inline(always)]
     fn map(self, f: impl Fn(f32) -> f32) {
         for (o, &v) in self.1.iter_mut().zip(self.0) {
             *o = f(v);
@@ -312,7 +423,7 @@ impl ElementMap for Separate<'_> {
 }
 
 impl ElementMap for InPlace<'_> {
-    #[inline]
+    #[inline(always)]
     fn map(self, f: impl Fn(f32) -> f32) {
         for v in self.0.iter_mut() {
             *v = f(*v);
@@ -320,6 +431,7 @@ impl ElementMap for InPlace<'_> {
     }
 }
 
+#[inline(always)]
 fn unary_with(kind: UnaryKind, alpha: f32, beta: f32, m: impl ElementMap) {
     match kind {
         UnaryKind::Neg => m.map(|v| -v),
@@ -349,67 +461,118 @@ fn unary_with(kind: UnaryKind, alpha: f32, beta: f32, m: impl ElementMap) {
     }
 }
 
-/// Layer normalization of each row of length `d`.
-pub fn layer_norm(
-    x: &[f32],
-    gamma: &[f32],
-    beta: Option<&[f32]>,
-    eps: f32,
-    d: usize,
-    out: &mut [f32],
-) {
-    if d == 0 {
-        return;
+/// Partial sums kept by [`sum_lanes`] and [`max_lanes`]: enough independent chains for a
+/// vectorized loop to hide the latency of its additions.
+pub const LANES: usize = 16;
+
+/// Returns `Σ f(v)` over `x`, summed in [`LANES`] interleaved partial sums (element `i` goes to
+/// sum `i % LANES`), which are then added in order. Unlike one running sum, the loop vectorizes.
+#[inline(always)]
+fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
     }
-    for (row, orow) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let mean = row.iter().sum::<f32>() / d as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-        let inv = 1.0 / libm::sqrtf(var + eps);
-        for (i, o) in orow.iter_mut().enumerate() {
-            let b = beta.map_or(0.0, |b| b[i]);
-            *o = (row[i] - mean) * inv * gamma[i] + b;
+    for (a, &v) in acc.iter_mut().zip(tail) {
+        *a += f(v);
+    }
+    acc.iter().sum()
+}
+
+/// Returns the largest value of `x` that is not NaN, or -∞ if there is none.
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(tail) {
+        *a = if v > *a { v } else { *a };
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+vectorized! {
+    /// Layer normalization of each row of length `d`.
+    pub fn layer_norm(
+        x: &[f32],
+        gamma: &[f32],
+        beta: Option<&[f32]>,
+        eps: f32,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        if d == 0 {
+            return;
+        }
+        let gamma = &gamma[..d];
+        for (row, orow) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mean = sum_lanes(row, |v| v) / d as f32;
+            let var = sum_lanes(row, |v| (v - mean) * (v - mean)) / d as f32;
+            let inv = 1.0 / libm::sqrtf(var + eps);
+            let scaled = orow.iter_mut().zip(row).zip(gamma);
+            match beta {
+                Some(beta) => {
+                    for (((o, &v), &g), &b) in scaled.zip(&beta[..d]) {
+                        *o = (v - mean) * inv * g + b;
+                    }
+                }
+                None => {
+                    for ((o, &v), &g) in scaled {
+                        *o = (v - mean) * inv * g;
+                    }
+                }
+            }
         }
     }
 }
 
-/// Softmax over the middle axis of an `[outer, axis, inner]` view.
-///
-/// Exponentials come from [`exp_approx`], whose loop the compiler vectorizes when `inner` is 1
-/// (softmax over the last axis, as in attention). Sums run in ascending order.
-pub fn softmax(x: &[f32], out: &mut [f32], outer: usize, axis: usize, inner: usize) {
-    if inner == 1 {
-        for (row, orow) in x.chunks_exact(axis).zip(out.chunks_exact_mut(axis)).take(outer) {
-            let mut max = f32::NEG_INFINITY;
-            for &v in row {
-                max = if v > max { v } else { max };
+vectorized! {
+    /// Softmax over the middle axis of an `[outer, axis, inner]` view.
+    ///
+    /// Exponentials come from [`exp_approx`], whose loop the compiler vectorizes when `inner` is 1
+    /// (softmax over the last axis, as in attention). Over the last axis the sums run in
+    /// [`LANES`] interleaved partial sums; otherwise in ascending order.
+    pub fn softmax(x: &[f32], out: &mut [f32], outer: usize, axis: usize, inner: usize) {
+        if inner == 1 {
+            for (row, orow) in x.chunks_exact(axis).zip(out.chunks_exact_mut(axis)).take(outer) {
+                let max = max_lanes(row);
+                for (o, &v) in orow.iter_mut().zip(row) {
+                    *o = exp_approx(v - max);
+                }
+                let sum = sum_lanes(orow, |v| v);
+                let inv = 1.0 / sum;
+                for o in orow.iter_mut() {
+                    *o *= inv;
+                }
             }
-            for (o, &v) in orow.iter_mut().zip(row) {
-                *o = exp_approx(v - max);
-            }
-            let sum: f32 = orow.iter().sum();
-            let inv = 1.0 / sum;
-            for o in orow.iter_mut() {
-                *o *= inv;
-            }
+            return;
         }
-        return;
-    }
-    for o in 0..outer {
-        for i in 0..inner {
-            let at = |a: usize| o * axis * inner + a * inner + i;
-            let mut max = f32::NEG_INFINITY;
-            for a in 0..axis {
-                max = if x[at(a)] > max { x[at(a)] } else { max };
-            }
-            let mut sum = 0.0;
-            for a in 0..axis {
-                let e = exp_approx(x[at(a)] - max);
-                out[at(a)] = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
-            for a in 0..axis {
-                out[at(a)] *= inv;
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |a: usize| o * axis * inner + a * inner + i;
+                let mut max = f32::NEG_INFINITY;
+                for a in 0..axis {
+                    max = if x[at(a)] > max { x[at(a)] } else { max };
+                }
+                let mut sum = 0.0;
+                for a in 0..axis {
+                    let e = exp_approx(x[at(a)] - max);
+                    out[at(a)] = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                for a in 0..axis {
+                    out[at(a)] *= inv;
+                }
             }
         }
     }
@@ -596,6 +759,11 @@ impl RowGather {
         self.for_each_row(&mut |o, off| {
             let row = &mut out[o * last * size..(o + 1) * last * size];
             let mut from = off * size;
+            if step == size {
+                // A contiguous run of the input, as when the last axis stays in place.
+                row.copy_from_slice(&x[from..from + row.len()]);
+                return;
+            }
             if size == 4 {
                 // Word copies for f32 and the other four-byte types, the common case.
                 for r in row.chunks_exact_mut(4) {
@@ -709,6 +877,56 @@ mod tests {
                 binary_in_place(kind, &mut xy, &b, &b_shape, &out);
                 let what = std::format!("{kind:?} with b {:?}", b_shape.as_slice());
                 assert_same_bits(&xy, &expected, &what);
+            }
+        }
+    }
+
+    /// `binary` against each output element computed on its own from broadcast indices, with
+    /// both operands full, one a scalar per row or per column, a last axis of 1 on either side,
+    /// and rows of 17 values (not a multiple of any vector width).
+    #[test]
+    fn binary_broadcasts_like_numpy() {
+        let shape = |dims: &[usize]| Shape::from_slice(dims).unwrap();
+        let out = shape(&[2, 3, 17]);
+        let cases = [
+            (shape(&[2, 3, 17]), shape(&[2, 3, 17])),
+            (shape(&[2, 3, 17]), shape(&[17])),
+            (shape(&[2, 3, 17]), shape(&[3, 1])),
+            (shape(&[2, 3, 1]), shape(&[2, 3, 17])),
+            (shape(&[1, 3, 17]), shape(&[2, 1, 1])),
+            (shape(&[2, 1, 17]), shape(&[])),
+        ];
+        let elementwise = |kind: BinaryKind, a: f32, b: f32| match kind {
+            BinaryKind::Add => a + b,
+            BinaryKind::Sub => a - b,
+            BinaryKind::Mul => a * b,
+            BinaryKind::Div => a / b,
+            BinaryKind::Pow => libm::powf(a, b),
+            BinaryKind::Max => a.max(b),
+            BinaryKind::Min => a.min(b),
+        };
+        for (a_shape, b_shape) in cases {
+            let a = values(a_shape.numel());
+            let b: Vec<f32> = values(b_shape.numel() + 5)[5..].to_vec();
+            let (sa, sb) = (a_shape.broadcast_strides(&out), b_shape.broadcast_strides(&out));
+            for kind in [BinaryKind::Add, BinaryKind::Sub, BinaryKind::Mul, BinaryKind::Div] {
+                let mut got = std::vec![0.0; out.numel()];
+                binary(kind, &a, &a_shape, &b, &b_shape, &mut got, &out);
+                let mut index = [0usize; MAX_RANK];
+                for (i, &g) in got.iter().enumerate() {
+                    let at = |strides: &[usize; MAX_RANK]| {
+                        (0..out.rank).map(|axis| index[axis] * strides[axis]).sum::<usize>()
+                    };
+                    let want = elementwise(kind, a[at(&sa)], b[at(&sb)]);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{kind:?}, a {:?}, b {:?}, element {i}",
+                        a_shape.as_slice(),
+                        b_shape.as_slice()
+                    );
+                    next_index(&mut index, out.as_slice());
+                }
             }
         }
     }

@@ -143,6 +143,11 @@ pub enum Weights<'a> {
     I4(I4Rows<'a>),
 }
 
+/// A `linear` kernel with [`linear`]'s arguments: [`linear`], [`linear_int8`] or
+/// [`linear_int8_rows`].
+pub type LinearKernel =
+    for<'a> fn(&'a [f32], usize, usize, Weights<'a>, usize, Option<&'a [f32]>, &'a mut [f32]);
+
 /// Settings of a model's matrix products, shared by the decoder and the translator.
 #[cfg(any(feature = "decoder", feature = "translator"))]
 #[derive(Clone, Copy, Debug)]
@@ -381,6 +386,36 @@ pub fn linear_int8(
         }
     }
     linear(x, rows, k, w, n, bias, y);
+}
+
+/// [`linear`] that may quantize each row of `x` to int8 with a single scale, for integer
+/// products over the whole row: where the weights are int8 (one scale per row), `k` is at most
+/// 8,192, and the CPU has AVX-512 VNNI. Elsewhere it is [`linear_int8`].
+///
+/// One scale per row (the largest magnitude maps to 127) rounds small values of a row with a
+/// few large ones more coarsely than [`linear_int8`]'s groups of 32, but the integer sums need
+/// no conversion until the end of the row. A row's results do not depend on the other rows.
+///
+/// # Panics
+///
+/// As [`linear`] does.
+pub fn linear_int8_rows(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut call = LinearCall::new(x, rows, k, w, n, bias, y);
+        if vnni::linear_rows(&mut call) {
+            return;
+        }
+    }
+    linear_int8(x, rows, k, w, n, bias, y);
 }
 
 /// [`linear`] on a chosen instruction set.

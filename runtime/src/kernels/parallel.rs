@@ -26,9 +26,7 @@ fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
     threads.min(parts).min(macs / MIN_MACS_PER_THREAD).max(1)
 }
 
-/// A `linear` kernel: [`linear`] or [`super::linear_int8`].
-pub type LinearKernel =
-    for<'a> fn(&'a [f32], usize, usize, Weights<'a>, usize, Option<&'a [f32]>, &'a mut [f32]);
+pub use super::LinearKernel;
 
 /// Runs [`linear`] on up to `threads` threads. The rows of `x` are split into contiguous parts,
 /// or, for a single row, the rows of `w` (the outputs).

@@ -10,7 +10,7 @@ use std::vec;
 use std::vec::Vec;
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
-use super::{linear, linear_int8, linear_with, matmul_with, Isa, Weights};
+use super::{linear, linear_int8, linear_int8_rows, linear_with, matmul_with, Isa, Weights};
 
 /// Row lengths: around the 8- and 16-lane widths, around a 384-wide layer, and 100.
 #[cfg(not(miri))]
@@ -567,5 +567,76 @@ fn linear_int8_activations() {
             }
             assert!(y[rows * n..].iter().all(|&v| v == CANARY), "rows {rows} k {k}: wrote past y");
         }
+    }
+}
+
+/// `linear_int8_rows` against an f64 reference on each row quantized with one scale, and within
+/// that quantization's error bound of the exact `linear`. Shapes cover row lengths around the
+/// 64-byte step (1, 63, 64, 65, 130) and MiniLM's layers (384, 1536), output counts around the
+/// tile width of 4, and 1 to 37 rows (more than two blocks of 16). Each row has an all-zero
+/// stretch, one large value and one row is all zeros. Int4 weights take the grouped kernel.
+#[test]
+fn linear_int8_rows_activations() {
+    let shapes: &[(usize, usize, usize)] = if cfg!(miri) {
+        &[(2, 65, 3)]
+    } else {
+        &[
+            (1, 1, 1),
+            (3, 63, 5),
+            (17, 64, 4),
+            (4, 65, 9),
+            (5, 130, 3),
+            (37, 384, 13),
+            (16, 1536, 6),
+            (2, 8192, 2),
+        ]
+    };
+    for (case, &(rows, k, n)) in shapes.iter().enumerate() {
+        let mut rng = Rng(700 + case as u64);
+        let mut x = rng.vec(rows * k);
+        x[..(k / 3).min(40)].fill(0.0);
+        for m in 0..rows {
+            x[m * k + k / 2] = -25.0;
+        }
+        if rows > 2 {
+            x[k..2 * k].fill(0.0);
+        }
+        let w = TestWeights::new(Kind::I8, n, k, 32, &mut rng);
+        let bias = rng.vec(n);
+        let mut y = vec![CANARY; rows * n + 5];
+        linear_int8_rows(&x, rows, k, w.weights(), n, Some(&bias), &mut y);
+        let mut exact = vec![0f32; rows * n];
+        linear(&x, rows, k, w.weights(), n, Some(&bias), &mut exact);
+        let integer = super::int8_products_supported();
+        for m in 0..rows {
+            let row = &x[m * k..(m + 1) * k];
+            let largest = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let step = largest / 127.0;
+            let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+            let xq: Vec<f64> =
+                row.iter().map(|&v| (v * inverse).round_ties_even() as f64 * step as f64).collect();
+            for j in 0..n {
+                let describe = || format!("rows {rows} k {k} n {n}: y[{m}, {j}]");
+                let got = y[m * n + j];
+                let wrow = &w.exact[j * k..(j + 1) * k];
+                let terms = (0..k).map(|c| wrow[c] * xq[c]);
+                let (want, abs) = reference_dot(terms, bias[j] as f64);
+                if integer {
+                    assert_close(got, want, abs, k, describe);
+                } else {
+                    // Without VNNI, `linear_int8` has no integer kernel either: it is `linear`.
+                    assert_eq!(got, exact[m * n + j], "{}: not the f32 path", describe());
+                }
+                let bound: f64 = wrow.iter().map(|w| w.abs()).sum::<f64>() * step as f64 / 2.0;
+                let error = (got - exact[m * n + j]) as f64;
+                assert!(
+                    !integer || error.abs() <= bound * 1.001 + abs * 1e-5,
+                    "{}: {got} is {error:e} from f32 {}, over the bound {bound:e}",
+                    describe(),
+                    exact[m * n + j]
+                );
+            }
+        }
+        assert!(y[rows * n..].iter().all(|&v| v == CANARY), "rows {rows} k {k}: wrote past y");
     }
 }

@@ -392,3 +392,316 @@ unsafe fn dot_rows<const MIN: bool, const R: usize>(
         out
     }
 }
+
+/// Rows of `x` that [`linear_rows`] quantizes at once. Each tile of weight rows is read from
+/// memory once per block and then stays in the L1 cache for the other rows of the block.
+const ROW_BLOCK: usize = 16;
+
+/// Weight rows whose offsets (see [`weight_offset`]) [`linear_rows`] computes at once. Wider
+/// layers are done in parts of this many outputs, each quantizing the input again.
+const COLUMN_CHUNK: usize = 2048;
+
+/// The quantized rows of one block of [`linear_rows`], each padded to a multiple of 64 bytes.
+#[repr(C, align(64))]
+struct RowBlock {
+    /// Each value plus 128, as an unsigned byte.
+    q: [u8; ROW_BLOCK * MAX_K],
+    /// Scale of each row.
+    scale: [f32; ROW_BLOCK],
+}
+
+/// Runs the call with each row of `x` quantized to int8 with one scale for the whole row, when
+/// the weights are int8, `0 < k <= MAX_K`, and the CPU has VNNI. Returns false, having done
+/// nothing, otherwise.
+///
+/// With one scale per row, the integer sums run along the whole row and are converted to f32
+/// once per output, so that the inner loop is nothing but `vpdpbusd`.
+pub(crate) fn linear_rows(call: &mut LinearCall<'_>) -> bool {
+    let Weights::I8(w) = call.w else {
+        return false;
+    };
+    if call.k == 0 || call.k > MAX_K || !supported() {
+        return false;
+    }
+    let mut block = core::mem::MaybeUninit::<RowBlock>::uninit();
+    // SAFETY: the CPU features were checked above, and `LinearCall::new` checked that `x` contains
+    // `rows` rows of `k` values, `y` `rows` rows of `n`, `w` `n` rows of `k` values with a scale
+    // each, and the bias (if any) `n` values. `rows_i8` writes every byte of the block that it
+    // reads.
+    unsafe { rows_i8(call, &w, block.as_mut_ptr()) };
+    true
+}
+
+/// See [`linear_rows`].
+///
+/// # Safety
+///
+/// As described at the call in [`linear_rows`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_i8(call: &mut LinearCall<'_>, w: &I8Rows<'_>, block: *mut RowBlock) {
+    let (k, n, rows) = (call.k, call.n, call.rows);
+    let padded = k.next_multiple_of(64);
+    let tail: u64 = match k % 64 {
+        0 => u64::MAX,
+        r => (1u64 << r) - 1,
+    };
+    let dims = TileDims { k, padded, steps: padded / 64, tail };
+    let mut offsets = [0i32; COLUMN_CHUNK];
+    // SAFETY (whole block): `block` is valid for writes; row `r` of the block takes bytes
+    // `r * padded..(r + 1) * padded` of `q`, inside it since `padded <= MAX_K`. Weight row `j`
+    // is read at bytes `j * k..j * k + k` (the last step through the mask), and rows of `x` and
+    // `y` are inside the checked slices.
+    unsafe {
+        let q = core::ptr::addr_of_mut!((*block).q).cast::<u8>();
+        let scales = core::ptr::addr_of_mut!((*block).scale).cast::<f32>();
+        let x = call.x.as_ptr();
+        let y = call.y.as_mut_ptr();
+        let wq = w.q.as_ptr();
+        let mut c0 = 0;
+        while c0 < n {
+            let c1 = n.min(c0 + COLUMN_CHUNK);
+            for (j, offset) in (c0..c1).zip(offsets.iter_mut()) {
+                *offset = weight_offset(&dims, wq.add(j * k));
+            }
+            let mut m0 = 0;
+            while m0 < rows {
+                let count = (rows - m0).min(ROW_BLOCK);
+                for r in 0..count {
+                    let row = x.add((m0 + r) * k);
+                    *scales.add(r) = quantize_row(row, k, padded, q.add(r * padded));
+                }
+                let out = Out { y: y.add(m0 * n), n, scales, w, bias: call.bias };
+                let mut j = c0;
+                while j + 4 <= c1 {
+                    tiles::<4>(&dims, q, count, wq.add(j * k), j, &out, &offsets[j - c0..]);
+                    j += 4;
+                }
+                while j < c1 {
+                    tiles::<1>(&dims, q, count, wq.add(j * k), j, &out, &offsets[j - c0..]);
+                    j += 1;
+                }
+                m0 += count;
+            }
+            c0 = c1;
+        }
+    }
+}
+
+/// Lengths shared by the tiles of one call of [`rows_i8`].
+struct TileDims {
+    /// Row length of `x` and of the weights.
+    k: usize,
+    /// Row length of the quantized block, `k` rounded up to 64.
+    padded: usize,
+    /// `padded / 64`.
+    steps: usize,
+    /// Bytes of the last step that are inside the row.
+    tail: u64,
+}
+
+/// Output of [`tiles`]: `y` at the block's first row, and the scales of the integer sums.
+struct Out<'a> {
+    y: *mut f32,
+    n: usize,
+    scales: *const f32,
+    w: &'a I8Rows<'a>,
+    bias: Option<&'a [f32]>,
+}
+
+/// Quantizes the `k` values at `x` into `padded` bytes at `q` (zeros, stored as 128, after the
+/// row's end) and returns the scale.
+///
+/// # Safety
+///
+/// The CPU must support [`supported`]'s features; `x` must be valid for `k` reads and `q` for
+/// `padded` writes, `padded` being `k` rounded up to a multiple of 64.
+#[inline(always)]
+unsafe fn quantize_row(x: *const f32, k: usize, padded: usize, q: *mut u8) -> f32 {
+    // SAFETY: the masked loads read only the first `k` values; the stores write 16 bytes at
+    // each multiple of 16 below `padded`.
+    unsafe {
+        let mask = |i: usize| -> __mmask16 {
+            match k.saturating_sub(i) {
+                left if left >= 16 => u16::MAX,
+                left => (1u16 << left) - 1,
+            }
+        };
+        let mut largest = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < k {
+            let v = _mm512_maskz_loadu_ps(mask(i), x.add(i));
+            largest = _mm512_max_ps(largest, abs(v));
+            i += 16;
+        }
+        let largest = _mm512_reduce_max_ps(largest);
+        let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+        let inverse = _mm512_set1_ps(inverse);
+        let bias = _mm_set1_epi8(0x80u8 as i8);
+        let mut i = 0;
+        while i < padded {
+            let v = _mm512_maskz_loadu_ps(mask(i), x.add(i));
+            // Round to nearest (even on ties), then narrow with saturation, as in `quantize`.
+            let v = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverse)));
+            _mm_storeu_si128(q.add(i).cast(), _mm_xor_si128(v, bias));
+            i += 16;
+        }
+        largest / 127.0
+    }
+}
+
+/// Returns `128 Σ w` over the weight row at `w`: the part of each integer sum that comes from
+/// storing the inputs plus 128.
+///
+/// # Safety
+///
+/// As for [`rows_i8`], with `w` pointing at a weight row.
+#[inline(always)]
+unsafe fn weight_offset(dims: &TileDims, w: *const i8) -> i32 {
+    // SAFETY: the row is read at bytes `0..k`, the last step through the mask.
+    unsafe {
+        let bias = _mm512_set1_epi8(0x80u8 as i8);
+        let mut acc = _mm512_setzero_si512();
+        for s in 0..dims.steps {
+            let mask = if s + 1 == dims.steps { dims.tail } else { u64::MAX };
+            let v = _mm512_maskz_loadu_epi8(mask, w.add(64 * s).cast());
+            acc = _mm512_dpbusd_epi32(acc, bias, v);
+        }
+        _mm512_reduce_add_epi32(acc)
+    }
+}
+
+/// Computes outputs `j..j + C` of every row of the block, four rows at a time, and writes them
+/// to `out`; `offsets` starts with those of weight rows `j..j + C`.
+///
+/// # Safety
+///
+/// As for [`rows_i8`], with `w` pointing at weight row `j`, `j + C <= n`, `C` 1 or 4, and the
+/// first `count` rows of the block quantized.
+#[inline(always)]
+unsafe fn tiles<const C: usize>(
+    dims: &TileDims,
+    q: *const u8,
+    count: usize,
+    w: *const i8,
+    j: usize,
+    out: &Out<'_>,
+    offsets: &[i32],
+) {
+    // SAFETY (whole block): forwarded from the caller.
+    unsafe {
+        let mut r = 0;
+        while r + 4 <= count {
+            let acc = tile::<4, C>(dims, q.add(r * dims.padded), w);
+            finish::<4, C>(out, r, j, &acc, offsets);
+            r += 4;
+        }
+        while r < count {
+            let acc = tile::<1, C>(dims, q.add(r * dims.padded), w);
+            finish::<1, C>(out, r, j, &acc, offsets);
+            r += 1;
+        }
+    }
+}
+
+/// Integer sums of `R` quantized rows at `q` with `C` weight rows at `w`, over the whole row, as
+/// 16 partial sums each.
+///
+/// # Safety
+///
+/// As for [`tiles`], with `R` quantized rows at `q`.
+#[inline(always)]
+unsafe fn tile<const R: usize, const C: usize>(
+    dims: &TileDims,
+    q: *const u8,
+    w: *const i8,
+) -> [[__m512i; C]; R] {
+    // SAFETY (whole block): the steps before the last read whole 64-byte parts of each row,
+    // which end at or before `k`; the last reads the weights through the mask and the quantized
+    // rows up to `padded`.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); C]; R];
+        let last = dims.steps - 1;
+        for s in 0..last {
+            let mut wv = [_mm512_setzero_si512(); C];
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(w.add(c * dims.k + 64 * s).cast());
+            }
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_load_si512(q.add(r * dims.padded + 64 * s).cast());
+                for (a, &v) in acc_row.iter_mut().zip(&wv) {
+                    *a = _mm512_dpbusd_epi32(*a, xv, v);
+                }
+            }
+        }
+        let mut wv = [_mm512_setzero_si512(); C];
+        for (c, v) in wv.iter_mut().enumerate() {
+            *v = _mm512_maskz_loadu_epi8(dims.tail, w.add(c * dims.k + 64 * last).cast());
+        }
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            let xv = _mm512_load_si512(q.add(r * dims.padded + 64 * last).cast());
+            for (a, &v) in acc_row.iter_mut().zip(&wv) {
+                *a = _mm512_dpbusd_epi32(*a, xv, v);
+            }
+        }
+        acc
+    }
+}
+
+/// Writes `y[r + i, j + c] = (Σ acc[i][c] - offsets[c]) · scale of row r + i · scale of
+/// weight row j + c + bias[j + c]`. With four weight rows the four lane sums of a row are found
+/// by transposing the accumulators in registers, and the row's outputs are computed as one
+/// vector.
+///
+/// # Safety
+///
+/// As for [`tiles`], with rows `r..r + R` in the block.
+#[inline(always)]
+unsafe fn finish<const R: usize, const C: usize>(
+    out: &Out<'_>,
+    r: usize,
+    j: usize,
+    acc: &[[__m512i; C]; R],
+    offsets: &[i32],
+) {
+    // SAFETY: rows `r..r + R` of the block and outputs `j..j + C` are inside `y`, the scales
+    // and the bias, and `offsets` has at least `C` values.
+    unsafe {
+        if C == 4 {
+            let offset = _mm_loadu_si128(offsets.as_ptr().cast());
+            let w_scale = _mm_loadu_ps(out.w.scales.as_ptr().add(j));
+            let bias = out.bias.map_or(_mm_setzero_ps(), |b| _mm_loadu_ps(b.as_ptr().add(j)));
+            for (i, a) in acc.iter().enumerate() {
+                // In each 128-bit lane: pairs of partial sums of outputs 0 and 1, then of 2
+                // and 3, then one partial sum of each of the four outputs.
+                let [a, b, c, d] = [a[0], a[1], a[2], a[3]];
+                let ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+                let cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+                let abcd =
+                    _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+                let half = _mm256_add_epi32(
+                    _mm512_castsi512_si256(abcd),
+                    _mm512_extracti64x4_epi64::<1>(abcd),
+                );
+                let sums = _mm_add_epi32(
+                    _mm256_castsi256_si128(half),
+                    _mm256_extracti128_si256::<1>(half),
+                );
+                let sums = _mm_cvtepi32_ps(_mm_sub_epi32(sums, offset));
+                let scale = _mm_mul_ps(w_scale, _mm_set1_ps(*out.scales.add(r + i)));
+                let y = out.y.add((r + i) * out.n + j);
+                _mm_storeu_ps(y, _mm_fmadd_ps(sums, scale, bias));
+            }
+        } else {
+            for (i, a) in acc.iter().enumerate() {
+                let scale = *out.scales.add(r + i);
+                let y = out.y.add((r + i) * out.n + j);
+                for (c, &a) in a.iter().enumerate() {
+                    let sum = _mm512_reduce_add_epi32(a).wrapping_sub(*offsets.get_unchecked(c));
+                    let b = out.bias.map_or(0.0, |b| *b.get_unchecked(j + c));
+                    let w_scale = *out.w.scales.get_unchecked(j + c);
+                    *y.add(c) = sum as f32 * (scale * w_scale) + b;
+                }
+            }
+        }
+    }
+}

@@ -288,10 +288,24 @@ impl<'m> Session<'m, '_> {
         let y = self.typed_mut::<f32>(out, rows * n, op)?;
         let bad = Error::RuntimeShape { op, reason: "weight data does not match its shape" };
         let weights = model.linear_weights(&w).ok_or(bad)?;
+        let kernel = match self.int8_activations {
+            true => kernels::linear_int8_rows as kernels::LinearKernel,
+            false => kernels::linear as kernels::LinearKernel,
+        };
         #[cfg(feature = "std")]
-        kernels::parallel::linear_threads(self.threads, x, rows, kk, weights, n, bias, y);
+        kernels::parallel::linear_threads_with(
+            kernel,
+            self.threads,
+            x,
+            rows,
+            kk,
+            weights,
+            n,
+            bias,
+            y,
+        );
         #[cfg(not(feature = "std"))]
-        kernels::linear(x, rows, kk, weights, n, bias, y);
+        kernel(x, rows, kk, weights, n, bias, y);
         Ok(())
     }
 

@@ -72,6 +72,10 @@ enum Command {
         /// Threads for the matrix products.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
         threads: u16,
+        /// Quantize the inputs of matrix products with int8 weights to int8, one scale per row,
+        /// where the CPU has an integer kernel (x86_64 with AVX-512 VNNI).
+        #[arg(long)]
+        int8_activations: bool,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -129,6 +133,10 @@ struct BenchArgs {
     /// Threads for the matrix products (edgefold engine only).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// Quantize the inputs of matrix products with int8 weights to int8, one scale per row,
+    /// where the CPU has an integer kernel (edgefold engine only).
+    #[arg(long)]
+    int8_activations: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -288,9 +296,9 @@ struct EvalArgs {
     /// Threads for the matrix products of ppl.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
-    /// For ppl and bleu: quantize the inputs of the second model's matrix products to int8
-    /// where the runtime has an integer kernel, as `generate --int8-activations` and `translate
-    /// --int8-activations` do (for ppl: packed files only).
+    /// For sts, ppl and bleu: quantize the inputs of the second model's matrix products to int8
+    /// where the runtime has an integer kernel, as `run`, `bench`, `generate` and `translate`
+    /// do with --int8-activations (for ppl: packed files only).
     #[arg(long)]
     int8_activations: bool,
     /// For ppl: weight storage of a GGUF second model (f32, int8, int4 or int4-sym); bytes are
@@ -329,8 +337,9 @@ fn main() {
         Command::Compress(args) => cmd_compress(args),
         Command::Inspect { file, tensors, json } => cmd_inspect(&file, tensors, json),
         Command::Analyze(args) => cmd_analyze(args),
-        Command::Run { file, inputs, output, output_index, threads, json } => {
-            cmd_run(&file, &inputs, output.as_deref(), output_index, threads.into(), json)
+        Command::Run { file, inputs, output, output_index, threads, int8_activations, json } => {
+            let products = RunProducts { threads: threads.into(), int8_activations };
+            cmd_run(&file, &inputs, output.as_deref(), output_index, products, json)
         }
         Command::Embed { file, sentences, tokenizer, output, json } => {
             cmd_embed(&file, &sentences, tokenizer.as_deref(), output.as_deref(), json)
@@ -934,12 +943,18 @@ fn to_input<'a>(
     })
 }
 
+/// How `run` computes matrix products.
+struct RunProducts {
+    threads: usize,
+    int8_activations: bool,
+}
+
 fn cmd_run(
     path: &Path,
     inputs: &[String],
     output: Option<&Path>,
     output_index: usize,
-    threads: usize,
+    products: RunProducts,
     as_json: bool,
 ) -> Result<()> {
     let map = open_mapped(path)?;
@@ -955,7 +970,8 @@ fn cmd_run(
     }
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
     let mut session = Session::new(&model, &mut arena)?;
-    session.set_threads(threads);
+    session.set_threads(products.threads);
+    session.set_int8_activations(products.int8_activations);
     for (position, spec) in inputs.iter().enumerate() {
         let (index, file) = match spec.split_once('=') {
             Some((name, file)) => (
@@ -1105,6 +1121,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     }
     let mut packed =
         PackedEmbedder::open(&args.file, args.tokenizer.as_deref(), args.output.as_deref())?;
+    packed.set_int8_activations(args.int8_activations);
     let reference =
         ReferenceEmbedder::load(&args.original, args.output.as_deref(), packed.encoder())?;
     let bar = ProgressBar::new(pairs.len() as u64).with_style(
@@ -1318,6 +1335,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             let mut arena = vec![0u8; model.arena_bytes_unaligned()];
             let mut session = Session::new(&model, &mut arena)?;
             session.set_threads(args.threads.into());
+            session.set_int8_activations(args.int8_activations);
             opened = started.elapsed().as_secs_f64();
             for i in 0..model.input_count() {
                 let name = model.tensor_name(model.input_tensor(i)?);
@@ -1338,6 +1356,9 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
                     "--threads {} is for the edgefold engine; tract runs on one thread here",
                     args.threads
                 );
+            }
+            if args.int8_activations {
+                bail!("--int8-activations is for the edgefold engine; tract runs in f32 here");
             }
             let model = edgefold_compressor::reference::ReferenceModel::load(&args.file)?;
             opened = started.elapsed().as_secs_f64();
@@ -1360,7 +1381,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
     if args.json {
         print_json(&json!({
             "file": args.file, "engine": args.engine, "seq": args.seq, "runs": args.runs,
-            "threads": args.threads,
+            "threads": args.threads, "int8_activations": args.int8_activations,
             "open_ms": opened * 1e3, "load_to_first_output_ms": first * 1e3,
             "latency_ms_median": med * 1e3,
             "latency_ms_min": times.first().map(|t| t * 1e3),
