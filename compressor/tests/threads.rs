@@ -1,7 +1,8 @@
 //! A session split across threads gives the one-thread outputs. They match bit for bit with f32
-//! and int8 weights, whose kernels compute each row alone. With int4 they match within rounding,
-//! because the blocked kernel sums a row differently when a thread's part has few rows. The test
-//! runs paraphrase-MiniLM-L3-v2 on 1, 2 and 3 threads, at a length whose rows split unevenly.
+//! and int8 weights at fewer than 64 rows, where their kernels compute each row alone. With int4
+//! they match within rounding, because the blocked kernel sums a row differently when a thread's
+//! part has few rows. The test runs paraphrase-MiniLM-L3-v2 on 1, 2 and 3 threads, at a length
+//! whose rows split unevenly.
 
 mod common;
 

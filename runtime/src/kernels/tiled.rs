@@ -598,6 +598,12 @@ unsafe fn matmul_rows<S: Simd, const R: usize, const V: usize>(d: &MatmulDims, i
             matmul_tile::<S, R, V>(d, i0, j0, S::LANES);
             j0 += wide;
         }
+        // Two vectors keep twice as many independent accumulators as one, as in attention
+        // with heads of 32 values on 16-lane vectors.
+        while V > 2 && j0 + 2 * S::LANES <= d.n {
+            matmul_tile::<S, R, 2>(d, i0, j0, S::LANES);
+            j0 += 2 * S::LANES;
+        }
         while j0 + S::LANES <= d.n {
             matmul_tile::<S, R, 1>(d, i0, j0, S::LANES);
             j0 += S::LANES;

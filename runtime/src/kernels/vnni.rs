@@ -424,10 +424,10 @@ pub(crate) fn linear_rows(call: &mut LinearCall<'_>) -> bool {
         return false;
     }
     let mut block = core::mem::MaybeUninit::<RowBlock>::uninit();
-    // SAFETY: the CPU features were checked above, and `LinearCall::new` checked that `x` contains
-    // `rows` rows of `k` values, `y` `rows` rows of `n`, `w` `n` rows of `k` values with a scale
-    // each, and the bias (if any) `n` values. `rows_i8` writes every byte of the block that it
-    // reads.
+    // SAFETY: the CPU features were checked above, and `LinearCall::new` checked that `x`
+    // contains `rows` rows of `k` values, `y` `rows` rows of `n`, `w` `n` rows of `k` values
+    // with a scale each, and the bias (if any) `n` values. `rows_i8` writes every byte of the
+    // block that it reads.
     unsafe { rows_i8(call, &w, block.as_mut_ptr()) };
     true
 }

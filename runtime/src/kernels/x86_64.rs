@@ -44,8 +44,6 @@ const BLOCKED_ROWS_INT4: usize = 8;
 /// conversion in every tile costs nothing measurable.
 const BLOCKED_ROWS_F16_AVX512: usize = 16;
 
-const BLOCKED_ROWS_AVX512: usize = 16;
-
 /// Runs `linear` with the AVX2 kernels.
 ///
 /// # Panics
@@ -87,13 +85,15 @@ pub(crate) fn linear_avx512(call: &mut LinearCall<'_>) {
     // SAFETY: the features were checked above, and `LinearCall` checked every length.
     unsafe {
         match call.w {
-            Weights::F32(w) if args.rows >= BLOCKED_ROWS_AVX512 => linear_avx512_blocked(&args, &w),
+            #[cfg(feature = "std")]
+            Weights::F32(w) if super::broadcast::applies(args.rows, args.k) => {
+                super::broadcast::linear_f32(&args, &w)
+            }
             Weights::F32(w) => linear_avx512_direct(&args, &w),
             Weights::F16(w) if args.rows >= BLOCKED_ROWS_F16_AVX512 => {
                 linear_avx512_blocked(&args, &w)
             }
             Weights::F16(w) => linear_avx512_direct(&args, &w),
-            Weights::I8(w) if args.rows >= BLOCKED_ROWS_AVX512 => linear_avx512_blocked(&args, &w),
             Weights::I8(w) => linear_avx512_direct(&args, &w),
             Weights::I4(w) if w.group % Avx512::LANES == 0 => match (w.mins.is_some(), blocked) {
                 (false, true) => linear_avx512_blocked(&args, &I4Aligned::<false>::new(w)),
