@@ -8,7 +8,9 @@ use crate::cast::cast;
 use crate::error::{Error, Result};
 use crate::format::{DType, Quant, TensorEntry, TensorKind, MAX_RANK};
 use crate::kernels::conv::{self, ConvWeights, Geometry};
-use crate::kernels::generic::{self as k, WeightRows};
+use crate::kernels::generic as k;
+#[cfg(feature = "weights-int4")]
+use crate::kernels::generic::WeightRows;
 use crate::model::is_absent;
 use crate::ops::{BinaryKind, Op, OpRecord, Window2d};
 use crate::shape::{concrete_broadcasts_to, next_index, Shape};
