@@ -10,6 +10,8 @@ mod aarch64;
 mod broadcast;
 pub mod conv;
 pub mod generic;
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+mod panels;
 #[cfg(feature = "std")]
 pub mod parallel;
 #[cfg(feature = "std")]

@@ -616,6 +616,9 @@ fn linear_int8_rows_activations() {
             (37, 384, 13),
             (16, 1536, 6),
             (2, 8192, 2),
+            (32, 7, 17),
+            (70, 384, 70),
+            (33, 8192, 3),
         ]
     };
     for (case, &(rows, k, n)) in shapes.iter().enumerate() {
@@ -665,5 +668,24 @@ fn linear_int8_rows_activations() {
             }
         }
         assert!(y[rows * n..].iter().all(|&v| v == CANARY), "rows {rows} k {k}: wrote past y");
+    }
+}
+
+/// With one scale per row the integer sums are exact, so a row's outputs are the same bits in a
+/// call of 70 rows (which repacks the weights where VNNI is present) as in a call of one row.
+#[test]
+fn linear_int8_rows_independent_of_batch() {
+    let (rows, k, n) = if cfg!(miri) { (3, 65, 5) } else { (70, 200, 37) };
+    let mut rng = Rng(4242);
+    let x = rng.vec(rows * k);
+    let w = TestWeights::new(Kind::I8, n, k, 32, &mut rng);
+    let bias = rng.vec(n);
+    let mut batch = vec![0f32; rows * n];
+    linear_int8_rows(&x, rows, k, w.weights(), n, Some(&bias), &mut batch);
+    for m in 0..rows {
+        let mut single = vec![0f32; n];
+        let row = &x[m * k..(m + 1) * k];
+        linear_int8_rows(row, 1, k, w.weights(), n, Some(&bias), &mut single);
+        assert_eq!(&batch[m * n..(m + 1) * n], &single[..], "row {m}");
     }
 }

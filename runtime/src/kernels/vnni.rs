@@ -423,6 +423,12 @@ pub(crate) fn linear_rows(call: &mut LinearCall<'_>) -> bool {
     if call.k == 0 || call.k > MAX_K || !supported() {
         return false;
     }
+    #[cfg(feature = "std")]
+    if super::panels::applies(call.rows, call.k, call.n) {
+        // SAFETY: as below; `applies` checked the shape.
+        unsafe { super::panels::linear(call, &w) };
+        return true;
+    }
     let mut block = core::mem::MaybeUninit::<RowBlock>::uninit();
     // SAFETY: the CPU features were checked above, and `LinearCall::new` checked that `x`
     // contains `rows` rows of `k` values, `y` `rows` rows of `n`, `w` `n` rows of `k` values
@@ -516,7 +522,7 @@ struct Out<'a> {
 /// The CPU must support [`supported`]'s features; `x` must be valid for `k` reads and `q` for
 /// `padded` writes, `padded` being `k` rounded up to a multiple of 64.
 #[inline(always)]
-unsafe fn quantize_row(x: *const f32, k: usize, padded: usize, q: *mut u8) -> f32 {
+pub(crate) unsafe fn quantize_row(x: *const f32, k: usize, padded: usize, q: *mut u8) -> f32 {
     // SAFETY: the masked loads read only the first `k` values; the stores write 16 bytes at
     // each multiple of 16 below `padded`.
     unsafe {
@@ -699,7 +705,14 @@ unsafe fn finish<const R: usize, const C: usize>(
                     let sum = _mm512_reduce_add_epi32(a).wrapping_sub(*offsets.get_unchecked(c));
                     let b = out.bias.map_or(0.0, |b| *b.get_unchecked(j + c));
                     let w_scale = *out.w.scales.get_unchecked(j + c);
-                    *y.add(c) = sum as f32 * (scale * w_scale) + b;
+                    // One rounding for the product and the sum, as in the four-output path and
+                    // in `panels`, so that a row's result does not depend on the kernel.
+                    let v = _mm_fmadd_ss(
+                        _mm_set_ss(sum as f32),
+                        _mm_set_ss(scale * w_scale),
+                        _mm_set_ss(b),
+                    );
+                    *y.add(c) = _mm_cvtss_f32(v);
                 }
             }
         }
