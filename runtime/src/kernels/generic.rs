@@ -443,7 +443,7 @@ fn unary_with(kind: UnaryKind, alpha: f32, beta: f32, m: impl ElementMap) {
         UnaryKind::Tanh => m.map(libm::tanhf),
         UnaryKind::Sigmoid => m.map(|v| 1.0 / (1.0 + libm::expf(-v))),
         UnaryKind::Relu => m.map(|v| if v > 0.0 { v } else { 0.0 }),
-        UnaryKind::Gelu => m.map(gelu_approx),
+        UnaryKind::Gelu => gelu_map(m),
         UnaryKind::GeluTanh => m.map(|v| {
             const C: f32 = 0.797_884_6; // sqrt(2 / pi)
             0.5 * v * (1.0 + libm::tanhf(C * (v + 0.044_715 * v * v * v)))
@@ -459,6 +459,62 @@ fn unary_with(kind: UnaryKind, alpha: f32, beta: f32, m: impl ElementMap) {
         }),
         UnaryKind::Silu => m.map(|v| v / (1.0 + libm::expf(-v))),
     }
+}
+
+/// Applies [`gelu_approx`] through `m`; on x86_64 CPUs with FMA, as `gelu_with::<true>` in code
+/// compiled for them, where the polynomials take half the instructions.
+#[inline(always)]
+fn gelu_map(m: impl ElementMap) {
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")]
+        fn avx512(m: impl ElementMap) {
+            m.map(gelu_with::<true>)
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn avx2(m: impl ElementMap) {
+            m.map(gelu_with::<true>)
+        }
+        match super::Isa::best() {
+            // SAFETY: `best` returns only instruction sets that this CPU supports.
+            super::Isa::Avx512 => return unsafe { avx512(m) },
+            // SAFETY: as above.
+            super::Isa::Avx2 => return unsafe { avx2(m) },
+            _ => {}
+        }
+    }
+    m.map(gelu_approx)
+}
+
+/// Writes `exp_approx(x[i] - shift)` to `out[i]`; on x86_64 CPUs with FMA, with
+/// `exp_with::<true>` in code compiled for them.
+#[inline(always)]
+fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) {
+    #[inline(always)]
+    fn run<const FUSED: bool>(x: &[f32], shift: f32, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = exp_with::<FUSED>(v - shift);
+        }
+    }
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")]
+        fn avx512(x: &[f32], shift: f32, out: &mut [f32]) {
+            run::<true>(x, shift, out)
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn avx2(x: &[f32], shift: f32, out: &mut [f32]) {
+            run::<true>(x, shift, out)
+        }
+        match super::Isa::best() {
+            // SAFETY: `best` returns only instruction sets that this CPU supports.
+            super::Isa::Avx512 => return unsafe { avx512(x, shift, out) },
+            // SAFETY: as above.
+            super::Isa::Avx2 => return unsafe { avx2(x, shift, out) },
+            _ => {}
+        }
+    }
+    run::<false>(x, shift, out)
 }
 
 /// Partial sums kept by [`sum_lanes`] and [`max_lanes`]: enough independent chains for a
@@ -545,9 +601,7 @@ vectorized! {
         if inner == 1 {
             for (row, orow) in x.chunks_exact(axis).zip(out.chunks_exact_mut(axis)).take(outer) {
                 let max = max_lanes(row);
-                for (o, &v) in orow.iter_mut().zip(row) {
-                    *o = exp_approx(v - max);
-                }
+                exp_shifted(row, max, orow);
                 let sum = sum_lanes(orow, |v| v);
                 let inv = 1.0 / sum;
                 for o in orow.iter_mut() {
@@ -586,23 +640,41 @@ vectorized! {
 /// degree-6 polynomial for e^r, and 2^n written into the exponent bits.
 #[inline(always)]
 pub fn exp_approx(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// Returns `a · b + c`: with one rounding where `FUSED` (for code compiled with an FMA
+/// instruction; needs `std`), otherwise with two.
+#[inline(always)]
+fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(feature = "std")]
+    if FUSED {
+        return a.mul_add(b, c);
+    }
+    a * b + c
+}
+
+/// [`exp_approx`], with fused multiply-adds where `FUSED`.
+#[inline(always)]
+fn exp_with<const FUSED: bool>(x: f32) -> f32 {
     const LOG2_E: f32 = core::f32::consts::LOG2_E;
     // ln 2 split in two, so that n · LN2_HI is exact for |n| < 2^9.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5 · 2^23 rounds to an integer, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
+    let fma = mul_add::<FUSED>;
     let clamped = x.clamp(-87.33, 88.37);
-    let t = clamped * LOG2_E + ROUND;
+    let t = fma(clamped, LOG2_E, ROUND);
     let n = t - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let r = fma(-n, LN2_LO, fma(-n, LN2_HI, clamped));
     let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_65;
-    let p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
+    let p = fma(p, r, 1.398_199_9e-3);
+    let p = fma(p, r, 8.333_452e-3);
+    let p = fma(p, r, 4.166_579_6e-2);
+    let p = fma(p, r, 0.166_666_65);
+    let p = fma(p, r, 0.5);
+    let e = fma(p, r * r, r) + 1.0;
     let bits = (t.to_bits() as i32).wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
     let value = e * f32::from_bits(bits as u32);
     // The clamped range keeps 2^n normal; the tails and NaN are set here.
@@ -624,20 +696,27 @@ pub fn exp_approx(x: f32) -> f32 {
 /// 1 + erf(x) would cancel.
 #[inline(always)]
 pub fn gelu_approx(v: f32) -> f32 {
+    gelu_with::<false>(v)
+}
+
+/// [`gelu_approx`], with fused multiply-adds where `FUSED`.
+#[inline(always)]
+fn gelu_with<const FUSED: bool>(v: f32) -> f32 {
+    let fma = mul_add::<FUSED>;
     let u = v.abs() * core::f32::consts::FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + 0.5 * u);
+    let t = 1.0 / fma(0.5, u, 1.0);
     let p = 0.170_872_77;
-    let p = p * t - 0.822_152_23;
-    let p = p * t + 1.488_515_9;
-    let p = p * t - 1.135_204;
-    let p = p * t + 0.278_868_07;
-    let p = p * t - 0.186_288_06;
-    let p = p * t + 0.096_784_18;
-    let p = p * t + 0.374_091_96;
-    let p = p * t + 1.000_023_7;
-    let p = p * t - 1.265_512_2;
+    let p = fma(p, t, -0.822_152_23);
+    let p = fma(p, t, 1.488_515_9);
+    let p = fma(p, t, -1.135_204);
+    let p = fma(p, t, 0.278_868_07);
+    let p = fma(p, t, -0.186_288_06);
+    let p = fma(p, t, 0.096_784_18);
+    let p = fma(p, t, 0.374_091_96);
+    let p = fma(p, t, 1.000_023_7);
+    let p = fma(p, t, -1.265_512_2);
     // erfc(u), so Φ(v) = erfc(u) / 2 for v < 0 and 1 - erfc(u) / 2 otherwise.
-    let erfc = t * exp_approx(p - u * u);
+    let erfc = t * exp_with::<FUSED>(fma(-u, u, p));
     if v < 0.0 {
         0.5 * v * erfc
     } else {
@@ -942,10 +1021,12 @@ mod tests {
         let mut worst = 0f64;
         for x in sweep(-87.3, 88.3, count) {
             let exact = libm::exp(x as f64);
-            let got = exp_approx(x) as f64;
-            let error = ((got - exact) / exact).abs();
-            worst = worst.max(error);
-            assert!(error < 3.0 * f32::EPSILON as f64, "e^{x}: {got} against {exact}");
+            for got in [exp_approx(x), exp_with::<true>(x)] {
+                let got = got as f64;
+                let error = ((got - exact) / exact).abs();
+                worst = worst.max(error);
+                assert!(error < 3.0 * f32::EPSILON as f64, "e^{x}: {got} against {exact}");
+            }
         }
         assert!(worst > 0.0, "the sweep compared nothing");
     }
@@ -966,10 +1047,14 @@ mod tests {
         for v in sweep(-12.0, 12.0, count) {
             let v64 = v as f64;
             let exact = 0.5 * v64 * libm::erfc(-v64 / core::f64::consts::SQRT_2);
-            let got = gelu_approx(v) as f64;
-            let error = (got - exact).abs();
             let bound = (1e-6 + 2e-7 * v64 * v64) * exact.abs();
-            assert!(error <= bound || error < 1e-37, "gelu({v}) = {got}, expected {exact}");
+            for (got, fused) in [(gelu_approx(v), false), (gelu_with::<true>(v), true)] {
+                let error = (got as f64 - exact).abs();
+                assert!(
+                    error <= bound || error < 1e-37,
+                    "gelu({v}) = {got} (fused {fused}), expected {exact}"
+                );
+            }
         }
         assert_eq!(gelu_approx(0.0), 0.0);
         assert_eq!(gelu_approx(f32::INFINITY), f32::INFINITY);
