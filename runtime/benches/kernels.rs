@@ -1,7 +1,9 @@
 //! `linear` and `matmul` on every instruction set this CPU supports, next to the portable
-//! kernels they replace. Shapes are those of a 384-wide transformer (MiniLM): the feed-forward
-//! layers at 1 and 128 tokens, and one head's attention product. Inputs start on 64-byte
-//! boundaries, as weights in a packed file and tensors in a session arena do.
+//! kernels they replace, and, where the CPU has integer kernels, int8 weights with int8 inputs
+//! quantized in groups of 32 (`linear_int8`) and per row (`linear_int8_rows`). Shapes are those
+//! of a 384-wide transformer (MiniLM): the feed-forward layers at 1 and 128 tokens, and one
+//! head's two attention products. Inputs start on 64-byte boundaries, as weights in a packed
+//! file and tensors in a session arena do.
 //!
 //! Run with `cargo bench -p edgefold-runtime --bench kernels`.
 
@@ -9,7 +11,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgefold_runtime::kernels::generic::{F32Rows, I8Rows};
-use edgefold_runtime::kernels::{linear_with, matmul_with, Isa, Weights};
+use edgefold_runtime::kernels::{
+    int8_products_supported, linear_int8, linear_int8_rows, linear_with, matmul_with, Isa, Weights,
+};
 
 /// A copy of `values` that starts on a 64-byte boundary.
 struct Aligned<T> {
@@ -79,13 +83,33 @@ fn bench_linear(c: &mut Criterion) {
                     });
                 }
             }
+            if int8_products_supported() {
+                let weights = Weights::I8(I8Rows { q: q.get(), scales: &scales, k });
+                let kernels = [
+                    ("int8 x int8, groups", linear_int8 as edgefold_runtime::kernels::LinearKernel),
+                    ("int8 x int8, rows", linear_int8_rows),
+                ];
+                for (name, kernel) in kernels {
+                    group.bench_function(BenchmarkId::from_parameter(name), |b| {
+                        b.iter(|| {
+                            let x = black_box(x.get());
+                            kernel(x, rows, k, weights, n, Some(&bias), y.get_mut())
+                        })
+                    });
+                }
+            }
             group.finish();
         }
     }
 }
 
 fn bench_matmul(c: &mut Criterion) {
-    let (m, k, n) = (128, 32, 128);
+    for (m, k, n) in [(128, 32, 128), (128, 128, 32)] {
+        bench_matmul_shape(c, m, k, n);
+    }
+}
+
+fn bench_matmul_shape(c: &mut Criterion, m: usize, k: usize, n: usize) {
     let a = Aligned::new(&values(m * k, 4));
     let b = Aligned::new(&values(k * n, 5));
     let mut out = Aligned::new(&vec![0f32; m * n]);

@@ -153,18 +153,15 @@ unsafe fn tile<const C: usize>(args: &LinearArgs<'_>, block: &Block, w: *const f
     // `C` weight rows; the stores write outputs `j..j + C` of the block's rows.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
-        for p in 0..k {
-            let column = block.xt.add(p * BLOCK_ROWS);
-            let mut x = [_mm512_setzero_ps(); VECTORS];
-            for (v, x) in x.iter_mut().enumerate() {
-                *x = _mm512_load_ps(column.add(16 * v));
+        // Two columns per iteration halve the loop's own instructions.
+        let pairs = k / 2;
+        for pair in 0..pairs {
+            for p in [2 * pair, 2 * pair + 1] {
+                step::<C>(&mut acc, block.xt.add(p * BLOCK_ROWS), w.add(p), k);
             }
-            for (c, acc) in acc.iter_mut().enumerate() {
-                let weight = _mm512_set1_ps(*w.add(c * k + p));
-                for (a, &x) in acc.iter_mut().zip(&x) {
-                    *a = _mm512_fmadd_ps(x, weight, *a);
-                }
-            }
+        }
+        if k % 2 == 1 {
+            step::<C>(&mut acc, block.xt.add((k - 1) * BLOCK_ROWS), w.add(k - 1), k);
         }
         let mut sums = [[0f32; BLOCK_ROWS]; C];
         for (s, a) in sums.iter_mut().zip(&acc) {
@@ -177,6 +174,35 @@ unsafe fn tile<const C: usize>(args: &LinearArgs<'_>, block: &Block, w: *const f
             for (c, s) in sums.iter().enumerate() {
                 let bias = args.bias.map_or(0.0, |b| *b.get_unchecked(j + c));
                 *y.add(c) = bias + s[r];
+            }
+        }
+    }
+}
+
+/// Adds one column's products to the accumulators: the column of the transposed block at
+/// `column` times the `C` weights at `w`, `k` values apart.
+///
+/// # Safety
+///
+/// As for [`tile`], with `column` a column of the transposed block and `w` the same column of
+/// weight row `j`.
+#[inline(always)]
+unsafe fn step<const C: usize>(
+    acc: &mut [[__m512; VECTORS]; C],
+    column: *const f32,
+    w: *const f32,
+    k: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let mut x = [_mm512_setzero_ps(); VECTORS];
+        for (v, x) in x.iter_mut().enumerate() {
+            *x = _mm512_load_ps(column.add(16 * v));
+        }
+        for (c, acc) in acc.iter_mut().enumerate() {
+            let weight = _mm512_set1_ps(*w.add(c * k));
+            for (a, &x) in acc.iter_mut().zip(&x) {
+                *a = _mm512_fmadd_ps(x, weight, *a);
             }
         }
     }
