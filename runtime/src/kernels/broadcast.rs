@@ -3,7 +3,7 @@
 //! The dot-product tiles of `tiled` read a vector of `x` and a vector of weights for every
 //! multiply-add pair they issue, and sum each accumulator's lanes at the end. Here the rows of `x`
 //! are first transposed in blocks of [`BLOCK_ROWS`], so that one vector holds 16 rows' values at
-//! one column. Each weight is then broadcast from memory into two multiply-adds, one per vector
+//! one column. Each weight is then broadcast from memory into four multiply-adds, one per vector
 //! of rows, and a tile of [`TILE`] weight rows keeps 24 accumulators in registers, with no lane
 //! sums at the end. Each output is one chain of multiply-adds in ascending `k`.
 
@@ -97,7 +97,8 @@ unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, xt: *mut f32) {
 }
 
 /// Writes each column `p` of the `count` rows at `x` (rows of `k` values) to
-/// `xt[p * BLOCK_ROWS..]`, as `BLOCK_ROWS` values with zeros for the rows past `count`.
+/// `xt[p * BLOCK_ROWS..]`, as `BLOCK_ROWS` values with zeros for the rows past `count`. Each 16
+/// rows by 16 columns are loaded as 16 vectors and transposed in registers.
 ///
 /// # Safety
 ///
@@ -105,27 +106,27 @@ unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, xt: *mut f32) {
 /// values at `xt`.
 #[inline(always)]
 unsafe fn transpose(x: *const f32, k: usize, count: usize, xt: *mut f32) {
-    let mask = |start: usize| -> __mmask16 {
-        match count.saturating_sub(start) {
-            left if left >= 16 => u16::MAX,
-            left => (1u16 << left) - 1,
-        }
-    };
-    // SAFETY: AVX-512F per the caller. The gathers read column `p < k` of the rows below
-    // `count` only, and the stores write `BLOCK_ROWS` values at `p * BLOCK_ROWS`, inside the
-    // block.
+    // SAFETY: AVX-512F per the caller. The masked loads read columns below `k` of the rows
+    // below `count` only, and the stores write 16 values at `p * BLOCK_ROWS + 16 v` for columns
+    // `p < k`, inside the block.
     unsafe {
-        // Offsets of 16 consecutive rows, in `f32` values. They fit in `i32` because
-        // `BLOCK_ROWS * MAX_K` does.
-        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let stride = _mm512_set1_epi32(k as i32);
-        let offsets = _mm512_mullo_epi32(lanes, stride);
-        let masks: [__mmask16; VECTORS] = core::array::from_fn(|v| mask(16 * v));
-        for p in 0..k {
-            for (v, &m) in masks.iter().enumerate() {
-                let column = x.add(16 * v * k + p).cast();
-                let values = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, offsets, column);
-                _mm512_store_ps(xt.add(p * BLOCK_ROWS + 16 * v), values);
+        for v in 0..VECTORS {
+            let rows = count.saturating_sub(16 * v).min(16);
+            let mut p0 = 0;
+            while p0 < k {
+                let columns = (k - p0).min(16);
+                let mask: __mmask16 = if columns == 16 { u16::MAX } else { (1u16 << columns) - 1 };
+                let mut block = [_mm512_setzero_si512(); 16];
+                for (i, row) in block.iter_mut().enumerate().take(rows) {
+                    let values = _mm512_maskz_loadu_ps(mask, x.add((16 * v + i) * k + p0));
+                    *row = _mm512_castps_si512(values);
+                }
+                let lines = super::panels::transpose16(&block);
+                for (g, &line) in lines.iter().enumerate().take(columns) {
+                    let at = xt.add((p0 + g) * BLOCK_ROWS + 16 * v);
+                    _mm512_store_ps(at, _mm512_castsi512_ps(line));
+                }
+                p0 += 16;
             }
         }
     }

@@ -214,8 +214,12 @@ unsafe fn pack_panel(w: &I8Rows<'_>, k: usize, n: usize, p: usize, out: *mut u8)
 }
 
 /// Transposes 16 vectors of 16 four-byte values: lane `i` of result `g` is lane `g` of `rows[i]`.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512F.
 #[inline(always)]
-unsafe fn transpose16(rows: &[__m512i; 16]) -> [__m512i; 16] {
+pub(crate) unsafe fn transpose16(rows: &[__m512i; 16]) -> [__m512i; 16] {
     // SAFETY: AVX-512F per the caller.
     unsafe {
         // Pairs of rows interleaved: in each 128-bit lane, rows 2i and 2i + 1 at two columns.
