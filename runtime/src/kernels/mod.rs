@@ -9,6 +9,8 @@ mod aarch64;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 mod broadcast;
 pub mod conv;
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod dotprod;
 pub mod generic;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 mod panels;
@@ -396,7 +398,8 @@ pub fn linear_int8(
 
 /// [`linear`] that may quantize each row of `x` to int8 with a single scale, for integer
 /// products over the whole row: where the weights are int8 (one scale per row), `k` is at most
-/// 8,192, and the CPU has AVX-512 VNNI. Elsewhere it is [`linear_int8`].
+/// 8,192, and the CPU has AVX-512 VNNI or the aarch64 dot-product extension. Elsewhere it is
+/// [`linear_int8`].
 ///
 /// One scale per row (the largest magnitude maps to 127) rounds small values of a row with a
 /// few large ones more coarsely than [`linear_int8`]'s groups of 32, but the integer sums need
@@ -421,7 +424,35 @@ pub fn linear_int8_rows(
             return;
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        let mut call = LinearCall::new(x, rows, k, w, n, bias, y);
+        if dotprod::linear_rows(&mut call) {
+            return;
+        }
+    }
     linear_int8(x, rows, k, w, n, bias, y);
+}
+
+/// Returns whether this CPU has a kernel for [`linear_int8_rows`]'s integer products: x86_64
+/// with AVX-512 VNNI, or aarch64 with the dot-product extension. Without one,
+/// [`linear_int8_rows`] is [`linear_int8`].
+pub fn int8_row_products_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        vnni::supported()
+    }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    {
+        dotprod::supported()
+    }
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        all(target_arch = "aarch64", target_feature = "neon")
+    )))]
+    {
+        false
+    }
 }
 
 /// [`linear`] on a chosen instruction set.

@@ -73,7 +73,8 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
         threads: u16,
         /// Quantize the inputs of matrix products with int8 weights to int8, one scale per row,
-        /// where the CPU has an integer kernel (x86_64 with AVX-512 VNNI).
+        /// where the CPU has an integer kernel (x86_64 with AVX-512 VNNI, aarch64 with the
+        /// dot-product extension).
         #[arg(long)]
         int8_activations: bool,
         /// Print one JSON object on stdout.
