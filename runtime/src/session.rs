@@ -100,7 +100,7 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Lets `linear` quantize each row of its input to int8 (one scale per row) and multiply it
     /// with int8 weights in integers, where the CPU has a kernel for that
-    /// ([`crate::kernels::linear_int8_rows`]); other weights and CPUs keep f32 inputs. Faster,
+    /// ([`crate::kernels::linear_int8_rows`]). Other weights and CPUs keep f32 inputs. Faster,
     /// at the cost of rounding each input to one of 255 steps of its row's largest magnitude.
     /// Off by default.
     pub fn set_int8_activations(&mut self, on: bool) {

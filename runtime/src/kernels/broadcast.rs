@@ -151,7 +151,7 @@ struct Block {
 unsafe fn tile<const C: usize>(args: &LinearArgs<'_>, block: &Block, w: *const f32, j: usize) {
     let k = block.k;
     // SAFETY (whole block): the loads read columns `0..k` of the transposed block and of the
-    // `C` weight rows; the stores write outputs `j..j + C` of the block's rows.
+    // `C` weight rows. The stores write outputs `j..j + C` of the block's rows.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
         // Two columns per iteration halve the loop's own instructions.

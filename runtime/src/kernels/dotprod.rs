@@ -3,8 +3,8 @@
 //!
 //! Each row of `x` is quantized to int8 with one scale, as on x86_64 (`vnni::linear_rows`), and
 //! `sdot` adds four products of signed bytes into each of four 32-bit lanes, 16 products per
-//! instruction. Tiles of 4 rows by 4 weight rows keep 16 accumulators in registers; each is summed
-//! across its lanes once, at the end of the row, and scaled by the two scales.
+//! instruction. Tiles of 4 rows by 4 weight rows keep 16 accumulators in registers. Each is summed
+//! across its lanes once, at the end of the row, and then scaled by the two scales.
 //!
 //! The stable compiler has no intrinsic for `sdot` yet, so it is written as inline assembly.
 
@@ -120,8 +120,8 @@ unsafe fn quantize_row(x: &[f32], padded: usize, q: *mut i8) -> f32 {
     let tail = chunks.remainder();
     let mut last = [0f32; 16];
     last[..tail.len()].copy_from_slice(tail);
-    // SAFETY: NEON per the caller; each load reads 4 values inside a chunk of 16 or `last`,
-    // and each store writes 16 bytes at a multiple of 16 below `padded`.
+    // SAFETY: NEON per the caller. Each load reads 4 values inside a chunk of 16 or `last`, and
+    // each store writes 16 bytes at a multiple of 16 below `padded`.
     unsafe {
         let mut largest = vdupq_n_f32(0.0);
         for chunk in chunks.clone().chain([&last[..]]) {
@@ -192,7 +192,7 @@ unsafe fn tile(
         tail[..k - whole].copy_from_slice(&row[whole..]);
     }
     // SAFETY (whole block): the loads read bytes below `whole` of each weight row, the padded
-    // tails, and bytes below `padded` of each quantized row; rows and weight rows past
+    // tails, and bytes below `padded` of each quantized row. Rows and weight rows past
     // `height` and `width` repeat the last one, and their sums are not used.
     unsafe {
         let weight_row = |c: usize| w.q.as_ptr().add((j + c.min(width - 1)) * k);

@@ -960,9 +960,9 @@ mod tests {
         }
     }
 
-    /// `binary` against each output element computed on its own from broadcast indices, with
-    /// both operands full, one a scalar per row or per column, a last axis of 1 on either side,
-    /// and rows of 17 values (not a multiple of any vector width).
+    /// `binary` against each output element computed on its own from broadcast indices. The
+    /// cases have both operands full, one a scalar per row or per column, and a last axis of 1
+    /// on either side, with rows of 17 values (not a multiple of any vector width).
     #[test]
     fn binary_broadcasts_like_numpy() {
         let shape = |dims: &[usize]| Shape::from_slice(dims).unwrap();

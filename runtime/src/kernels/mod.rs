@@ -397,9 +397,9 @@ pub fn linear_int8(
 }
 
 /// [`linear`] that may quantize each row of `x` to int8 with a single scale, for integer
-/// products over the whole row: where the weights are int8 (one scale per row), `k` is at most
-/// 8,192, and the CPU has AVX-512 VNNI or the aarch64 dot-product extension. Elsewhere it is
-/// [`linear_int8`].
+/// products over the whole row. It does so where the weights are int8 (one scale per row), `k`
+/// is at most 8,192, and the CPU has AVX-512 VNNI or the aarch64 dot-product extension.
+/// Elsewhere it is [`linear_int8`].
 ///
 /// One scale per row (the largest magnitude maps to 127) rounds small values of a row with a
 /// few large ones more coarsely than [`linear_int8`]'s groups of 32, but the integer sums need

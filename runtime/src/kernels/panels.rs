@@ -1,7 +1,7 @@
 //! `linear` with int8 weights and int8 activations on AVX-512 VNNI for calls of many rows.
 //!
-//! The weights are first repacked into panels of 16 outputs: for each group of four columns,
-//! 64 bytes hold those four weights of each of the 16 outputs, the order in which `vpdpbusd`
+//! The weights are first repacked into panels of 16 outputs. For each group of four columns, 64
+//! bytes contain those four weights of each of the 16 outputs: the order in which `vpdpbusd`
 //! multiplies four bytes of one operand with the 16 lanes of the other. Four bytes of an input row
 //! are then broadcast to all lanes, so that one instruction adds four products to each of 16
 //! outputs, and a tile of 6 rows by 4 panels keeps 24 accumulators in registers. The results are
@@ -118,7 +118,7 @@ unsafe fn run(call: &mut LinearCall<'_>, w: &I8Rows<'_>, b: &mut Buffers) {
     let packed = b.weights.as_mut_ptr().cast::<u8>();
     let quantized = b.rows.as_mut_ptr().cast::<u8>();
     // SAFETY (whole block): the buffers have room for `panels * groups` lines, `panels * 16`
-    // offsets, `rows * padded` bytes and `rows` scales; rows of `x` and `y`, the weights, their
+    // offsets, `rows * padded` bytes and `rows` scales. Rows of `x` and `y`, the weights, their
     // scales and the bias are inside the slices `LinearCall::new` checked.
     unsafe {
         for p in 0..panels {
@@ -293,7 +293,8 @@ unsafe fn tile<const R: usize, const V: usize>(
     p0: usize,
 ) {
     // SAFETY (whole block): the loads read group `g < groups` of each panel and four bytes at
-    // `4g < padded` of each row; the stores write outputs below `n` (masked) of rows `r0..r0 + R`.
+    // `4g < padded` of each row. The stores write outputs below `n` (masked) of rows
+    // `r0..r0 + R`.
     unsafe {
         let mut acc = [[_mm512_setzero_si512(); V]; R];
         let panel = dims.groups * 64;

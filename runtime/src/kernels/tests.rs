@@ -307,10 +307,10 @@ fn linear_layer_widths() {
 
 #[test]
 fn linear_f32_many_rows() {
-    // From 64 rows, f32 weights on AVX-512 take the kernel that transposes blocks of 64 rows:
-    // one full block, one row past it, and two blocks with a partial third; row lengths of one
-    // value, odd ones, MiniLM's, and the longest the kernel takes and one past it (one block
-    // only); output counts around its tile of 6 weight rows.
+    // From 64 rows, f32 weights on AVX-512 take the kernel that transposes blocks of 64 rows.
+    // Rows: one full block, one row past it, and two blocks with a partial third. Row lengths:
+    // one value, odd ones, MiniLM's, and (one block only) the longest the kernel takes and one
+    // past it. Output counts: around its tile of 6 weight rows.
     let (rows_list, k_list, n_list): (&[usize], &[usize], &[usize]) = if cfg!(miri) {
         (&[65], &[3], &[7])
     } else {

@@ -519,8 +519,8 @@ struct Out<'a> {
 ///
 /// # Safety
 ///
-/// The CPU must support [`supported`]'s features; `x` must be valid for `k` reads and `q` for
-/// `padded` writes, `padded` being `k` rounded up to a multiple of 64.
+/// The CPU must support [`supported`]'s features. `x` must be valid for `k` reads and `q` for
+/// `padded` writes, where `padded` is `k` rounded up to a multiple of 64.
 #[inline(always)]
 pub(crate) unsafe fn quantize_row(x: *const f32, k: usize, padded: usize, q: *mut u8) -> f32 {
     // SAFETY: the masked loads read only the first `k` values; the stores write 16 bytes at
@@ -577,7 +577,7 @@ unsafe fn weight_offset(dims: &TileDims, w: *const i8) -> i32 {
 }
 
 /// Computes outputs `j..j + C` of every row of the block, four rows at a time, and writes them
-/// to `out`; `offsets` starts with those of weight rows `j..j + C`.
+/// to `out`. `offsets` starts with those of weight rows `j..j + C`.
 ///
 /// # Safety
 ///
@@ -622,7 +622,7 @@ unsafe fn tile<const R: usize, const C: usize>(
     w: *const i8,
 ) -> [[__m512i; C]; R] {
     // SAFETY (whole block): the steps before the last read whole 64-byte parts of each row,
-    // which end at or before `k`; the last reads the weights through the mask and the quantized
+    // which end at or before `k`. The last reads the weights through the mask and the quantized
     // rows up to `padded`.
     unsafe {
         let mut acc = [[_mm512_setzero_si512(); C]; R];

@@ -102,12 +102,12 @@ fn open_gguf(
     Ok((model, tokenizer, file))
 }
 
-/// Settings of the matrix products that [`with_model`] runs.
+/// Settings of the matrix products that [`with_model`] and `run` compute.
 #[derive(Clone, Copy)]
 pub struct Products {
     /// Threads.
     pub threads: usize,
-    /// Whether inputs may be quantized to int8 (packed files only).
+    /// Whether inputs may be quantized to int8 (for language models: packed files only).
     pub int8_activations: bool,
 }
 

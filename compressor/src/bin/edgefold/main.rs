@@ -339,7 +339,7 @@ fn main() {
         Command::Inspect { file, tensors, json } => cmd_inspect(&file, tensors, json),
         Command::Analyze(args) => cmd_analyze(args),
         Command::Run { file, inputs, output, output_index, threads, int8_activations, json } => {
-            let products = RunProducts { threads: threads.into(), int8_activations };
+            let products = llm::Products { threads: threads.into(), int8_activations };
             cmd_run(&file, &inputs, output.as_deref(), output_index, products, json)
         }
         Command::Embed { file, sentences, tokenizer, output, json } => {
@@ -944,18 +944,12 @@ fn to_input<'a>(
     })
 }
 
-/// How `run` computes matrix products.
-struct RunProducts {
-    threads: usize,
-    int8_activations: bool,
-}
-
 fn cmd_run(
     path: &Path,
     inputs: &[String],
     output: Option<&Path>,
     output_index: usize,
-    products: RunProducts,
+    products: llm::Products,
     as_json: bool,
 ) -> Result<()> {
     let map = open_mapped(path)?;
