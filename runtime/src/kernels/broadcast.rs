@@ -5,7 +5,13 @@
 //! are first transposed in blocks of [`BLOCK_ROWS`], so that one vector holds 16 rows' values at
 //! one column. Each weight is then broadcast from memory into four multiply-adds, one per vector
 //! of rows, and a tile of [`TILE`] weight rows keeps 24 accumulators in registers, with no lane
-//! sums at the end. Each output is one chain of multiply-adds in ascending `k`.
+//! sums at the end. While a tile runs, it fetches the next tile's weights into the L1 cache, one
+//! cache line per two columns, because a model's weights rarely fit in the L2 cache and come from
+//! memory.
+//!
+//! The tiles store their sums to a transposed output block, which is transposed back into `y`
+//! in registers with the bias added. Each output is one chain of multiply-adds in ascending `k`,
+//! then the bias.
 
 use core::arch::x86_64::*;
 
@@ -21,8 +27,25 @@ const VECTORS: usize = BLOCK_ROWS / 16;
 /// Weight rows per tile: with four vectors of rows, 24 of the 32 vector registers accumulate.
 const TILE: usize = 6;
 
-/// Maximum row length of the kernel: the transposed block takes 2 MiB at this length.
+/// Maximum row length of the kernel.
 pub(crate) const MAX_K: usize = 8192;
+
+/// Outputs per pass over a span: a block's transposed sums take at most 192 KiB.
+const OUTPUTS: usize = 768;
+
+/// Bytes of transposed inputs and outputs kept at once, meant to stay in a 2 MiB L2 cache. The
+/// blocks of a span run one after the other over the same outputs, so the later ones find the
+/// weights in the L2 cache.
+const SPAN_BYTES: usize = 1 << 20;
+
+/// Maximum number of blocks in a span.
+const SPAN_BLOCKS: usize = 16;
+
+/// Blocks per span for rows of `k` values and `n` outputs: at least one.
+fn span_blocks(k: usize, n: usize) -> usize {
+    let per_block = 4 * BLOCK_ROWS * (k + n.min(OUTPUTS));
+    (SPAN_BYTES / per_block.max(1)).clamp(1, SPAN_BLOCKS)
+}
 
 /// Values of a transposed block, 64-byte aligned.
 #[derive(Clone, Copy)]
@@ -30,8 +53,10 @@ pub(crate) const MAX_K: usize = 8192;
 struct Line([f32; 16]);
 
 std::thread_local! {
-    /// Each thread's transposed block (column `p` of row `r` at `p * BLOCK_ROWS + r`), kept
-    /// between calls. It grows to the longest row seen, at most `BLOCK_ROWS * MAX_K` values.
+    /// Each thread's transposed inputs and sums, kept between calls. Input blocks come first,
+    /// with column `p` of row `r` of block `b` at `(b * k + p) * BLOCK_ROWS + r`. The sums
+    /// follow, with output `j` of row `r` of block `b` at `(b * outputs + j) * BLOCK_ROWS + r`,
+    /// where `outputs` is `min(n, OUTPUTS)`. The space grows to the largest call seen.
     static TRANSPOSED: core::cell::RefCell<std::vec::Vec<Line>> =
         const { core::cell::RefCell::new(std::vec::Vec::new()) };
 }
@@ -56,40 +81,70 @@ pub(crate) unsafe fn linear_f32(args: &LinearArgs<'_>, w: &F32Rows<'_>) {
         // The kernel does not call itself, so the block is never borrowed twice; a second
         // borrow would panic rather than alias.
         let mut lines = cell.borrow_mut();
-        let needed = BLOCK_ROWS * args.k / 16;
+        let blocks = span_blocks(args.k, args.n).min(args.rows.div_ceil(BLOCK_ROWS));
+        let needed = blocks * BLOCK_ROWS * (args.k + args.n.min(OUTPUTS)) / 16;
         if lines.len() < needed {
             lines.resize(needed, Line([0.0; 16]));
         }
-        // SAFETY: forwarded from the caller; `lines` has room for `BLOCK_ROWS * k` values.
+        // SAFETY: forwarded from the caller; `lines` has room for a span's blocks.
         unsafe { linear_blocks(args, w, lines.as_mut_ptr().cast()) }
     })
 }
 
-/// [`linear_f32`] with the transposed block at `xt`.
+/// [`linear_f32`] with the scratch space at `scratch`.
 ///
 /// # Safety
 ///
-/// As for [`linear_f32`], with `xt` 64-byte aligned and valid for `BLOCK_ROWS * k` values.
+/// As for [`linear_f32`], with `scratch` 64-byte aligned and valid for
+/// `blocks * BLOCK_ROWS * (k + min(n, OUTPUTS))` values, where `blocks` is the smaller of
+/// [`span_blocks`] and the number of blocks of rows.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, xt: *mut f32) {
+unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, scratch: *mut f32) {
     let (k, n, rows) = (args.k, args.n, args.rows);
+    let span = span_blocks(k, n);
+    let outputs = n.min(OUTPUTS);
     let mut m0 = 0;
-    // SAFETY (whole block): the transposed block has room for `BLOCK_ROWS * k` values, and
-    // every one of them is written before the tiles read it. Rows `m0..m0 + count` of `x` and
-    // `y` and the `n` weight rows exist by the caller's contract.
+    // SAFETY (whole block): a span of `used` blocks takes `used * BLOCK_ROWS * k` values of
+    // `scratch` for its inputs and `used * BLOCK_ROWS * outputs` for its outputs, inside it by the
+    // contract. Every input value is written before the tiles read it, and the tiles write every
+    // output value of a pass before `untranspose` reads it.
+    // Rows `m0..m0 + count` of `x` and `y` and the `n` weight rows exist by the caller's contract.
     unsafe {
         while m0 < rows {
-            let count = (rows - m0).min(BLOCK_ROWS);
-            transpose(args.x.add(m0 * k), k, count, xt);
-            let block = Block { xt, k, m0, count };
-            let mut j = 0;
-            while j + TILE <= n {
-                tile::<TILE>(args, &block, w.w.as_ptr().add(j * k), j);
-                j += TILE;
+            let count = (rows - m0).min(span * BLOCK_ROWS);
+            let used = count.div_ceil(BLOCK_ROWS);
+            let xt = scratch;
+            let yt = scratch.add(used * BLOCK_ROWS * k);
+            let block_rows = |b: usize| (count - b * BLOCK_ROWS).min(BLOCK_ROWS);
+            for b in 0..used {
+                let first = m0 + b * BLOCK_ROWS;
+                transpose(args.x.add(first * k), k, block_rows(b), xt.add(b * BLOCK_ROWS * k));
             }
-            while j < n {
-                tile::<1>(args, &block, w.w.as_ptr().add(j * k), j);
-                j += 1;
+            let mut j0 = 0;
+            while j0 < n {
+                let j1 = (j0 + outputs).min(n);
+                for b in 0..used {
+                    let block_xt = xt.add(b * k * BLOCK_ROWS);
+                    let block_yt = yt.add(b * outputs * BLOCK_ROWS);
+                    let weights = |j: usize| w.w.as_ptr().add(j * k);
+                    let mut j = j0;
+                    while j + TILE <= j1 {
+                        let at = block_yt.add((j - j0) * BLOCK_ROWS);
+                        let next = (weights(j + TILE), (n - j - TILE).min(TILE));
+                        tile::<TILE>(block_xt, k, weights(j), next, at);
+                        j += TILE;
+                    }
+                    while j < j1 {
+                        let at = block_yt.add((j - j0) * BLOCK_ROWS);
+                        tile::<1>(block_xt, k, weights(j), (weights(j), 0), at);
+                        j += 1;
+                    }
+                }
+                for b in 0..used {
+                    let block_yt = yt.add(b * outputs * BLOCK_ROWS);
+                    untranspose(args, block_yt, m0 + b * BLOCK_ROWS, block_rows(b), j0..j1);
+                }
+                j0 = j1;
             }
             m0 += count;
         }
@@ -132,49 +187,97 @@ unsafe fn transpose(x: *const f32, k: usize, count: usize, xt: *mut f32) {
     }
 }
 
-/// One transposed block of rows.
-struct Block {
-    xt: *const f32,
-    k: usize,
-    /// First row of `x` in the block.
-    m0: usize,
-    /// Rows of `x` in the block; the others are zeros.
-    count: usize,
-}
-
-/// Computes outputs `j..j + C` of the block's rows from the `C` weight rows at `w`.
+/// Computes the sums of `C` outputs for a block's rows from the `C` weight rows at `w` and
+/// stores them, transposed, at `yt` (`C` lines of `BLOCK_ROWS` values). Fetches the first
+/// `next_rows` weight rows at `next` into the L1 cache on the way.
 ///
 /// # Safety
 ///
-/// As for [`linear_f32`], with `w` pointing at weight row `j` and `j + C <= n`.
+/// As for [`linear_f32`], with `xt` a transposed block of rows of `k` values, `w` a weight row
+/// followed by `C - 1` more, `next` a weight row followed by `next_rows - 1` more (if
+/// `next_rows > 0`), and `yt` 64-byte aligned and valid for `C * BLOCK_ROWS` values.
 #[inline(always)]
-unsafe fn tile<const C: usize>(args: &LinearArgs<'_>, block: &Block, w: *const f32, j: usize) {
-    let k = block.k;
+unsafe fn tile<const C: usize>(
+    xt: *const f32,
+    k: usize,
+    w: *const f32,
+    (next, next_rows): (*const f32, usize),
+    yt: *mut f32,
+) {
     // SAFETY (whole block): the loads read columns `0..k` of the transposed block and of the
-    // `C` weight rows. The stores write outputs `j..j + C` of the block's rows.
+    // `C` weight rows, the prefetches touch lines of the `next_rows` rows at `next`, and the
+    // stores write the sums at `yt`.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
-        // Two columns per iteration halve the loop's own instructions.
-        let pairs = k / 2;
-        for pair in 0..pairs {
+        // Two columns per iteration halve the loop's own instructions. Each iteration also
+        // fetches one cache line of the next tile's weights, while lines remain.
+        let lines = k.div_ceil(16);
+        let (mut row, mut line) = (0, 0);
+        for pair in 0..k / 2 {
+            if row < next_rows {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(row * k + 16 * line).cast());
+                line += 1;
+                if line == lines {
+                    (row, line) = (row + 1, 0);
+                }
+            }
             for p in [2 * pair, 2 * pair + 1] {
-                step::<C>(&mut acc, block.xt.add(p * BLOCK_ROWS), w.add(p), k);
+                step::<C>(&mut acc, xt.add(p * BLOCK_ROWS), w.add(p), k);
             }
         }
         if k % 2 == 1 {
-            step::<C>(&mut acc, block.xt.add((k - 1) * BLOCK_ROWS), w.add(k - 1), k);
+            step::<C>(&mut acc, xt.add((k - 1) * BLOCK_ROWS), w.add(k - 1), k);
         }
-        let mut sums = [[0f32; BLOCK_ROWS]; C];
-        for (s, a) in sums.iter_mut().zip(&acc) {
-            for (v, &a) in a.iter().enumerate() {
-                _mm512_storeu_ps(s.as_mut_ptr().add(16 * v), a);
+        for (c, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm512_store_ps(yt.add(c * BLOCK_ROWS + 16 * v), acc);
             }
         }
-        for r in 0..block.count {
-            let y = args.y.add((block.m0 + r) * args.n + j);
-            for (c, s) in sums.iter().enumerate() {
-                let bias = args.bias.map_or(0.0, |b| *b.get_unchecked(j + c));
-                *y.add(c) = bias + s[r];
+    }
+}
+
+/// Writes outputs `outputs` of the `count` rows from `first` of `y`, plus the bias, from a
+/// block's transposed sums at `yt` (output `outputs.start + j` of row `r` at
+/// `j * BLOCK_ROWS + r`), 16 outputs of 16 rows per register transpose.
+///
+/// # Safety
+///
+/// As for [`linear_f32`], with the sums of every output in `outputs` written for `count <=
+/// BLOCK_ROWS` rows at `yt`, and rows `first..first + count` inside `y`.
+#[inline(always)]
+unsafe fn untranspose(
+    args: &LinearArgs<'_>,
+    yt: *const f32,
+    first: usize,
+    count: usize,
+    outputs: core::ops::Range<usize>,
+) {
+    // SAFETY (whole block): the loads read sums of outputs inside `outputs` and bias values
+    // below `n`, and the masked stores write outputs below `outputs.end <= n` of rows below
+    // `first + count`.
+    unsafe {
+        for v in 0..count.div_ceil(16) {
+            let rows = (count - 16 * v).min(16);
+            let mut j0 = outputs.start;
+            while j0 < outputs.end {
+                let columns = (outputs.end - j0).min(16);
+                let mask: __mmask16 = if columns == 16 { u16::MAX } else { (1u16 << columns) - 1 };
+                let mut block = [_mm512_setzero_si512(); 16];
+                for (i, line) in block.iter_mut().enumerate().take(columns) {
+                    let at = yt.add((j0 - outputs.start + i) * BLOCK_ROWS + 16 * v);
+                    *line = _mm512_castps_si512(_mm512_load_ps(at));
+                }
+                let bias = match args.bias {
+                    Some(bias) => _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(j0)),
+                    None => _mm512_setzero_ps(),
+                };
+                let lines = super::panels::transpose16(&block);
+                for (r, &line) in lines.iter().enumerate().take(rows) {
+                    let sums = _mm512_add_ps(_mm512_castsi512_ps(line), bias);
+                    let y = args.y.add((first + 16 * v + r) * args.n + j0);
+                    _mm512_mask_storeu_ps(y, mask, sums);
+                }
+                j0 += columns;
             }
         }
     }

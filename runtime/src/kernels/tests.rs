@@ -310,7 +310,8 @@ fn linear_f32_many_rows() {
     // From 64 rows, f32 weights on AVX-512 take the kernel that transposes blocks of 64 rows.
     // Rows: one full block, one row past it, and two blocks with a partial third. Row lengths:
     // one value, odd ones, MiniLM's, and (one block only) the longest the kernel takes and one
-    // past it. Output counts: around its tile of 6 weight rows.
+    // past it. Output counts: around its tile of 6 weight rows. Then outputs past its pass of 768,
+    // ending inside a 16-output transpose.
     let (rows_list, k_list, n_list): (&[usize], &[usize], &[usize]) = if cfg!(miri) {
         (&[65], &[3], &[7])
     } else {
@@ -319,6 +320,9 @@ fn linear_f32_many_rows() {
     if !cfg!(miri) {
         for k in [8192, 8193] {
             check_linear(Kind::F32, 64, k, 7, 1, k as u64);
+        }
+        for (rows, k, n) in [(65, 17, 771), (130, 384, 1541)] {
+            check_linear(Kind::F32, rows, k, n, 1, (rows + k + n) as u64);
         }
     }
     for &rows in rows_list {
