@@ -28,6 +28,9 @@ const MAX_WEIGHT_BYTES: usize = 16 << 20;
 /// Outputs per panel.
 const PANEL: usize = 16;
 
+/// Bytes ahead of the weights being packed that [`pack_panel`] fetches into the L1 cache.
+const PREFETCH_AHEAD: usize = 256;
+
 /// Rows of `x` per tile.
 const TILE_ROWS: usize = 6;
 
@@ -121,10 +124,6 @@ unsafe fn run(call: &mut LinearCall<'_>, w: &I8Rows<'_>, b: &mut Buffers) {
     // offsets, `rows * padded` bytes and `rows` scales. Rows of `x` and `y`, the weights, their
     // scales and the bias are inside the slices `LinearCall::new` checked.
     unsafe {
-        for p in 0..panels {
-            let offset = pack_panel(w, k, n, p, packed.add(p * groups * 64));
-            _mm512_storeu_si512(b.offsets.as_mut_ptr().add(p * PANEL).cast(), offset);
-        }
         for r in 0..rows {
             let row = call.x.as_ptr().add(r * k);
             b.scales[r] = quantize_row(row, k, padded, quantized.add(r * padded));
@@ -138,19 +137,35 @@ unsafe fn run(call: &mut LinearCall<'_>, w: &I8Rows<'_>, b: &mut Buffers) {
             offsets: b.offsets.as_ptr(),
         };
         let dims = Dims { groups, padded };
+        let full_tiles = (rows / TILE_ROWS).max(1);
         let mut p0 = 0;
         while p0 < panels {
             let count = (panels - p0).min(TILE_PANELS);
+            for p in p0..p0 + count {
+                let offset = pack_panel(w, k, n, p, packed.add(p * groups * 64));
+                _mm512_storeu_si512(b.offsets.as_mut_ptr().add(p * PANEL).cast(), offset);
+            }
+            // While the tiles of full rows run, each fetches its share of the next panels'
+            // weights (whole rows, so one contiguous range) into the L2 cache, for `pack_panel`
+            // to find there.
+            let next = (p0 + count) * PANEL * k..((p0 + count + TILE_PANELS) * PANEL).min(n) * k;
+            let share = next.len().div_ceil(64).div_ceil(full_tiles) * 64;
+            let fetch = |tile: usize| {
+                let start = (next.start + tile * share).min(next.end);
+                let end = (start + share).min(next.end);
+                w.q.as_ptr().wrapping_add(start).cast::<u8>()..w.q.as_ptr().wrapping_add(end).cast()
+            };
+            let none = || core::ptr::null::<u8>()..core::ptr::null();
             let weights = packed.add(p0 * groups * 64);
             let mut r = 0;
             while r + TILE_ROWS <= rows {
                 let x = quantized.add(r * padded);
                 match count {
-                    4 => tile::<TILE_ROWS, 4>(&dims, x, weights, &out, r, p0),
+                    4 => tile::<TILE_ROWS, 4>(&dims, x, weights, fetch(r / TILE_ROWS), &out, r, p0),
                     _ => {
                         for v in 0..count {
                             let weights = weights.add(v * groups * 64);
-                            tile::<TILE_ROWS, 1>(&dims, x, weights, &out, r, p0 + v);
+                            tile::<TILE_ROWS, 1>(&dims, x, weights, none(), &out, r, p0 + v);
                         }
                     }
                 }
@@ -159,11 +174,11 @@ unsafe fn run(call: &mut LinearCall<'_>, w: &I8Rows<'_>, b: &mut Buffers) {
             while r < rows {
                 let x = quantized.add(r * padded);
                 match count {
-                    4 => tile::<1, 4>(&dims, x, weights, &out, r, p0),
+                    4 => tile::<1, 4>(&dims, x, weights, none(), &out, r, p0),
                     _ => {
                         for v in 0..count {
                             let weights = weights.add(v * groups * 64);
-                            tile::<1, 1>(&dims, x, weights, &out, r, p0 + v);
+                            tile::<1, 1>(&dims, x, weights, none(), &out, r, p0 + v);
                         }
                     }
                 }
@@ -199,7 +214,11 @@ unsafe fn pack_panel(w: &I8Rows<'_>, k: usize, n: usize, p: usize, out: *mut u8)
             let mask: __mmask64 = if left >= 64 { u64::MAX } else { (1u64 << left) - 1 };
             let mut rows = [_mm512_setzero_si512(); PANEL];
             for (i, row) in rows.iter_mut().enumerate().take(outputs) {
-                *row = _mm512_maskz_loadu_epi8(mask, w.q.as_ptr().add((first + i) * k + c0).cast());
+                let at = w.q.as_ptr().add((first + i) * k + c0);
+                // Weights come from memory: fetch each row's line four lines ahead. Past the
+                // row's end it is the next row's, and past the matrix a fetch that goes unused.
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_AHEAD).cast());
+                *row = _mm512_maskz_loadu_epi8(mask, at.cast());
             }
             let lines = transpose16(&rows);
             let g0 = c0 / 4;
@@ -278,7 +297,8 @@ struct Out {
 }
 
 /// Computes outputs `16 p0..16 (p0 + V)` of rows `r0..r0 + R`, from the quantized rows at `x` and
-/// the `V` packed panels at `weights`.
+/// the `V` packed panels at `weights`. Fetches the lines of `fetch` into the L2 cache on the way,
+/// one per group of four columns, as far as the columns go.
 ///
 /// # Safety
 ///
@@ -288,6 +308,7 @@ unsafe fn tile<const R: usize, const V: usize>(
     dims: &Dims,
     x: *const u8,
     weights: *const u8,
+    fetch: core::ops::Range<*const u8>,
     out: &Out,
     r0: usize,
     p0: usize,
@@ -298,7 +319,12 @@ unsafe fn tile<const R: usize, const V: usize>(
     unsafe {
         let mut acc = [[_mm512_setzero_si512(); V]; R];
         let panel = dims.groups * 64;
+        let mut at = fetch.start;
         for g in 0..dims.groups {
+            if at < fetch.end {
+                _mm_prefetch::<_MM_HINT_T1>(at.cast());
+                at = at.wrapping_add(64);
+            }
             let mut wv = [_mm512_setzero_si512(); V];
             for (v, wv) in wv.iter_mut().enumerate() {
                 *wv = _mm512_load_si512(weights.add(v * panel + 64 * g).cast());
