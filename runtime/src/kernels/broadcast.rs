@@ -1,4 +1,4 @@
-//! `linear` with f32 weights on AVX-512 for calls of many rows.
+//! `linear` with f32 or int8 weights on AVX-512 for calls of many rows.
 //!
 //! The dot-product tiles of `tiled` read a vector of `x` and a vector of weights for every
 //! multiply-add pair they issue, and sum each accumulator's lanes at the end. Here the rows of `x`
@@ -9,13 +9,14 @@
 //! cache line per two columns, because a model's weights rarely fit in the L2 cache and come from
 //! memory.
 //!
-//! The tiles store their sums to a transposed output block, which is transposed back into `y`
-//! in registers with the bias added. Each output is one chain of multiply-adds in ascending `k`,
-//! then the bias.
+//! Int8 weights are converted to f32 (times their row's scale) a tile at a time, and the tile's
+//! converted rows serve every block of the span. The tiles store their sums to a transposed output
+//! block, which is transposed back into `y` in registers with the bias added. Each output is one
+//! chain of multiply-adds in ascending `k`, then the bias.
 
 use core::arch::x86_64::*;
 
-use super::generic::F32Rows;
+use super::generic::{F32Rows, I8Rows};
 use super::tiled::LinearArgs;
 
 /// Rows of `x` per block: four vectors of 16.
@@ -33,9 +34,9 @@ pub(crate) const MAX_K: usize = 8192;
 /// Outputs per pass over a span: a block's transposed sums take at most 192 KiB.
 const OUTPUTS: usize = 768;
 
-/// Bytes of transposed inputs and outputs kept at once, meant to stay in a 2 MiB L2 cache. The
-/// blocks of a span run one after the other over the same outputs, so the later ones find the
-/// weights in the L2 cache.
+/// Bytes of transposed inputs and outputs kept at once, meant to stay in a 2 MiB L2 cache. Every
+/// block of a span runs each tile of weights in turn, so the weights are read from memory once
+/// per span.
 const SPAN_BYTES: usize = 1 << 20;
 
 /// Maximum number of blocks in a span.
@@ -53,17 +54,72 @@ fn span_blocks(k: usize, n: usize) -> usize {
 struct Line([f32; 16]);
 
 std::thread_local! {
-    /// Each thread's transposed inputs and sums, kept between calls. Input blocks come first,
-    /// with column `p` of row `r` of block `b` at `(b * k + p) * BLOCK_ROWS + r`. The sums
-    /// follow, with output `j` of row `r` of block `b` at `(b * outputs + j) * BLOCK_ROWS + r`,
-    /// where `outputs` is `min(n, OUTPUTS)`. The space grows to the largest call seen.
+    /// Each thread's scratch space, kept between calls. A tile of converted weight rows comes
+    /// first (`TILE * k` values, rounded up to a line), then the transposed input blocks, with
+    /// column `p` of row `r` of block `b` at `(b * k + p) * BLOCK_ROWS + r`. The sums follow,
+    /// with output `j` of row `r` of block `b` at `(b * outputs + j) * BLOCK_ROWS + r`, where
+    /// `outputs` is `min(n, OUTPUTS)`. The space grows to the largest call seen.
     static TRANSPOSED: core::cell::RefCell<std::vec::Vec<Line>> =
         const { core::cell::RefCell::new(std::vec::Vec::new()) };
 }
 
-/// Returns whether [`linear_f32`] takes a call of `rows` rows of `k` values.
+/// Returns whether [`linear`] takes a call of `rows` rows of `k` values.
 pub(crate) fn applies(rows: usize, k: usize) -> bool {
     rows >= BLOCK_ROWS && k > 0 && k <= MAX_K
+}
+
+/// Weight rows the tiles read as f32.
+pub(crate) trait TileWeights {
+    /// Returns weight rows `j..j + count` as `count * k` f32 values: the weights themselves, or
+    /// their conversion written to `buffer`.
+    ///
+    /// # Safety
+    ///
+    /// The rows must exist, and `buffer` must be valid for `count * k` values.
+    unsafe fn rows(&self, j: usize, count: usize, k: usize, buffer: *mut f32) -> *const f32;
+
+    /// Returns the stored bytes of weight rows `j..j + count`, which are contiguous, for
+    /// prefetching only: the range may end past the weights.
+    fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8>;
+}
+
+impl TileWeights for F32Rows<'_> {
+    #[inline(always)]
+    unsafe fn rows(&self, j: usize, _count: usize, k: usize, _buffer: *mut f32) -> *const f32 {
+        // SAFETY: row `j` exists by the caller's contract.
+        unsafe { self.w.as_ptr().add(j * k) }
+    }
+
+    #[inline(always)]
+    fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8> {
+        let start = self.w.as_ptr().wrapping_add(j * k);
+        start.cast()..start.wrapping_add(count * k).cast()
+    }
+}
+
+impl TileWeights for I8Rows<'_> {
+    #[inline(always)]
+    unsafe fn rows(&self, j: usize, count: usize, k: usize, buffer: *mut f32) -> *const f32 {
+        // SAFETY: rows `j..j + count` and their scales exist, and `buffer` has room for
+        // `count * k` values, by the caller's contract.
+        unsafe {
+            for c in 0..count {
+                let scale = *self.scales.get_unchecked(j + c);
+                let q = self.q.as_ptr().add((j + c) * k);
+                let out = buffer.add(c * k);
+                for p in 0..k {
+                    *out.add(p) = *q.add(p) as f32 * scale;
+                }
+            }
+        }
+        buffer
+    }
+
+    #[inline(always)]
+    fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8> {
+        let start = self.q.as_ptr().wrapping_add(j * k);
+        start.cast()..start.wrapping_add(count * k).cast()
+    }
 }
 
 /// Computes `y = x · wᵀ + bias`.
@@ -75,31 +131,40 @@ pub(crate) fn applies(rows: usize, k: usize) -> bool {
 ///
 /// # Panics
 ///
-/// Panics if the thread's block cannot grow (out of memory).
-pub(crate) unsafe fn linear_f32(args: &LinearArgs<'_>, w: &F32Rows<'_>) {
+/// Panics if the thread's scratch space cannot grow (out of memory).
+pub(crate) unsafe fn linear<W: TileWeights>(args: &LinearArgs<'_>, w: &W) {
     TRANSPOSED.with(|cell| {
-        // The kernel does not call itself, so the block is never borrowed twice; a second
+        // The kernel does not call itself, so the space is never borrowed twice; a second
         // borrow would panic rather than alias.
         let mut lines = cell.borrow_mut();
         let blocks = span_blocks(args.k, args.n).min(args.rows.div_ceil(BLOCK_ROWS));
-        let needed = blocks * BLOCK_ROWS * (args.k + args.n.min(OUTPUTS)) / 16;
+        let converted = (TILE * args.k).div_ceil(16);
+        let needed = converted + blocks * BLOCK_ROWS * (args.k + args.n.min(OUTPUTS)) / 16;
         if lines.len() < needed {
             lines.resize(needed, Line([0.0; 16]));
         }
-        // SAFETY: forwarded from the caller; `lines` has room for a span's blocks.
-        unsafe { linear_blocks(args, w, lines.as_mut_ptr().cast()) }
+        let scratch = lines.as_mut_ptr();
+        // SAFETY: forwarded from the caller. `lines` has room for a tile of converted weights,
+        // then, from a line boundary, a span's blocks.
+        unsafe { linear_blocks(args, w, scratch.cast(), scratch.add(converted).cast()) }
     })
 }
 
-/// [`linear_f32`] with the scratch space at `scratch`.
+/// [`linear`] with room for a tile of converted weights at `converted` and the blocks at
+/// `scratch`.
 ///
 /// # Safety
 ///
-/// As for [`linear_f32`], with `scratch` 64-byte aligned and valid for
-/// `blocks * BLOCK_ROWS * (k + min(n, OUTPUTS))` values, where `blocks` is the smaller of
-/// [`span_blocks`] and the number of blocks of rows.
+/// As for [`linear`], with `converted` valid for `TILE * k` values, and `scratch` 64-byte aligned
+/// and valid for `blocks * BLOCK_ROWS * (k + min(n, OUTPUTS))` values, where `blocks` is the
+/// smaller of [`span_blocks`] and the number of blocks of rows.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, scratch: *mut f32) {
+unsafe fn linear_blocks<W: TileWeights>(
+    args: &LinearArgs<'_>,
+    w: &W,
+    converted: *mut f32,
+    scratch: *mut f32,
+) {
     let (k, n, rows) = (args.k, args.n, args.rows);
     let span = span_blocks(k, n);
     let outputs = n.min(OUTPUTS);
@@ -107,8 +172,8 @@ unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, scratch: *mut f3
     // SAFETY (whole block): a span of `used` blocks takes `used * BLOCK_ROWS * k` values of
     // `scratch` for its inputs and `used * BLOCK_ROWS * outputs` for its outputs, inside it by the
     // contract. Every input value is written before the tiles read it, and the tiles write every
-    // output value of a pass before `untranspose` reads it.
-    // Rows `m0..m0 + count` of `x` and `y` and the `n` weight rows exist by the caller's contract.
+    // output value of a pass before `untranspose` reads it. Rows `m0..m0 + count` of `x` and `y`
+    // and the `n` weight rows exist by the caller's contract.
     unsafe {
         while m0 < rows {
             let count = (rows - m0).min(span * BLOCK_ROWS);
@@ -120,25 +185,32 @@ unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, scratch: *mut f3
                 let first = m0 + b * BLOCK_ROWS;
                 transpose(args.x.add(first * k), k, block_rows(b), xt.add(b * BLOCK_ROWS * k));
             }
+            let empty = || core::ptr::null::<u8>()..core::ptr::null();
             let mut j0 = 0;
             while j0 < n {
                 let j1 = (j0 + outputs).min(n);
-                for b in 0..used {
-                    let block_xt = xt.add(b * k * BLOCK_ROWS);
-                    let block_yt = yt.add(b * outputs * BLOCK_ROWS);
-                    let weights = |j: usize| w.w.as_ptr().add(j * k);
-                    let mut j = j0;
-                    while j + TILE <= j1 {
-                        let at = block_yt.add((j - j0) * BLOCK_ROWS);
-                        let next = (weights(j + TILE), (n - j - TILE).min(TILE));
-                        tile::<TILE>(block_xt, k, weights(j), next, at);
-                        j += TILE;
+                // Each tile's weights serve every block of the span in turn, so int8 weights are
+                // converted once per span. The first block's tile fetches the next tile's weights.
+                let mut j = j0;
+                while j + TILE <= j1 {
+                    let weights = w.rows(j, TILE, k, converted);
+                    let next = w.bytes(j + TILE, (n - j - TILE).min(TILE), k);
+                    for b in 0..used {
+                        let block_xt = xt.add(b * k * BLOCK_ROWS);
+                        let at = yt.add((b * outputs + j - j0) * BLOCK_ROWS);
+                        let next = if b == 0 { next.clone() } else { empty() };
+                        tile::<TILE>(block_xt, k, weights, next, at);
                     }
-                    while j < j1 {
-                        let at = block_yt.add((j - j0) * BLOCK_ROWS);
-                        tile::<1>(block_xt, k, weights(j), (weights(j), 0), at);
-                        j += 1;
+                    j += TILE;
+                }
+                while j < j1 {
+                    let weights = w.rows(j, 1, k, converted);
+                    for b in 0..used {
+                        let block_xt = xt.add(b * k * BLOCK_ROWS);
+                        let at = yt.add((b * outputs + j - j0) * BLOCK_ROWS);
+                        tile::<1>(block_xt, k, weights, empty(), at);
                     }
+                    j += 1;
                 }
                 for b in 0..used {
                     let block_yt = yt.add(b * outputs * BLOCK_ROWS);
@@ -157,7 +229,7 @@ unsafe fn linear_blocks(args: &LinearArgs<'_>, w: &F32Rows<'_>, scratch: *mut f3
 ///
 /// # Safety
 ///
-/// As for [`linear_f32`], with `count <= BLOCK_ROWS` rows at `x` and room for `BLOCK_ROWS * k`
+/// As for [`linear`], with `count <= BLOCK_ROWS` rows at `x` and room for `BLOCK_ROWS * k`
 /// values at `xt`.
 #[inline(always)]
 unsafe fn transpose(x: *const f32, k: usize, count: usize, xt: *mut f32) {
@@ -188,38 +260,31 @@ unsafe fn transpose(x: *const f32, k: usize, count: usize, xt: *mut f32) {
 }
 
 /// Computes the sums of `C` outputs for a block's rows from the `C` weight rows at `w` and
-/// stores them, transposed, at `yt` (`C` lines of `BLOCK_ROWS` values). Fetches the first
-/// `next_rows` weight rows at `next` into the L1 cache on the way.
+/// stores them, transposed, at `yt` (`C` lines of `BLOCK_ROWS` values). Fetches the lines of
+/// `fetch` into the L1 cache on the way, one per two columns, as far as the columns go.
 ///
 /// # Safety
 ///
-/// As for [`linear_f32`], with `xt` a transposed block of rows of `k` values, `w` a weight row
-/// followed by `C - 1` more, `next` a weight row followed by `next_rows - 1` more (if
-/// `next_rows > 0`), and `yt` 64-byte aligned and valid for `C * BLOCK_ROWS` values.
+/// As for [`linear`], with `xt` a transposed block of rows of `k` values, `w` a weight row
+/// followed by `C - 1` more, and `yt` 64-byte aligned and valid for `C * BLOCK_ROWS` values.
 #[inline(always)]
 unsafe fn tile<const C: usize>(
     xt: *const f32,
     k: usize,
     w: *const f32,
-    (next, next_rows): (*const f32, usize),
+    fetch: core::ops::Range<*const u8>,
     yt: *mut f32,
 ) {
     // SAFETY (whole block): the loads read columns `0..k` of the transposed block and of the
-    // `C` weight rows, the prefetches touch lines of the `next_rows` rows at `next`, and the
-    // stores write the sums at `yt`.
+    // `C` weight rows, and the stores write the sums at `yt`. Prefetches never fault.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
-        // Two columns per iteration halve the loop's own instructions. Each iteration also
-        // fetches one cache line of the next tile's weights, while lines remain.
-        let lines = k.div_ceil(16);
-        let (mut row, mut line) = (0, 0);
+        // Two columns per iteration halve the loop's own instructions.
+        let mut at = fetch.start;
         for pair in 0..k / 2 {
-            if row < next_rows {
-                _mm_prefetch::<_MM_HINT_T0>(next.add(row * k + 16 * line).cast());
-                line += 1;
-                if line == lines {
-                    (row, line) = (row + 1, 0);
-                }
+            if at < fetch.end {
+                _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                at = at.wrapping_add(64);
             }
             for p in [2 * pair, 2 * pair + 1] {
                 step::<C>(&mut acc, xt.add(p * BLOCK_ROWS), w.add(p), k);
@@ -242,7 +307,7 @@ unsafe fn tile<const C: usize>(
 ///
 /// # Safety
 ///
-/// As for [`linear_f32`], with the sums of every output in `outputs` written for `count <=
+/// As for [`linear`], with the sums of every output in `outputs` written for `count <=
 /// BLOCK_ROWS` rows at `yt`, and rows `first..first + count` inside `y`.
 #[inline(always)]
 unsafe fn untranspose(

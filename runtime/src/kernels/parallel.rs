@@ -11,9 +11,9 @@
 //!
 //! Work is split by rows of the output, so each output value is computed by the same kernel
 //! in the same order as on one thread. The exception is the one the note on [`linear`] describes.
-//! With int4 weights (and f16 on AVX-512 and NEON) a row's result can depend on how many rows
-//! share the call, so a part with fewer rows can round differently. Results for a given thread
-//! count repeat exactly.
+//! With int4 weights (and f16, f32 and int8 on AVX-512) a row's result can depend on how many
+//! rows share the call, so a part with fewer rows can round differently. Results for a given
+//! thread count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
 use super::{linear, matmul_batch, pool, Weights};

@@ -306,29 +306,31 @@ fn linear_layer_widths() {
 }
 
 #[test]
-fn linear_f32_many_rows() {
-    // From 64 rows, f32 weights on AVX-512 take the kernel that transposes blocks of 64 rows.
-    // Rows: one full block, one row past it, and two blocks with a partial third. Row lengths:
-    // one value, odd ones, MiniLM's, and (one block only) the longest the kernel takes and one
-    // past it. Output counts: around its tile of 6 weight rows. Then outputs past its pass of 768,
-    // ending inside a 16-output transpose.
+fn linear_many_rows() {
+    // From 64 rows, f32 and int8 weights on AVX-512 take the kernel that transposes blocks of 64
+    // rows. Rows: one full block, one row past it, and two blocks with a partial third. Row
+    // lengths: one value, odd ones, MiniLM's, and (one block only) the longest the kernel takes
+    // and one past it. Output counts: around its tile of 6 weight rows. Then outputs past its
+    // pass of 768, ending inside a 16-output transpose.
     let (rows_list, k_list, n_list): (&[usize], &[usize], &[usize]) = if cfg!(miri) {
         (&[65], &[3], &[7])
     } else {
         (&[64, 65, 130], &[1, 17, 384, 1537], &[1, 6, 7, 13])
     };
-    if !cfg!(miri) {
-        for k in [8192, 8193] {
-            check_linear(Kind::F32, 64, k, 7, 1, k as u64);
+    for kind in [Kind::F32, Kind::I8] {
+        if !cfg!(miri) {
+            for k in [8192, 8193] {
+                check_linear(kind, 64, k, 7, 1, k as u64);
+            }
+            for (rows, k, n) in [(65, 17, 771), (130, 384, 1541)] {
+                check_linear(kind, rows, k, n, 1, (rows + k + n) as u64);
+            }
         }
-        for (rows, k, n) in [(65, 17, 771), (130, 384, 1541)] {
-            check_linear(Kind::F32, rows, k, n, 1, (rows + k + n) as u64);
-        }
-    }
-    for &rows in rows_list {
-        for &k in k_list {
-            for &n in n_list {
-                check_linear(Kind::F32, rows, k, n, 1, (rows * 7 + k * 3 + n) as u64);
+        for &rows in rows_list {
+            for &k in k_list {
+                for &n in n_list {
+                    check_linear(kind, rows, k, n, 1, (rows * 7 + k * 3 + n) as u64);
+                }
             }
         }
     }
@@ -461,10 +463,11 @@ fn threaded_linear_matches_one_thread() {
                 linear_by_rows(linear, parts, &x, rows, k, w.weights(), n, Some(&bias), &mut split);
             }
             // With int4 and f16 weights a part below the blocked kernels' row threshold may
-            // round differently, as the note on `linear` explains, and so may f32 weights when
-            // the call has enough rows for the transposing kernel. The other cases must match
-            // bit for bit.
-            let transposing = kind == Kind::F32 && rows >= 64 && Isa::best() == Isa::Avx512;
+            // round differently, as the note on `linear` explains, and so may f32 and int8
+            // weights when the call has enough rows for the transposing kernel. The other cases
+            // must match bit for bit.
+            let transposing =
+                matches!(kind, Kind::F32 | Kind::I8) && rows >= 64 && Isa::best() == Isa::Avx512;
             let exact = (matches!(kind, Kind::F32 | Kind::I8) && !transposing) || rows == 1;
             for (i, (&a, &b)) in single.iter().zip(&split).enumerate() {
                 let close = (a - b).abs() <= 1e-5 * a.abs().max(1.0);

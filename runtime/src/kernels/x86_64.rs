@@ -87,7 +87,11 @@ pub(crate) fn linear_avx512(call: &mut LinearCall<'_>) {
         match call.w {
             #[cfg(feature = "std")]
             Weights::F32(w) if super::broadcast::applies(args.rows, args.k) => {
-                super::broadcast::linear_f32(&args, &w)
+                super::broadcast::linear(&args, &w)
+            }
+            #[cfg(feature = "std")]
+            Weights::I8(w) if super::broadcast::applies(args.rows, args.k) => {
+                super::broadcast::linear(&args, &w)
             }
             Weights::F32(w) => linear_avx512_direct(&args, &w),
             Weights::F16(w) if args.rows >= BLOCKED_ROWS_F16_AVX512 => {
