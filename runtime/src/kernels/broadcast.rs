@@ -1,4 +1,4 @@
-//! `linear` with f32 or int8 weights on AVX-512 for calls of many rows.
+//! `linear` with f32, f16 or int8 weights on AVX-512 for calls of many rows.
 //!
 //! The dot-product tiles of `tiled` read a vector of `x` and a vector of weights for every
 //! multiply-add pair they issue, and sum each accumulator's lanes at the end. Here the rows of `x`
@@ -9,14 +9,14 @@
 //! cache line per two columns, because a model's weights rarely fit in the L2 cache and come from
 //! memory.
 //!
-//! Int8 weights are converted to f32 (times their row's scale) a tile at a time, and the tile's
+//! F16 and int8 weights are converted to f32 (int8 times its row's scale) a tile at a time, and the tile's
 //! converted rows serve every block of the span. The tiles store their sums to a transposed output
 //! block, which is transposed back into `y` in registers with the bias added. Each output is one
 //! chain of multiply-adds in ascending `k`, then the bias.
 
 use core::arch::x86_64::*;
 
-use super::generic::{F32Rows, I8Rows};
+use super::generic::{F16Rows, F32Rows, I8Rows};
 use super::tiled::LinearArgs;
 
 /// Rows of `x` per block: four vectors of 16.
@@ -122,6 +122,38 @@ impl TileWeights for I8Rows<'_> {
     }
 }
 
+impl TileWeights for F16Rows<'_> {
+    #[inline(always)]
+    unsafe fn rows(&self, j: usize, count: usize, k: usize, buffer: *mut f32) -> *const f32 {
+        // SAFETY: rows `j..j + count` exist and `buffer` has room for `count * k` values, by the
+        // caller's contract, and the CPU has F16C and AVX-512F, as `linear` requires. Each
+        // vector load reads 16 values inside a row.
+        unsafe {
+            for c in 0..count {
+                let bits = self.w.as_ptr().add((j + c) * k);
+                let out = buffer.add(c * k);
+                let mut p = 0;
+                while p + 16 <= k {
+                    let half = _mm256_loadu_si256(bits.add(p).cast());
+                    _mm512_storeu_ps(out.add(p), _mm512_cvtph_ps(half));
+                    p += 16;
+                }
+                while p < k {
+                    *out.add(p) = half::f16::from_bits(*bits.add(p)).to_f32();
+                    p += 1;
+                }
+            }
+        }
+        buffer
+    }
+
+    #[inline(always)]
+    fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8> {
+        let start = self.w.as_ptr().wrapping_add(j * k);
+        start.cast()..start.wrapping_add(count * k).cast()
+    }
+}
+
 /// Computes `y = x · wᵀ + bias`.
 ///
 /// # Safety
@@ -189,8 +221,8 @@ unsafe fn linear_blocks<W: TileWeights>(
             let mut j0 = 0;
             while j0 < n {
                 let j1 = (j0 + outputs).min(n);
-                // Each tile's weights serve every block of the span in turn, so int8 weights are
-                // converted once per span. The first block's tile fetches the next tile's weights.
+                // Each tile's weights serve every block of the span in turn, so f16 and int8
+                // weights are converted once per span. The first block's tile fetches the next tile's weights.
                 let mut j = j0;
                 while j + TILE <= j1 {
                     let weights = w.rows(j, TILE, k, converted);

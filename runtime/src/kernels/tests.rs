@@ -307,8 +307,8 @@ fn linear_layer_widths() {
 
 #[test]
 fn linear_many_rows() {
-    // From 64 rows, f32 and int8 weights on AVX-512 take the kernel that transposes blocks of 64
-    // rows. Rows: one full block, one row past it, and two blocks with a partial third. Row
+    // From 64 rows, f32, f16 and int8 weights on AVX-512 take the kernel that transposes blocks
+    // of 64 rows. Rows: one full block, one row past it, and two blocks with a partial third. Row
     // lengths: one value, odd ones, MiniLM's, and (one block only) the longest the kernel takes
     // and one past it. Output counts: around its tile of 6 weight rows. Then outputs past its
     // pass of 768, ending inside a 16-output transpose.
@@ -317,7 +317,7 @@ fn linear_many_rows() {
     } else {
         (&[64, 65, 130], &[1, 17, 384, 1537], &[1, 6, 7, 13])
     };
-    for kind in [Kind::F32, Kind::I8] {
+    for kind in [Kind::F32, Kind::F16, Kind::I8] {
         if !cfg!(miri) {
             for k in [8192, 8193] {
                 check_linear(kind, 64, k, 7, 1, k as u64);

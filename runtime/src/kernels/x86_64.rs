@@ -93,6 +93,10 @@ pub(crate) fn linear_avx512(call: &mut LinearCall<'_>) {
             Weights::I8(w) if super::broadcast::applies(args.rows, args.k) => {
                 super::broadcast::linear(&args, &w)
             }
+            #[cfg(feature = "std")]
+            Weights::F16(w) if super::broadcast::applies(args.rows, args.k) => {
+                super::broadcast::linear(&args, &w)
+            }
             Weights::F32(w) => linear_avx512_direct(&args, &w),
             Weights::F16(w) if args.rows >= BLOCKED_ROWS_F16_AVX512 => {
                 linear_avx512_blocked(&args, &w)
