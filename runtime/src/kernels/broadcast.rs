@@ -9,10 +9,10 @@
 //! cache line per two columns, because a model's weights rarely fit in the L2 cache and come from
 //! memory.
 //!
-//! F16 and int8 weights are converted to f32 (int8 times its row's scale) a tile at a time, and the tile's
-//! converted rows serve every block of the span. The tiles store their sums to a transposed output
-//! block, which is transposed back into `y` in registers with the bias added. Each output is one
-//! chain of multiply-adds in ascending `k`, then the bias.
+//! F16 and int8 weights are converted to f32 (int8 times its row's scale) a tile at a time, and
+//! the tile's converted rows serve every block of the span. The tiles store their sums to a
+//! transposed output block, which is transposed back into `y` in registers with the bias added.
+//! Each output is one chain of multiply-adds in ascending `k`, then the bias.
 
 use core::arch::x86_64::*;
 
@@ -163,7 +163,8 @@ impl TileWeights for F16Rows<'_> {
 ///
 /// # Panics
 ///
-/// Panics if the thread's scratch space cannot grow (out of memory).
+/// Panics if called while the thread's locals are being destroyed. If the thread's scratch space
+/// cannot grow, the failed allocation aborts the process.
 pub(crate) unsafe fn linear<W: TileWeights>(args: &LinearArgs<'_>, w: &W) {
     TRANSPOSED.with(|cell| {
         // The kernel does not call itself, so the space is never borrowed twice; a second
@@ -222,7 +223,8 @@ unsafe fn linear_blocks<W: TileWeights>(
             while j0 < n {
                 let j1 = (j0 + outputs).min(n);
                 // Each tile's weights serve every block of the span in turn, so f16 and int8
-                // weights are converted once per span. The first block's tile fetches the next tile's weights.
+                // weights are converted once per span. The first block's tile fetches the next
+                // tile's weights.
                 let mut j = j0;
                 while j + TILE <= j1 {
                     let weights = w.rows(j, TILE, k, converted);

@@ -79,7 +79,8 @@ pub(crate) fn applies(rows: usize, k: usize, n: usize) -> bool {
 ///
 /// # Panics
 ///
-/// Panics if a buffer cannot grow (out of memory).
+/// Panics if called while the thread's locals are being destroyed. If a buffer cannot grow, the
+/// failed allocation aborts the process.
 pub(crate) unsafe fn linear(call: &mut LinearCall<'_>, w: &I8Rows<'_>) {
     BUFFERS.with(|cell| {
         // The kernel does not call itself, so the buffers are never borrowed twice; a second

@@ -697,3 +697,43 @@ fn linear_int8_rows_independent_of_batch() {
         assert_eq!(&batch[m * n..(m + 1) * n], &single[..], "row {m}");
     }
 }
+
+/// With inputs quantized to int8, per row or in groups, a NaN input makes every output of its
+/// row NaN, and an infinite input makes them all non-finite. The other rows keep the results they
+/// have alone. Shapes: few rows (dot-product kernel) and 40 rows (packed panels where VNNI is
+/// present), with the non-finite value in the first and the last group of 32.
+#[test]
+fn linear_int8_nonfinite_inputs() {
+    let shapes: &[(usize, usize, usize)] =
+        if cfg!(miri) { &[(4, 64, 3)] } else { &[(4, 64, 3), (5, 200, 17), (40, 384, 20)] };
+    let kernels = [
+        ("rows", linear_int8_rows as super::LinearKernel),
+        ("groups", linear_int8 as super::LinearKernel),
+    ];
+    for &(rows, k, n) in shapes {
+        let mut rng = Rng(rows as u64 * 31 + k as u64);
+        let mut x = rng.vec(rows * k);
+        x[k + 3] = f32::NAN;
+        x[2 * k + k - 1] = f32::INFINITY;
+        x[3 * k] = f32::NEG_INFINITY;
+        let w = TestWeights::new(Kind::I8, n, k, 32, &mut rng);
+        let bias = rng.vec(n);
+        for (name, kernel) in kernels {
+            let mut y = vec![0f32; rows * n];
+            kernel(&x, rows, k, w.weights(), n, Some(&bias), &mut y);
+            let case = |m: usize, j: usize| format!("{name} rows {rows} k {k} n {n}: y[{m}, {j}]");
+            for j in 0..n {
+                assert!(y[n + j].is_nan(), "{} is {}, expected NaN", case(1, j), y[n + j]);
+                for m in [2, 3] {
+                    let value = y[m * n + j];
+                    assert!(!value.is_finite(), "{} is {value}, expected non-finite", case(m, j));
+                }
+            }
+            for m in (0..rows).filter(|m| !(1..=3).contains(m)) {
+                let mut single = vec![0f32; n];
+                kernel(&x[m * k..(m + 1) * k], 1, k, w.weights(), n, Some(&bias), &mut single);
+                assert_eq!(&y[m * n..(m + 1) * n], &single[..], "{name} row {m}");
+            }
+        }
+    }
+}

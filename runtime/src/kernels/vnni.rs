@@ -163,6 +163,7 @@ unsafe fn quantize_biased(x: &[f32], out: &mut Quantized) {
             let lo = _mm512_loadu_ps(values.as_ptr());
             let hi = _mm512_loadu_ps(values.as_ptr().add(16));
             let largest = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
+            let unordered = nan_lanes(lo) | nan_lanes(hi);
             let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
             let inverse = _mm512_set1_ps(inverse);
             let bias = _mm_set1_epi8(0x80u8 as i8);
@@ -171,7 +172,7 @@ unsafe fn quantize_biased(x: &[f32], out: &mut Quantized) {
             let q = out.q.as_mut_ptr().add(GROUP * g);
             _mm_storeu_si128(q.cast(), _mm_xor_si128(lo, bias));
             _mm_storeu_si128(q.add(16).cast(), _mm_xor_si128(hi, bias));
-            out.scale[g] = largest / 127.0;
+            out.scale[g] = int8_scale(largest, unordered);
         }
     }
 }
@@ -263,7 +264,7 @@ unsafe fn quantize(x: &[f32], with_mins: bool, out: &mut Quantized) {
             let lo = _mm512_loadu_ps(values.as_ptr());
             let hi = _mm512_loadu_ps(values.as_ptr().add(16));
             let largest = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
-            let scale = largest / 127.0;
+            let scale = int8_scale(largest, nan_lanes(lo) | nan_lanes(hi));
             let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
             let inverse = _mm512_set1_ps(inverse);
             let ev = _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), inverse);
@@ -285,6 +286,25 @@ unsafe fn quantize(x: &[f32], with_mins: bool, out: &mut Quantized) {
             };
         }
     }
+}
+
+/// Returns the int8 scale of values whose largest magnitude is `largest`: `largest / 127`, or NaN
+/// when one of them is NaN (a lane of `unordered` set) or infinite. Every product with the
+/// quantized values is then NaN, where saturated bytes would give a finite or wrongly signed sum.
+#[inline(always)]
+fn int8_scale(largest: f32, unordered: __mmask16) -> f32 {
+    if unordered != 0 || largest == f32::INFINITY {
+        f32::NAN
+    } else {
+        largest / 127.0
+    }
+}
+
+/// Returns the lanes of `v` that are NaN.
+#[inline(always)]
+unsafe fn nan_lanes(v: __m512) -> __mmask16 {
+    // SAFETY: AVX-512F per the caller.
+    unsafe { _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) }
 }
 
 /// Lane-wise absolute value.
@@ -515,7 +535,7 @@ struct Out<'a> {
 }
 
 /// Quantizes the `k` values at `x` into `padded` bytes at `q` (zeros, stored as 128, after the
-/// row's end) and returns the scale.
+/// row's end) and returns the scale, NaN if a value is NaN or infinite.
 ///
 /// # Safety
 ///
@@ -533,10 +553,12 @@ pub(crate) unsafe fn quantize_row(x: *const f32, k: usize, padded: usize, q: *mu
             }
         };
         let mut largest = _mm512_setzero_ps();
+        let mut unordered = 0;
         let mut i = 0;
         while i < k {
             let v = _mm512_maskz_loadu_ps(mask(i), x.add(i));
             largest = _mm512_max_ps(largest, abs(v));
+            unordered |= nan_lanes(v);
             i += 16;
         }
         let largest = _mm512_reduce_max_ps(largest);
@@ -545,13 +567,15 @@ pub(crate) unsafe fn quantize_row(x: *const f32, k: usize, padded: usize, q: *mu
         let bias = _mm_set1_epi8(0x80u8 as i8);
         let mut i = 0;
         while i < padded {
-            let v = _mm512_maskz_loadu_ps(mask(i), x.add(i));
+            // Past `k` the mask is empty and the pointer may be past `x`, so it is formed with
+            // `wrapping_add` and nothing is read through it.
+            let v = _mm512_maskz_loadu_ps(mask(i), x.wrapping_add(i));
             // Round to nearest (even on ties), then narrow with saturation, as in `quantize`.
             let v = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverse)));
             _mm_storeu_si128(q.add(i).cast(), _mm_xor_si128(v, bias));
             i += 16;
         }
-        largest / 127.0
+        int8_scale(largest, unordered)
     }
 }
 
