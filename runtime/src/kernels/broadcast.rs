@@ -16,7 +16,7 @@
 
 use core::arch::x86_64::*;
 
-use super::generic::{F16Rows, F32Rows, I8Rows};
+use super::generic::{F16Rows, F32Rows, I8Rows, WeightRows};
 use super::tiled::LinearArgs;
 
 /// Rows of `x` per block: four vectors of 16.
@@ -83,6 +83,14 @@ pub(crate) trait TileWeights {
     fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8>;
 }
 
+/// Returns the bytes of rows `j..j + count` of `k` values each in `values`, for prefetching
+/// only: the range may end past `values`.
+#[inline(always)]
+fn row_bytes<T>(values: &[T], j: usize, count: usize, k: usize) -> core::ops::Range<*const u8> {
+    let start = values.as_ptr().wrapping_add(j * k);
+    start.cast()..start.wrapping_add(count * k).cast()
+}
+
 impl TileWeights for F32Rows<'_> {
     #[inline(always)]
     unsafe fn rows(&self, j: usize, _count: usize, k: usize, _buffer: *mut f32) -> *const f32 {
@@ -92,36 +100,30 @@ impl TileWeights for F32Rows<'_> {
 
     #[inline(always)]
     fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8> {
-        let start = self.w.as_ptr().wrapping_add(j * k);
-        start.cast()..start.wrapping_add(count * k).cast()
+        row_bytes(self.w, j, count, k)
     }
 }
 
 impl TileWeights for I8Rows<'_> {
     #[inline(always)]
     unsafe fn rows(&self, j: usize, count: usize, k: usize, buffer: *mut f32) -> *const f32 {
-        // SAFETY: rows `j..j + count` and their scales exist, and `buffer` has room for
-        // `count * k` values, by the caller's contract.
-        unsafe {
-            for c in 0..count {
-                let scale = *self.scales.get_unchecked(j + c);
-                let q = self.q.as_ptr().add((j + c) * k);
-                let out = buffer.add(c * k);
-                for p in 0..k {
-                    *out.add(p) = *q.add(p) as f32 * scale;
-                }
-            }
+        // SAFETY: `buffer` is valid for `count * k` values by the caller's contract, and nothing
+        // else refers to it while the slice lives.
+        let out = unsafe { core::slice::from_raw_parts_mut(buffer, count * k) };
+        for (c, row) in out.chunks_exact_mut(k).enumerate() {
+            self.fill(j + c, 0, row);
         }
         buffer
     }
 
     #[inline(always)]
     fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8> {
-        let start = self.q.as_ptr().wrapping_add(j * k);
-        start.cast()..start.wrapping_add(count * k).cast()
+        row_bytes(self.q, j, count, k)
     }
 }
 
+/// Converts 16 values per instruction with `vcvtph2ps`, where `WeightRows::fill` converts one at a
+/// time.
 impl TileWeights for F16Rows<'_> {
     #[inline(always)]
     unsafe fn rows(&self, j: usize, count: usize, k: usize, buffer: *mut f32) -> *const f32 {
@@ -149,8 +151,7 @@ impl TileWeights for F16Rows<'_> {
 
     #[inline(always)]
     fn bytes(&self, j: usize, count: usize, k: usize) -> core::ops::Range<*const u8> {
-        let start = self.w.as_ptr().wrapping_add(j * k);
-        start.cast()..start.wrapping_add(count * k).cast()
+        row_bytes(self.w, j, count, k)
     }
 }
 

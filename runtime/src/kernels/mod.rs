@@ -353,6 +353,23 @@ pub fn linear(
     linear_with(Isa::best(), x, rows, k, w, n, bias, y);
 }
 
+/// Returns the fewest rows each part of a split `linear` call of `rows` rows and `k` columns
+/// must have, so that every part takes the kernel the whole call takes. The many-row AVX-512
+/// kernel for f32, f16 and int8 weights rounds differently from the kernels of fewer rows.
+#[cfg(feature = "std")]
+pub(crate) fn min_part_rows(w: &Weights<'_>, rows: usize, k: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let many_rows_weights = matches!(w, Weights::F32(_) | Weights::F16(_) | Weights::I8(_));
+        if many_rows_weights && Isa::best() == Isa::Avx512 && broadcast::applies(rows, k) {
+            return broadcast::BLOCK_ROWS;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, rows, k);
+    1
+}
+
 /// Returns whether this CPU has a kernel for [`linear_int8`]'s integer products (x86_64 with
 /// AVX-512 VNNI); without one, [`linear_int8`] is [`linear`].
 pub fn int8_products_supported() -> bool {

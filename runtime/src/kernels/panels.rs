@@ -149,7 +149,8 @@ unsafe fn run(call: &mut LinearCall<'_>, w: &I8Rows<'_>, b: &mut Buffers) {
             // While the tiles of full rows run, each fetches its share of the next panels'
             // weights (whole rows, so one contiguous range) into the L2 cache, for `pack_panel`
             // to find there.
-            let next = (p0 + count) * PANEL * k..((p0 + count + TILE_PANELS) * PANEL).min(n) * k;
+            let next_end = ((p0 + count + TILE_PANELS) * PANEL).min(n) * k;
+            let next = ((p0 + count) * PANEL * k).min(next_end)..next_end;
             let share = next.len().div_ceil(64).div_ceil(full_tiles) * 64;
             let fetch = |tile: usize| {
                 let start = (next.start + tile * share).min(next.end);

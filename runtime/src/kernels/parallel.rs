@@ -10,10 +10,14 @@
 //! NOTE: it was not measured on other CPUs or with more than 2 threads.
 //!
 //! Work is split by rows of the output, so each output value is computed by the same kernel
-//! in the same order as on one thread. The exception is the one the note on [`linear`] describes.
-//! With int4 weights (and f16, f32 and int8 on AVX-512) a row's result can depend on how many
-//! rows share the call, so a part with fewer rows can round differently. Results for a given
-//! thread count repeat exactly.
+//! in the same order as on one thread. A call that takes the many-row AVX-512 kernel (f32, f16
+//! and int8 weights, from 64 rows) is split into parts of at least 64 rows, with fewer parts
+//! where needed, so that every part takes it too.
+//! NOTE: such a call of 64 to 127 rows therefore runs on one thread, also with the int8 x int8
+//! kernel, which would not need it (MiniLM f32 at 100 tokens on 2 threads: 12.8 ms before this
+//! rule, 16 to 18 ms with it, on the Xeon of BENCHMARKS.md). The exception is the one the note on [`linear`]
+//! describes: with int4 and f16 weights below that kernel, a part with fewer rows can round
+//! differently. Results for a given thread count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
 use super::{linear, matmul_batch, pool, Weights};
@@ -89,6 +93,13 @@ pub(crate) fn linear_by_rows(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    // Parts keep enough rows to take the kernel the whole call would, so each row's result is
+    // the one-thread result.
+    let min_rows = super::min_part_rows(&w, rows, k);
+    let mut parts = parts.min(rows / min_rows).max(1);
+    while parts > 1 && rows - (parts - 1) * rows.div_ceil(parts) < min_rows {
+        parts -= 1;
+    }
     let per = rows.div_ceil(parts);
     let x = &x[..rows * k];
     split_mut(&mut y[..rows * n], per * n, &|i, ys| {

@@ -450,7 +450,16 @@ fn threaded_linear_matches_one_thread() {
     let mut rng = Rng(91);
     let k = 96;
     for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4, Kind::I4Min] {
-        for (rows, n, parts) in [(9, 37, 2), (5, 40, 3), (2, 17, 4), (64, 48, 2), (1, 50, 3)] {
+        let cases = [
+            (9, 37, 2),
+            (5, 40, 3),
+            (2, 17, 4),
+            (64, 48, 2),
+            (130, 20, 2),
+            (193, 9, 3),
+            (1, 50, 3),
+        ];
+        for (rows, n, parts) in cases {
             let w = TestWeights::new(kind, n, k, 32, &mut rng);
             let x = rng.vec(rows * k);
             let bias = rng.vec(n);
@@ -463,12 +472,9 @@ fn threaded_linear_matches_one_thread() {
                 linear_by_rows(linear, parts, &x, rows, k, w.weights(), n, Some(&bias), &mut split);
             }
             // With int4 and f16 weights a part below the blocked kernels' row threshold may
-            // round differently, as the note on `linear` explains, and so may f32 and int8
-            // weights when the call has enough rows for the transposing kernel. The other cases
-            // must match bit for bit.
-            let transposing =
-                matches!(kind, Kind::F32 | Kind::I8) && rows >= 64 && Isa::best() == Isa::Avx512;
-            let exact = (matches!(kind, Kind::F32 | Kind::I8) && !transposing) || rows == 1;
+            // round differently, as the note on `linear` explains. The other cases must match
+            // bit for bit.
+            let exact = matches!(kind, Kind::F32 | Kind::I8) || rows == 1;
             for (i, (&a, &b)) in single.iter().zip(&split).enumerate() {
                 let close = (a - b).abs() <= 1e-5 * a.abs().max(1.0);
                 assert!(
