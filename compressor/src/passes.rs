@@ -1,7 +1,11 @@
 //! Graph rewrites after import: fusing the element-wise patterns exporters emit for GELU and layer
-//! normalization into single ops, and folding bias additions into the preceding linear op.
+//! normalization into single ops, folding bias additions into the preceding linear op, and
+//! fusing scaled dot-product attention (matrix product, scale, mask, softmax, matrix product)
+//! into one op.
 
+use edgefold_runtime::format::Dim;
 use edgefold_runtime::ops::{BinaryKind, Op, ReduceKind, UnaryKind};
+use edgefold_runtime::shape::expands_to;
 
 use crate::ir::{Graph, Storage, ValueId};
 
@@ -11,13 +15,15 @@ pub fn fuse(graph: &mut Graph) -> FuseCounts {
         gelu: fuse_gelu(graph),
         layer_norm: fuse_layer_norm(graph),
         bias: fuse_bias(graph),
+        attention: fuse_attention(graph),
     };
     graph.prune();
     log::debug!(
-        "fused {} GELU, {} layer norm, {} bias additions",
+        "fused {} GELU, {} layer norm, {} bias additions, {} attention",
         counts.gelu,
         counts.layer_norm,
-        counts.bias
+        counts.bias,
+        counts.attention
     );
     counts
 }
@@ -31,6 +37,8 @@ pub struct FuseCounts {
     pub layer_norm: usize,
     /// Bias additions folded into linear ops.
     pub bias: usize,
+    /// Attention patterns (one per layer of heads).
+    pub attention: usize,
 }
 
 /// The single f32 value of a constant with one element.
@@ -295,4 +303,271 @@ fn fuse_bias(graph: &mut Graph) -> usize {
         !removed[i - 1]
     });
     count
+}
+
+/// A matched attention pattern: the nodes it replaces (the last one becomes the fused op) and
+/// the fused op's inputs.
+struct AttentionMatch {
+    nodes: Vec<usize>,
+    q: ValueId,
+    k: ValueId,
+    v: ValueId,
+    mask: Option<ValueId>,
+    scale: f32,
+}
+
+fn fuse_attention(graph: &mut Graph) -> usize {
+    let mut rewrites = Vec::new();
+    {
+        let g = View::new(graph);
+        // A matrix product can end one pattern and start the next; the first match keeps it.
+        let mut claimed = vec![false; graph.nodes.len()];
+        for (n, node) in graph.nodes.iter().enumerate() {
+            if node.op != Op::MatMul {
+                continue;
+            }
+            let Some(m) = match_attention(&g, n) else { continue };
+            if m.nodes.iter().any(|&i| claimed[i]) {
+                continue;
+            }
+            for &i in &m.nodes {
+                claimed[i] = true;
+            }
+            rewrites.push(m);
+        }
+    }
+    let count = rewrites.len();
+    let mut removed = vec![false; graph.nodes.len()];
+    for m in rewrites {
+        let (last, earlier) = m.nodes.split_last().expect("a match has nodes");
+        for &n in earlier {
+            removed[n] = true;
+        }
+        let node = &mut graph.nodes[*last];
+        node.op = Op::Attention { scale: m.scale };
+        node.inputs = vec![Some(m.q), Some(m.k), Some(m.v)];
+        if let Some(mask) = m.mask {
+            node.inputs.push(Some(mask));
+        }
+    }
+    let mut i = 0;
+    graph.nodes.retain(|_| {
+        i += 1;
+        !removed[i - 1]
+    });
+    count
+}
+
+/// Matches `softmax(scale · (q × k) + mask) × v` starting at the first matrix product `mm`.
+///
+/// The pattern is an optional multiplication or division by a scalar constant, an optional
+/// addition of a mask, a softmax over the last axis and a second matrix product. Each value in
+/// the chain is read only by the next node.
+fn match_attention(g: &View<'_>, mm: usize) -> Option<AttentionMatch> {
+    let graph = g.graph;
+    let node = &graph.nodes[mm];
+    let (q, k) = (node.inputs[0]?, node.inputs[1]?);
+    let mut nodes = vec![mm];
+    let mut cur = node.outputs[0];
+    let mut next = g.sole_consumer(cur)?;
+
+    let scaled = if let Some((_, c, _)) = g.binary_scalar(next, BinaryKind::Mul) {
+        Some(c)
+    } else if let Some((_, c, constant_first)) = g.binary_scalar(next, BinaryKind::Div) {
+        // scores / c scales the scores; c / scores does not.
+        if constant_first {
+            return None;
+        }
+        Some(1.0 / c)
+    } else {
+        None
+    };
+    let mut scale = 1.0f32;
+    if let Some(c) = scaled {
+        scale = c;
+        nodes.push(next);
+        cur = graph.nodes[next].outputs[0];
+        next = g.sole_consumer(cur)?;
+    }
+
+    let mut mask = None;
+    if graph.nodes[next].op == Op::Binary(BinaryKind::Add) {
+        mask = Some(g.other(next, cur).filter(|&m| m != cur)?);
+        nodes.push(next);
+        cur = graph.nodes[next].outputs[0];
+        next = g.sole_consumer(cur)?;
+    }
+
+    let rank = graph.values[cur].shape.len();
+    if graph.nodes[next].op != (Op::Softmax { axis: rank.checked_sub(1)? as u32 }) {
+        return None;
+    }
+    nodes.push(next);
+    cur = graph.nodes[next].outputs[0];
+    let last = g.sole_consumer(cur)?;
+    let last_node = &graph.nodes[last];
+    if last_node.op != Op::MatMul || last_node.inputs[0]? != cur {
+        return None;
+    }
+    let v = last_node.inputs[1]?;
+    nodes.push(last);
+    if !scale.is_finite() {
+        return None;
+    }
+
+    // The fused op broadcasts q, k, v and the mask to the output's batch axes; a pattern whose
+    // shapes it cannot take stays unfused.
+    let shape = |id: ValueId| graph.values[id].shape.as_slice();
+    let out = shape(last_node.outputs[0]);
+    let ok_rank = [q, k, v].iter().all(|&id| shape(id).len() >= 2) && out.len() >= 2;
+    let f32s = [Some(q), Some(k), Some(v), mask]
+        .into_iter()
+        .flatten()
+        .all(|id| graph.values[id].dtype == edgefold_runtime::DType::F32);
+    if !ok_rank || !f32s {
+        return None;
+    }
+    let batch = |s: &[Dim]| s[..s.len() - 2].to_vec();
+    let bo = batch(out);
+    if ![q, k, v].iter().all(|&id| expands_to(&batch(shape(id)), &bo)) {
+        return None;
+    }
+    if let Some(mask) = mask {
+        let mut scores = bo.clone();
+        scores.extend_from_slice(&shape(cur)[rank - 2..]);
+        if !expands_to(shape(mask), &scores) {
+            return None;
+        }
+    }
+    Some(AttentionMatch { nodes, q, k, v, mask, scale })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::PackedGraph;
+    use crate::ir::{Node, Value};
+    use crate::tensor::HostTensor;
+
+    /// How the scores reach the softmax in a test graph.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Scale {
+        None,
+        /// scores / 2
+        DivBy2,
+        /// 0.25 * scores
+        QuarterTimes,
+        /// 2 / scores, which is not a scale.
+        TwoOver,
+    }
+
+    /// q `[2, 3, 5, 4]`, keys as columns `[2, 3, 4, 7]`, v `[2, 3, 7, 6]` and a mask `[2, 1, 1, 7]`
+    /// as graph inputs, through matmul, `scale`, the mask (if `masked`), a softmax along `axis`
+    /// and a second matmul. With `leak`, the softmax output is a graph output too.
+    fn graph(scale: Scale, masked: bool, axis: u32, leak: bool) -> Graph {
+        let mut g = Graph::default();
+        let value = |g: &mut Graph, name: &str, dims: &[u32]| {
+            let shape = dims.iter().map(|&d| Dim::constant(d)).collect();
+            let data = None;
+            g.add_value(Value {
+                name: name.into(),
+                dtype: edgefold_runtime::DType::F32,
+                shape,
+                data,
+            })
+        };
+        let q = value(&mut g, "q", &[2, 3, 5, 4]);
+        let k = value(&mut g, "k", &[2, 3, 4, 7]);
+        let v = value(&mut g, "v", &[2, 3, 7, 6]);
+        let mask = value(&mut g, "mask", &[2, 1, 1, 7]);
+        g.inputs = vec![q, k, v, mask];
+        let node = |g: &mut Graph, op: Op, inputs: Vec<ValueId>, dims: &[u32]| {
+            let out = value(g, &format!("t{}", g.nodes.len()), dims);
+            let inputs = inputs.into_iter().map(Some).collect();
+            g.nodes.push(Node {
+                name: format!("n{}", g.nodes.len()),
+                op,
+                inputs,
+                outputs: vec![out],
+            });
+            out
+        };
+        let scores = [2, 3, 5, 7];
+        let mut x = node(&mut g, Op::MatMul, vec![q, k], &scores);
+        let two = g.add_const("two".into(), vec![], Storage::F32(vec![2.0]));
+        let quarter = g.add_const("quarter".into(), vec![1], Storage::F32(vec![0.25]));
+        x = match scale {
+            Scale::None => x,
+            Scale::DivBy2 => node(&mut g, Op::Binary(BinaryKind::Div), vec![x, two], &scores),
+            Scale::QuarterTimes => {
+                node(&mut g, Op::Binary(BinaryKind::Mul), vec![quarter, x], &scores)
+            }
+            Scale::TwoOver => node(&mut g, Op::Binary(BinaryKind::Div), vec![two, x], &scores),
+        };
+        if masked {
+            x = node(&mut g, Op::Binary(BinaryKind::Add), vec![x, mask], &scores);
+        }
+        let p = node(&mut g, Op::Softmax { axis }, vec![x], &scores);
+        let y = node(&mut g, Op::MatMul, vec![p, v], &[2, 3, 5, 6]);
+        g.outputs = if leak { vec![y, p] } else { vec![y] };
+        g
+    }
+
+    fn inputs() -> Vec<HostTensor> {
+        let values = |n: usize, seed: usize| {
+            (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 250.0 - 2.0).collect()
+        };
+        let mut mask: Vec<f32> = values(14, 4);
+        mask[3] = f32::NEG_INFINITY;
+        mask[7 + 6] = -1e4;
+        vec![
+            HostTensor::f32(vec![2, 3, 5, 4], values(120, 1)),
+            HostTensor::f32(vec![2, 3, 4, 7], values(168, 2)),
+            HostTensor::f32(vec![2, 3, 7, 6], values(252, 3)),
+            HostTensor::f32(vec![2, 1, 1, 7], mask),
+        ]
+    }
+
+    fn run(g: &Graph) -> Vec<f32> {
+        let mut packed = PackedGraph::new(g).expect("graph packs");
+        let outputs = packed.run(&inputs()).expect("graph runs");
+        outputs[0].as_f32().expect("f32 output").to_vec()
+    }
+
+    #[test]
+    fn attention_variants_fuse_and_match() {
+        let cases = [
+            (Scale::DivBy2, true, 0.5),
+            (Scale::QuarterTimes, true, 0.25),
+            (Scale::None, false, 1.0),
+            (Scale::DivBy2, false, 0.5),
+        ];
+        for (scale, masked, factor) in cases {
+            let unfused = graph(scale, masked, 3, false);
+            let mut fused = unfused.clone();
+            assert_eq!(fuse_attention(&mut fused), 1);
+            fused.prune();
+            assert_eq!(fused.nodes.len(), 1, "only the fused op is left");
+            assert_eq!(fused.nodes[0].op, Op::Attention { scale: factor });
+            assert_eq!(fused.nodes[0].inputs.len(), 3 + masked as usize);
+
+            let (want, got) = (run(&unfused), run(&fused));
+            for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "output {i}: {b} against {a}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_lookalikes_stay_unfused() {
+        for g in [
+            graph(Scale::TwoOver, true, 3, false),
+            graph(Scale::DivBy2, true, 2, false),
+            graph(Scale::DivBy2, true, 3, true),
+        ] {
+            let mut fused = g.clone();
+            assert_eq!(fuse_attention(&mut fused), 0);
+            assert_eq!(fused, g);
+        }
+    }
 }

@@ -130,3 +130,43 @@ fn blocks_of_minilm_models() {
         }
     }
 }
+
+#[test]
+fn attention_fuses_in_minilm() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/models/all-MiniLM-L6-v2-fp32.onnx");
+    if !path.exists() {
+        edgefold_compressor::testdata::skip(&format!("{} is absent", path.display()));
+        return;
+    }
+    let unfused = import(&path, &ImportOptions { max_batch: 2, max_seq: 512 }).unwrap();
+    let mut fused = unfused.clone();
+    let counts = fuse(&mut fused);
+    assert_eq!(counts.attention, 6, "one attention per layer");
+    for op in [Op::MatMul, Op::Softmax { axis: 3 }] {
+        assert!(!fused.nodes.iter().any(|n| n.op == op), "{op:?} is left after fusion");
+    }
+    // The 12 x 512 x 512 scores per sentence were the largest activations.
+    let (before, after) = (pack_graph(&unfused), pack_graph(&fused));
+    let arena =
+        |file: &common::Aligned| edgefold_runtime::Model::open(file.bytes()).unwrap().arena_bytes();
+    let (arena_before, arena_after) = (arena(&before), arena(&after));
+    assert!(
+        arena_after + 2 * 12 * 512 * 512 * 4 <= arena_before,
+        "arena {arena_before} bytes unfused, {arena_after} fused"
+    );
+
+    // Two sentences of 150 tokens, the second padded after 90, so the mask removes keys from
+    // the last of the three 64-key blocks and from the middle one.
+    let seq = 150;
+    let ids: Vec<i64> = (0..2 * seq).map(|i| 1000 + (i as i64 * 7919) % 20000).collect();
+    let mask: Vec<i64> = (0..2 * seq).map(|i| i64::from(i < seq || i % seq < 90)).collect();
+    let inputs = [
+        HostTensor::i64(vec![2, seq], ids),
+        HostTensor::i64(vec![2, seq], mask),
+        HostTensor::i64(vec![2, seq], vec![0; 2 * seq]),
+    ];
+    let (want, got) = (run(&before, &inputs), run(&after, &inputs));
+    let diff = max_abs_diff(&want[0], &got[0]);
+    assert!(diff < 1e-4, "fused and unfused outputs differ by up to {diff}");
+}

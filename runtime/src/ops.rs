@@ -154,7 +154,7 @@ impl Window2d {
 
 /// The runtime's cargo feature of each op code (empty for Reshape, which is always built, and for
 /// the unused code 0).
-const OP_FEATURES: [&str; 18] = [
+const OP_FEATURES: [&str; 19] = [
     "",
     "op-linear",
     "op-matmul",
@@ -173,6 +173,7 @@ const OP_FEATURES: [&str; 18] = [
     "op-where",
     "op-conv2d",
     "op-pool",
+    "op-attention",
 ];
 
 /// An op with its parameters.
@@ -270,6 +271,16 @@ pub enum Op {
         /// Whether output extents round up (ONNX `ceil_mode`).
         ceil_mode: bool,
     },
+    /// Scaled dot-product attention with its softmax, as one op:
+    /// `y = softmax(scale · q × k + mask) × v`, the softmax along the last axis. Inputs: q
+    /// `[.., S, D]`, k `[.., D, T]` (the keys as columns, the second operand of the scores'
+    /// matrix product), v `[.., T, E]` and an optional additive mask that broadcasts to
+    /// `[.., S, T]`, all f32. The leading axes of q, k and v broadcast as in [`Op::MatMul`].
+    /// Output `[.., S, E]`. The `S x T` scores are never stored.
+    Attention {
+        /// Factor of the scores before the mask is added.
+        scale: f32,
+    },
 }
 
 impl Op {
@@ -293,6 +304,7 @@ impl Op {
             Op::Where => 15,
             Op::Conv2d { .. } => 16,
             Op::Pool { .. } => 17,
+            Op::Attention { .. } => 18,
         }
     }
 
@@ -316,6 +328,7 @@ impl Op {
             Op::Where => "Where",
             Op::Conv2d { .. } => "Conv2d",
             Op::Pool { .. } => "Pool",
+            Op::Attention { .. } => "Attention",
         }
     }
 
@@ -344,6 +357,7 @@ impl Op {
             Op::Where => cfg!(feature = "op-where"),
             Op::Conv2d { .. } => cfg!(feature = "op-conv2d"),
             Op::Pool { .. } => cfg!(feature = "op-pool"),
+            Op::Attention { .. } => cfg!(feature = "op-attention"),
         }
     }
 
@@ -363,6 +377,10 @@ impl Op {
             }
             Op::LayerNorm { epsilon } => {
                 words[0] = epsilon.to_bits();
+                1
+            }
+            Op::Attention { scale } => {
+                words[0] = scale.to_bits();
                 1
             }
             Op::Softmax { axis } | Op::Gather { axis } | Op::Concat { axis } => {
@@ -452,6 +470,8 @@ impl Op {
             5 => Op::LayerNorm { epsilon: f32::from_bits(word(0)?) },
             #[cfg(feature = "op-softmax")]
             6 => Op::Softmax { axis: word(0)? },
+            #[cfg(feature = "op-attention")]
+            18 => Op::Attention { scale: f32::from_bits(word(0)?) },
             #[cfg(feature = "op-reduce")]
             7 => {
                 let kind = match word(0)? {
@@ -518,7 +538,7 @@ impl Op {
             }
             // Ops that this build leaves out are rejected here, before their parameters are read.
             #[allow(unreachable_patterns)]
-            1..=17 => {
+            1..=18 => {
                 return Err(Error::OpNotBuilt { op: index, feature: OP_FEATURES[code as usize] })
             }
             _ => return Err(invalid("unknown op code")),

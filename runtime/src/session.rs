@@ -10,6 +10,7 @@ use crate::format::{
     DType, TensorEntry, TensorKind, MAX_GRAPH_INPUTS, MAX_RANK, MAX_SYMBOLS, SECTION_ALIGN,
 };
 use crate::model::Model;
+use crate::ops::OpRecord;
 use crate::shape::Shape;
 
 /// Element types that can be passed as inputs and read as outputs.
@@ -202,12 +203,22 @@ impl<'m, 'a> Session<'m, 'a> {
     // inline it grow by all of it (and size tools can no longer tell it apart from them).
     #[inline(never)]
     pub fn run(&mut self) -> Result<()> {
+        self.run_with(|_, _| {})
+    }
+
+    /// Runs every op once like [`run`](Self::run), calling `after(index, &record)` when op `index`
+    /// has finished. A profiler reads a clock there; the runtime itself has none.
+    ///
+    /// # Errors
+    /// As [`run`](Self::run); `after` is not called for an op that fails.
+    pub fn run_with<F: FnMut(u32, &OpRecord<'m>)>(&mut self, mut after: F) -> Result<()> {
         self.ran = false;
         self.bind_symbols()?;
         let model = self.model;
         for (index, item) in model.ops().enumerate() {
             let (record, _) = item?;
             self.execute(index as u32, &record)?;
+            after(index as u32, &record);
         }
         self.ran = true;
         Ok(())

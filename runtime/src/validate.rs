@@ -72,6 +72,7 @@ fn arity(op: &Op) -> (usize, usize, usize) {
         Op::LayerNorm { .. } => (2, 3, 1),
         Op::Concat { .. } => (1, crate::format::MAX_OP_ARITY, 1),
         Op::Where => (3, 3, 1),
+        Op::Attention { .. } => (3, 4, 1),
         _ => (1, 1, 1),
     }
 }
@@ -237,6 +238,38 @@ fn check_shapes(
                         beta.dtype == DType::F32 && beta.shape() == [d],
                         "beta must be f32 [D]",
                     )?;
+                }
+            }
+            Ok(())
+        }
+        #[cfg(feature = "op-attention")]
+        Op::Attention { .. } => {
+            let (q, k, v) = (input(0)?, input(1)?, input(2)?);
+            let all_f32 = [q.dtype, k.dtype, v.dtype, out.dtype].iter().all(|&d| d == DType::F32);
+            ensure(all_f32, "attention works on f32")?;
+            let (sq, sk, sv, so) = (q.shape(), k.shape(), v.shape(), out.shape());
+            let ranks = [sq.len(), sk.len(), sv.len(), so.len()];
+            ensure(ranks.iter().all(|&r| r >= 2), "attention needs rank >= 2")?;
+            let last2 = |s: &[Dim]| (s[s.len() - 2], s[s.len() - 1]);
+            let ((queries, depth), (depth_k, keys), (keys_v, width)) =
+                (last2(sq), last2(sk), last2(sv));
+            ensure(depth == depth_k, "queries and keys differ in length")?;
+            ensure(keys == keys_v, "keys and values differ in number")?;
+            ensure(last2(so) == (queries, width), "attention output extents differ")?;
+            let batch = |s: &[Dim]| s.len() - 2;
+            let bo = &so[..batch(so)];
+            let each = [&sq[..batch(sq)], &sk[..batch(sk)], &sv[..batch(sv)]];
+            ensure(each.iter().all(|b| expands_to(b, bo)), "batch axes do not broadcast")?;
+            if n_in > 3 {
+                if let Ok(mask) = input(3) {
+                    ensure(mask.dtype == DType::F32, "the attention mask must be f32")?;
+                    let mut scores = [Dim::constant(1); MAX_RANK];
+                    scores[..bo.len()].copy_from_slice(bo);
+                    scores[bo.len()] = queries;
+                    scores[bo.len() + 1] = keys;
+                    let scores = &scores[..bo.len() + 2];
+                    let fits = expands_to(mask.shape(), scores);
+                    ensure(fits, "the mask does not broadcast to the scores")?;
                 }
             }
             Ok(())

@@ -6,6 +6,7 @@
 
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 mod aarch64;
+pub mod attention;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 mod broadcast;
 pub mod conv;

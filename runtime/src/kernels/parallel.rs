@@ -205,6 +205,36 @@ pub(crate) fn matmul_batch_parts<'a>(
     split_mut(c, per * size, &|i, cs| run(i * per, cs));
 }
 
+/// Calls `f(i, part)` for each of the `count` consecutive `len`-long parts of `out`, on up to
+/// `threads` threads (fewer for fewer than [`MIN_MACS_PER_THREAD`] multiply-adds per thread, out
+/// of `macs` in all). Each thread takes a contiguous run of parts.
+pub(crate) fn for_each_part(
+    threads: usize,
+    count: usize,
+    macs: usize,
+    len: usize,
+    out: &mut [f32],
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    if len == 0 {
+        return;
+    }
+    let out = &mut out[..count * len];
+    let threads = threads_for(threads, macs, count);
+    if threads <= 1 {
+        for (i, part) in out.chunks_exact_mut(len).enumerate() {
+            f(i, part);
+        }
+        return;
+    }
+    let per = count.div_ceil(threads);
+    split_mut(out, per * len, &|p, run| {
+        for (j, part) in run.chunks_exact_mut(len).enumerate() {
+            f(p * per + j, part);
+        }
+    });
+}
+
 /// Calls `f(i, chunk)` for each of the consecutive `chunk`-long parts of `data` (the last may be
 /// shorter) on the worker pool, the calling thread taking a part too.
 fn split_mut(data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {

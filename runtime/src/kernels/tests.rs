@@ -743,3 +743,237 @@ fn linear_int8_nonfinite_inputs() {
         }
     }
 }
+
+/// How a test feeds the attention mask.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum MaskKind {
+    None,
+    /// One value per key, shared by every query row (a padding mask), every fourth key -inf.
+    PerKey,
+    /// A value per query row and key, with the keys after each query row -inf (a causal mask).
+    Full,
+    /// One value per query row, shared by every key.
+    PerRow,
+}
+
+/// Mask values and their strides for `dims`.
+fn attention_mask(
+    kind: MaskKind,
+    dims: HeadDims,
+    rng: &mut Rng,
+) -> Option<(Vec<f32>, usize, usize)> {
+    let (s, t) = (dims.queries, dims.keys);
+    match kind {
+        MaskKind::None => None,
+        MaskKind::PerKey => Some((
+            (0..t)
+                .map(
+                    |j| if j % 4 == 3 && j + 1 < t { f32::NEG_INFINITY } else { rng.signed_unit() },
+                )
+                .collect(),
+            0,
+            1,
+        )),
+        MaskKind::Full => Some((
+            (0..s * t)
+                .map(|x| if x % t > x / t { f32::NEG_INFINITY } else { 2.0 * rng.signed_unit() })
+                .collect(),
+            t,
+            1,
+        )),
+        MaskKind::PerRow => Some(((0..s).map(|_| 3.0 * rng.signed_unit()).collect(), 1, 0)),
+    }
+}
+
+/// f64 attention of one output, with its rounding bound: each score carries the error of a
+/// `depth`-term f32 dot product, and the output that of a `keys`-term weighted sum.
+#[allow(clippy::too_many_arguments)]
+fn reference_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&(Vec<f32>, usize, usize)>,
+    scale: f32,
+    dims: HeadDims,
+    i: usize,
+    e: usize,
+) -> (f64, f64) {
+    let HeadDims { depth, keys, width, .. } = dims;
+    let eps = f32::EPSILON as f64;
+    let mut scores = Vec::with_capacity(keys);
+    let mut worst = 0f64;
+    for t in 0..keys {
+        let terms = (0..depth).map(|d| q[i * depth + d] as f64 * k[d * keys + t] as f64);
+        let (dot, abs) = reference_dot(terms, 0.0);
+        let m = mask.map_or(0.0, |(values, rs, ks)| values[i * rs + t * ks] as f64);
+        scores.push(dot * scale as f64 + m);
+        if m.is_finite() {
+            worst = worst.max(eps * ((depth as f64 + 2.0) * abs * scale as f64 + m.abs()));
+        }
+    }
+    let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+    let sum: f64 = weights.iter().sum();
+    let (mut out, mut abs) = (0f64, 0f64);
+    for t in 0..keys {
+        let p = weights[t] / sum;
+        out += p * v[t * width + e] as f64;
+        abs += p * (v[t * width + e] as f64).abs();
+    }
+    // A score error of `worst` changes each probability by about that fraction, and the
+    // exponentials and the sums add a few roundings each.
+    (out, abs * (2.0 * worst + (keys as f64 + 16.0) * eps) * 2.0 + 1e-30)
+}
+
+fn check_attention(dims: HeadDims, mask_kind: MaskKind, scale: f32, seed: u64) {
+    use super::attention::{attention_head, portable, Mask};
+    let HeadDims { queries, depth, keys, width } = dims;
+    let mut rng = Rng(seed);
+    let q = rng.vec(queries * depth);
+    let k = rng.vec(depth * keys);
+    let v = rng.vec(keys * width);
+    let mask = attention_mask(mask_kind, dims, &mut rng);
+    let view =
+        mask.as_ref().map(|(values, rs, ks)| Mask { values, row_stride: *rs, key_stride: *ks });
+    type Kernel = fn(&[f32], &[f32], &[f32], Option<Mask<'_>>, f32, HeadDims, &mut [f32]);
+    for (name, kernel) in [("dispatched", attention_head as Kernel), ("portable", portable)] {
+        let mut out = vec![CANARY; queries * width + 3];
+        kernel(&q, &k, &v, view, scale, dims, &mut out);
+        for i in 0..queries {
+            for e in 0..width {
+                let (want, tol) = reference_attention(&q, &k, &v, mask.as_ref(), scale, dims, i, e);
+                let got = out[i * width + e];
+                let err = (got as f64 - want).abs();
+                assert!(
+                    err <= tol,
+                    "{name} attention {dims:?} {mask_kind:?} scale {scale}: out[{i}, {e}] = {got}, \
+                     expected {want} (error {err:e} > {tol:e})"
+                );
+            }
+        }
+        assert!(out[queries * width..].iter().all(|&x| x == CANARY), "{name}: wrote past out");
+    }
+}
+
+use super::attention::HeadDims;
+
+#[test]
+fn attention_odd_shapes() {
+    let (queries, depths, keys, widths): (&[usize], &[usize], &[usize], &[usize]) = if cfg!(miri) {
+        (&[1, 5], &[3], &[1, 65], &[17])
+    } else {
+        (
+            &[1, 2, 3, 4, 5, 9],
+            &[1, 7, 32, 33],
+            &[1, 15, 16, 17, 63, 64, 65, 130],
+            &[1, 16, 17, 32, 63, 64, 65, 80],
+        )
+    };
+    let masks = [MaskKind::None, MaskKind::PerKey, MaskKind::Full, MaskKind::PerRow];
+    let mut case = 0u64;
+    for &s in queries {
+        for &d in depths {
+            for &t in keys {
+                for &e in widths {
+                    case += 1;
+                    let dims = HeadDims { queries: s, depth: d, keys: t, width: e };
+                    let mask = masks[case as usize % masks.len()];
+                    check_attention(dims, mask, 1.0 / (d as f32).sqrt(), case);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_model_shapes() {
+    // MiniLM heads (32 values) at 128 tokens, and longer sequences with every mask.
+    let shapes: &[(usize, usize, usize, usize)] = if cfg!(miri) {
+        &[(4, 8, 70, 8)]
+    } else {
+        &[(128, 32, 128, 32), (37, 64, 300, 64), (6, 128, 519, 128)]
+    };
+    for &(s, d, t, e) in shapes {
+        for mask in [MaskKind::None, MaskKind::PerKey, MaskKind::Full] {
+            let dims = HeadDims { queries: s, depth: d, keys: t, width: e };
+            check_attention(dims, mask, 1.0 / (d as f32).sqrt(), (s * t) as u64);
+        }
+    }
+}
+
+#[test]
+fn attention_rescales_when_later_keys_score_higher() {
+    // Scores that grow along the keys by far more than exp's range: every block raises the
+    // largest score, and the earlier blocks' sums and outputs must shrink to match.
+    use super::attention::{attention_head, portable, Mask};
+    let dims = HeadDims { queries: 3, depth: 1, keys: 200, width: 5 };
+    let q = [30.0f32, -30.0, 0.01];
+    let k: Vec<f32> = (0..200).map(|t| t as f32).collect();
+    let v: Vec<f32> = (0..200 * 5).map(|x| (x % 7) as f32 - 3.0).collect();
+    for kernel in [attention_head, portable] {
+        let mut out = vec![0f32; 15];
+        kernel(&q, &k, &v, None::<Mask<'_>>, 1.0, dims, &mut out);
+        // Row 0: key 199 (score 199) dominates; row 1: key 0; row 2: a gentle slope.
+        for e in 0..5 {
+            let (want0, _) = reference_attention(&q, &k, &v, None, 1.0, dims, 0, e);
+            let (want1, _) = reference_attention(&q, &k, &v, None, 1.0, dims, 1, e);
+            let (want2, _) = reference_attention(&q, &k, &v, None, 1.0, dims, 2, e);
+            assert!((out[e] as f64 - want0).abs() < 1e-5, "row 0: {} vs {want0}", out[e]);
+            assert!((out[5 + e] as f64 - want1).abs() < 1e-5, "row 1: {} vs {want1}", out[5 + e]);
+            assert!((out[10 + e] as f64 - want2).abs() < 1e-5, "row 2: {} vs {want2}", out[10 + e]);
+        }
+        assert_eq!(out[0], v[199 * 5]);
+        assert_eq!(out[5], v[0]);
+    }
+}
+
+#[test]
+fn attention_masked_rows_and_empty_keys() {
+    use super::attention::{attention_head, portable, Mask};
+    let dims = HeadDims { queries: 2, depth: 3, keys: 70, width: 4 };
+    let mut rng = Rng(9);
+    let (q, k, v) = (rng.vec(6), rng.vec(210), rng.vec(280));
+    // Row 0 attends only to key 69 (in the second block); row 1 to no key at all.
+    let mut mask = vec![f32::NEG_INFINITY; 140];
+    mask[69] = 0.0;
+    let view = Mask { values: &mask, row_stride: 70, key_stride: 1 };
+    for kernel in [attention_head, portable] {
+        let mut out = vec![0f32; 8];
+        kernel(&q, &k, &v, Some(view), 0.5, dims, &mut out);
+        assert_eq!(&out[..4], &v[69 * 4..70 * 4], "row 0 must copy value row 69");
+        assert!(out[4..].iter().all(|x| x.is_nan()), "a row with every key masked gives NaN");
+
+        let mut out = vec![CANARY; 9];
+        let empty = HeadDims { keys: 0, ..dims };
+        kernel(&q, &[], &[], None, 0.5, empty, &mut out);
+        assert!(out[..8].iter().all(|&x| x == 0.0), "no keys gives zeros");
+        assert_eq!(out[8], CANARY, "no keys: wrote past out");
+    }
+}
+
+#[test]
+fn attention_nan_input_gives_nan_rows() {
+    use super::attention::{attention_head, portable, Mask};
+    let dims = HeadDims { queries: 5, depth: 4, keys: 20, width: 3 };
+    let mut rng = Rng(3);
+    let (mut q, k, v) = (rng.vec(20), rng.vec(80), rng.vec(60));
+    q[2 * 4 + 1] = f32::NAN;
+    for kernel in [attention_head, portable] {
+        let mut out = vec![0f32; 15];
+        kernel(&q, &k, &v, None::<Mask<'_>>, 1.0, dims, &mut out);
+        for (i, row) in out.chunks(3).enumerate() {
+            assert_eq!(row.iter().all(|x| x.is_nan()), i == 2, "row {i}: {row:?}");
+        }
+    }
+}
+
+#[test]
+#[should_panic]
+fn attention_rejects_mask_past_its_values() {
+    use super::attention::{attention_head, Mask};
+    let dims = HeadDims { queries: 2, depth: 1, keys: 8, width: 1 };
+    let mask = [0f32; 15];
+    let view = Mask { values: &mask, row_stride: 8, key_stride: 1 };
+    let mut out = [0f32; 2];
+    attention_head(&[1.0; 2], &[1.0; 8], &[1.0; 8], Some(view), 1.0, dims, &mut out);
+}

@@ -47,6 +47,8 @@ impl<'m> Session<'m, '_> {
             }
             #[cfg(feature = "op-layer-norm")]
             Op::LayerNorm { epsilon } => self.layer_norm(op, rec, epsilon, &x, &out, &out_shape),
+            #[cfg(feature = "op-attention")]
+            Op::Attention { scale } => self.attention(op, rec, scale, &out, &out_shape),
             #[cfg(feature = "op-softmax")]
             Op::Softmax { axis } => {
                 let axis = (axis as usize).min(out_shape.rank.saturating_sub(1));
@@ -370,6 +372,104 @@ impl<'m> Session<'m, '_> {
         );
         #[cfg(not(feature = "std"))]
         crate::kernels::matmul_batch(count, a_of, b_of, y, m, kk, n);
+        Ok(())
+    }
+
+    #[cfg(feature = "op-attention")]
+    fn attention(
+        &mut self,
+        op: u32,
+        rec: &OpRecord<'_>,
+        scale: f32,
+        out: &TensorEntry,
+        os: &Shape,
+    ) -> Result<()> {
+        use crate::kernels::attention::{attention_head, HeadDims, Mask};
+        let model = self.model;
+        let (q, kt, v) =
+            (model.tensor(rec.input(0))?, model.tensor(rec.input(1))?, model.tensor(rec.input(2))?);
+        let (sq, sk, sv) = (self.shape(&q, op)?, self.shape(&kt, op)?, self.shape(&v, op)?);
+        let last2 = |s: &Shape| (s.dims[s.rank - 2], s.dims[s.rank - 1]);
+        let ((queries, depth), (depth_k, keys), (keys_v, width)) =
+            (last2(&sq), last2(&sk), last2(&sv));
+        if depth_k != depth || keys_v != keys || last2(os) != (queries, width) {
+            return Err(Error::RuntimeShape { op, reason: "attention extents differ" });
+        }
+        let batch = |s: &Shape| Shape::from_slice(&s.as_slice()[..s.rank - 2]);
+        let bad = Error::RuntimeShape { op, reason: "attention batch axes do not broadcast" };
+        let (bq, bk, bv) = (batch(&sq).ok_or(bad)?, batch(&sk).ok_or(bad)?, batch(&sv).ok_or(bad)?);
+        let bo = batch(os).ok_or(bad)?;
+        if ![&bq, &bk, &bv].iter().all(|b| concrete_broadcasts_to(b, &bo)) {
+            return Err(bad);
+        }
+        let mask = match rec.input_count() > 3 && !is_absent(rec.input(3)) {
+            true => {
+                let m = model.tensor(rec.input(3))?;
+                let sm = self.shape(&m, op)?;
+                let mut dims = [0usize; MAX_RANK];
+                dims[..bo.rank].copy_from_slice(bo.as_slice());
+                dims[bo.rank] = queries;
+                dims[bo.rank + 1] = keys;
+                let scores = Shape::from_slice(&dims[..bo.rank + 2]).ok_or(bad)?;
+                if !concrete_broadcasts_to(&sm, &scores) {
+                    return Err(Error::RuntimeShape {
+                        op,
+                        reason: "the attention mask does not broadcast to the scores",
+                    });
+                }
+                Some((self.typed::<f32>(&m, sm.numel(), op)?, sm.broadcast_strides(&scores)))
+            }
+            false => None,
+        };
+        let xq = self.typed::<f32>(&q, sq.numel(), op)?;
+        let xk = self.typed::<f32>(&kt, sk.numel(), op)?;
+        let xv = self.typed::<f32>(&v, sv.numel(), op)?;
+        let y = self.typed_mut::<f32>(out, os.numel(), op)?;
+        let strides =
+            [bq.broadcast_strides(&bo), bk.broadcast_strides(&bo), bv.broadcast_strides(&bo)];
+        let dims = HeadDims { queries, depth, keys, width };
+        let sizes = [queries * depth, depth * keys, keys * width];
+        // Head `bi` reads q, k and v at the index that its position along the output's batch
+        // axes maps to through each operand's broadcast strides, and the mask likewise.
+        let head = |mut bi: usize, y: &mut [f32]| {
+            let mut at = [0usize; 3];
+            let mut mask_at = 0;
+            for ax in (0..bo.rank).rev() {
+                let i = bi % bo.dims[ax].max(1);
+                bi /= bo.dims[ax].max(1);
+                for (a, s) in at.iter_mut().zip(&strides) {
+                    *a += i * s[ax];
+                }
+                if let Some((_, ms)) = &mask {
+                    mask_at += i * ms[ax];
+                }
+            }
+            let (q, k, v) = (
+                &xq[at[0] * sizes[0]..][..sizes[0]],
+                &xk[at[1] * sizes[1]..][..sizes[1]],
+                &xv[at[2] * sizes[2]..][..sizes[2]],
+            );
+            let mask = mask.as_ref().map(|(values, ms)| Mask {
+                values: &values[mask_at..],
+                row_stride: ms[bo.rank],
+                key_stride: ms[bo.rank + 1],
+            });
+            attention_head(q, k, v, mask, scale, dims, y);
+        };
+        let count = bo.numel();
+        let len = queries * width;
+        #[cfg(feature = "std")]
+        {
+            let macs = count.saturating_mul(queries).saturating_mul(keys);
+            let macs = macs.saturating_mul(depth + width);
+            crate::kernels::parallel::for_each_part(self.threads, count, macs, len, y, &head);
+        }
+        #[cfg(not(feature = "std"))]
+        if len > 0 {
+            for (bi, part) in y[..count * len].chunks_exact_mut(len).enumerate() {
+                head(bi, part);
+            }
+        }
         Ok(())
     }
 
