@@ -2,15 +2,17 @@
 //! kernels they replace, and, where the CPU has integer kernels, int8 weights with int8 inputs
 //! quantized in groups of 32 (`linear_int8`) and per row (`linear_int8_rows`). Shapes are those
 //! of a 384-wide transformer (MiniLM): the feed-forward layers at 1 and 128 tokens, and one
-//! head's two attention products. Inputs start on 64-byte boundaries, as weights in a packed
-//! file and tensors in a session arena do.
+//! head's two attention products. Fused attention (`attention_head` and its portable version)
+//! runs one head at 128 and 512 tokens next to the unfused product, softmax and product. Inputs
+//! start on 64-byte boundaries, as weights in a packed file and tensors in a session arena do.
 //!
 //! Run with `cargo bench -p edgefold-runtime --bench kernels`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgefold_runtime::kernels::generic::{F32Rows, I8Rows};
+use edgefold_runtime::kernels::attention::{attention_head, portable, HeadDims};
+use edgefold_runtime::kernels::generic::{softmax, F32Rows, I8Rows};
 use edgefold_runtime::kernels::{
     int8_products_supported, linear_int8, linear_int8_rows, linear_with, matmul_with, Isa, Weights,
 };
@@ -126,5 +128,50 @@ fn bench_matmul_shape(c: &mut Criterion, m: usize, k: usize, n: usize) {
     group.finish();
 }
 
-criterion_group!(benches, bench_linear, bench_matmul);
+fn bench_attention(c: &mut Criterion) {
+    for seq in [128, 512] {
+        let (depth, width) = (32, 32);
+        let dims = HeadDims { queries: seq, depth, keys: seq, width };
+        let q = Aligned::new(&values(seq * depth, 6));
+        let k = Aligned::new(&values(depth * seq, 7));
+        let v = Aligned::new(&values(seq * width, 8));
+        let mask = Aligned::new(&vec![0f32; seq]);
+        let mut scores = Aligned::new(&vec![0f32; seq * seq]);
+        let mut probs = Aligned::new(&vec![0f32; seq * seq]);
+        let mut out = Aligned::new(&vec![0f32; seq * width]);
+        let scale = 1.0 / (depth as f32).sqrt();
+        let mut group = c.benchmark_group(format!("attention/{seq}x{depth}"));
+        group.throughput(Throughput::Elements((seq * seq * (depth + width)) as u64));
+        group.bench_function("fused", |bench| {
+            bench.iter(|| {
+                let (q, k, v) = (black_box(q.get()), black_box(k.get()), black_box(v.get()));
+                attention_head(q, k, v, None, scale, dims, out.get_mut())
+            })
+        });
+        group.bench_function("fused-portable", |bench| {
+            bench.iter(|| {
+                let (q, k, v) = (black_box(q.get()), black_box(k.get()), black_box(v.get()));
+                portable(q, k, v, None, scale, dims, out.get_mut())
+            })
+        });
+        // What the ops did before fusion: product, scale and mask, softmax, product.
+        let isa = Isa::best();
+        group.bench_function("unfused", |bench| {
+            bench.iter(|| {
+                let (q, k, v) = (black_box(q.get()), black_box(k.get()), black_box(v.get()));
+                matmul_with(isa, q, k, scores.get_mut(), seq, depth, seq);
+                for row in scores.get_mut().chunks_exact_mut(seq) {
+                    for (s, m) in row.iter_mut().zip(mask.get()) {
+                        *s = *s * scale + m;
+                    }
+                }
+                softmax(scores.get(), probs.get_mut(), seq, seq, 1);
+                matmul_with(isa, probs.get(), v, out.get_mut(), seq, seq, width)
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_linear, bench_matmul, bench_attention);
 criterion_main!(benches);

@@ -13,7 +13,7 @@
 //! only: the sums run in another order, and each output is scaled by the reciprocal of the
 //! softmax sum at the end instead of each probability.
 
-use super::generic::exp_approx;
+use super::generic::{exp_approx, max_lanes, mul_add, sum_lanes, vectorized};
 
 /// Query rows that share one pass over the keys.
 pub const ROWS: usize = 4;
@@ -99,12 +99,53 @@ pub fn attention_head(
     portable(q, k, v, mask, scale, dims, out);
 }
 
-/// The portable version of [`attention_head`], for every target.
-///
-/// # Panics
-///
-/// If a slice is shorter than `dims` implies, or the mask reaches past its values.
-pub fn portable(
+/// Keys, and value columns, per register tile of the portable version.
+const TILE: usize = 16;
+
+/// Whether the portable version uses fused multiply-adds: on aarch64, where every CPU has them
+/// and `f32::mul_add` (which needs `std`) compiles to one instruction.
+const FUSED: bool = cfg!(all(target_arch = "aarch64", feature = "std"));
+
+vectorized! {
+    /// The portable version of [`attention_head`], for every target. Scores and output rows are
+    /// computed in tiles of [`ROWS`] x 16 values, which the compiler keeps in vector registers.
+    ///
+    /// # Panics
+    ///
+    /// If a slice is shorter than `dims` implies, or the mask reaches past its values.
+    pub fn portable(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<Mask<'_>>,
+        scale: f32,
+        dims: HeadDims,
+        out: &mut [f32],
+    ) {
+        let HeadDims { queries, keys, width, .. } = dims;
+        let out = &mut out[..queries * width];
+        out.fill(0.0);
+        if keys == 0 {
+            return;
+        }
+        let mut first = 0;
+        while first < queries {
+            let rows = (queries - first).min(ROWS);
+            match rows {
+                4 => portable_rows::<4>(q, k, v, mask, scale, dims, out, first),
+                3 => portable_rows::<3>(q, k, v, mask, scale, dims, out, first),
+                2 => portable_rows::<2>(q, k, v, mask, scale, dims, out, first),
+                _ => portable_rows::<1>(q, k, v, mask, scale, dims, out, first),
+            }
+            first += rows;
+        }
+    }
+}
+
+/// Query rows `first..first + R` of one head, for [`portable`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn portable_rows<const R: usize>(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -112,67 +153,108 @@ pub fn portable(
     scale: f32,
     dims: HeadDims,
     out: &mut [f32],
+    first: usize,
 ) {
-    let HeadDims { queries, depth, keys, width } = dims;
-    let out = &mut out[..queries * width];
-    out.fill(0.0);
-    if keys == 0 {
-        return;
-    }
-    let mut scores = [[0f32; KEYS]; ROWS];
-    for first in (0..queries).step_by(ROWS) {
-        let rows = (queries - first).min(ROWS);
-        let mut largest = [f32::NEG_INFINITY; ROWS];
-        let mut sums = [0f32; ROWS];
-        for start in (0..keys).step_by(KEYS) {
-            let n = (keys - start).min(KEYS);
-            for (r, row) in scores.iter_mut().enumerate().take(rows) {
-                let row = &mut row[..n];
-                row.fill(0.0);
-                let qrow = &q[(first + r) * depth..][..depth];
-                for (d, &qv) in qrow.iter().enumerate() {
-                    for (s, &kv) in row.iter_mut().zip(&k[d * keys + start..][..n]) {
-                        *s += qv * kv;
-                    }
-                }
-                match mask {
-                    Some(m) => {
-                        let base = (first + r) * m.row_stride + start * m.key_stride;
-                        for (j, s) in row.iter_mut().enumerate() {
-                            *s = *s * scale + m.values[base + j * m.key_stride];
+    let HeadDims { depth, keys, width, .. } = dims;
+    let fma = mul_add::<FUSED>;
+    let qrows: [&[f32]; R] = core::array::from_fn(|r| &q[(first + r) * depth..][..depth]);
+    let mut scores = [[0f32; KEYS]; R];
+    let mut largest = [f32::NEG_INFINITY; R];
+    let mut sums = [0f32; R];
+    for start in (0..keys).step_by(KEYS) {
+        let n = (keys - start).min(KEYS);
+
+        // Scores, 16 keys at a time; a full tile has a fixed length so that it stays in registers.
+        for sub in (0..n).step_by(TILE) {
+            let m = (n - sub).min(TILE);
+            let mut acc = [[0f32; TILE]; R];
+            for d in 0..depth {
+                let krow = &k[d * keys + start + sub..];
+                if m == TILE {
+                    let kv = &krow[..TILE];
+                    for r in 0..R {
+                        let qv = qrows[r][d];
+                        for c in 0..TILE {
+                            acc[r][c] = fma(qv, kv[c], acc[r][c]);
                         }
                     }
-                    None => row.iter_mut().for_each(|s| *s *= scale),
-                }
-                let block_max =
-                    row.iter().fold(f32::NEG_INFINITY, |a, &s| if s > a { s } else { a });
-                let top = if block_max > largest[r] { block_max } else { largest[r] };
-                // While every score so far is negative infinity, shifting by 0 keeps the
-                // exponentials at 0 instead of NaN, so that a later finite score still counts.
-                let shift = if top == f32::NEG_INFINITY { 0.0 } else { top };
-                let rescale = exp_approx(largest[r] - shift);
-                let mut sum = 0.0;
-                for s in row.iter_mut() {
-                    *s = exp_approx(*s - shift);
-                    sum += *s;
-                }
-                sums[r] = sums[r] * rescale + sum;
-                largest[r] = top;
-                let orow = &mut out[(first + r) * width..][..width];
-                if rescale != 1.0 {
-                    orow.iter_mut().for_each(|o| *o *= rescale);
-                }
-                for (j, &p) in row.iter().enumerate() {
-                    for (o, &x) in orow.iter_mut().zip(&v[(start + j) * width..][..width]) {
-                        *o += p * x;
+                } else {
+                    let kv = &krow[..m];
+                    for r in 0..R {
+                        let qv = qrows[r][d];
+                        for c in 0..m {
+                            acc[r][c] = fma(qv, kv[c], acc[r][c]);
+                        }
                     }
                 }
             }
+            for r in 0..R {
+                scores[r][sub..sub + m].copy_from_slice(&acc[r][..m]);
+            }
         }
-        for (r, &sum) in sums.iter().enumerate().take(rows) {
-            let inv = 1.0 / sum;
-            out[(first + r) * width..][..width].iter_mut().for_each(|o| *o *= inv);
+
+        // Scale, mask and the running softmax.
+        let mut rescale = [1f32; R];
+        for r in 0..R {
+            let row = &mut scores[r][..n];
+            match mask {
+                Some(m) => {
+                    let base = (first + r) * m.row_stride + start * m.key_stride;
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = fma(*s, scale, m.values[base + j * m.key_stride]);
+                    }
+                }
+                None => row.iter_mut().for_each(|s| *s *= scale),
+            }
+            let block_max = max_lanes(row);
+            let top = if block_max > largest[r] { block_max } else { largest[r] };
+            // While every score so far is negative infinity, shifting by 0 keeps the
+            // exponentials at 0 instead of NaN, so that a later finite score still counts.
+            let shift = if top == f32::NEG_INFINITY { 0.0 } else { top };
+            rescale[r] = exp_approx(largest[r] - shift);
+            largest[r] = top;
+            row.iter_mut().for_each(|s| *s = exp_approx(*s - shift));
+            sums[r] = sums[r] * rescale[r] + sum_lanes(row, |s| s);
         }
+
+        // Output rows += probabilities x value rows, 16 columns at a time.
+        for col in (0..width).step_by(TILE) {
+            let w = (width - col).min(TILE);
+            let mut o = [[0f32; TILE]; R];
+            for r in 0..R {
+                let orow = &out[(first + r) * width + col..][..w];
+                for c in 0..w {
+                    o[r][c] = orow[c] * rescale[r];
+                }
+            }
+            for j in 0..n {
+                let vrow = &v[(start + j) * width + col..];
+                if w == TILE {
+                    let vv = &vrow[..TILE];
+                    for r in 0..R {
+                        let p = scores[r][j];
+                        for c in 0..TILE {
+                            o[r][c] = fma(p, vv[c], o[r][c]);
+                        }
+                    }
+                } else {
+                    let vv = &vrow[..w];
+                    for r in 0..R {
+                        let p = scores[r][j];
+                        for c in 0..w {
+                            o[r][c] = fma(p, vv[c], o[r][c]);
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                out[(first + r) * width + col..][..w].copy_from_slice(&o[r][..w]);
+            }
+        }
+    }
+    for r in 0..R {
+        let inv = 1.0 / sums[r];
+        out[(first + r) * width..][..width].iter_mut().for_each(|o| *o *= inv);
     }
 }
 
@@ -188,9 +270,24 @@ mod avx512 {
     /// Vectors of 16 lanes per key block.
     const VECS: usize = KEYS / 16;
 
-    /// [`super::attention_head`] with AVX-512: [`ROWS`] query rows at a time, their scores for a
-    /// block of keys in 16 registers, and the value rows in chunks of up to 64 columns with the
-    /// output rows in registers.
+    /// Query rows that take turns on one block of keys while its keys and values stay in the L1
+    /// cache: four tiles of [`ROWS`].
+    const GROUP: usize = 4 * ROWS;
+
+    /// Running softmax of one tile of query rows.
+    #[derive(Clone, Copy)]
+    struct Running {
+        /// Largest score so far per row.
+        largest: [f32; ROWS],
+        /// Per row, 16 partial sums of the exponentials relative to `largest`.
+        sums: [__m512; ROWS],
+    }
+
+    /// [`super::attention_head`] with AVX-512. Groups of [`GROUP`] query rows go through the keys
+    /// block by block; within a group, each tile of [`ROWS`] rows keeps its scores for a block
+    /// of keys in 16 registers, and its output rows in registers while the block's value rows
+    /// are added, in chunks of up to 64 columns. Reading each block of keys and values once per
+    /// group instead of once per tile keeps the loads in the L1 cache.
     ///
     /// # Safety
     ///
@@ -206,19 +303,43 @@ mod avx512 {
         dims: HeadDims,
         out: &mut [f32],
     ) {
+        let HeadDims { queries, keys, width, .. } = dims;
+        let start_state =
+            Running { largest: [f32::NEG_INFINITY; ROWS], sums: [_mm512_setzero_ps(); ROWS] };
         let mut first = 0;
-        while first < dims.queries {
-            let rows = (dims.queries - first).min(ROWS);
-            // SAFETY: rows `first..first + rows` exist; the caller's guarantees cover the rest.
-            unsafe {
-                match rows {
-                    4 => block::<4>(q, k, v, mask, scale, dims, out, first),
-                    3 => block::<3>(q, k, v, mask, scale, dims, out, first),
-                    2 => block::<2>(q, k, v, mask, scale, dims, out, first),
-                    _ => block::<1>(q, k, v, mask, scale, dims, out, first),
+        while first < queries {
+            let group = (queries - first).min(GROUP);
+            out[first * width..(first + group) * width].fill(0.0);
+            let mut states = [start_state; GROUP / ROWS];
+            let mut start = 0;
+            while start < keys {
+                let mut row = 0;
+                for state in states.iter_mut() {
+                    let rows = (group - row).min(ROWS);
+                    let at = first + row;
+                    // SAFETY: rows `at..at + rows` exist; the caller's guarantees cover the
+                    // rest.
+                    unsafe {
+                        match rows {
+                            0 => break,
+                            4 => tile::<4>(q, k, v, mask, scale, dims, out, at, start, state),
+                            3 => tile::<3>(q, k, v, mask, scale, dims, out, at, start, state),
+                            2 => tile::<2>(q, k, v, mask, scale, dims, out, at, start, state),
+                            _ => tile::<1>(q, k, v, mask, scale, dims, out, at, start, state),
+                        }
+                    }
+                    row += rows;
                 }
+                start += KEYS;
             }
-            first += rows;
+            for (i, orow) in out[first * width..(first + group) * width]
+                .chunks_exact_mut(width.max(1))
+                .enumerate()
+            {
+                let inv = 1.0 / _mm512_reduce_add_ps(states[i / ROWS].sums[i % ROWS]);
+                orow.iter_mut().for_each(|o| *o *= inv);
+            }
+            first += group;
         }
     }
 
@@ -232,14 +353,15 @@ mod avx512 {
         }
     }
 
-    /// Query rows `first..first + R` of one head.
+    /// Adds the keys `start..start + KEYS` (fewer at the end) to query rows `first..first + R`:
+    /// their scores, the running softmax in `state`, and the weighted value rows in `out`.
     ///
     /// # Safety
     ///
-    /// As [`head`], and `first + R <= dims.queries`.
+    /// As [`head`], `first + R <= dims.queries` and `start < dims.keys`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn block<const R: usize>(
+    unsafe fn tile<const R: usize>(
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -248,137 +370,141 @@ mod avx512 {
         dims: HeadDims,
         out: &mut [f32],
         first: usize,
+        start: usize,
+        state: &mut Running,
     ) {
         let HeadDims { depth, keys, width, .. } = dims;
-        let mut probs = [[0f32; KEYS]; ROWS];
-        let mut largest = [f32::NEG_INFINITY; R];
-        let mut sums = [0f32; R];
+        let mut probs = [[0f32; KEYS]; R];
         // SAFETY (whole block): every pointer that is read or written through stays inside its
         // slice: rows `first..first + R` of `q` and `out`, rows `0..depth` of `k` and keys
-        // `0..keys` of `v` and the mask, whose reach the caller checked. Lanes past the end of a
-        // block or a row are masked off, and their addresses are formed with `wrapping_add`.
+        // `start..start + n` of `k`, `v` and the mask, whose reach the caller checked. Lanes
+        // past the end of a block or a row are masked off, and their addresses are formed with
+        // `wrapping_add`.
         unsafe {
             let (qp, kp, vp) = (q.as_ptr().add(first * depth), k.as_ptr(), v.as_ptr());
             let op = out.as_mut_ptr().add(first * width);
-            for r in 0..R {
-                core::ptr::write_bytes(op.add(r * width), 0, width);
+            let n = (keys - start).min(KEYS);
+            let masks: [__mmask16; VECS] =
+                core::array::from_fn(|c| lanes(n.saturating_sub(16 * c)));
+
+            // Scores: acc[r][c] contains keys start + 16c .. start + 16c + 16 of row r.
+            let mut acc = [[_mm512_setzero_ps(); VECS]; R];
+            for d in 0..depth {
+                let krow = kp.add(d * keys + start);
+                let kv: [__m512; VECS] = core::array::from_fn(|c| {
+                    _mm512_maskz_loadu_ps(masks[c], krow.wrapping_add(16 * c))
+                });
+                for r in 0..R {
+                    let qv = _mm512_set1_ps(*qp.add(r * depth + d));
+                    for c in 0..VECS {
+                        acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
+                    }
+                }
             }
+
+            // Scale, mask and block maxima. Each stage runs over all rows before the next, so
+            // that the rows' chains of reductions and exponentials overlap.
             let scale_v = _mm512_set1_ps(scale);
             let minus_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut start = 0;
-            while start < keys {
-                let n = (keys - start).min(KEYS);
-                let masks: [__mmask16; VECS] =
-                    core::array::from_fn(|c| lanes(n.saturating_sub(16 * c)));
-                // Scores: acc[r][c] contains keys start + 16c .. start + 16c + 16 of row r.
-                let mut acc = [[_mm512_setzero_ps(); VECS]; R];
-                for d in 0..depth {
-                    let krow = kp.add(d * keys + start);
-                    let kv: [__m512; VECS] = core::array::from_fn(|c| {
-                        _mm512_maskz_loadu_ps(masks[c], krow.wrapping_add(16 * c))
-                    });
-                    for r in 0..R {
-                        let qv = _mm512_set1_ps(*qp.add(r * depth + d));
-                        for c in 0..VECS {
-                            acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
-                        }
-                    }
-                }
-                let mut rescale = [1f32; R];
-                for r in 0..R {
-                    for c in 0..VECS {
-                        let s = match mask {
-                            Some(m) => {
-                                let base = m.values.as_ptr().add((first + r) * m.row_stride);
-                                let mv = if m.key_stride == 0 {
-                                    _mm512_set1_ps(*base)
-                                } else {
-                                    let at = base.wrapping_add(start + 16 * c);
-                                    _mm512_maskz_loadu_ps(masks[c], at)
-                                };
-                                _mm512_fmadd_ps(acc[r][c], scale_v, mv)
-                            }
-                            None => _mm512_mul_ps(acc[r][c], scale_v),
-                        };
-                        acc[r][c] = _mm512_mask_blend_ps(masks[c], minus_inf, s);
-                    }
-                    let top_v = _mm512_max_ps(
-                        _mm512_max_ps(acc[r][0], acc[r][1]),
-                        _mm512_max_ps(acc[r][2], acc[r][3]),
-                    );
-                    let block_max = _mm512_reduce_max_ps(top_v);
-                    let top = if block_max > largest[r] { block_max } else { largest[r] };
-                    let shift = if top == f32::NEG_INFINITY { 0.0 } else { top };
-                    rescale[r] = super::exp_approx(largest[r] - shift);
-                    largest[r] = top;
-                    let shift_v = _mm512_set1_ps(shift);
-                    let mut sum_v = _mm512_setzero_ps();
-                    for c in 0..VECS {
-                        let p = exp(_mm512_sub_ps(acc[r][c], shift_v));
-                        sum_v = _mm512_add_ps(sum_v, p);
-                        _mm512_storeu_ps(probs[r].as_mut_ptr().add(16 * c), p);
-                    }
-                    sums[r] = sums[r] * rescale[r] + _mm512_reduce_add_ps(sum_v);
-                }
-                // Output rows += probabilities x value rows, in chunks of up to 64 columns.
-                let mut col = 0;
-                while col < width {
-                    let w = (width - col).min(16 * VECS);
-                    let wm: [__mmask16; VECS] =
-                        core::array::from_fn(|c| lanes(w.saturating_sub(16 * c)));
-                    let chunks = w.div_ceil(16);
-                    let mut o = [[_mm512_setzero_ps(); VECS]; R];
-                    for r in 0..R {
-                        let f = _mm512_set1_ps(rescale[r]);
-                        for c in 0..chunks {
-                            let at = op.add(r * width + col + 16 * c);
-                            o[r][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(wm[c], at), f);
-                        }
-                    }
-                    for j in 0..n {
-                        let vrow = vp.add((start + j) * width + col);
-                        let mut vv = [_mm512_setzero_ps(); VECS];
-                        for c in 0..chunks {
-                            vv[c] = _mm512_maskz_loadu_ps(wm[c], vrow.add(16 * c));
-                        }
-                        for r in 0..R {
-                            let p = _mm512_set1_ps(probs[r][j]);
-                            for c in 0..chunks {
-                                o[r][c] = _mm512_fmadd_ps(p, vv[c], o[r][c]);
-                            }
-                        }
-                    }
-                    for r in 0..R {
-                        for c in 0..chunks {
-                            let at = op.add(r * width + col + 16 * c);
-                            _mm512_mask_storeu_ps(at, wm[c], o[r][c]);
-                        }
-                    }
-                    col += w;
-                }
-                start += n;
-            }
+            let mut block_max = [0f32; R];
             for r in 0..R {
-                let inv = _mm512_set1_ps(1.0 / sums[r]);
-                let mut col = 0;
-                while col < width {
-                    let m = lanes(width - col);
-                    let at = op.add(r * width + col);
-                    _mm512_mask_storeu_ps(at, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, at), inv));
-                    col += 16;
+                for c in 0..VECS {
+                    let s = match mask {
+                        Some(m) => {
+                            let base = m.values.as_ptr().add((first + r) * m.row_stride);
+                            let mv = if m.key_stride == 0 {
+                                _mm512_set1_ps(*base)
+                            } else {
+                                let at = base.wrapping_add(start + 16 * c);
+                                _mm512_maskz_loadu_ps(masks[c], at)
+                            };
+                            _mm512_fmadd_ps(acc[r][c], scale_v, mv)
+                        }
+                        None => _mm512_mul_ps(acc[r][c], scale_v),
+                    };
+                    acc[r][c] = _mm512_mask_blend_ps(masks[c], minus_inf, s);
                 }
+                let top_v = _mm512_max_ps(
+                    _mm512_max_ps(acc[r][0], acc[r][1]),
+                    _mm512_max_ps(acc[r][2], acc[r][3]),
+                );
+                block_max[r] = _mm512_reduce_max_ps(top_v);
+            }
+
+            // The rescale factors exp(old largest - new shift) of all rows in one vector.
+            let mut shifts = [0f32; 16];
+            let mut moved = [0f32; 16];
+            for r in 0..R {
+                let old = state.largest[r];
+                let top = if block_max[r] > old { block_max[r] } else { old };
+                // While every score so far is negative infinity, shifting by 0 keeps the
+                // exponentials at 0 instead of NaN, so that a later finite score still counts.
+                shifts[r] = if top == f32::NEG_INFINITY { 0.0 } else { top };
+                moved[r] = old - shifts[r];
+                state.largest[r] = top;
+            }
+            let mut rescale = [0f32; 16];
+            _mm512_storeu_ps(rescale.as_mut_ptr(), exp(_mm512_loadu_ps(moved.as_ptr())));
+            for r in 0..R {
+                let shift_v = _mm512_set1_ps(shifts[r]);
+                let mut sum = _mm512_mul_ps(state.sums[r], _mm512_set1_ps(rescale[r]));
+                for c in 0..VECS {
+                    let p = exp(_mm512_sub_ps(acc[r][c], shift_v));
+                    sum = _mm512_add_ps(sum, p);
+                    _mm512_storeu_ps(probs[r].as_mut_ptr().add(16 * c), p);
+                }
+                state.sums[r] = sum;
+            }
+
+            // Output rows += probabilities x value rows, in chunks of up to 64 columns.
+            let mut col = 0;
+            while col < width {
+                let w = (width - col).min(16 * VECS);
+                let wm: [__mmask16; VECS] =
+                    core::array::from_fn(|c| lanes(w.saturating_sub(16 * c)));
+                let chunks = w.div_ceil(16);
+                let mut o = [[_mm512_setzero_ps(); VECS]; R];
+                for r in 0..R {
+                    let f = _mm512_set1_ps(rescale[r]);
+                    for c in 0..chunks {
+                        let at = op.add(r * width + col + 16 * c);
+                        o[r][c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(wm[c], at), f);
+                    }
+                }
+                for j in 0..n {
+                    let vrow = vp.add((start + j) * width + col);
+                    let mut vv = [_mm512_setzero_ps(); VECS];
+                    for c in 0..chunks {
+                        vv[c] = _mm512_maskz_loadu_ps(wm[c], vrow.add(16 * c));
+                    }
+                    for r in 0..R {
+                        let p = _mm512_set1_ps(probs[r][j]);
+                        for c in 0..chunks {
+                            o[r][c] = _mm512_fmadd_ps(p, vv[c], o[r][c]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for c in 0..chunks {
+                        let at = op.add(r * width + col + 16 * c);
+                        _mm512_mask_storeu_ps(at, wm[c], o[r][c]);
+                    }
+                }
+                col += w;
             }
         }
     }
 
-    /// [`exp_approx`](super::exp_approx) on 16 lanes, with the same constants and fused steps, so
-    /// each lane matches the scalar function compiled with FMA.
+    /// [`exp_approx`](super::exp_approx) on 16 lanes for the arguments of a softmax, which are at
+    /// most 0 (scores minus their maximum), negative infinity or NaN. The constants and fused
+    /// steps are the scalar function's, but `vscalefps` applies the power of two, and the upper
+    /// clamp is left out.
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
         // SAFETY: the caller runs on a CPU with AVX-512F.
         unsafe {
-            let clamped =
-                _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33)), _mm512_set1_ps(88.37));
+            // With x second, a NaN lane stays NaN through the max and every later step.
+            let clamped = _mm512_max_ps(_mm512_set1_ps(-87.33), x);
             let round = _mm512_set1_ps(12_582_912.0);
             let t = _mm512_fmadd_ps(clamped, _mm512_set1_ps(core::f32::consts::LOG2_E), round);
             let n = _mm512_sub_ps(t, round);
@@ -389,23 +515,9 @@ mod avx512 {
                 p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
             }
             let e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
-            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000)),
-                _mm512_set1_epi32(127),
-            ));
-            let value = _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
-            let value = _mm512_mask_blend_ps(
-                _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(88.37)),
-                value,
-                _mm512_set1_ps(f32::INFINITY),
-            );
-            let value = _mm512_mask_blend_ps(
-                _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-87.33)),
-                value,
-                _mm512_setzero_ps(),
-            );
-            // NaN lanes keep x.
-            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), value, x)
+            // Lanes below the clamp (negative infinity among them) give 0; NaN lanes pass.
+            let kept = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-87.33));
+            _mm512_maskz_scalef_ps(kept, e, n)
         }
     }
 }

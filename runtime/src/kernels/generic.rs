@@ -38,6 +38,7 @@ macro_rules! vectorized {
         }
     };
 }
+pub(crate) use vectorized;
 
 /// Columns of weights dequantized at once into a stack buffer by [`linear`].
 pub const LINEAR_CHUNK: usize = 256;
@@ -524,7 +525,7 @@ pub const LANES: usize = 16;
 /// Returns `Σ f(v)` over `x`, summed in [`LANES`] interleaved partial sums (element `i` goes to
 /// sum `i % LANES`), which are then added in order. Unlike one running sum, the loop vectorizes.
 #[inline(always)]
-fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(crate) fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -541,7 +542,7 @@ fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// Returns the largest value of `x` that is not NaN, or -∞ if there is none.
 #[inline(always)]
-fn max_lanes(x: &[f32]) -> f32 {
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -646,7 +647,7 @@ pub fn exp_approx(x: f32) -> f32 {
 /// Returns `a · b + c`: with one rounding where `FUSED` (for code compiled with an FMA
 /// instruction; needs `std`), otherwise with two.
 #[inline(always)]
-fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn mul_add<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     #[cfg(feature = "std")]
     if FUSED {
         return a.mul_add(b, c);
