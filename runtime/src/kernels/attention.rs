@@ -64,7 +64,9 @@ impl Mask<'_> {
 /// of the scores' matrix product). A row whose scores are all negative infinity gives NaN, as the
 /// unfused softmax does.
 ///
-/// Runs the AVX-512 version where the CPU has it.
+/// Runs the AVX-512 version where the CPU has it, else [`portable`].
+/// NOTE: on aarch64 and on CPUs with AVX2 but not AVX-512, the portable version replaced two
+/// calls of their SIMD `matmul`. It was not timed there, so it may be slower.
 ///
 /// # Panics
 ///
@@ -284,10 +286,10 @@ mod avx512 {
     }
 
     /// [`super::attention_head`] with AVX-512. Groups of [`GROUP`] query rows go through the keys
-    /// block by block; within a group, each tile of [`ROWS`] rows keeps its scores for a block
-    /// of keys in 16 registers, and its output rows in registers while the block's value rows
-    /// are added, in chunks of up to 64 columns. Reading each block of keys and values once per
-    /// group instead of once per tile keeps the loads in the L1 cache.
+    /// block by block, so each block of keys and values is read once per group and stays in the
+    /// L1 cache while the group's tiles of [`ROWS`] rows use it. A tile keeps its scores for a
+    /// block in 16 registers. Its output rows stay in registers while the block's value rows
+    /// are added, in chunks of up to 64 columns.
     ///
     /// # Safety
     ///
