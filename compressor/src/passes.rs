@@ -449,7 +449,7 @@ mod tests {
     use crate::ir::{Node, Value};
     use crate::tensor::HostTensor;
 
-    /// How the scores reach the softmax in a test graph.
+    /// Scaling step between the scores and the softmax of a test graph.
     #[derive(Clone, Copy, PartialEq)]
     enum Scale {
         None,
@@ -476,6 +476,7 @@ mod tests {
                 data,
             })
         };
+
         let q = value(&mut g, "q", &[2, 3, 5, 4]);
         let k = value(&mut g, "k", &[2, 3, 4, 7]);
         let v = value(&mut g, "v", &[2, 3, 7, 6]);
@@ -492,6 +493,7 @@ mod tests {
             });
             out
         };
+
         let scores = [2, 3, 5, 7];
         let mut x = node(&mut g, Op::MatMul, vec![q, k], &scores);
         let two = g.add_const("two".into(), vec![], Storage::F32(vec![2.0]));

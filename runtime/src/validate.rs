@@ -258,8 +258,8 @@ fn check_shapes(
             ensure(last2(so) == (queries, width), "attention output extents differ")?;
             let batch = |s: &[Dim]| s.len() - 2;
             let bo = &so[..batch(so)];
-            let each = [&sq[..batch(sq)], &sk[..batch(sk)], &sv[..batch(sv)]];
-            ensure(each.iter().all(|b| expands_to(b, bo)), "batch axes do not broadcast")?;
+            let operands = [&sq[..batch(sq)], &sk[..batch(sk)], &sv[..batch(sv)]];
+            ensure(operands.iter().all(|b| expands_to(b, bo)), "batch axes do not broadcast")?;
             if n_in > 3 {
                 if let Ok(mask) = input(3) {
                     ensure(mask.dtype == DType::F32, "the attention mask must be f32")?;

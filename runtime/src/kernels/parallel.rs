@@ -14,10 +14,10 @@
 //! and int8 weights, from 64 rows) is split into parts of at least 64 rows, with fewer parts
 //! where needed, so that every part takes it too.
 //! NOTE: such a call of 64 to 127 rows therefore runs on one thread, also with the int8 x int8
-//! kernel, which would not need it (MiniLM f32 at 100 tokens on 2 threads: 12.8 ms before this
-//! rule, 16 to 18 ms with it, on the Xeon of BENCHMARKS.md). The exception is the one the note on [`linear`]
-//! describes: with int4 and f16 weights below that kernel, a part with fewer rows can round
-//! differently. Results for a given thread count repeat exactly.
+//! kernel, which would not need it. MiniLM f32 at 100 tokens on 2 threads took 12.8 ms before
+//! this rule and 16 to 18 ms with it, on the Xeon of BENCHMARKS.md. The exception is the one the
+//! note on [`linear`] describes: with int4 and f16 weights below that kernel, a part with fewer
+//! rows can round differently. Results for a given thread count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
 use super::{linear, matmul_batch, pool, Weights};

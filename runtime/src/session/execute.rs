@@ -395,6 +395,7 @@ impl<'m> Session<'m, '_> {
         if depth_k != depth || keys_v != keys || last2(os) != (queries, width) {
             return Err(Error::RuntimeShape { op, reason: "attention extents differ" });
         }
+
         let batch = |s: &Shape| Shape::from_slice(&s.as_slice()[..s.rank - 2]);
         let bad = Error::RuntimeShape { op, reason: "attention batch axes do not broadcast" };
         let (bq, bk, bv) = (batch(&sq).ok_or(bad)?, batch(&sk).ok_or(bad)?, batch(&sv).ok_or(bad)?);
@@ -421,6 +422,7 @@ impl<'m> Session<'m, '_> {
             }
             false => None,
         };
+
         let xq = self.typed::<f32>(&q, sq.numel(), op)?;
         let xk = self.typed::<f32>(&kt, sk.numel(), op)?;
         let xv = self.typed::<f32>(&v, sv.numel(), op)?;
@@ -456,6 +458,7 @@ impl<'m> Session<'m, '_> {
             });
             attention_head(q, k, v, mask, scale, dims, y);
         };
+
         let count = bo.numel();
         let len = queries * width;
         #[cfg(feature = "std")]
