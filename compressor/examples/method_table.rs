@@ -120,7 +120,7 @@ fn linear_weight_bytes(graph: &Graph) -> usize {
     let mut weights: Vec<usize> = graph
         .nodes
         .iter()
-        .filter(|n| n.op == Op::Linear)
+        .filter(|n| matches!(n.op, Op::Linear { .. }))
         .filter_map(|n| n.inputs.get(1).copied().flatten())
         .filter(|&w| graph.is_const(w))
         .collect();
@@ -152,7 +152,7 @@ fn factorize_fraction(
             nodes.push(node);
             continue;
         };
-        let (Op::Linear, Some(Storage::F32(data)), [n, k]) =
+        let (Op::Linear { .. }, Some(Storage::F32(data)), [n, k]) =
             (node.op, &graph.values[w].data, graph.values[w].shape.as_slice())
         else {
             nodes.push(node);
@@ -186,7 +186,7 @@ fn factorize_fraction(
         });
         nodes.push(Node {
             name: format!("{}.right", node.name),
-            op: Op::Linear,
+            op: Op::Linear { activation: None },
             inputs: vec![Some(x), Some(right)],
             outputs: vec![mid],
         });
@@ -194,7 +194,8 @@ fn factorize_fraction(
         inputs.extend(node.inputs.get(2).copied());
         nodes.push(Node {
             name: format!("{}.left", node.name),
-            op: Op::Linear,
+            // The activation, if any, applies to the product of both factors.
+            op: node.op,
             inputs,
             outputs: node.outputs,
         });

@@ -71,7 +71,7 @@ pub fn linear_inputs(graph: &Graph) -> Vec<ValueId> {
     let mut ids: Vec<ValueId> = graph
         .nodes
         .iter()
-        .filter(|n| n.op == Op::Linear)
+        .filter(|n| matches!(n.op, Op::Linear { .. }))
         .filter_map(|n| n.inputs[0])
         .filter(|&v| !graph.is_const(v))
         .collect();

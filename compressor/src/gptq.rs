@@ -79,7 +79,7 @@ pub fn quantize_linear_gptq(
 ) -> Result<usize, SpectrumError> {
     let mut jobs: Vec<(usize, usize, usize, usize)> = Vec::new();
     for node in &graph.nodes {
-        if node.op != Op::Linear {
+        if !matches!(node.op, Op::Linear { .. }) {
             continue;
         }
         let (Some(x), Some(w)) = (node.inputs[0], node.inputs[1]) else { continue };

@@ -1,29 +1,34 @@
 //! Graph rewrites after import: fusing the element-wise patterns exporters emit for GELU and layer
-//! normalization into single ops, folding bias additions into the preceding linear op, and
-//! fusing scaled dot-product attention (matrix product, scale, mask, softmax, matrix product)
-//! into one op.
+//! normalization into single ops, folding bias additions and activations into the preceding
+//! linear op, and fusing scaled dot-product attention (matrix product, scale, mask, softmax,
+//! matrix product) into one op.
 
 use edgefold_runtime::format::Dim;
-use edgefold_runtime::ops::{BinaryKind, Op, ReduceKind, UnaryKind};
+use edgefold_runtime::ops::{Activation, BinaryKind, Op, ReduceKind, UnaryKind};
 use edgefold_runtime::shape::expands_to;
 
 use crate::ir::{Graph, Storage, ValueId};
 
 /// Runs every fusion and removes what they leave unused. Returns how many of each were fused.
 pub fn fuse(graph: &mut Graph) -> FuseCounts {
-    let counts = FuseCounts {
+    let mut counts = FuseCounts {
         gelu: fuse_gelu(graph),
         layer_norm: fuse_layer_norm(graph),
         bias: fuse_bias(graph),
         attention: fuse_attention(graph),
+        activation: 0,
     };
+    // The nodes the GELU rewrite leaves unused still read the product it starts from.
+    graph.prune();
+    counts.activation = fuse_activation(graph);
     graph.prune();
     log::debug!(
-        "fused {} GELU, {} layer norm, {} bias additions, {} attention",
+        "fused {} GELU, {} layer norm, {} bias additions, {} attention, {} activations",
         counts.gelu,
         counts.layer_norm,
         counts.bias,
-        counts.attention
+        counts.attention,
+        counts.activation
     );
     counts
 }
@@ -39,6 +44,8 @@ pub struct FuseCounts {
     pub bias: usize,
     /// Attention patterns (one per layer of heads).
     pub attention: usize,
+    /// Element-wise functions folded into the linear op before them.
+    pub activation: usize,
 }
 
 /// The single f32 value of a constant with one element.
@@ -270,7 +277,9 @@ fn fuse_bias(graph: &mut Graph) -> usize {
     {
         let g = View::new(graph);
         for (n, node) in graph.nodes.iter().enumerate() {
-            if node.op != Op::Linear || node.inputs.get(2).copied().flatten().is_some() {
+            if !matches!(node.op, Op::Linear { .. })
+                || node.inputs.get(2).copied().flatten().is_some()
+            {
                 continue;
             }
             let out = node.outputs[0];
@@ -296,6 +305,40 @@ fn fuse_bias(graph: &mut Graph) -> usize {
         node.inputs.push(Some(b));
         node.outputs = vec![add_out];
         removed[add] = true;
+    }
+    let mut i = 0;
+    graph.nodes.retain(|_| {
+        i += 1;
+        !removed[i - 1]
+    });
+    count
+}
+
+/// Folds a Unary node into the Linear node before it when the Unary is the only reader of the
+/// product: the Linear then writes the Unary's output. Runs after [`fuse_bias`], so a bias
+/// addition between the two is already part of the Linear.
+fn fuse_activation(graph: &mut Graph) -> usize {
+    let mut rewrites = Vec::new();
+    {
+        let g = View::new(graph);
+        for (n, node) in graph.nodes.iter().enumerate() {
+            if node.op != (Op::Linear { activation: None }) {
+                continue;
+            }
+            let Some(u) = g.sole_consumer(node.outputs[0]) else { continue };
+            if let Op::Unary { kind, alpha, beta } = graph.nodes[u].op {
+                rewrites.push((n, u, Activation { kind, alpha, beta }));
+            }
+        }
+    }
+    let count = rewrites.len();
+    let mut removed = vec![false; graph.nodes.len()];
+    for (n, u, activation) in rewrites {
+        let out = graph.nodes[u].outputs[0];
+        let node = &mut graph.nodes[n];
+        node.op = Op::Linear { activation: Some(activation) };
+        node.outputs = vec![out];
+        removed[u] = true;
     }
     let mut i = 0;
     graph.nodes.retain(|_| {
@@ -570,6 +613,112 @@ mod tests {
             let mut fused = g.clone();
             assert_eq!(fuse_attention(&mut fused), 0);
             assert_eq!(fused, g);
+        }
+    }
+
+    /// How the product of an activation test graph is read besides the Unary.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Reader {
+        /// Only the Unary reads it.
+        Unary,
+        /// It is also a graph output.
+        Output,
+        /// An Add reads it too.
+        Add,
+        /// A second Unary follows the first.
+        TwoUnary,
+    }
+
+    /// x `[3, 5]` through a Linear with a `[4, 5]` weight and a bias, then `act`, as a graph
+    /// whose product is read as `reader` says.
+    fn linear_graph(act: Op, reader: Reader) -> Graph {
+        let mut g = Graph::default();
+        let shape = vec![Dim::constant(3), Dim::constant(4)];
+        let value = |g: &mut Graph, name: &str, shape: Vec<Dim>| {
+            g.add_value(Value {
+                name: name.into(),
+                dtype: edgefold_runtime::DType::F32,
+                shape,
+                data: None,
+            })
+        };
+        let x = value(&mut g, "x", vec![Dim::constant(3), Dim::constant(5)]);
+        g.inputs = vec![x];
+        let w: Vec<f32> = (0..20).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
+        let w = g.add_const("w".into(), vec![4, 5], Storage::F32(w));
+        let b = g.add_const("b".into(), vec![4], Storage::F32(vec![0.5, -1.0, 0.0, 2.0]));
+        let product = value(&mut g, "product", shape.clone());
+        let y = value(&mut g, "y", shape.clone());
+        let node = |name: &str, op: Op, inputs: Vec<ValueId>, out: ValueId| Node {
+            name: name.into(),
+            op,
+            inputs: inputs.into_iter().map(Some).collect(),
+            outputs: vec![out],
+        };
+        let linear = Op::Linear { activation: None };
+        g.nodes.push(node("fc", linear, vec![x, w, b], product));
+        g.nodes.push(node("act", act, vec![product], y));
+        g.outputs = vec![y];
+        match reader {
+            Reader::Unary => {}
+            Reader::Output => g.outputs.push(product),
+            Reader::Add => {
+                let z = value(&mut g, "z", shape);
+                g.nodes.push(node("add", Op::Binary(BinaryKind::Add), vec![product, y], z));
+                g.outputs = vec![z];
+            }
+            Reader::TwoUnary => {
+                let z = value(&mut g, "z", shape);
+                g.nodes.push(node(
+                    "neg",
+                    Op::Unary { kind: UnaryKind::Neg, alpha: 0.0, beta: 0.0 },
+                    vec![y],
+                    z,
+                ));
+                g.outputs = vec![z];
+            }
+        }
+        g
+    }
+
+    #[test]
+    fn activations_fold_into_linear() {
+        let x = || {
+            let values = (0..15).map(|i| (i as f32 - 7.0) / 3.0).collect();
+            vec![HostTensor::f32(vec![3, 5], values)]
+        };
+        let run = |g: &Graph| {
+            let outputs = PackedGraph::new(g).expect("graph packs").run(&x()).expect("graph runs");
+            outputs[0].as_f32().expect("f32 output").to_vec()
+        };
+        let acts = [
+            Activation { kind: UnaryKind::Relu, alpha: 0.0, beta: 0.0 },
+            Activation { kind: UnaryKind::Gelu, alpha: 0.0, beta: 0.0 },
+            Activation { kind: UnaryKind::Clip, alpha: -0.5, beta: 1.5 },
+            Activation { kind: UnaryKind::Silu, alpha: 0.0, beta: 0.0 },
+        ];
+        for a in acts {
+            let unary = Op::Unary { kind: a.kind, alpha: a.alpha, beta: a.beta };
+            for reader in [Reader::Unary, Reader::TwoUnary] {
+                let unfused = linear_graph(unary, reader);
+                let mut fused = unfused.clone();
+                assert_eq!(fuse_activation(&mut fused), 1);
+                fused.prune();
+                assert_eq!(fused.nodes.len(), unfused.nodes.len() - 1);
+                assert_eq!(fused.nodes[0].op, Op::Linear { activation: Some(a) });
+                // One more activation is not folded into a Linear that has one.
+                assert_eq!(fuse_activation(&mut fused), 0);
+                let (want, got) = (run(&unfused), run(&fused));
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&want), bits(&got), "{:?}", a.kind);
+                assert!(want.iter().any(|&v| v != 0.0));
+            }
+            for reader in [Reader::Output, Reader::Add] {
+                let g = linear_graph(unary, reader);
+                let mut fused = g.clone();
+                assert_eq!(fuse_activation(&mut fused), 0);
+                assert_eq!(fused, g);
+            }
         }
     }
 }

@@ -532,7 +532,7 @@ pub fn factorize_whitened_with(
         let value = &graph.values[w];
         let x_name = graph.values[x].name.clone();
         let stats = calibration.inputs.get(&x_name);
-        let (Op::Linear, Some(Storage::F32(data)), [n, k], Some(stats)) =
+        let (Op::Linear { .. }, Some(Storage::F32(data)), [n, k], Some(stats)) =
             (node.op, &value.data, value.shape.as_slice(), stats)
         else {
             nodes.push(node);
@@ -580,7 +580,7 @@ pub fn factorize_whitened_with(
         );
         nodes.push(Node {
             name: format!("{}.right", node.name),
-            op: Op::Linear,
+            op: Op::Linear { activation: None },
             inputs: vec![Some(x), Some(a)],
             outputs: vec![mid],
         });
@@ -588,7 +588,8 @@ pub fn factorize_whitened_with(
         inputs.extend(node.inputs.get(2).copied());
         nodes.push(Node {
             name: format!("{}.left", node.name),
-            op: Op::Linear,
+            // The activation, if any, applies to the product of both factors.
+            op: node.op,
             inputs,
             outputs: node.outputs,
         });

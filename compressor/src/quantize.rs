@@ -112,7 +112,7 @@ pub struct Factorized {
 
 /// Constant f32 matrix data of a linear op's weight: (rows, cols, values).
 fn linear_weight(graph: &Graph, node: &Node) -> Option<(ValueId, usize, usize)> {
-    if node.op != Op::Linear {
+    if !matches!(node.op, Op::Linear { .. }) {
         return None;
     }
     let w = node.inputs.get(1).copied().flatten()?;
@@ -171,7 +171,7 @@ pub fn factorize(graph: &mut Graph, mode: LowRank) -> Result<Vec<Factorized>, Sp
         });
         nodes.push(Node {
             name: format!("{}.right", node.name),
-            op: Op::Linear,
+            op: Op::Linear { activation: None },
             inputs: vec![Some(x), Some(a)],
             outputs: vec![mid],
         });
@@ -180,7 +180,8 @@ pub fn factorize(graph: &mut Graph, mode: LowRank) -> Result<Vec<Factorized>, Sp
         done.push(Factorized { node: node.name.clone(), shape: (n, k), rank });
         nodes.push(Node {
             name: format!("{}.left", node.name),
-            op: Op::Linear,
+            // The activation, if any, applies to the product of both factors.
+            op: node.op,
             inputs,
             outputs: node.outputs,
         });
@@ -294,7 +295,7 @@ fn quantizable_uses(graph: &Graph, v: ValueId) -> bool {
             used = true;
             let ok = matches!(
                 (node.op, i),
-                (Op::Linear, 1) | (Op::Gather { axis: 0 }, 0) | (Op::Conv2d { .. }, 1)
+                (Op::Linear { .. }, 1) | (Op::Gather { axis: 0 }, 0) | (Op::Conv2d { .. }, 1)
             );
             if !ok {
                 return false;
@@ -374,7 +375,7 @@ pub fn quantize_conv_int4(graph: &mut Graph) -> usize {
     let first_layer = graph
         .nodes
         .iter()
-        .find(|n| matches!(n.op, Op::Linear | Op::Conv2d { .. }))
+        .find(|n| matches!(n.op, Op::Linear { .. } | Op::Conv2d { .. }))
         .and_then(|n| n.inputs.get(1).copied().flatten());
     let mut count = 0;
     for v in weights {

@@ -253,7 +253,7 @@ fn separable_graph() -> Graph {
     node(&mut g, "flatten", Op::Reshape, &[Some(pooled)], flat);
     let fc_w = int8_weight(&mut g, "fc.w", 4, channels, 40);
     let logits = activation(&mut g, "logits", vec![b, c(4)]);
-    node(&mut g, "fc", Op::Linear, &[Some(flat), Some(fc_w), None], logits);
+    node(&mut g, "fc", Op::Linear { activation: None }, &[Some(flat), Some(fc_w), None], logits);
     let probs = activation(&mut g, "probs", vec![b, c(4)]);
     node(&mut g, "softmax", Op::Softmax { axis: 1 }, &[Some(logits)], probs);
     g.inputs = vec![x];

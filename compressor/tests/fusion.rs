@@ -120,7 +120,7 @@ fn chain(specs: &[Spec]) -> Graph {
         );
         let b1 = g.add_const(format!("{p}.fc1.bias"), vec![s.hidden], Storage::F32(s.b1.clone()));
         let t = activation(&mut g, format!("{p}.fc1"), s.hidden);
-        push(&mut g, format!("{p}.fc1"), Op::Linear, vec![x, w1, b1], t);
+        push(&mut g, format!("{p}.fc1"), Op::Linear { activation: None }, vec![x, w1, b1], t);
         x = t;
         if let Some(kind) = s.act {
             let a = activation(&mut g, format!("{p}.act"), s.hidden);
@@ -134,7 +134,7 @@ fn chain(specs: &[Spec]) -> Graph {
         );
         let b2 = g.add_const(format!("{p}.fc2.bias"), vec![WIDTH], Storage::F32(s.b2.clone()));
         let y = activation(&mut g, format!("{p}.fc2"), WIDTH);
-        push(&mut g, format!("{p}.fc2"), Op::Linear, vec![x, w2, b2], y);
+        push(&mut g, format!("{p}.fc2"), Op::Linear { activation: None }, vec![x, w2, b2], y);
         let out = activation(&mut g, format!("{p}.out"), WIDTH);
         let residual = if s.add_normalized { normalized } else { h };
         push(&mut g, format!("{p}.add"), Op::Binary(BinaryKind::Add), vec![residual, y], out);

@@ -215,7 +215,7 @@ fn small_graph(w: &SmallWeights) -> Graph {
     let gelu = activation(&mut g, "gelu", DType::F32, row.clone());
     let norm = activation(&mut g, "norm", DType::F32, row.clone());
     let probs = activation(&mut g, "probs", DType::F32, row);
-    add_node(&mut g, "dense", Op::Linear, &[x, weight, bias], dense);
+    add_node(&mut g, "dense", Op::Linear { activation: None }, &[x, weight, bias], dense);
     let gelu_op = Op::Unary { kind: UnaryKind::Gelu, alpha: 0.0, beta: 0.0 };
     add_node(&mut g, "gelu", gelu_op, &[dense], gelu);
     let norm_op = Op::LayerNorm { epsilon: SMALL_EPSILON };

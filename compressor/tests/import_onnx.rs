@@ -10,7 +10,7 @@ use edgefold_compressor::onnx::{import, ImportError, ImportOptions};
 use edgefold_compressor::passes::fuse;
 use edgefold_compressor::reference::ReferenceModel;
 use edgefold_compressor::tensor::HostTensor;
-use edgefold_runtime::ops::{Op, UnaryKind};
+use edgefold_runtime::ops::{Activation, Op, UnaryKind};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name)
@@ -40,11 +40,14 @@ fn dequantized_weights_and_patterns_fold() {
     assert_eq!(counts.gelu, 1);
     assert_eq!(counts.layer_norm, 1);
     assert_eq!(counts.bias, 1);
+    assert_eq!(counts.activation, 1);
     let ops: Vec<Op> = graph.nodes.iter().map(|n| n.op).collect();
-    assert_eq!(ops.len(), 3, "expected linear, gelu, layer norm: {ops:?}");
-    assert_eq!(ops[0], Op::Linear);
-    assert!(matches!(ops[1], Op::Unary { kind: UnaryKind::Gelu, .. }));
-    assert!(matches!(ops[2], Op::LayerNorm { .. }));
+    assert_eq!(ops.len(), 2, "expected linear with gelu, layer norm: {ops:?}");
+    assert!(matches!(
+        ops[0],
+        Op::Linear { activation: Some(Activation { kind: UnaryKind::Gelu, .. }) }
+    ));
+    assert!(matches!(ops[1], Op::LayerNorm { .. }));
 
     let file = pack_graph(&graph);
     let reference = ReferenceModel::load(&path).unwrap();
@@ -126,7 +129,10 @@ fn blocks_of_minilm_models() {
                 b.index,
                 node.op
             );
-            assert!(b.nodes.iter().filter(|&&n| graph.nodes[n].op == Op::Linear).count() == 6);
+            assert!(
+                b.nodes.iter().filter(|&&n| matches!(graph.nodes[n].op, Op::Linear { .. })).count()
+                    == 6
+            );
         }
     }
 }
@@ -143,6 +149,7 @@ fn attention_fuses_in_minilm() {
     let mut fused = unfused.clone();
     let counts = fuse(&mut fused);
     assert_eq!(counts.attention, 6, "one attention per layer");
+    assert_eq!(counts.activation, 6, "one GELU per layer joins its linear op");
     for op in [Op::MatMul, Op::Softmax { axis: 3 }] {
         assert!(!fused.nodes.iter().any(|n| n.op == op), "{op:?} is left after fusion");
     }

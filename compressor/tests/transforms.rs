@@ -43,7 +43,7 @@ fn residual_chain(blocks: usize, identity: usize) -> Graph {
         let out = act(&mut g, format!("layer.{i}.out"));
         g.nodes.push(Node {
             name: format!("layer.{i}.fc"),
-            op: Op::Linear,
+            op: Op::Linear { activation: None },
             inputs: vec![Some(h), Some(w), Some(b)],
             outputs: vec![t],
         });
@@ -124,7 +124,7 @@ fn low_rank_layer(n: usize, k: usize, rank: usize) -> (Graph, Vec<f32>) {
     let wid = g.add_const("fc.weight".into(), vec![n, k], Storage::F32(w.clone()));
     g.nodes.push(Node {
         name: "fc".into(),
-        op: Op::Linear,
+        op: Op::Linear { activation: None },
         inputs: vec![Some(x), Some(wid)],
         outputs: vec![y],
     });

@@ -65,6 +65,41 @@ pub enum UnaryKind {
     Silu = 13,
 }
 
+/// An element-wise function fused into the op that produces its input: the op's output is
+/// `Unary { kind, alpha, beta }` applied to what the op alone would give.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Activation {
+    /// Which function.
+    pub kind: UnaryKind,
+    /// First parameter (lower bound of Clip).
+    pub alpha: f32,
+    /// Second parameter (upper bound of Clip).
+    pub beta: f32,
+}
+
+impl UnaryKind {
+    /// The kind with code `code`, if there is one.
+    pub fn from_code(code: u32) -> Option<UnaryKind> {
+        Some(match code {
+            0 => UnaryKind::Neg,
+            1 => UnaryKind::Abs,
+            2 => UnaryKind::Sqrt,
+            3 => UnaryKind::Exp,
+            4 => UnaryKind::Log,
+            5 => UnaryKind::Erf,
+            6 => UnaryKind::Tanh,
+            7 => UnaryKind::Sigmoid,
+            8 => UnaryKind::Relu,
+            9 => UnaryKind::Gelu,
+            10 => UnaryKind::GeluTanh,
+            11 => UnaryKind::Reciprocal,
+            12 => UnaryKind::Clip,
+            13 => UnaryKind::Silu,
+            _ => return None,
+        })
+    }
+}
+
 /// Reductions over a set of axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -179,9 +214,13 @@ const OP_FEATURES: [&str; 19] = [
 /// An op with its parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Op {
-    /// `y[.., n] = Σ_k x[.., k] · w[n, k] + bias[n]`. Inputs: x (f32), w (constant `[N, K]`: f32,
-    /// f16, int8 per row or int4 groups), optional bias (f32 `[N]`).
-    Linear,
+    /// `y[.., n] = f(Σ_k x[.., k] · w[n, k] + bias[n])`. Inputs: x (f32), w (constant `[N, K]`:
+    /// f32, f16, int8 per row or int4 groups), optional bias (f32 `[N]`). `f` is the identity
+    /// without an activation.
+    Linear {
+        /// An element-wise function applied to each output, fused into the product.
+        activation: Option<Activation>,
+    },
     /// Batched matrix product with broadcast leading axes: `[.., M, K] × [.., K, N]`, f32.
     MatMul,
     /// Element-wise binary op on f32 with broadcasting.
@@ -287,7 +326,7 @@ impl Op {
     /// The op code stored in the record header.
     pub fn code(&self) -> u16 {
         match self {
-            Op::Linear => 1,
+            Op::Linear { .. } => 1,
             Op::MatMul => 2,
             Op::Binary(_) => 3,
             Op::Unary { .. } => 4,
@@ -311,7 +350,7 @@ impl Op {
     /// A short name for logs and reports.
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Linear => "Linear",
+            Op::Linear { .. } => "Linear",
             Op::MatMul => "MatMul",
             Op::Binary(_) => "Binary",
             Op::Unary { .. } => "Unary",
@@ -340,7 +379,7 @@ impl Op {
     /// Whether this build of the runtime runs the op (its cargo feature is on).
     pub fn is_built(&self) -> bool {
         match self {
-            Op::Linear => cfg!(feature = "op-linear"),
+            Op::Linear { .. } => cfg!(feature = "op-linear"),
             Op::MatMul => cfg!(feature = "op-matmul"),
             Op::Binary(_) => cfg!(feature = "op-binary"),
             Op::Unary { .. } => cfg!(feature = "op-unary"),
@@ -364,7 +403,18 @@ impl Op {
     /// Encodes the parameters into `words`, returning how many were used.
     pub fn encode_params(&self, words: &mut [u32; MAX_PARAM_WORDS]) -> usize {
         match *self {
-            Op::Linear | Op::MatMul | Op::Reshape | Op::Expand | Op::Cast | Op::Where => 0,
+            Op::Linear { activation: None }
+            | Op::MatMul
+            | Op::Reshape
+            | Op::Expand
+            | Op::Cast
+            | Op::Where => 0,
+            Op::Linear { activation: Some(Activation { kind, alpha, beta }) } => {
+                words[0] = kind as u32;
+                words[1] = alpha.to_bits();
+                words[2] = beta.to_bits();
+                3
+            }
             Op::Binary(kind) => {
                 words[0] = kind as u32;
                 1
@@ -431,7 +481,13 @@ impl Op {
         let word = |i: usize| words.get(i).copied().ok_or(invalid("too few parameters"));
         let op = match code {
             #[cfg(feature = "op-linear")]
-            1 => Op::Linear,
+            1 => Op::Linear {
+                activation: match words.len() {
+                    0 => None,
+                    1 | 2 => return Err(invalid("a linear activation needs three parameters")),
+                    _ => Some(Self::activation(&word, index)?),
+                },
+            },
             #[cfg(feature = "op-matmul")]
             2 => Op::MatMul,
             #[cfg(feature = "op-binary")]
@@ -447,23 +503,8 @@ impl Op {
             }),
             #[cfg(feature = "op-unary")]
             4 => {
-                let kind = match word(0)? {
-                    0 => UnaryKind::Neg,
-                    1 => UnaryKind::Abs,
-                    2 => UnaryKind::Sqrt,
-                    3 => UnaryKind::Exp,
-                    4 => UnaryKind::Log,
-                    5 => UnaryKind::Erf,
-                    6 => UnaryKind::Tanh,
-                    7 => UnaryKind::Sigmoid,
-                    8 => UnaryKind::Relu,
-                    9 => UnaryKind::Gelu,
-                    10 => UnaryKind::GeluTanh,
-                    11 => UnaryKind::Reciprocal,
-                    12 => UnaryKind::Clip,
-                    13 => UnaryKind::Silu,
-                    _ => return Err(invalid("unknown unary op kind")),
-                };
+                let kind =
+                    UnaryKind::from_code(word(0)?).ok_or(invalid("unknown unary op kind"))?;
                 Op::Unary { kind, alpha: f32::from_bits(word(1)?), beta: f32::from_bits(word(2)?) }
             }
             #[cfg(feature = "op-layer-norm")]
@@ -544,6 +585,18 @@ impl Op {
             _ => return Err(invalid("unknown op code")),
         };
         Ok(op)
+    }
+
+    /// Decodes the activation of an op whose words 0 to 2 hold one. It runs on the unary
+    /// kernels, so it needs the `op-unary` feature.
+    #[cfg(feature = "op-linear")]
+    fn activation(word: &dyn Fn(usize) -> Result<u32>, index: u32) -> Result<Activation> {
+        if !cfg!(feature = "op-unary") {
+            return Err(Error::OpNotBuilt { op: index, feature: "op-unary" });
+        }
+        let kind = UnaryKind::from_code(word(0)?)
+            .ok_or(Error::InvalidOp { op: index, reason: "unknown activation kind" })?;
+        Ok(Activation { kind, alpha: f32::from_bits(word(1)?), beta: f32::from_bits(word(2)?) })
     }
 }
 
@@ -662,5 +715,34 @@ pub fn encode_op(
     }
     for w in &words[..n] {
         out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Linear's activation round-trips through its parameter words; no words mean none, and one
+    /// or two words or an unknown kind are rejected.
+    #[test]
+    #[cfg(all(feature = "op-linear", feature = "op-unary"))]
+    fn linear_activation_words() {
+        let mut words = [0u32; MAX_PARAM_WORDS];
+        let plain = Op::Linear { activation: None };
+        assert_eq!(plain.encode_params(&mut words), 0);
+        assert_eq!(Op::decode(1, &[], 0).unwrap(), plain);
+        let clip = Activation { kind: UnaryKind::Clip, alpha: -1.5, beta: 6.0 };
+        let op = Op::Linear { activation: Some(clip) };
+        let n = op.encode_params(&mut words);
+        assert_eq!(n, 3);
+        assert_eq!(Op::decode(1, &words[..n], 0).unwrap(), op);
+        // Words past the three are ignored, as for every op.
+        assert_eq!(Op::decode(1, &[12, (-1.5f32).to_bits(), 6f32.to_bits(), 7], 0).unwrap(), op);
+        for bad in [&[9][..], &[9, 0], &[14, 0, 0], &[u32::MAX, 0, 0]] {
+            assert!(
+                matches!(Op::decode(1, bad, 3), Err(Error::InvalidOp { op: 3, .. })),
+                "{bad:?} was accepted"
+            );
+        }
     }
 }

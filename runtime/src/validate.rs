@@ -36,7 +36,7 @@ pub(crate) fn check_op(model: &Model<'_>, index: u32, rec: &OpRecord<'_>) -> Res
         let entry = model.tensor(t).map_err(|_| fail("input tensor index out of range"))?;
         let quantized_ok = matches!(
             (&rec.op, i),
-            (Op::Linear, 1) | (Op::Gather { .. }, 0) | (Op::Conv2d { .. }, 1)
+            (Op::Linear { .. }, 1) | (Op::Gather { .. }, 0) | (Op::Conv2d { .. }, 1)
         );
         if entry.quant != Quant::None && !quantized_ok {
             return Err(fail("a quantized tensor is used where only plain values are read"));
@@ -66,7 +66,7 @@ pub(crate) fn check_op(model: &Model<'_>, index: u32, rec: &OpRecord<'_>) -> Res
 /// Minimum inputs, maximum inputs and output count of each op.
 fn arity(op: &Op) -> (usize, usize, usize) {
     match op {
-        Op::Linear => (2, 3, 1),
+        Op::Linear { .. } => (2, 3, 1),
         Op::Conv2d { .. } => (2, 4, 1),
         Op::MatMul | Op::Binary(_) | Op::Gather { .. } => (2, 2, 1),
         Op::LayerNorm { .. } => (2, 3, 1),
@@ -170,7 +170,7 @@ fn check_shapes(
     let ensure = |ok: bool, reason| if ok { Ok(()) } else { Err(fail(reason)) };
     match *op {
         #[cfg(feature = "op-linear")]
-        Op::Linear => {
+        Op::Linear { .. } => {
             let (x, w) = (input(0)?, input(1)?);
             ensure(x.dtype == DType::F32 && out.dtype == DType::F32, "linear works on f32")?;
             ensure(w.kind == TensorKind::Const && w.rank == 2, "linear weight must be a constant")?;

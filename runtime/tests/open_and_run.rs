@@ -21,7 +21,7 @@ fn linear_relu_file() -> Vec<u8> {
     let b = f.constant_f32("b", &[c(3)], &[0.0, -1.0, 0.5]);
     let h = f.activation("h", DType::F32, &[batch, c(3)]);
     let y = f.activation("y", DType::F32, &[batch, c(3)]);
-    f.op("fc", Op::Linear, &[x, w, b], &[h]);
+    f.op("fc", Op::Linear { activation: None }, &[x, w, b], &[h]);
     let relu = Op::Unary { kind: UnaryKind::Relu, alpha: 0.0, beta: 0.0 };
     f.op("relu", relu, &[h], &[y]);
     f.io(&[x], &[y, h]);
@@ -88,7 +88,7 @@ fn int4_linear_file() -> Vec<u8> {
     let s = f.constant("w.scales", DType::F16, &[c(2), c(1)], &scale_bytes);
     f.quantize(w, Quant::Grouped, s, 4);
     let y = f.activation("y", DType::F32, &[c(1), c(2)]);
-    f.op("fc", Op::Linear, &[x, w], &[y]);
+    f.op("fc", Op::Linear { activation: None }, &[x, w], &[y]);
     f.io(&[x], &[y]);
     f.build()
 }

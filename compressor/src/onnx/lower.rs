@@ -502,7 +502,7 @@ pub(super) fn linear(
         let name = imp.unique_name(&format!("{}.bias", cx.name));
         imp.graph.add_const(name, vec![n], Storage::F32(b))
     });
-    emit(imp, cx, Op::Linear, vec![Some(x), Some(w), b], DType::F32, shape)
+    emit(imp, cx, Op::Linear { activation: None }, vec![Some(x), Some(w), b], DType::F32, shape)
 }
 
 fn matmul(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {

@@ -185,7 +185,7 @@ impl Products {
                 true => linear_int8 as parallel::LinearKernel,
                 false => linear as parallel::LinearKernel,
             };
-            parallel::linear_threads_with(kernel, self.threads, x, rows, k, w, n, bias, y);
+            parallel::linear_threads_with(kernel, None, self.threads, x, rows, k, w, n, bias, y);
         }
         #[cfg(not(feature = "std"))]
         match self.int8 {
@@ -352,6 +352,14 @@ pub fn linear(
     y: &mut [f32],
 ) {
     linear_with(Isa::best(), x, rows, k, w, n, bias, y);
+}
+
+/// Applies `activation`, if any, to the outputs `y` of a product, in place.
+#[inline]
+pub fn activate(activation: Option<crate::ops::Activation>, y: &mut [f32]) {
+    if let Some(a) = activation {
+        generic::unary_in_place(a.kind, a.alpha, a.beta, y);
+    }
 }
 
 /// Returns the fewest rows each part of a split `linear` call of `rows` rows and `k` columns

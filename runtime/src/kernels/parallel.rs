@@ -20,7 +20,8 @@
 //! rows can round differently. Results for a given thread count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
-use super::{linear, matmul_batch, pool, Weights};
+use super::{activate, linear, matmul_batch, pool, Weights};
+use crate::ops::Activation;
 
 /// Minimum multiply-adds per thread. A smaller call runs on fewer threads.
 pub const MIN_MACS_PER_THREAD: usize = 1 << 16;
@@ -49,10 +50,11 @@ pub fn linear_threads(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    linear_threads_with(linear, threads, x, rows, k, w, n, bias, y);
+    linear_threads_with(linear, None, threads, x, rows, k, w, n, bias, y);
 }
 
-/// [`linear_threads`] running `kernel` on each part.
+/// [`linear_threads`] running `kernel` on each part, then `activation`, if any, on the part's
+/// outputs while they are still in the thread's cache.
 ///
 /// # Panics
 ///
@@ -60,6 +62,7 @@ pub fn linear_threads(
 #[allow(clippy::too_many_arguments)]
 pub fn linear_threads_with(
     kernel: LinearKernel,
+    activation: Option<Activation>,
     threads: usize,
     x: &[f32],
     rows: usize,
@@ -74,16 +77,21 @@ pub fn linear_threads_with(
     let splittable = if rows == 1 { n } else { rows };
     let parts = threads_for(threads, macs, splittable);
     match (parts, rows) {
-        (1, _) => kernel(x, rows, k, w, n, bias, y),
-        (_, 1) => linear_by_outputs(kernel, parts, x, k, w, n, bias, y),
-        _ => linear_by_rows(kernel, parts, x, rows, k, w, n, bias, y),
+        (1, _) => {
+            kernel(x, rows, k, w, n, bias, y);
+            activate(activation, &mut y[..rows * n]);
+        }
+        (_, 1) => linear_by_outputs(kernel, activation, parts, x, k, w, n, bias, y),
+        _ => linear_by_rows(kernel, activation, parts, x, rows, k, w, n, bias, y),
     }
 }
 
-/// Runs `kernel` with the rows of `x` split into `parts` contiguous parts, one per thread.
+/// Runs `kernel`, then `activation`, with the rows of `x` split into `parts` contiguous parts,
+/// one per thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_rows(
     kernel: LinearKernel,
+    activation: Option<Activation>,
     parts: usize,
     x: &[f32],
     rows: usize,
@@ -105,14 +113,16 @@ pub(crate) fn linear_by_rows(
     split_mut(&mut y[..rows * n], per * n, &|i, ys| {
         let xs = &x[i * per * k..][..ys.len() / n.max(1) * k];
         kernel(xs, ys.len() / n.max(1), k, w, n, bias, ys);
+        activate(activation, ys);
     });
 }
 
-/// Runs `kernel` on one row with the outputs split into `parts` contiguous parts, one per
-/// thread.
+/// Runs `kernel`, then `activation`, on one row with the outputs split into `parts` contiguous
+/// parts, one per thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_outputs(
     kernel: LinearKernel,
+    activation: Option<Activation>,
     parts: usize,
     x: &[f32],
     k: usize,
@@ -126,6 +136,7 @@ pub(crate) fn linear_by_outputs(
         let (start, count) = (i * per, ys.len());
         let b = bias.map(|b| &b[start..start + count]);
         kernel(x, 1, k, weight_rows(w, start, count), count, b, ys);
+        activate(activation, ys);
     });
 }
 

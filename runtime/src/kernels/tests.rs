@@ -467,9 +467,11 @@ fn threaded_linear_matches_one_thread() {
             super::linear(&x, rows, k, w.weights(), n, Some(&bias), &mut single);
             let mut split = vec![CANARY; rows * n + 3];
             if rows == 1 {
-                linear_by_outputs(linear, parts, &x, k, w.weights(), n, Some(&bias), &mut split);
+                let b = Some(bias.as_slice());
+                linear_by_outputs(linear, None, parts, &x, k, w.weights(), n, b, &mut split);
             } else {
-                linear_by_rows(linear, parts, &x, rows, k, w.weights(), n, Some(&bias), &mut split);
+                let b = Some(bias.as_slice());
+                linear_by_rows(linear, None, parts, &x, rows, k, w.weights(), n, b, &mut split);
             }
             // With int4 and f16 weights a part below the blocked kernels' row threshold may
             // round differently, as the note on `linear` explains. The other cases must match
@@ -481,6 +483,63 @@ fn threaded_linear_matches_one_thread() {
                     if exact { a.to_bits() == b.to_bits() } else { close },
                     "{kind:?} rows {rows} n {n} in {parts} parts: value {i} is {b}, one thread {a}"
                 );
+            }
+        }
+    }
+}
+
+/// A product with an activation, on one thread and split by rows or by outputs, gives the
+/// product followed by the activation, bit for bit, and writes nothing past its outputs.
+#[test]
+#[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
+fn linear_activation_follows_product() {
+    use super::parallel::linear_threads_with;
+    use crate::ops::{Activation, UnaryKind};
+    let mut rng = Rng(17);
+    let k = 64;
+    let acts = [
+        Activation { kind: UnaryKind::Gelu, alpha: 0.0, beta: 0.0 },
+        Activation { kind: UnaryKind::Relu, alpha: 0.0, beta: 0.0 },
+        Activation { kind: UnaryKind::Clip, alpha: -0.25, beta: 0.5 },
+    ];
+    for kind in [Kind::F32, Kind::I8, Kind::I4] {
+        for (rows, n, threads) in [(1, 300, 1), (1, 300, 2), (3, 33, 2), (70, 40, 1), (140, 40, 2)]
+        {
+            let w = TestWeights::new(kind, n, k, 32, &mut rng);
+            let x = rng.vec(rows * k);
+            let bias = rng.vec(n);
+            for a in acts {
+                let mut want = vec![CANARY; rows * n + 3];
+                let b = Some(bias.as_slice());
+                linear_threads_with(
+                    linear,
+                    None,
+                    threads,
+                    &x,
+                    rows,
+                    k,
+                    w.weights(),
+                    n,
+                    b,
+                    &mut want,
+                );
+                super::generic::unary_in_place(a.kind, a.alpha, a.beta, &mut want[..rows * n]);
+                let mut got = vec![CANARY; rows * n + 3];
+                linear_threads_with(
+                    linear,
+                    Some(a),
+                    threads,
+                    &x,
+                    rows,
+                    k,
+                    w.weights(),
+                    n,
+                    b,
+                    &mut got,
+                );
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&want), bits(&got), "{kind:?} {:?} rows {rows} n {n}", a.kind);
+                assert!(got[..rows * n].iter().any(|&v| v != 0.0));
             }
         }
     }

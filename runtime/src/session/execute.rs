@@ -12,7 +12,7 @@ use crate::kernels::generic as k;
 #[cfg(feature = "weights-int4")]
 use crate::kernels::generic::WeightRows;
 use crate::model::is_absent;
-use crate::ops::{BinaryKind, Op, OpRecord, Window2d};
+use crate::ops::{Activation, BinaryKind, Op, OpRecord, Window2d};
 use crate::shape::{concrete_broadcasts_to, next_index, Shape};
 
 use super::Session;
@@ -27,7 +27,7 @@ impl<'m> Session<'m, '_> {
         let out_shape = self.shape(&out, op)?;
         match rec.op {
             #[cfg(feature = "op-linear")]
-            Op::Linear => self.linear(op, rec, &x, &out, &out_shape),
+            Op::Linear { activation } => self.linear(op, rec, activation, &x, &out, &out_shape),
             #[cfg(feature = "op-matmul")]
             Op::MatMul => self.matmul(op, &x, &input(1)?, &out, &out_shape),
             #[cfg(feature = "op-binary")]
@@ -274,6 +274,7 @@ impl<'m> Session<'m, '_> {
         &mut self,
         op: u32,
         rec: &OpRecord<'_>,
+        activation: Option<Activation>,
         x_entry: &TensorEntry,
         out: &TensorEntry,
         out_shape: &Shape,
@@ -296,9 +297,12 @@ impl<'m> Session<'m, '_> {
             true => kernels::linear_int8_rows as kernels::LinearKernel,
             false => kernels::linear as kernels::LinearKernel,
         };
+        // Decoding rejects activations without the unary kernels, which boards may leave out.
+        let activation = activation.filter(|_| cfg!(feature = "op-unary"));
         #[cfg(feature = "std")]
         kernels::parallel::linear_threads_with(
             kernel,
+            activation,
             self.threads,
             x,
             rows,
@@ -309,7 +313,11 @@ impl<'m> Session<'m, '_> {
             y,
         );
         #[cfg(not(feature = "std"))]
-        kernel(x, rows, kk, weights, n, bias, y);
+        {
+            kernel(x, rows, kk, weights, n, bias, y);
+            #[cfg(feature = "op-unary")]
+            kernels::activate(activation, &mut y[..rows * n]);
+        }
         Ok(())
     }
 

@@ -446,7 +446,13 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
             "factorized": report.factorized.iter().map(|f| json!({
                 "node": f.node, "rows": f.shape.0, "cols": f.shape.1, "rank": f.rank
             })).collect::<Vec<_>>(),
-            "fused": {"gelu": report.fused.gelu, "layer_norm": report.fused.layer_norm, "bias": report.fused.bias, "attention": report.fused.attention},
+            "fused": {
+                "gelu": report.fused.gelu,
+                "layer_norm": report.fused.layer_norm,
+                "bias": report.fused.bias,
+                "attention": report.fused.attention,
+                "activation": report.fused.activation,
+            },
             "tokenizer": report.tokenizer,
             "seconds": seconds,
         }));
@@ -758,7 +764,7 @@ fn cmd_analyze(args: AnalyzeArgs) -> Result<()> {
     let weights: Vec<(String, String, usize, usize, Vec<f32>)> = graph
         .nodes
         .iter()
-        .filter(|n| n.op == edgefold_runtime::ops::Op::Linear)
+        .filter(|n| matches!(n.op, edgefold_runtime::ops::Op::Linear { .. }))
         .filter_map(|n| {
             let v = &graph.values[n.inputs[1]?];
             let data = v.data.as_ref()?.as_f32()?.to_vec();
