@@ -488,8 +488,8 @@ fn threaded_linear_matches_one_thread() {
     }
 }
 
-/// A product with an activation, on one thread and split by rows or by outputs, gives the
-/// product followed by the activation, bit for bit, and writes nothing past its outputs.
+/// Checks that a product with an activation, on one thread and split by rows or by outputs,
+/// gives the product followed by the activation bit for bit and writes nothing past its outputs.
 #[test]
 #[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
 fn linear_activation_follows_product() {
