@@ -105,6 +105,23 @@ pub(crate) unsafe trait VecRows<S: Simd> {
     fn row_scale(&self, _row: usize) -> f32 {
         1.0
     }
+    /// Asks the CPU to fetch the cache line of `w[row, col]` into L1. Any `row` and `col` may be
+    /// passed: a fetch past the weights reads nothing and changes no result.
+    #[inline(always)]
+    fn prefetch(&self, _row: usize, _col: usize) {}
+}
+
+/// Asks the CPU to fetch the cache line at `p` into L1; `p` need not point into valid memory.
+#[inline(always)]
+fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address, and SSE is part of x86_64.
+    unsafe {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Converts up to `len` values with `f` into a zero-padded buffer and loads it.
@@ -132,6 +149,11 @@ unsafe impl<S: Simd> VecRows<S> for F32Rows<'_> {
         // SAFETY: in bounds by the trait contract.
         unsafe { S::load_partial(self.w.as_ptr().add(row * self.k + col), len) }
     }
+
+    #[inline(always)]
+    fn prefetch(&self, row: usize, col: usize) {
+        prefetch_line(self.w.as_ptr().wrapping_add(row * self.k + col));
+    }
 }
 
 // SAFETY: as for `F32Rows`, over `u16` values.
@@ -149,6 +171,11 @@ unsafe impl<S: Simd> VecRows<S> for F16Rows<'_> {
         // SAFETY: forwarded from the caller.
         unsafe { load_converted::<S>(len, |i| half::f16::from_bits(bits[i]).to_f32()) }
     }
+
+    #[inline(always)]
+    fn prefetch(&self, row: usize, col: usize) {
+        prefetch_line(self.w.as_ptr().wrapping_add(row * self.k + col));
+    }
 }
 
 // SAFETY: as for `F32Rows`, over `i8` values; the scale is applied after the dot product.
@@ -165,6 +192,11 @@ unsafe impl<S: Simd> VecRows<S> for I8Rows<'_> {
         let q = &self.q[start..start + len];
         // SAFETY: forwarded from the caller.
         unsafe { load_converted::<S>(len, |i| q[i] as f32) }
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, row: usize, col: usize) {
+        prefetch_line(self.q.as_ptr().wrapping_add(row * self.k + col));
     }
 
     #[inline(always)]
@@ -443,26 +475,30 @@ unsafe fn linear_columns<S: Simd, W: VecRows<S>, const R: usize, const C: usize>
     // SAFETY (whole block): every tile stays inside `rows` and `cols`.
     unsafe {
         for j0 in (cols.start..col_full).step_by(C) {
+            // The first tile of each column group fetches the next group's weights, which the
+            // other tiles of the group then find in L1.
+            let mut ahead = Some(j0 + C);
             for m0 in (rows.start..rows_full).step_by(R) {
-                linear_tile::<S, W, R, C>(args, w, m0, j0, span);
+                linear_tile::<S, W, R, C>(args, w, m0, j0, span, ahead.take());
             }
             for m0 in rows_full..rows.end {
-                linear_tile::<S, W, 1, C>(args, w, m0, j0, span);
+                linear_tile::<S, W, 1, C>(args, w, m0, j0, span, ahead.take());
             }
         }
         for j0 in col_full..cols.end {
             for m0 in (rows.start..rows_full).step_by(R) {
-                linear_tile::<S, W, R, 1>(args, w, m0, j0, span);
+                linear_tile::<S, W, R, 1>(args, w, m0, j0, span, None);
             }
             for m0 in rows_full..rows.end {
-                linear_tile::<S, W, 1, 1>(args, w, m0, j0, span);
+                linear_tile::<S, W, 1, 1>(args, w, m0, j0, span, None);
             }
         }
     }
 }
 
 /// Computes one `R x C` tile of `linear` at input row `m0` and weight row `j0`, over the
-/// columns of `span`.
+/// columns of `span`. With `ahead`, it also fetches the same columns of the `C` weight rows from
+/// there on.
 ///
 /// # Safety
 ///
@@ -474,6 +510,7 @@ unsafe fn linear_tile<S: Simd, W: VecRows<S>, const R: usize, const C: usize>(
     m0: usize,
     j0: usize,
     span: Span,
+    ahead: Option<usize>,
 ) {
     let k = args.k;
     let full = span.c1 - (span.c1 - span.c0) % S::LANES;
@@ -487,6 +524,11 @@ unsafe fn linear_tile<S: Simd, W: VecRows<S>, const R: usize, const C: usize>(
             let mut xv = [S::zero(); R];
             for (r, v) in xv.iter_mut().enumerate() {
                 *v = S::load(x.add(r * k + col));
+            }
+            if let Some(next) = ahead {
+                for c in 0..C {
+                    w.prefetch(next + c, col);
+                }
             }
             for c in 0..C {
                 let wc = w.load(j0 + c, col);
