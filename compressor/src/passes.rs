@@ -306,12 +306,17 @@ fn fuse_bias(graph: &mut Graph) -> usize {
         node.outputs = vec![add_out];
         removed[add] = true;
     }
+    remove_nodes(graph, &removed);
+    count
+}
+
+/// Removes the nodes whose entry in `removed` is set, keeping the order of the others.
+fn remove_nodes(graph: &mut Graph, removed: &[bool]) {
     let mut i = 0;
     graph.nodes.retain(|_| {
         i += 1;
         !removed[i - 1]
     });
-    count
 }
 
 /// Folds a Unary node into the Linear node before it when the Unary is the only reader of the
@@ -340,11 +345,7 @@ fn fuse_activation(graph: &mut Graph) -> usize {
         node.outputs = vec![out];
         removed[u] = true;
     }
-    let mut i = 0;
-    graph.nodes.retain(|_| {
-        i += 1;
-        !removed[i - 1]
-    });
+    remove_nodes(graph, &removed);
     count
 }
 
@@ -393,11 +394,7 @@ fn fuse_attention(graph: &mut Graph) -> usize {
             node.inputs.push(Some(mask));
         }
     }
-    let mut i = 0;
-    graph.nodes.retain(|_| {
-        i += 1;
-        !removed[i - 1]
-    });
+    remove_nodes(graph, &removed);
     count
 }
 
@@ -616,7 +613,7 @@ mod tests {
         }
     }
 
-    /// How the product of an activation test graph is read besides the Unary.
+    /// The readers of the product in an activation test graph, besides the Unary.
     #[derive(Clone, Copy, PartialEq)]
     enum Reader {
         /// Only the Unary reads it.
@@ -629,8 +626,8 @@ mod tests {
         TwoUnary,
     }
 
-    /// x `[3, 5]` through a Linear with a `[4, 5]` weight and a bias, then `act`, as a graph
-    /// whose product is read as `reader` says.
+    /// Builds a graph of x `[3, 5]` through a Linear with a `[4, 5]` weight and a bias, then
+    /// `act`, with the product read by `reader` too.
     fn linear_graph(act: Op, reader: Reader) -> Graph {
         let mut g = Graph::default();
         let shape = vec![Dim::constant(3), Dim::constant(4)];
@@ -642,6 +639,7 @@ mod tests {
                 data: None,
             })
         };
+
         let x = value(&mut g, "x", vec![Dim::constant(3), Dim::constant(5)]);
         g.inputs = vec![x];
         let w: Vec<f32> = (0..20).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
@@ -655,10 +653,12 @@ mod tests {
             inputs: inputs.into_iter().map(Some).collect(),
             outputs: vec![out],
         };
+
         let linear = Op::Linear { activation: None };
         g.nodes.push(node("fc", linear, vec![x, w, b], product));
         g.nodes.push(node("act", act, vec![product], y));
         g.outputs = vec![y];
+
         match reader {
             Reader::Unary => {}
             Reader::Output => g.outputs.push(product),

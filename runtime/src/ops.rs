@@ -78,7 +78,7 @@ pub struct Activation {
 }
 
 impl UnaryKind {
-    /// The kind with code `code`, if there is one.
+    /// Returns the kind with code `code`, or `None` for an unknown code.
     pub fn from_code(code: u32) -> Option<UnaryKind> {
         Some(match code {
             0 => UnaryKind::Neg,
@@ -587,7 +587,7 @@ impl Op {
         Ok(op)
     }
 
-    /// Decodes the activation of an op whose words 0 to 2 hold one. It runs on the unary
+    /// Decodes the activation of an op whose words 0 to 2 contain one. It runs on the unary
     /// kernels, so it needs the `op-unary` feature.
     #[cfg(feature = "op-linear")]
     fn activation(word: &dyn Fn(usize) -> Result<u32>, index: u32) -> Result<Activation> {
@@ -722,8 +722,8 @@ pub fn encode_op(
 mod tests {
     use super::*;
 
-    /// A Linear's activation round-trips through its parameter words; no words mean none, and one
-    /// or two words or an unknown kind are rejected.
+    /// Checks that a Linear's activation round-trips through its parameter words. No words mean
+    /// no activation, and one or two words or an unknown kind are rejected.
     #[test]
     #[cfg(all(feature = "op-linear", feature = "op-unary"))]
     fn linear_activation_words() {

@@ -297,8 +297,6 @@ impl<'m> Session<'m, '_> {
             true => kernels::linear_int8_rows as kernels::LinearKernel,
             false => kernels::linear as kernels::LinearKernel,
         };
-        // Decoding rejects activations without the unary kernels, which boards may leave out.
-        let activation = activation.filter(|_| cfg!(feature = "op-unary"));
         #[cfg(feature = "std")]
         kernels::parallel::linear_threads_with(
             kernel,
