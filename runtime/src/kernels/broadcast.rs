@@ -1,16 +1,17 @@
-//! `linear` with f32, f16 or int8 weights on AVX-512 for calls of many rows.
+//! `linear` with f32, f16 or int8 weights on AVX-512 for calls of 16 rows or more.
 //!
 //! The dot-product tiles of `tiled` read a vector of `x` and a vector of weights for every
 //! multiply-add pair they issue, and sum each accumulator's lanes at the end. Here the rows of `x`
-//! are first transposed in blocks of [`BLOCK_ROWS`], so that one vector holds 16 rows' values at
-//! one column. Each weight is then broadcast from memory into four multiply-adds, one per vector
-//! of rows, and a tile of [`TILE`] weight rows keeps 24 accumulators in registers, with no lane
-//! sums at the end. While a tile runs, it fetches the next tile's weights into the L1 cache, one
-//! cache line per two columns, because a model's weights rarely fit in the L2 cache and come from
-//! memory.
+//! are first transposed in blocks of one to four vectors of 16 rows, so that one vector holds 16
+//! rows' values at one column. Each weight is then broadcast from memory into one multiply-add
+//! per vector of rows, and a tile of weight rows keeps 16 to 24 accumulators in registers, with
+//! no lane sums at the end. Blocks of fewer vectors take tiles of more weight rows, so that the
+//! accumulators still outnumber the loads. While a tile runs, it fetches the next tile's weights
+//! into the L1 cache, because a model's weights rarely fit in the L2 cache and come from memory.
 //!
 //! F16 and int8 weights are converted to f32 (int8 times its row's scale) a tile at a time, and
-//! the tile's converted rows serve every block of the span. The tiles store their sums to a
+//! the tile's converted rows serve every block of the span. The conversion pays for itself from
+//! 64 rows on, so these weights take this kernel from there. The tiles store their sums to a
 //! transposed output block, which is transposed back into `y` in registers with the bias added.
 //! Each output is one chain of multiply-adds in ascending `k`, then the bias.
 
@@ -19,14 +20,13 @@ use core::arch::x86_64::*;
 use super::generic::{F16Rows, F32Rows, I8Rows, WeightRows};
 use super::tiled::LinearArgs;
 
-/// Rows of `x` per block: four vectors of 16.
-pub(crate) const BLOCK_ROWS: usize = 64;
+/// Fewest rows the kernel takes with f32 weights: one vector of 16.
+const MIN_ROWS_F32: usize = 16;
 
-/// Vectors of 16 rows in a block.
-const VECTORS: usize = BLOCK_ROWS / 16;
-
-/// Weight rows per tile: with four vectors of rows, 24 of the 32 vector registers accumulate.
-const TILE: usize = 6;
+/// Fewest rows the kernel takes with f16 and int8 weights, which it converts a tile at a time:
+/// four vectors of 16. Measured on MiniLM's layers, 16 rows of int8 weights ran about 10 %
+/// slower here than in the dot-product tiles on Zen 4, and 32 rows about as fast.
+const MIN_ROWS_CONVERTED: usize = 64;
 
 /// Maximum row length of the kernel.
 pub(crate) const MAX_K: usize = 8192;
@@ -42,9 +42,9 @@ const SPAN_BYTES: usize = 1 << 20;
 /// Maximum number of blocks in a span.
 const SPAN_BLOCKS: usize = 16;
 
-/// Blocks per span for rows of `k` values and `n` outputs: at least one.
-fn span_blocks(k: usize, n: usize) -> usize {
-    let per_block = 4 * BLOCK_ROWS * (k + n.min(OUTPUTS));
+/// Blocks of `block_rows` rows per span for rows of `k` values and `n` outputs: at least one.
+fn span_blocks(block_rows: usize, k: usize, n: usize) -> usize {
+    let per_block = 4 * block_rows * (k + n.min(OUTPUTS));
     (SPAN_BYTES / per_block.max(1)).clamp(1, SPAN_BLOCKS)
 }
 
@@ -54,18 +54,28 @@ fn span_blocks(k: usize, n: usize) -> usize {
 struct Line([f32; 16]);
 
 std::thread_local! {
-    /// Each thread's scratch space, kept between calls. A tile of converted weight rows comes
-    /// first (`TILE * k` values, rounded up to a line), then the transposed input blocks, with
-    /// column `p` of row `r` of block `b` at `(b * k + p) * BLOCK_ROWS + r`. The sums follow,
-    /// with output `j` of row `r` of block `b` at `(b * outputs + j) * BLOCK_ROWS + r`, where
+    /// Each thread's scratch space, kept between calls. A tile of `T` converted weight rows
+    /// comes first (`T * k` values, rounded up to a line), then the transposed input blocks of
+    /// `B = 16 * V` rows, with column `p` of row `r` of block `b` at `(b * k + p) * B + r`. The
+    /// sums follow, with output `j` of row `r` of block `b` at `(b * outputs + j) * B + r`, where
     /// `outputs` is `min(n, OUTPUTS)`. The space grows to the largest call seen.
     static TRANSPOSED: core::cell::RefCell<std::vec::Vec<Line>> =
         const { core::cell::RefCell::new(std::vec::Vec::new()) };
 }
 
-/// Returns whether [`linear`] takes a call of `rows` rows of `k` values.
-pub(crate) fn applies(rows: usize, k: usize) -> bool {
-    rows >= BLOCK_ROWS && k > 0 && k <= MAX_K
+/// Returns the fewest rows [`linear`] takes with weights `w`, or `None` for weights it does not
+/// take.
+pub(crate) fn min_rows(w: &super::Weights<'_>) -> Option<usize> {
+    match w {
+        super::Weights::F32(_) => Some(MIN_ROWS_F32),
+        super::Weights::F16(_) | super::Weights::I8(_) => Some(MIN_ROWS_CONVERTED),
+        _ => None,
+    }
+}
+
+/// Returns whether [`linear`] takes a call of `rows` rows of `k` values with weights `w`.
+pub(crate) fn applies(w: &super::Weights<'_>, rows: usize, k: usize) -> bool {
+    min_rows(w).is_some_and(|min| rows >= min) && k > 0 && k <= MAX_K
 }
 
 /// Weight rows the tiles read as f32.
@@ -160,64 +170,92 @@ impl TileWeights for F16Rows<'_> {
 /// # Safety
 ///
 /// The CPU must support AVX-512F, AVX2, FMA and F16C, `args` and `w` must satisfy
-/// `tiled::linear`'s contract, and [`applies`] must hold for `args.rows` and `args.k`.
+/// `tiled::linear`'s contract, `args.rows` must be at least 1, and `args.k` at most [`MAX_K`].
 ///
 /// # Panics
 ///
 /// Panics if called while the thread's locals are being destroyed. If the thread's scratch space
 /// cannot grow, the failed allocation aborts the process.
 pub(crate) unsafe fn linear<W: TileWeights>(args: &LinearArgs<'_>, w: &W) {
+    // Fewer rows than four vectors take blocks of as many vectors as they need, with more weight
+    // rows per tile, so that each broadcast weight still feeds enough accumulators. With one
+    // vector the broadcast is an operand of the multiply-add, so 24 accumulators fit. With two
+    // or three, the compiler keeps a tile's broadcasts in registers, and tiles of 10 or 7 rows
+    // ran 40 % slower from spilled accumulators (measured on MiniLM at 32 and 48 rows).
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match args.rows.div_ceil(16) {
+            1 => linear_vectors::<W, 1, 24>(args, w),
+            2 => linear_vectors::<W, 2, 8>(args, w),
+            3 => linear_vectors::<W, 3, 6>(args, w),
+            _ => linear_vectors::<W, 4, 6>(args, w),
+        }
+    }
+}
+
+/// [`linear`] in blocks of `V` vectors of 16 rows, with tiles of `T` weight rows.
+///
+/// # Safety
+///
+/// As for [`linear`].
+unsafe fn linear_vectors<W: TileWeights, const V: usize, const T: usize>(
+    args: &LinearArgs<'_>,
+    w: &W,
+) {
     TRANSPOSED.with(|cell| {
         // The kernel does not call itself, so the space is never borrowed twice; a second
         // borrow would panic rather than alias.
         let mut lines = cell.borrow_mut();
-        let blocks = span_blocks(args.k, args.n).min(args.rows.div_ceil(BLOCK_ROWS));
-        let converted = (TILE * args.k).div_ceil(16);
-        let needed = converted + blocks * BLOCK_ROWS * (args.k + args.n.min(OUTPUTS)) / 16;
+        let block_rows = 16 * V;
+        let span = span_blocks(block_rows, args.k, args.n);
+        let blocks = span.min(args.rows.div_ceil(block_rows));
+        let converted = (T * args.k).div_ceil(16);
+        let needed = converted + blocks * block_rows * (args.k + args.n.min(OUTPUTS)) / 16;
         if lines.len() < needed {
             lines.resize(needed, Line([0.0; 16]));
         }
         let scratch = lines.as_mut_ptr();
         // SAFETY: forwarded from the caller. `lines` has room for a tile of converted weights,
         // then, from a line boundary, a span's blocks.
-        unsafe { linear_blocks(args, w, scratch.cast(), scratch.add(converted).cast()) }
+        unsafe { linear_blocks::<W, V, T>(args, w, scratch.cast(), scratch.add(converted).cast()) }
     })
 }
 
-/// [`linear`] with room for a tile of converted weights at `converted` and the blocks at
+/// [`linear_vectors`] with room for a tile of converted weights at `converted` and the blocks at
 /// `scratch`.
 ///
 /// # Safety
 ///
-/// As for [`linear`], with `converted` valid for `TILE * k` values, and `scratch` 64-byte aligned
-/// and valid for `blocks * BLOCK_ROWS * (k + min(n, OUTPUTS))` values, where `blocks` is the
-/// smaller of [`span_blocks`] and the number of blocks of rows.
+/// As for [`linear`], with `converted` valid for `T * k` values, and `scratch` 64-byte aligned
+/// and valid for `blocks * 16 * V * (k + min(n, OUTPUTS))` values, where `blocks` is the smaller
+/// of [`span_blocks`] and the number of blocks of rows.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn linear_blocks<W: TileWeights>(
+unsafe fn linear_blocks<W: TileWeights, const V: usize, const T: usize>(
     args: &LinearArgs<'_>,
     w: &W,
     converted: *mut f32,
     scratch: *mut f32,
 ) {
+    let block = 16 * V;
     let (k, n, rows) = (args.k, args.n, args.rows);
-    let span = span_blocks(k, n);
+    let span = span_blocks(block, k, n);
     let outputs = n.min(OUTPUTS);
     let mut m0 = 0;
-    // SAFETY (whole block): a span of `used` blocks takes `used * BLOCK_ROWS * k` values of
-    // `scratch` for its inputs and `used * BLOCK_ROWS * outputs` for its outputs, inside it by the
+    // SAFETY (whole block): a span of `used` blocks takes `used * block * k` values of
+    // `scratch` for its inputs and `used * block * outputs` for its outputs, inside it by the
     // contract. Every input value is written before the tiles read it, and the tiles write every
     // output value of a pass before `untranspose` reads it. Rows `m0..m0 + count` of `x` and `y`
     // and the `n` weight rows exist by the caller's contract.
     unsafe {
         while m0 < rows {
-            let count = (rows - m0).min(span * BLOCK_ROWS);
-            let used = count.div_ceil(BLOCK_ROWS);
+            let count = (rows - m0).min(span * block);
+            let used = count.div_ceil(block);
             let xt = scratch;
-            let yt = scratch.add(used * BLOCK_ROWS * k);
-            let block_rows = |b: usize| (count - b * BLOCK_ROWS).min(BLOCK_ROWS);
+            let yt = scratch.add(used * block * k);
+            let block_rows = |b: usize| (count - b * block).min(block);
             for b in 0..used {
-                let first = m0 + b * BLOCK_ROWS;
-                transpose(args.x.add(first * k), k, block_rows(b), xt.add(b * BLOCK_ROWS * k));
+                let first = m0 + b * block;
+                transpose::<V>(args.x.add(first * k), k, block_rows(b), xt.add(b * block * k));
             }
             let empty = || core::ptr::null::<u8>()..core::ptr::null();
             let mut j0 = 0;
@@ -227,29 +265,29 @@ unsafe fn linear_blocks<W: TileWeights>(
                 // weights are converted once per span. The first block's tile fetches the next
                 // tile's weights.
                 let mut j = j0;
-                while j + TILE <= j1 {
-                    let weights = w.rows(j, TILE, k, converted);
-                    let next = w.bytes(j + TILE, (n - j - TILE).min(TILE), k);
+                while j + T <= j1 {
+                    let weights = w.rows(j, T, k, converted);
+                    let next = w.bytes(j + T, (n - j - T).min(T), k);
                     for b in 0..used {
-                        let block_xt = xt.add(b * k * BLOCK_ROWS);
-                        let at = yt.add((b * outputs + j - j0) * BLOCK_ROWS);
+                        let block_xt = xt.add(b * k * block);
+                        let at = yt.add((b * outputs + j - j0) * block);
                         let next = if b == 0 { next.clone() } else { empty() };
-                        tile::<TILE>(block_xt, k, weights, next, at);
+                        tile::<V, T>(block_xt, k, weights, next, at);
                     }
-                    j += TILE;
+                    j += T;
                 }
                 while j < j1 {
                     let weights = w.rows(j, 1, k, converted);
                     for b in 0..used {
-                        let block_xt = xt.add(b * k * BLOCK_ROWS);
-                        let at = yt.add((b * outputs + j - j0) * BLOCK_ROWS);
-                        tile::<1>(block_xt, k, weights, empty(), at);
+                        let block_xt = xt.add(b * k * block);
+                        let at = yt.add((b * outputs + j - j0) * block);
+                        tile::<V, 1>(block_xt, k, weights, empty(), at);
                     }
                     j += 1;
                 }
                 for b in 0..used {
-                    let block_yt = yt.add(b * outputs * BLOCK_ROWS);
-                    untranspose(args, block_yt, m0 + b * BLOCK_ROWS, block_rows(b), j0..j1);
+                    let block_yt = yt.add(b * outputs * block);
+                    untranspose::<V>(args, block_yt, m0 + b * block, block_rows(b), j0..j1);
                 }
                 j0 = j1;
             }
@@ -258,21 +296,21 @@ unsafe fn linear_blocks<W: TileWeights>(
     }
 }
 
-/// Writes each column `p` of the `count` rows at `x` (rows of `k` values) to
-/// `xt[p * BLOCK_ROWS..]`, as `BLOCK_ROWS` values with zeros for the rows past `count`. Each 16
-/// rows by 16 columns are loaded as 16 vectors and transposed in registers.
+/// Writes each column `p` of the `count` rows at `x` (rows of `k` values) to `xt[p * 16 * V..]`,
+/// as `16 * V` values with zeros for the rows past `count`. Each 16 rows by 16 columns are
+/// loaded as 16 vectors and transposed in registers.
 ///
 /// # Safety
 ///
-/// As for [`linear`], with `count <= BLOCK_ROWS` rows at `x` and room for `BLOCK_ROWS * k`
-/// values at `xt`.
+/// As for [`linear`], with `count <= 16 * V` rows at `x` and room for `16 * V * k` values at
+/// `xt`.
 #[inline(always)]
-unsafe fn transpose(x: *const f32, k: usize, count: usize, xt: *mut f32) {
+unsafe fn transpose<const V: usize>(x: *const f32, k: usize, count: usize, xt: *mut f32) {
     // SAFETY: AVX-512F per the caller. The masked loads read columns below `k` of the rows
     // below `count` only, and the stores write 16 values at `p * BLOCK_ROWS + 16 v` for columns
     // `p < k`, inside the block.
     unsafe {
-        for v in 0..VECTORS {
+        for v in 0..V {
             let rows = count.saturating_sub(16 * v).min(16);
             let mut p0 = 0;
             while p0 < k {
@@ -285,7 +323,7 @@ unsafe fn transpose(x: *const f32, k: usize, count: usize, xt: *mut f32) {
                 }
                 let lines = super::panels::transpose16(&block);
                 for (g, &line) in lines.iter().enumerate().take(columns) {
-                    let at = xt.add((p0 + g) * BLOCK_ROWS + 16 * v);
+                    let at = xt.add((p0 + g) * 16 * V + 16 * v);
                     _mm512_store_ps(at, _mm512_castsi512_ps(line));
                 }
                 p0 += 16;
@@ -294,16 +332,17 @@ unsafe fn transpose(x: *const f32, k: usize, count: usize, xt: *mut f32) {
     }
 }
 
-/// Computes the sums of `C` outputs for a block's rows from the `C` weight rows at `w` and
-/// stores them, transposed, at `yt` (`C` lines of `BLOCK_ROWS` values). Fetches the lines of
-/// `fetch` into the L1 cache on the way, one per two columns, as far as the columns go.
+/// Computes the sums of `C` outputs for a block's `16 * V` rows from the `C` weight rows at `w`
+/// and stores them, transposed, at `yt` (`C` lines of `16 * V` values). Fetches the lines of
+/// `fetch` into the L1 cache on the way, one per eight weight rows every two columns, as far as
+/// the columns go.
 ///
 /// # Safety
 ///
 /// As for [`linear`], with `xt` a transposed block of rows of `k` values, `w` a weight row
-/// followed by `C - 1` more, and `yt` 64-byte aligned and valid for `C * BLOCK_ROWS` values.
+/// followed by `C - 1` more, and `yt` 64-byte aligned and valid for `C * 16 * V` values.
 #[inline(always)]
-unsafe fn tile<const C: usize>(
+unsafe fn tile<const V: usize, const C: usize>(
     xt: *const f32,
     k: usize,
     w: *const f32,
@@ -313,39 +352,43 @@ unsafe fn tile<const C: usize>(
     // SAFETY (whole block): the loads read columns `0..k` of the transposed block and of the
     // `C` weight rows, and the stores write the sums at `yt`. Prefetches never fault.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
-        // Two columns per iteration halve the loop's own instructions.
+        let mut acc = [[_mm512_setzero_ps(); V]; C];
+        // Two columns per iteration halve the loop's own instructions. The next tile of `C` f32
+        // weight rows has `C / 8` cache lines per two columns, so each iteration fetches that
+        // many.
         let mut at = fetch.start;
         for pair in 0..k / 2 {
-            if at < fetch.end {
-                _mm_prefetch::<_MM_HINT_T0>(at.cast());
-                at = at.wrapping_add(64);
+            for _ in 0..C.div_ceil(8) {
+                if at < fetch.end {
+                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                    at = at.wrapping_add(64);
+                }
             }
             for p in [2 * pair, 2 * pair + 1] {
-                step::<C>(&mut acc, xt.add(p * BLOCK_ROWS), w.add(p), k);
+                step::<V, C>(&mut acc, xt.add(p * 16 * V), w.add(p), k);
             }
         }
         if k % 2 == 1 {
-            step::<C>(&mut acc, xt.add((k - 1) * BLOCK_ROWS), w.add(k - 1), k);
+            step::<V, C>(&mut acc, xt.add((k - 1) * 16 * V), w.add(k - 1), k);
         }
         for (c, acc) in acc.iter().enumerate() {
             for (v, &acc) in acc.iter().enumerate() {
-                _mm512_store_ps(yt.add(c * BLOCK_ROWS + 16 * v), acc);
+                _mm512_store_ps(yt.add((c * V + v) * 16), acc);
             }
         }
     }
 }
 
 /// Writes outputs `outputs` of the `count` rows from `first` of `y`, plus the bias, from a
-/// block's transposed sums at `yt` (output `outputs.start + j` of row `r` at
-/// `j * BLOCK_ROWS + r`), 16 outputs of 16 rows per register transpose.
+/// block's transposed sums at `yt` (output `outputs.start + j` of row `r` at `j * 16 * V + r`),
+/// 16 outputs of 16 rows per register transpose.
 ///
 /// # Safety
 ///
-/// As for [`linear`], with the sums of every output in `outputs` written for `count <=
-/// BLOCK_ROWS` rows at `yt`, and rows `first..first + count` inside `y`.
+/// As for [`linear`], with the sums of every output in `outputs` written for `count <= 16 * V`
+/// rows at `yt`, and rows `first..first + count` inside `y`.
 #[inline(always)]
-unsafe fn untranspose(
+unsafe fn untranspose<const V: usize>(
     args: &LinearArgs<'_>,
     yt: *const f32,
     first: usize,
@@ -364,7 +407,7 @@ unsafe fn untranspose(
                 let mask: __mmask16 = if columns == 16 { u16::MAX } else { (1u16 << columns) - 1 };
                 let mut block = [_mm512_setzero_si512(); 16];
                 for (i, line) in block.iter_mut().enumerate().take(columns) {
-                    let at = yt.add((j0 - outputs.start + i) * BLOCK_ROWS + 16 * v);
+                    let at = yt.add((j0 - outputs.start + i) * 16 * V + 16 * v);
                     *line = _mm512_castps_si512(_mm512_load_ps(at));
                 }
                 let bias = match args.bias {
@@ -391,15 +434,15 @@ unsafe fn untranspose(
 /// As for [`tile`], with `column` a column of the transposed block and `w` the same column of
 /// weight row `j`.
 #[inline(always)]
-unsafe fn step<const C: usize>(
-    acc: &mut [[__m512; VECTORS]; C],
+unsafe fn step<const V: usize, const C: usize>(
+    acc: &mut [[__m512; V]; C],
     column: *const f32,
     w: *const f32,
     k: usize,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
-        let mut x = [_mm512_setzero_ps(); VECTORS];
+        let mut x = [_mm512_setzero_ps(); V];
         for (v, x) in x.iter_mut().enumerate() {
             *x = _mm512_load_ps(column.add(16 * v));
         }

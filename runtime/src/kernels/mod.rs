@@ -335,9 +335,10 @@ fn check_matmul(a: &[f32], b: &[f32], c: &[f32], m: usize, k: usize, n: usize) {
 /// NOTE: with int4 weights from 8 rows on, and with f16 weights on AVX-512 from 16 rows on (on
 /// NEON from 8), the weights are decoded in blocks of 256 columns and each block's sum is added
 /// to `y` separately. For `k > 256` a row then rounds differently than in a call with fewer
-/// rows. With f32, f16 and int8 weights on AVX-512 (with `std`), calls of 64 rows or more sum
-/// each output in ascending `k` instead, so a row rounds differently than in a smaller call. On
-/// other CPUs a row's result with f32 or int8 weights does not depend on the other rows.
+/// rows. On AVX-512 (with `std`), calls of 16 rows or more with f32 weights, and of 64 rows or
+/// more with f16 and int8 weights, sum each output in ascending `k` instead. A row then rounds
+/// differently than in a smaller call. On other CPUs a row's result with f32 or int8 weights
+/// does not depend on the other rows.
 ///
 /// # Panics
 ///
@@ -363,15 +364,14 @@ pub fn activate(activation: Option<crate::ops::Activation>, y: &mut [f32]) {
 }
 
 /// Returns the fewest rows each part of a split `linear` call of `rows` rows and `k` columns
-/// must have, so that every part takes the kernel the whole call takes. The many-row AVX-512
+/// must have, so that every part takes the kernel the whole call takes. The broadcast AVX-512
 /// kernel for f32, f16 and int8 weights rounds differently from the kernels of fewer rows.
 #[cfg(feature = "std")]
 pub(crate) fn min_part_rows(w: &Weights<'_>, rows: usize, k: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        let many_rows_weights = matches!(w, Weights::F32(_) | Weights::F16(_) | Weights::I8(_));
-        if many_rows_weights && Isa::best() == Isa::Avx512 && broadcast::applies(rows, k) {
-            return broadcast::BLOCK_ROWS;
+        if Isa::best() == Isa::Avx512 && broadcast::applies(w, rows, k) {
+            return broadcast::min_rows(w).unwrap_or(1);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

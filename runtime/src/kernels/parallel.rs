@@ -9,15 +9,14 @@
 //! the 576 x 576 attention projections ran on one thread.
 //! NOTE: it was not measured on other CPUs or with more than 2 threads.
 //!
-//! Work is split by rows of the output, so each output value is computed by the same kernel
-//! in the same order as on one thread. A call that takes the many-row AVX-512 kernel (f32, f16
-//! and int8 weights, from 64 rows) is split into parts of at least 64 rows, with fewer parts
-//! where needed, so that every part takes it too.
-//! NOTE: such a call of 64 to 127 rows therefore runs on one thread, also with the int8 x int8
-//! kernel, which would not need it. MiniLM f32 at 100 tokens on 2 threads took 12.8 ms before
-//! this rule and 16 to 18 ms with it, on the Xeon of BENCHMARKS.md. The exception is the one the
-//! note on [`linear`] describes: with int4 and f16 weights below that kernel, a part with fewer
-//! rows can round differently. Results for a given thread count repeat exactly.
+//! Work is split by rows of the output or by outputs, so each output value is computed by the
+//! same kernel in the same order as on one thread. A call that takes the broadcast AVX-512
+//! kernel (f32 weights from 16 rows, f16 and int8 weights from 64) is split by rows only into
+//! parts that keep that many rows, so that every part takes it too. Where that leaves fewer
+//! parts than threads, as for 16 to 31 rows of f32 weights on two threads, the call is split by
+//! outputs instead: every part then has all the rows. The exception is the one the note on
+//! [`linear`] describes: with int4 and f16 weights below that kernel, a part with fewer rows can
+//! round differently. Results for a given thread count repeat exactly.
 
 use super::generic::{F16Rows, F32Rows, I4Rows, I8Rows};
 use super::{activate, linear, matmul_batch, pool, Weights};
@@ -73,17 +72,29 @@ pub fn linear_threads_with(
     y: &mut [f32],
 ) {
     let macs = rows.saturating_mul(k).saturating_mul(n);
-    // A single row is split by outputs, more rows by rows.
+    // A single row is split by outputs, more rows by rows, unless parts of rows would be too
+    // small to take the kernel the whole call takes.
     let splittable = if rows == 1 { n } else { rows };
     let parts = threads_for(threads, macs, splittable);
-    match (parts, rows) {
-        (1, _) => {
-            kernel(x, rows, k, w, n, bias, y);
-            activate(activation, &mut y[..rows * n]);
-        }
-        (_, 1) => linear_by_outputs(kernel, activation, parts, x, k, w, n, bias, y),
-        _ => linear_by_rows(kernel, activation, parts, x, rows, k, w, n, bias, y),
+    if parts == 1 {
+        kernel(x, rows, k, w, n, bias, y);
+        activate(activation, &mut y[..rows * n]);
+    } else if rows == 1 || row_parts(&w, parts, rows, k) < parts.min(n) {
+        linear_by_outputs(kernel, activation, parts.min(n), x, rows, k, w, n, bias, y);
+    } else {
+        linear_by_rows(kernel, activation, parts, x, rows, k, w, n, bias, y);
     }
+}
+
+/// Returns how many parts of `rows` rows [`linear_by_rows`] makes for `parts` threads: fewer
+/// when each part must keep enough rows to take the kernel the whole call takes.
+fn row_parts(w: &Weights<'_>, parts: usize, rows: usize, k: usize) -> usize {
+    let min_rows = super::min_part_rows(w, rows, k);
+    let mut parts = parts.min(rows / min_rows).max(1);
+    while parts > 1 && rows - (parts - 1) * rows.div_ceil(parts) < min_rows {
+        parts -= 1;
+    }
+    parts
 }
 
 /// Runs `kernel`, then `activation`, with the rows of `x` split into `parts` contiguous parts,
@@ -103,11 +114,7 @@ pub(crate) fn linear_by_rows(
 ) {
     // Parts keep enough rows to take the kernel the whole call would, so each row's result is
     // the one-thread result.
-    let min_rows = super::min_part_rows(&w, rows, k);
-    let mut parts = parts.min(rows / min_rows).max(1);
-    while parts > 1 && rows - (parts - 1) * rows.div_ceil(parts) < min_rows {
-        parts -= 1;
-    }
+    let parts = row_parts(&w, parts, rows, k);
     let per = rows.div_ceil(parts);
     let x = &x[..rows * k];
     split_mut(&mut y[..rows * n], per * n, &|i, ys| {
@@ -117,26 +124,57 @@ pub(crate) fn linear_by_rows(
     });
 }
 
-/// Runs `kernel`, then `activation`, on one row with the outputs split into `parts` contiguous
-/// parts, one per thread.
+std::thread_local! {
+    /// Outputs of the parts of a call split by outputs, kept between calls: part `i` writes its
+    /// `rows x count` outputs at `i * rows * per`, where `per` is the outputs per part.
+    static PARTS: core::cell::RefCell<std::vec::Vec<f32>> =
+        const { core::cell::RefCell::new(std::vec::Vec::new()) };
+}
+
+/// Runs `kernel`, then `activation`, with the outputs (the rows of `w`) split into `parts`
+/// contiguous parts, one per thread. Each part reads all the rows of `x` and a part of the
+/// weights. With one row, each part writes its outputs in place. With more, each part writes its
+/// rows of outputs to a buffer, and the calling thread then copies them into `y`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_outputs(
     kernel: LinearKernel,
     activation: Option<Activation>,
     parts: usize,
     x: &[f32],
+    rows: usize,
     k: usize,
     w: Weights<'_>,
     n: usize,
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let per = n.div_ceil(parts);
-    split_mut(&mut y[..n], per, &|i, ys| {
-        let (start, count) = (i * per, ys.len());
+    let per = n.div_ceil(parts.max(1));
+    let x = &x[..rows * k];
+    let run = |i: usize, ys: &mut [f32]| {
+        let count = ys.len() / rows;
+        let start = i * per;
         let b = bias.map(|b| &b[start..start + count]);
-        kernel(x, 1, k, weight_rows(w, start, count), count, b, ys);
+        kernel(x, rows, k, weight_rows(w, start, count), count, b, ys);
         activate(activation, ys);
+    };
+    let y = &mut y[..rows * n];
+    if rows == 1 {
+        return split_mut(y, per, &run);
+    }
+    PARTS.with(|cell| {
+        // Nothing run here splits a call again on this thread, so the buffer is never borrowed
+        // twice; a second borrow would panic rather than alias.
+        let mut buffer = cell.borrow_mut();
+        if buffer.len() < rows * n {
+            buffer.resize(rows * n, 0.0);
+        }
+        split_mut(&mut buffer[..rows * n], rows * per, &run);
+        for (i, part) in buffer[..rows * n].chunks(rows * per).enumerate() {
+            let count = part.len() / rows;
+            for (m, outputs) in part.chunks_exact(count).enumerate() {
+                y[m * n + i * per..][..count].copy_from_slice(outputs);
+            }
+        }
     });
 }
 

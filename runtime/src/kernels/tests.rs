@@ -307,16 +307,25 @@ fn linear_layer_widths() {
 
 #[test]
 fn linear_many_rows() {
-    // From 64 rows, f32, f16 and int8 weights on AVX-512 take the kernel that transposes blocks
-    // of 64 rows. Rows: one full block, one row past it, and two blocks with a partial third. Row
-    // lengths: one value, odd ones, MiniLM's, and (one block only) the longest the kernel takes
-    // and one past it. Output counts: around its tile of 6 weight rows. Then outputs past its
-    // pass of 768, ending inside a 16-output transpose.
+    // On AVX-512, f32 weights from 16 rows and f16 and int8 weights from 64 take the kernel that
+    // transposes blocks of one to four vectors of 16 rows. Rows: one full block, one row past it,
+    // and two blocks with a partial third. Row lengths: one value, odd ones, MiniLM's, and (one
+    // block only) the longest the kernel takes and one past it. Output counts: around its tile of
+    // 6 weight rows. Then outputs past its pass of 768, ending inside a 16-output transpose.
     let (rows_list, k_list, n_list): (&[usize], &[usize], &[usize]) = if cfg!(miri) {
         (&[65], &[3], &[7])
     } else {
         (&[64, 65, 130], &[1, 17, 384, 1537], &[1, 6, 7, 13])
     };
+    // Blocks of one, two and three vectors, with tiles of 24, 8 and 6 weight rows: rows at and
+    // past each block size, output counts around each tile.
+    if !cfg!(miri) {
+        for rows in [16, 17, 31, 32, 33, 47, 48, 63] {
+            for (k, n) in [(1, 25), (17, 23), (384, 49), (1537, 9)] {
+                check_linear(Kind::F32, rows, k, n, 1, (rows * 5 + k + n) as u64);
+            }
+        }
+    }
     for kind in [Kind::F32, Kind::F16, Kind::I8] {
         if !cfg!(miri) {
             for k in [8192, 8193] {
@@ -441,8 +450,9 @@ fn best_isa_is_supported() {
     assert_eq!(Isa::best(), Isa::best());
 }
 
-/// Splitting `linear` across threads, by rows of `x` or by outputs for a single row, gives the
-/// one-thread result exactly, for parts of uneven size and for more parts than rows.
+/// Splitting `linear` across threads, by rows of `x` or by outputs, gives the one-thread result
+/// exactly, for parts of uneven size and for more parts than rows. Rows: below, inside and above
+/// the 16- and 64-row thresholds of the broadcast kernel on AVX-512.
 #[test]
 #[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
 fn threaded_linear_matches_one_thread() {
@@ -458,31 +468,41 @@ fn threaded_linear_matches_one_thread() {
             (130, 20, 2),
             (193, 9, 3),
             (1, 50, 3),
+            (20, 50, 2),
+            (40, 33, 3),
+            (100, 70, 2),
+            (17, 5, 4),
         ];
         for (rows, n, parts) in cases {
             let w = TestWeights::new(kind, n, k, 32, &mut rng);
             let x = rng.vec(rows * k);
             let bias = rng.vec(n);
+            let b = Some(bias.as_slice());
             let mut single = vec![CANARY; rows * n + 3];
-            super::linear(&x, rows, k, w.weights(), n, Some(&bias), &mut single);
-            let mut split = vec![CANARY; rows * n + 3];
-            if rows == 1 {
-                let b = Some(bias.as_slice());
-                linear_by_outputs(linear, None, parts, &x, k, w.weights(), n, b, &mut split);
-            } else {
-                let b = Some(bias.as_slice());
-                linear_by_rows(linear, None, parts, &x, rows, k, w.weights(), n, b, &mut split);
-            }
-            // With int4 and f16 weights a part below the blocked kernels' row threshold may
-            // round differently, as the note on `linear` explains. The other cases must match
-            // bit for bit.
-            let exact = matches!(kind, Kind::F32 | Kind::I8) || rows == 1;
-            for (i, (&a, &b)) in single.iter().zip(&split).enumerate() {
-                let close = (a - b).abs() <= 1e-5 * a.abs().max(1.0);
-                assert!(
-                    if exact { a.to_bits() == b.to_bits() } else { close },
-                    "{kind:?} rows {rows} n {n} in {parts} parts: value {i} is {b}, one thread {a}"
-                );
+            super::linear(&x, rows, k, w.weights(), n, b, &mut single);
+            for by_outputs in [false, true] {
+                let mut split = vec![CANARY; rows * n + 3];
+                if by_outputs {
+                    let (x, w) = (&x, w.weights());
+                    linear_by_outputs(linear, None, parts, x, rows, k, w, n, b, &mut split);
+                } else if rows > 1 {
+                    let (x, w) = (&x, w.weights());
+                    linear_by_rows(linear, None, parts, x, rows, k, w, n, b, &mut split);
+                } else {
+                    continue;
+                }
+                // With int4 and f16 weights a part of fewer rows than the blocked kernels'
+                // threshold may round differently, as the note on `linear` explains. Parts of
+                // outputs keep every row, and the other cases must match bit for bit too.
+                let exact = matches!(kind, Kind::F32 | Kind::I8) || rows == 1 || by_outputs;
+                for (i, (&a, &b)) in single.iter().zip(&split).enumerate() {
+                    let close = (a - b).abs() <= 1e-5 * a.abs().max(1.0);
+                    assert!(
+                        if exact { a.to_bits() == b.to_bits() } else { close },
+                        "{kind:?} rows {rows} n {n} in {parts} parts (by outputs {by_outputs}): \
+                         value {i} is {b}, one thread {a}"
+                    );
+                }
             }
         }
     }
@@ -503,8 +523,16 @@ fn linear_activation_follows_product() {
         Activation { kind: UnaryKind::Clip, alpha: -0.25, beta: 0.5 },
     ];
     for kind in [Kind::F32, Kind::I8, Kind::I4] {
-        for (rows, n, threads) in [(1, 300, 1), (1, 300, 2), (3, 33, 2), (70, 40, 1), (140, 40, 2)]
-        {
+        let cases = [
+            (1, 300, 1),
+            (1, 300, 2),
+            (3, 33, 2),
+            (24, 160, 2),
+            (70, 40, 1),
+            (100, 80, 2),
+            (140, 40, 2),
+        ];
+        for (rows, n, threads) in cases {
             let w = TestWeights::new(kind, n, k, 32, &mut rng);
             let x = rng.vec(rows * k);
             let bias = rng.vec(n);

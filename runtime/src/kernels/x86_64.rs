@@ -86,15 +86,15 @@ pub(crate) fn linear_avx512(call: &mut LinearCall<'_>) {
     unsafe {
         match call.w {
             #[cfg(feature = "std")]
-            Weights::F32(w) if super::broadcast::applies(args.rows, args.k) => {
+            Weights::F32(w) if super::broadcast::applies(&call.w, args.rows, args.k) => {
                 super::broadcast::linear(&args, &w)
             }
             #[cfg(feature = "std")]
-            Weights::I8(w) if super::broadcast::applies(args.rows, args.k) => {
+            Weights::I8(w) if super::broadcast::applies(&call.w, args.rows, args.k) => {
                 super::broadcast::linear(&args, &w)
             }
             #[cfg(feature = "std")]
-            Weights::F16(w) if super::broadcast::applies(args.rows, args.k) => {
+            Weights::F16(w) if super::broadcast::applies(&call.w, args.rows, args.k) => {
                 super::broadcast::linear(&args, &w)
             }
             Weights::F32(w) => linear_avx512_direct(&args, &w),
