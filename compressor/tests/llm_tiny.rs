@@ -6,7 +6,7 @@ use std::path::Path;
 
 use edgefold_compressor::gguf::GgufFile;
 use edgefold_compressor::llm::analysis::{block_influence, block_similarity};
-use edgefold_compressor::llm::packed::{pack, tokenizer_of};
+use edgefold_compressor::llm::packed::{pack, tokenizer_of, PASS_ROWS};
 use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TokenizerSpec};
 use edgefold_compressor::llm::{Llama, WeightKind};
 use edgefold_runtime::decoder::{Decoder, DecoderConfig, Logits, CONFIG_KEY};
@@ -36,10 +36,11 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 fn storage_kinds_match_host_model() {
     let (original, spec) = fixture();
     let tokenizer = GgufTokenizer::from_spec(spec.clone()).unwrap();
-    // More tokens than one pass of the decoder takes (16), with merges and a control token.
-    let text = "the tether<|endoftext|> then the other thing, 42 times.";
-    let ids = tokenizer.encode(text).unwrap();
-    assert!(ids.len() > 20, "{} tokens", ids.len());
+    // More tokens than one pass of the decoder takes, with merges and a control token.
+    let text = "the tether<|endoftext|> then the other thing, 42 times. ".repeat(3);
+    let ids = tokenizer.encode(&text).unwrap();
+    let rows = PASS_ROWS as usize;
+    assert!(ids.len() > rows + 1, "{} tokens", ids.len());
     let vocab = original.config().vocab;
     for kind in [WeightKind::F32, WeightKind::Int8, WeightKind::Int4, WeightKind::Int4Min] {
         let mut model = original.clone();
@@ -50,10 +51,10 @@ fn storage_kinds_match_host_model() {
             let mut cache = model.new_cache(ids.len());
             model.forward(&ids, &mut cache, true).unwrap()
         };
-        let bytes = pack(&model, &spec, 40, &[]).unwrap();
+        let bytes = pack(&model, &spec, ids.len() + 8, &[]).unwrap();
         let map = mapped(&bytes, "kinds");
         let file = Model::open(map.bytes()).unwrap();
-        assert_eq!(tokenizer_of(&file).unwrap().encode(text).unwrap(), ids);
+        assert_eq!(tokenizer_of(&file).unwrap().encode(&text).unwrap(), ids);
         let config = DecoderConfig::parse(file.metadata(CONFIG_KEY).unwrap()).unwrap();
         assert_eq!(file.arena_bytes() as u64, config.arena_bytes().unwrap());
         let mut arena = vec![0u8; file.arena_bytes_unaligned()];
@@ -76,7 +77,8 @@ fn storage_kinds_match_host_model() {
         let diff = max_diff(last, &host[(ids.len() - 1) * vocab..]);
         assert!(diff <= 1e-4 * scale.max(1.0), "{kind:?}: last logits differ by {diff}");
         assert_eq!(decoder.len(), ids.len());
-        let err = decoder.forward(&ids[..17], Logits::All).unwrap_err();
+        decoder.truncate(0);
+        let err = decoder.forward(&ids[..rows + 1], Logits::All).unwrap_err();
         assert!(err.to_string().contains("one pass"), "{err}");
     }
 }

@@ -14,7 +14,10 @@ use crate::writer::{pack as pack_graph, WriteError};
 pub const TOKENIZER_KEY: &str = "tokenizer.bpe";
 
 /// Tokens that one pass of a packed decoder runs together. Prompts run in passes of this many.
-pub const PASS_ROWS: u32 = 16;
+/// SmolLM2-135M with int4 weights on Zen 4 read prompts about 1.5x faster in passes of 32 than
+/// of 16, for 3.6 MB more arena at 512 positions, because products of 32 rows or more take the
+/// AVX-512 broadcast kernel.
+pub const PASS_ROWS: u32 = 32;
 
 fn storage(m: &Matrix) -> Storage {
     match &m.data {

@@ -307,11 +307,12 @@ fn linear_layer_widths() {
 
 #[test]
 fn linear_many_rows() {
-    // On AVX-512, f32 weights from 16 rows and f16 and int8 weights from 64 take the kernel that
-    // transposes blocks of one to four vectors of 16 rows. Rows: one full block, one row past it,
-    // and two blocks with a partial third. Row lengths: one value, odd ones, MiniLM's, and (one
-    // block only) the longest the kernel takes and one past it. Output counts: around its tile of
-    // 6 weight rows. Then outputs past its pass of 768, ending inside a 16-output transpose.
+    // On AVX-512, f32 weights from 16 rows, int4 from 32, and f16 and int8 from 64 take the
+    // kernel that transposes blocks of one to four vectors of 16 rows. Rows: one full block, one
+    // row past it, and two blocks with a partial third. Row lengths: one value, odd ones,
+    // MiniLM's, and (one block only) the longest the kernel takes and one past it. Output counts:
+    // around its tile of 6 weight rows. Then outputs past its pass of 768, ending inside a
+    // 16-output transpose.
     let (rows_list, k_list, n_list): (&[usize], &[usize], &[usize]) = if cfg!(miri) {
         (&[65], &[3], &[7])
     } else {
@@ -323,6 +324,19 @@ fn linear_many_rows() {
         for rows in [16, 17, 31, 32, 33, 47, 48, 63] {
             for (k, n) in [(1, 25), (17, 23), (384, 49), (1537, 9)] {
                 check_linear(Kind::F32, rows, k, n, 1, (rows * 5 + k + n) as u64);
+            }
+        }
+    }
+    // Int4 weights in groups of a multiple of 16 (with and without minimums) take it from 32 rows:
+    // groups of 16, 32 and 48, rows at and past 32 and around the block of 64.
+    if !cfg!(miri) {
+        for kind in [Kind::I4, Kind::I4Min] {
+            for (k, group) in [(16, 16), (96, 48), (384, 32), (1536, 32)] {
+                for rows in [32, 33, 64, 65, 130] {
+                    for n in [1, 7, 13] {
+                        check_linear(kind, rows, k, n, group, (rows * 3 + k + n) as u64);
+                    }
+                }
             }
         }
     }

@@ -227,6 +227,12 @@ impl<'a, const MIN: bool> I4Aligned<'a, MIN> {
         let group_shift = w.group.is_power_of_two().then(|| w.group.trailing_zeros());
         I4Aligned { w, groups: w.k / w.group, row_bytes: w.k.div_ceil(2), group_shift }
     }
+
+    /// Returns the packed values of every row.
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    pub(crate) fn packed(&self) -> &'a [u8] {
+        self.w.packed
+    }
 }
 
 // SAFETY: `load` reads `LANES / 2` bytes at byte `row * k.div_ceil(2) + col / 2` and one scale

@@ -97,6 +97,13 @@ pub(crate) fn linear_avx512(call: &mut LinearCall<'_>) {
             Weights::F16(w) if super::broadcast::applies(&call.w, args.rows, args.k) => {
                 super::broadcast::linear(&args, &w)
             }
+            #[cfg(feature = "std")]
+            Weights::I4(w) if super::broadcast::applies(&call.w, args.rows, args.k) => {
+                match w.mins.is_some() {
+                    true => super::broadcast::linear(&args, &I4Aligned::<true>::new(w)),
+                    false => super::broadcast::linear(&args, &I4Aligned::<false>::new(w)),
+                }
+            }
             Weights::F32(w) => linear_avx512_direct(&args, &w),
             Weights::F16(w) if args.rows >= BLOCKED_ROWS_F16_AVX512 => {
                 linear_avx512_blocked(&args, &w)
