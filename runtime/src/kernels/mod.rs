@@ -14,6 +14,8 @@ pub mod conv;
 mod dotprod;
 pub mod generic;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
+mod nibbles;
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
 mod panels;
 #[cfg(feature = "std")]
 pub mod parallel;
@@ -331,6 +333,9 @@ fn check_matmul(a: &[f32], b: &[f32], c: &[f32], m: usize, k: usize, n: usize) {
 ///
 /// Each output is a sum in a fixed order, so results repeat exactly for the same inputs and
 /// instruction set; they differ between instruction sets by rounding only.
+///
+/// With int4 weights in groups of a multiple of 32 on AVX-512 (with `std`), calls of fewer than 8
+/// rows run each row alone, so a row's result does not depend on the other rows there either.
 ///
 /// NOTE: with int4 weights from 8 rows on, and with f16 weights on AVX-512 from 16 rows on (on
 /// NEON from 8), the weights are decoded in blocks of 256 columns and each block's sum is added

@@ -359,6 +359,43 @@ fn linear_many_rows() {
     }
 }
 
+/// Int4 weights in groups of a multiple of 32, below 8 rows: on AVX-512 each row runs alone in
+/// blocks of 32 values. Rows up to 8, groups of 32, 64 and 96, output counts around the tile of
+/// 4 weight rows and one of SmolLM2-135M's layers. Each row must also equal the row alone.
+#[test]
+fn linear_int4_block_rows() {
+    let shapes: &[(usize, usize)] =
+        if cfg!(miri) { &[(32, 32)] } else { &[(32, 32), (64, 64), (192, 32), (576, 96)] };
+    let rows_list: &[usize] = if cfg!(miri) { &[2] } else { &[1, 2, 3, 5, 7, 8] };
+    for kind in [Kind::I4, Kind::I4Min] {
+        for &(k, group) in shapes {
+            for &rows in rows_list {
+                for n in [1, 3, 4, 5, 9] {
+                    check_linear(kind, rows, k, n, group, (rows * 11 + k + n) as u64);
+                }
+            }
+        }
+        if !cfg!(miri) {
+            check_linear(kind, 1, 576, 1536, 32, 5);
+            check_linear(kind, 3, 1536, 576, 32, 6);
+        }
+        let (rows, k, n) = (5, 192, 9);
+        let mut rng = Rng(kind as u64 + 40);
+        let w = TestWeights::new(kind, n, k, 32, &mut rng);
+        let x = rng.vec(rows * k);
+        for isa in supported() {
+            let mut batch = vec![0f32; rows * n];
+            linear_with(isa, &x, rows, k, w.weights(), n, None, &mut batch);
+            for m in 0..rows {
+                let mut single = vec![0f32; n];
+                let row = &x[m * k..(m + 1) * k];
+                linear_with(isa, row, 1, k, w.weights(), n, None, &mut single);
+                assert_eq!(&batch[m * n..(m + 1) * n], &single[..], "{isa} {kind:?} row {m}");
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_int4_unaligned_group() {
     // Groups of 6 and 2 end inside an 8- or 16-lane vector, so each vector needs several scales.

@@ -98,6 +98,10 @@ pub(crate) fn linear_avx512(call: &mut LinearCall<'_>) {
                 super::broadcast::linear(&args, &w)
             }
             #[cfg(feature = "std")]
+            Weights::I4(w) if !blocked && super::nibbles::applies(&w) => {
+                super::nibbles::linear(&args, &w)
+            }
+            #[cfg(feature = "std")]
             Weights::I4(w) if super::broadcast::applies(&call.w, args.rows, args.k) => {
                 match w.mins.is_some() {
                     true => super::broadcast::linear(&args, &I4Aligned::<true>::new(w)),
