@@ -1,7 +1,7 @@
 //! A session split across threads gives the one-thread outputs. They match bit for bit with f32
 //! and int8 weights, whose parts keep enough rows to take the kernel the whole call takes, or
-//! split the outputs instead. With int4 they match within rounding, because the blocked kernel
-//! sums a row differently when a thread's part has few rows. The test runs
+//! split the outputs instead. With int4 they match within rounding, because a thread's part of
+//! fewer than 8 rows takes another kernel than the whole call, which sums a row differently. The test runs
 //! paraphrase-MiniLM-L3-v2 on 1, 2 and 3 threads, at a length whose rows split unevenly and at
 //! one too short for two parts of 16 rows.
 

@@ -207,6 +207,7 @@ impl<const MIN: bool> TileWeights for I4Aligned<'_, MIN> {
 ///
 /// The CPU must support AVX-512F, AVX2, FMA and F16C, `args` and `w` must satisfy
 /// `tiled::linear`'s contract, `args.rows` must be at least 1, and `args.k` at most [`MAX_K`].
+/// Int4 weights must come in groups of a multiple of 16 values, as [`min_rows`] requires.
 ///
 /// # Panics
 ///
@@ -343,8 +344,8 @@ unsafe fn linear_blocks<W: TileWeights, const V: usize, const T: usize>(
 #[inline(always)]
 unsafe fn transpose<const V: usize>(x: *const f32, k: usize, count: usize, xt: *mut f32) {
     // SAFETY: AVX-512F per the caller. The masked loads read columns below `k` of the rows
-    // below `count` only, and the stores write 16 values at `p * BLOCK_ROWS + 16 v` for columns
-    // `p < k`, inside the block.
+    // below `count` only, and the stores write 16 values at `p * 16 * V + 16 v` for columns
+    // `p < k`, inside the block and 64-byte aligned because `xt` is.
     unsafe {
         for v in 0..V {
             let rows = count.saturating_sub(16 * v).min(16);

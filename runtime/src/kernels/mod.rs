@@ -334,8 +334,10 @@ fn check_matmul(a: &[f32], b: &[f32], c: &[f32], m: usize, k: usize, n: usize) {
 /// Each output is a sum in a fixed order, so results repeat exactly for the same inputs and
 /// instruction set; they differ between instruction sets by rounding only.
 ///
-/// With int4 weights in groups of a multiple of 32 on AVX-512 (with `std`), calls of fewer than 8
-/// rows run each row alone, so a row's result does not depend on the other rows there either.
+/// With int4 weights in groups of a multiple of 32 and rows of at most 65,536 values on AVX-512
+/// (with `std`), calls of fewer than 8 rows run each row alone, so a row's result does not depend
+/// on the other rows there either. It rounds differently than in a call of 8 rows or more,
+/// whatever `k` is, because the kernels pair the columns with the vector lanes differently.
 ///
 /// NOTE: with int4 weights from 8 rows on, and with f16 weights on AVX-512 from 16 rows on (on
 /// NEON from 8), the weights are decoded in blocks of 256 columns and each block's sum is added
@@ -370,7 +372,8 @@ pub fn activate(activation: Option<crate::ops::Activation>, y: &mut [f32]) {
 
 /// Returns the fewest rows each part of a split `linear` call of `rows` rows and `k` columns
 /// must have, so that every part takes the kernel the whole call takes. The broadcast AVX-512
-/// kernel for f32, f16 and int8 weights rounds differently from the kernels of fewer rows.
+/// kernel for f32, f16, int8 and int4 weights rounds differently from the kernels of fewer
+/// rows.
 #[cfg(feature = "std")]
 pub(crate) fn min_part_rows(w: &Weights<'_>, rows: usize, k: usize) -> usize {
     #[cfg(target_arch = "x86_64")]

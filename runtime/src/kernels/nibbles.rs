@@ -7,7 +7,7 @@
 //! even columns and its high nibbles those of the odd columns. Each row of `x` is therefore first
 //! split, block by block, into its even and odd columns, which the two nibble vectors then
 //! multiply directly. The scales and minimums of a tile of weight rows are widened to f32 once
-//! per row of `x`, 16 at a time.
+//! per row of `x`, 16 at a time for groups of 32.
 //!
 //! Every weight is dequantized as `u × scale + offset`, where `u = q + 8` is the unsigned nibble
 //! and the offset is the group's minimum, or `-8 × scale` without minimums (then the product is

@@ -11,8 +11,8 @@
 //!
 //! Work is split by rows of the output or by outputs, so each output value is computed by the
 //! same kernel in the same order as on one thread. A call that takes the broadcast AVX-512
-//! kernel (f32 weights from 16 rows, int4 from 32, f16 and int8 from 64) is split by rows only
-//! into parts that keep that many rows, so that every part takes it too. Where that leaves fewer
+//! kernel (f32 weights from 16 rows, int4 in groups of a multiple of 16 from 32, f16 and int8
+//! from 64) is split by rows only into parts that keep that many rows, so that every part takes it too. Where that leaves fewer
 //! parts than threads, as for 16 to 31 rows of f32 weights on two threads, the call is split by
 //! outputs instead: every part then has all the rows. The exception is the one the note on
 //! [`linear`] describes: with int4 and f16 weights below that kernel, a part with fewer rows can
@@ -33,7 +33,8 @@ fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
 pub use super::LinearKernel;
 
 /// Runs [`linear`] on up to `threads` threads. The rows of `x` are split into contiguous parts,
-/// or, for a single row, the rows of `w` (the outputs).
+/// or the rows of `w` (the outputs) are: for a single row, and where parts of rows would be too
+/// small to take the kernel the whole call takes.
 ///
 /// # Panics
 ///
@@ -91,7 +92,8 @@ pub fn linear_threads_with(
 fn row_parts(w: &Weights<'_>, parts: usize, rows: usize, k: usize) -> usize {
     let min_rows = super::min_part_rows(w, rows, k);
     let mut parts = parts.min(rows / min_rows).max(1);
-    while parts > 1 && rows - (parts - 1) * rows.div_ceil(parts) < min_rows {
+    // The last part gets what the others leave, which may be nothing.
+    while parts > 1 && rows.saturating_sub((parts - 1) * rows.div_ceil(parts)) < min_rows {
         parts -= 1;
     }
     parts
@@ -148,6 +150,9 @@ pub(crate) fn linear_by_outputs(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    if rows == 0 || n == 0 {
+        return;
+    }
     let per = n.div_ceil(parts.max(1));
     let x = &x[..rows * k];
     let run = |i: usize, ys: &mut [f32]| {

@@ -370,7 +370,7 @@ fn linear_int4_block_rows() {
     for kind in [Kind::I4, Kind::I4Min] {
         for &(k, group) in shapes {
             for &rows in rows_list {
-                for n in [1, 3, 4, 5, 9] {
+                for n in [1, 2, 3, 4, 5, 6, 9] {
                     check_linear(kind, rows, k, n, group, (rows * 11 + k + n) as u64);
                 }
             }
@@ -502,8 +502,9 @@ fn best_isa_is_supported() {
 }
 
 /// Splitting `linear` across threads, by rows of `x` or by outputs, gives the one-thread result
-/// exactly, for parts of uneven size and for more parts than rows. Rows: below, inside and above
-/// the 16- and 64-row thresholds of the broadcast kernel on AVX-512.
+/// exactly, for parts of uneven size and for more parts than rows or outputs. Rows: below, inside
+/// and above the thresholds of the AVX-512 kernels (8 rows for int4 blocks, and 16, 32 and 64
+/// rows for the broadcast kernel).
 #[test]
 #[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
 fn threaded_linear_matches_one_thread() {
@@ -523,6 +524,9 @@ fn threaded_linear_matches_one_thread() {
             (40, 33, 3),
             (100, 70, 2),
             (17, 5, 4),
+            (5, 40, 4),
+            (20, 3, 4),
+            (33, 30, 2),
         ];
         for (rows, n, parts) in cases {
             let w = TestWeights::new(kind, n, k, 32, &mut rng);
@@ -544,8 +548,11 @@ fn threaded_linear_matches_one_thread() {
                 }
                 // With int4 and f16 weights a part of fewer rows than the blocked kernels'
                 // threshold may round differently, as the note on `linear` explains. Parts of
-                // outputs keep every row, and the other cases must match bit for bit too.
+                // outputs keep every row, parts of a call that takes the broadcast kernel keep
+                // enough rows for it, and the other cases must match bit for bit too.
+                let broadcast = super::min_part_rows(&w.weights(), rows, k) > 1;
                 let exact = matches!(kind, Kind::F32 | Kind::I8) || rows == 1 || by_outputs;
+                let exact = exact || broadcast;
                 for (i, (&a, &b)) in single.iter().zip(&split).enumerate() {
                     let close = (a - b).abs() <= 1e-5 * a.abs().max(1.0);
                     assert!(
