@@ -19,7 +19,7 @@ model="$1"
 tokenizer="$2"
 planned="${3:-}"
 runs="${RUNS:-20}"
-edgefold="$root/target/release/edgefold"
+edgefold="${CARGO_TARGET_DIR:-$root/target}/release/edgefold"
 [ -x "$edgefold" ] || { echo "error: build first: cargo build --release -p edgefold-compressor" >&2; exit 1; }
 python3 -c "import onnxruntime, onnx, numpy" 2> /dev/null \
     || { echo "error: onnxruntime, onnx and numpy are needed: pip install onnxruntime onnx numpy" >&2; exit 1; }

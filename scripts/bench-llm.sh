@@ -13,7 +13,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 model="${1:-$root/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
 text="${2:-$root/../shared/data/lm/wikitext2_valid.txt}"
-edgefold="$root/target/release/edgefold"
+edgefold="${CARGO_TARGET_DIR:-$root/target}/release/edgefold"
 if [ ! -x "$edgefold" ]; then
     echo "error: $edgefold is missing; run cargo build --release -p edgefold-compressor" >&2
     exit 1

@@ -18,7 +18,7 @@ for f in str_ww_ref_model.onnx str_ww_ref_model.tflite str_ww_calibration_sample
 done
 mkdir -p "$out"
 cargo build --release --quiet -p edgefold-compressor --bin edgefold
-edgefold=target/release/edgefold
+edgefold="${CARGO_TARGET_DIR:-target}/release/edgefold"
 python3 scripts/mlperf-tiny-data.py "$data" "$out"
 
 half() { echo $(($(stat -c %s "$1") / 2)); }

@@ -10,7 +10,7 @@ model="$1"
 tokenizer="$2"
 sts="$3"
 seq="${4:-128}"
-edgefold="$root/target/release/edgefold"
+edgefold="${CARGO_TARGET_DIR:-$root/target}/release/edgefold"
 [ -x "$edgefold" ] || { echo "error: build first: cargo build --release -p edgefold-compressor" >&2; exit 1; }
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

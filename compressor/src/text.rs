@@ -208,6 +208,15 @@ impl TextEncoder {
             let sentence = sentence.chars().take(SENTENCE_PREVIEW_CHARS).collect();
             TextError::Encode { sentence, source }
         })?;
+        if !encoding.get_overflowing().is_empty() {
+            let used = encoding.get_ids().len();
+            let preview: String = sentence.chars().take(SENTENCE_PREVIEW_CHARS).collect();
+            log::warn!(
+                "the sentence \"{preview}\" has more tokens than the model takes, so only its \
+                 first {used} tokens are used; compress the model with a larger --max-seq to \
+                 keep more"
+            );
+        }
         Ok(to_encoded(&encoding))
     }
 }

@@ -1346,7 +1346,14 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             for i in 0..model.input_count() {
                 let name = model.tensor_name(model.input_tensor(i)?);
                 let values = token_input(name, args.seq)?;
-                session.set_input::<i64>(i, &[1, args.seq], &values)?;
+                session.set_input::<i64>(i, &[1, args.seq], &values).with_context(|| {
+                    format!(
+                        "--seq {} does not fit {}: pass a shorter --seq, or compress the model \
+                         again with a larger --max-seq",
+                        args.seq,
+                        args.file.display()
+                    )
+                })?;
             }
             session.run()?;
             first = started.elapsed().as_secs_f64();
