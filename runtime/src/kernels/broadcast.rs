@@ -22,15 +22,15 @@ use super::generic::{F16Rows, F32Rows, I8Rows, WeightRows};
 use super::tiled::{I4Aligned, LinearArgs, Simd, VecRows};
 use super::x86_64::Avx512;
 
-/// Fewest rows the kernel takes with f32 weights: one vector of 16.
+/// Minimum rows the kernel takes with f32 weights: one vector of 16.
 const MIN_ROWS_F32: usize = 16;
 
-/// Fewest rows the kernel takes with f16 and int8 weights, which it converts a tile at a time:
+/// Minimum rows the kernel takes with f16 and int8 weights, which it converts a tile at a time:
 /// four vectors of 16. Measured on MiniLM's layers, 16 rows of int8 weights ran about 10 %
 /// slower here than in the dot-product tiles on Zen 4, and 32 rows about as fast.
 const MIN_ROWS_CONVERTED: usize = 64;
 
-/// Fewest rows the kernel takes with int4 weights, whose other kernel decodes blocks of 256
+/// Minimum rows the kernel takes with int4 weights, whose other kernel decodes blocks of 256
 /// columns. Measured on Zen 4 with SmolLM2-135M's int4 layers, passes of 32 prompt tokens ran
 /// about 20 % faster here than in that kernel.
 const MIN_ROWS_INT4: usize = 32;

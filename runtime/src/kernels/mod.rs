@@ -342,9 +342,10 @@ fn check_matmul(a: &[f32], b: &[f32], c: &[f32], m: usize, k: usize, n: usize) {
 /// NOTE: with int4 weights from 8 rows on, and with f16 weights on AVX-512 from 16 rows on (on
 /// NEON from 8), the weights are decoded in blocks of 256 columns and each block's sum is added
 /// to `y` separately. For `k > 256` a row then rounds differently than in a call with fewer
-/// rows. On AVX-512 (with `std`), some calls sum each output in ascending `k` instead: 16 rows
-/// or more with f32 weights, 32 or more with int4 weights in groups of a multiple of 16, and 64
-/// or more with f16 and int8 weights. A row then rounds differently than in a smaller call. On
+/// rows. On AVX-512 (with `std`), some calls sum each output in ascending `k` instead. These are
+/// calls of 16 rows or more with f32 weights, 32 or more with int4 weights in groups of a
+/// multiple of 16, and 64 or more with f16 and int8 weights. A row then rounds differently than
+/// in a smaller call. On
 /// other CPUs a row's result with f32 or int8 weights does not depend on the other rows.
 ///
 /// # Panics

@@ -27,7 +27,7 @@ const BLOCK: usize = 32;
 /// Weight rows per tile: four accumulators share each block of `x`.
 const TILE: usize = 4;
 
-/// Longest row the kernel takes.
+/// Maximum row length the kernel takes.
 const MAX_K: usize = 1 << 16;
 
 /// Each thread's buffers, kept between calls.

@@ -33,9 +33,9 @@ fn threads_for(threads: usize, macs: usize, parts: usize) -> usize {
 
 pub use super::LinearKernel;
 
-/// Runs [`linear`] on up to `threads` threads. The rows of `x` are split into contiguous parts,
-/// or the rows of `w` (the outputs) are: for a single row, and where parts of rows would be too
-/// small to take the kernel the whole call takes.
+/// Runs [`linear`] on up to `threads` threads. The rows of `x` are split into contiguous parts.
+/// A single row, or rows too few for each part to take the kernel the whole call takes, has its
+/// outputs (the rows of `w`) split instead.
 ///
 /// # Panics
 ///
