@@ -101,9 +101,12 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Lets `linear` quantize each row of its input to int8 (one scale per row) and multiply it
     /// with int8 weights in integers, where the CPU has a kernel for that
-    /// ([`crate::kernels::linear_int8_rows`]). Other weights and CPUs keep f32 inputs. Faster,
-    /// at the cost of rounding each input to one of 255 steps of its row's largest magnitude.
-    /// Off by default.
+    /// ([`crate::kernels::linear_int8_rows`]). With the `int8-activations` feature (on with
+    /// `std`), convolutions with int8 weights on every CPU do the same with the input under the
+    /// kernel at each output position (`kernels::integer`). Depthwise convolutions computed in
+    /// place and windows of more than 512 values keep f32 inputs, as do other weights and CPUs.
+    /// Faster, at the cost of rounding each input to one of 255 steps of its window's largest
+    /// magnitude. Off by default.
     pub fn set_int8_activations(&mut self, on: bool) {
         self.int8_activations = on;
     }

@@ -107,8 +107,11 @@ fn model_constants(dir: &Path, labels: &[String], keywords: &str) -> String {
         (input_shape.iter().product(), output_shape.iter().product());
     let input = dir.join("input.bin");
     let expected = dir.join("expected.bin");
+    let expected_int8 = dir.join("expected-int8.bin");
     assert_eq!(read(&input).len(), 4 * input_len, "{} is not f32 {input_shape:?}", input.display());
-    assert_eq!(read(&expected).len(), 4 * output_len, "{} length", expected.display());
+    for expected in [&expected, &expected_int8] {
+        assert_eq!(read(expected).len(), 4 * output_len, "{} length", expected.display());
+    }
     assert_eq!(output_len, labels.len(), "one label per output class");
 
     let mut s = String::new();
@@ -133,6 +136,12 @@ fn model_constants(dir: &Path, labels: &[String], keywords: &str) -> String {
     writeln!(s, "/// The host runtime's output for the reference input, f32 little-endian.")
         .unwrap();
     writeln!(s, "pub static EXPECTED: &[u8] = include_bytes!({});", path(&expected)).unwrap();
+    if env::var_os("CARGO_FEATURE_INT8_ACTIVATIONS").is_some() {
+        writeln!(s, "/// The host runtime's output with int8 activations, f32 little-endian.")
+            .unwrap();
+        let int8 = path(&expected_int8);
+        writeln!(s, "pub static EXPECTED_INT8: &[u8] = include_bytes!({int8});").unwrap();
+    }
     writeln!(s, "/// Class names, in output order.").unwrap();
     writeln!(s, "pub const LABELS: [&str; {}] = {labels:?};", labels.len()).unwrap();
     writeln!(s, "/// Classes that raise the detection pin.").unwrap();

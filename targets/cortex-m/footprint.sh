@@ -5,7 +5,8 @@
 #     is the same application without the runtime, so the difference is what the runtime and its
 #     kernels add (the packed model is in both);
 #   - from the logs that run.sh writes, the stack high-water mark, the arena bytes the run wrote
-#     and the instructions per run. Without a log, the firmware runs here under QEMU.
+#     and the instructions per run, with f32 and with int8 activations. Without a log, the
+#     firmware runs here under QEMU.
 # Needs the files generate.sh writes. With cargo-bloat installed, also prints the code per crate.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -50,11 +51,17 @@ for board in "${boards[@]}"; do
     base="$target_dir/$t/release/edgefold-firmware-baseline"
     cargo build --quiet --release --target "$t" --no-default-features --features kws
     no_self_test_text=$(section "$elf" .text)
+    cargo build --quiet --release --target "$t" --features int8-activations
+    int8_text=$(section "$elf" .text)
     cargo build --quiet --release --target "$t"
 
     log="$logs/kws-$board.log"
     if [ ! -s "$log" ]; then
         cargo run --quiet --release --target "$t" > "$log"
+    fi
+    int8_log="$logs/kws-int8-$board.log"
+    if [ ! -s "$int8_log" ]; then
+        cargo run --quiet --release --target "$t" --features int8-activations > "$int8_log"
     fi
 
     vectors=$(section "$elf" .vector_table)
@@ -72,6 +79,7 @@ for board in "${boards[@]}"; do
     arena=$(field "$log" "^edgefold: model" 10)
     written=$(field "$log" "^arena:" 2)
     instructions=$(field "$log" "instructions per run" 7)
+    int8_instructions=$(field "$int8_log" "^int8 activations: about" 4)
     runtime_code=$((text - base_text))
     runtime_data=$((rodata - base_rodata + data - base_data))
 
@@ -88,6 +96,9 @@ for board in "${boards[@]}"; do
     row[stack]+=" | $stack"
     row[ram]+=" | $((statics + stack)) of ${ram_size[$board]}"
     row[instructions]+=" | $instructions"
+    row[int8_instructions]+=" | $int8_instructions"
+    int8_code=$((int8_text - text))
+    row[int8_code]+=" | $int8_code ($(awk -v b="$int8_code" 'BEGIN { printf "%.1f", b / 1024 }') KiB)"
 done
 
 echo
@@ -105,6 +116,8 @@ echo "| arena bytes the run wrote (highest byte changed)${row[written]} |"
 echo "| stack high-water mark (painted)${row[stack]} |"
 echo "| RAM used: statics and stack high-water${row[ram]} |"
 echo "| instructions per run (QEMU -icount shift=0)${row[instructions]} |"
+echo "| instructions per run with int8 activations (feature int8-activations)${row[int8_instructions]} |"
+echo "| code that the feature int8-activations adds${row[int8_code]} |"
 
 if command -v cargo-bloat > /dev/null; then
     echo

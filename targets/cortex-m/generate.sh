@@ -4,6 +4,8 @@
 #   model.fold    the packed model
 #   input.bin     the reference input, dequantized to f32, little-endian
 #   expected.bin  the host runtime's output for that input, f32 little-endian
+#   expected-int8.bin
+#                 the same with int8 activations (Session::set_int8_activations)
 #   input.npy     the reference input as an .npy file, which the packed model also carries as
 #                 its self-test input (with the compressor's output for it)
 # Needs ../shared/data/mlperf-tiny beside the repository and python3 with numpy. The host
@@ -41,6 +43,7 @@ PY
     edgefold compress "$data/$onnx" -o "$out/model.fold" --quantize int8 \
         --self-test-input "$out/input.npy"
     runner "$out/model.fold" "$out/input.bin" --save "$out/expected.bin"
+    runner "$out/model.fold" "$out/input.bin" --int8-activations --save "$out/expected-int8.bin"
 }
 
 generate kws kws_ref_model.onnx kws_ref_model.npz 0.5847029089927673 83

@@ -3,7 +3,9 @@
 #   - checks that the link fails when the statics leave less RAM than the stack reserve;
 #   - keyword spotting (int8) on mps2-an386 (Cortex-M4F with an FPU) and on lm3s6965evb
 #     (Cortex-M3 without an FPU, 256 KiB of flash and 64 KiB of RAM);
-#   - the wake word model (int8) on lm3s6965evb.
+#   - the wake word model (int8) on lm3s6965evb;
+#   - all three again with the feature int8-activations, which also runs each model with int8
+#     activations and compares those scores with the host runtime's.
 # Each run must end with exit status 0, which the firmware returns only when its scores match the
 # host runtime's within 1e-5 and the top class is the same. QEMU runs under `timeout` (see
 # .cargo/config.toml). The logs go to target/runs/, and footprint.sh then reports flash, RAM,
@@ -42,6 +44,10 @@ grep -m1 "the statics leave less RAM than the stack reserve" "$log"
 run kws-mps2-an386
 run kws-lm3s6965evb --target thumbv7m-none-eabi
 run wake-word-lm3s6965evb --target thumbv7m-none-eabi --no-default-features --features wake-word,self-test
+run kws-int8-mps2-an386 --features int8-activations
+run kws-int8-lm3s6965evb --target thumbv7m-none-eabi --features int8-activations
+run wake-word-int8-lm3s6965evb --target thumbv7m-none-eabi --no-default-features \
+    --features wake-word,self-test,int8-activations
 
 echo "== footprint"
 bash footprint.sh

@@ -59,7 +59,7 @@ pub enum Bias<'a> {
 impl Bias<'_> {
     /// The bias of output channel `o`.
     #[inline]
-    fn at(&self, o: usize) -> f32 {
+    pub(super) fn at(&self, o: usize) -> f32 {
         match self {
             Bias::F32(b) => b[o],
             Bias::F16(b) => half::f16::from_bits(b[o]).to_f32(),
@@ -393,7 +393,7 @@ fn accumulate(dst: &mut [f32], weights: &[f32], sources: &[f32]) {
 }
 
 /// Input offset of tap `tap` along `axis`: output position `o` reads `o * stride + offset`.
-fn tap_offset(w: &Window2d, axis: usize, tap: usize) -> i64 {
+pub(super) fn tap_offset(w: &Window2d, axis: usize, tap: usize) -> i64 {
     tap as i64 * w.dilations[axis] as i64 - w.pads[axis] as i64
 }
 
@@ -432,7 +432,7 @@ fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
 
 /// Clamps to `[min, max]` without the panics of `f32::clamp`; NaN stays NaN.
 #[inline]
-fn clamp(v: f32, [min, max]: [f32; 2]) -> f32 {
+pub(super) fn clamp(v: f32, [min, max]: [f32; 2]) -> f32 {
     let low = if v < min { min } else { v };
     if low > max {
         max
@@ -543,6 +543,7 @@ pub fn pool2d_nchw_f32(
 mod tests {
     extern crate std;
 
+    use super::super::integer::{conv2d_nchw_int8, conv2d_nchw_int8_in_place, ConvI8};
     use super::*;
     use std::vec;
     use std::vec::Vec;
@@ -857,6 +858,9 @@ mod tests {
             ("padding over height", case(1, 2, [2, 3], 2, dense([5, 1], [4, 0, 0, 0], [1, 1]))),
             ("single row kernel", case(2, 3, [4, 6], 3, dense([1, 3], [0, 1, 0, 1], [1, 1]))),
             ("one row input", case(1, 2, [1, 6], 2, dense([3, 3], [1; 4], [1, 1]))),
+            ("wide rows", case(1, 2, [4, 19], 2, dense([3, 3], [1, 2, 1, 2], [1, 2]))),
+            ("narrow dilated", case(1, 2, [4, 7], 2, dense([3, 3], [1, 2, 1, 2], [1, 2]))),
+            ("kernel over row", case(1, 2, [3, 4], 2, dense([3, 5], [1, 3, 1, 1], [1, 1]))),
         ];
         // Miri interprets every operation, so it runs the small cases that cover each path:
         // pointwise blocks, kept rows above, dilation, causal padding and a batch.
@@ -924,6 +928,153 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Computes the convolution with int8 activations from the definition. The input under the
+    /// kernel at each output position (zeros in the padding) is quantized with its own scale,
+    /// the largest magnitude mapping to 127 and ties rounding to even, then summed in integers.
+    /// A depthwise convolution with one output per channel uses the scale of the whole plane.
+    fn reference_int8(
+        c: &Case,
+        x: &[f32],
+        w: &ConvI8<'_>,
+        bias: &[f32],
+        act: [f32; 2],
+    ) -> Vec<f32> {
+        let [oh, ow] = out_size(&c.window, c.size, false);
+        let [ih, iw] = c.size;
+        let (kh, kw) = (c.window.kernel[0] as usize, c.window.kernel[1] as usize);
+        let (cpg, opg) = (c.channels / c.groups, c.outputs / c.groups);
+        let mut y = vec![0.0; c.batch * c.outputs * oh * ow];
+        for n in 0..c.batch {
+            for o in 0..c.outputs {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut window = Vec::new();
+                        for ci in 0..cpg {
+                            let channel = (o / opg) * cpg + ci;
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = position(&c.window, 0, oy, ky, ih);
+                                    let ix = position(&c.window, 1, ox, kx, iw);
+                                    window.push(match (iy, ix) {
+                                        (Some(iy), Some(ix)) => {
+                                            x[((n * c.channels + channel) * ih + iy) * iw + ix]
+                                        }
+                                        _ => 0.0,
+                                    });
+                                }
+                            }
+                        }
+                        // A depthwise convolution quantizes each input plane with one scale.
+                        let depthwise = c.groups == c.channels && c.outputs == c.channels;
+                        let quantized = match depthwise {
+                            true => &x[(n * c.channels + o) * ih * iw..][..ih * iw],
+                            false => &window[..],
+                        };
+                        let largest = quantized.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+                        let row = &w.q[o * window.len()..(o + 1) * window.len()];
+                        let sum: i32 = window
+                            .iter()
+                            .zip(row)
+                            .map(|(v, &q)| (v * inverse).round_ties_even() as i32 * q as i32)
+                            .sum();
+                        let scale = largest as f64 / 127.0 * w.scales[o] as f64;
+                        let v = (sum as f64 * scale + bias[o] as f64) as f32;
+                        y[((n * c.outputs + o) * oh + oy) * ow + ox] = v.max(act[0]).min(act[1]);
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn conv2d_int8_activations_match_reference() {
+        for (seed, (name, c)) in conv_cases().into_iter().enumerate() {
+            let g = geometry(&c, false);
+            let row = c.channels / c.groups * (c.window.kernel[0] * c.window.kernel[1]) as usize;
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 900);
+            let q: Vec<i8> = (0..c.outputs * row).map(|i| [-128, 127, -7, 90, 3][i % 5]).collect();
+            let scales: Vec<f32> = (0..c.outputs).map(|o| 0.01 * (o + 1) as f32).collect();
+            let w = ConvI8 { q: &q, scales: &scales };
+            let bias = random(c.outputs, seed as u64 + 1000);
+            for act in [[f32::NEG_INFINITY, f32::INFINITY], [-0.5, 0.5]] {
+                let expected = reference_int8(&c, &x, &w, &bias, act);
+                let mut y = vec![f32::NAN; expected.len()];
+                let bias = Some(Bias::F32(&bias));
+                assert!(conv2d_nchw_int8(&x, &g, c.groups, w, bias, act, &mut y), "{name}");
+                assert_close(&y, &expected, 1e-5, name);
+            }
+        }
+    }
+
+    #[test]
+    fn int8_in_place_matches_copying_kernel() {
+        for (seed, (name, c)) in in_place_cases().into_iter().enumerate() {
+            let g = geometry(&c, false);
+            let row = c.channels / c.groups * (c.window.kernel[0] * c.window.kernel[1]) as usize;
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 1100);
+            let q: Vec<i8> = random(c.outputs * row, seed as u64 + 1200)
+                .iter()
+                .map(|v| (v * 127.0) as i8)
+                .collect();
+            let scales: Vec<f32> = (0..c.outputs).map(|o| 0.02 * (o + 1) as f32).collect();
+            let w = ConvI8 { q: &q, scales: &scales };
+            let bias = random(c.outputs, seed as u64 + 1300);
+            let bias = Some(Bias::F32(&bias));
+            let act = [0.0, 0.5];
+            let mut expected = vec![f32::NAN; x.len()];
+            assert!(conv2d_nchw_int8(&x, &g, c.groups, w, bias, act, &mut expected), "{name}");
+            let mut xy = x.clone();
+            let ran = conv2d_nchw_int8_in_place(&mut xy, &g, c.groups, w, bias, act);
+            assert!(ran, "{name}");
+            for (i, (a, b)) in xy.iter().zip(&expected).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{name}: element {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn int8_rejects_long_windows_and_planes() {
+        let c = Case {
+            batch: 1,
+            channels: 57,
+            size: [4, 4],
+            outputs: 2,
+            groups: 1,
+            window: window([3, 3], [1, 1], [1; 4], [1, 1]),
+        };
+        let g = geometry(&c, false);
+        let x = random(57 * 16, 1);
+        let q = vec![1i8; 2 * 57 * 9];
+        let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
+        let mut y = vec![f32::NAN; 2 * 16];
+        const { assert!(57 * 9 > super::super::integer::MAX_WINDOW) };
+        let act = [f32::NEG_INFINITY, f32::INFINITY];
+        assert!(!conv2d_nchw_int8(&x, &g, 1, w, None, act, &mut y));
+        assert!(y.iter().all(|v| v.is_nan()), "a refused call wrote its output");
+
+        // A depthwise convolution whose planes are longer than a window, in place and not.
+        let c = Case {
+            batch: 1,
+            channels: 2,
+            size: [9, 57],
+            outputs: 2,
+            groups: 2,
+            window: window([3, 3], [1, 1], [1; 4], [1, 1]),
+        };
+        let g = geometry(&c, false);
+        let x = random(2 * 9 * 57, 2);
+        let q = vec![1i8; 2 * 9];
+        let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
+        let mut y = vec![f32::NAN; x.len()];
+        assert!(!conv2d_nchw_int8(&x, &g, 2, w, None, act, &mut y));
+        assert!(y.iter().all(|v| v.is_nan()), "a refused call wrote its output");
+        let mut xy = x.clone();
+        assert!(!conv2d_nchw_int8_in_place(&mut xy, &g, 2, w, None, act));
+        assert_eq!(xy, x, "a refused call changed its input");
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod conv;
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 mod dotprod;
 pub mod generic;
+#[cfg(feature = "int8-activations")]
+pub mod integer;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 mod nibbles;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
@@ -432,8 +434,12 @@ pub fn linear_int8(
 }
 
 /// [`linear`] that may quantize each row of `x` to int8 with a single scale, for integer
-/// products over the whole row. It does so where the weights are int8 (one scale per row), `k`
-/// is at most 8,192, and the CPU has AVX-512 VNNI or the aarch64 dot-product extension.
+/// products over the whole row. It does so where the weights are int8 (one scale per row) and
+/// one of these holds:
+/// - `k` is at most 8,192 and the CPU has AVX-512 VNNI or the aarch64 dot-product extension;
+/// - the target has no SIMD kernels (microcontrollers among them), the `int8-activations`
+///   feature is on and `k` is at most 512. The portable kernel of `kernels::integer` runs.
+///
 /// Elsewhere it is [`linear_int8`].
 ///
 /// One scale per row (the largest magnitude maps to 127) rounds small values of a row with a
@@ -466,12 +472,23 @@ pub fn linear_int8_rows(
             return;
         }
     }
+    #[cfg(all(
+        feature = "int8-activations",
+        not(any(target_arch = "x86_64", all(target_arch = "aarch64", target_feature = "neon")))
+    ))]
+    if let Weights::I8(rows_w) = w {
+        let call = LinearCall::new(x, rows, k, w, n, bias, y);
+        if integer::linear_rows(call.x, rows, &rows_w, n, bias, call.y) {
+            return;
+        }
+    }
     linear_int8(x, rows, k, w, n, bias, y);
 }
 
 /// Returns whether this CPU has a kernel for [`linear_int8_rows`]'s integer products: x86_64
-/// with AVX-512 VNNI, or aarch64 with the dot-product extension. Without one,
-/// [`linear_int8_rows`] is [`linear_int8`].
+/// with AVX-512 VNNI, aarch64 with the dot-product extension, or a target without SIMD kernels
+/// built with the `int8-activations` feature (the portable kernel of `kernels::integer`). Without
+/// one, [`linear_int8_rows`] is [`linear_int8`].
 pub fn int8_row_products_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -486,7 +503,7 @@ pub fn int8_row_products_supported() -> bool {
         all(target_arch = "aarch64", target_feature = "neon")
     )))]
     {
-        false
+        cfg!(feature = "int8-activations")
     }
 }
 

@@ -11,6 +11,8 @@ use crate::kernels::conv::{self, ConvWeights, Geometry};
 use crate::kernels::generic as k;
 #[cfg(feature = "weights-int4")]
 use crate::kernels::generic::WeightRows;
+#[cfg(all(feature = "op-conv2d", feature = "int8-activations"))]
+use crate::kernels::integer;
 use crate::model::is_absent;
 use crate::ops::{Activation, BinaryKind, Op, OpRecord, Window2d};
 use crate::shape::{concrete_broadcasts_to, next_index, Shape};
@@ -224,6 +226,14 @@ impl<'m> Session<'m, '_> {
             false => None,
         };
         let weights = self.conv_weights(op, &w)?;
+        // With int8 activations, int8 weights take the integer kernels where they apply.
+        #[cfg(feature = "int8-activations")]
+        let int8 = match weights {
+            ConvWeights::I8 { q, scales } if self.int8_activations => {
+                Some(integer::ConvI8 { q, scales })
+            }
+            _ => None,
+        };
         if rec.in_place() {
             // Input 0 is the output's region and input 3 the scratch (both checked at open).
             let needed =
@@ -236,14 +246,30 @@ impl<'m> Session<'m, '_> {
             }
             let scratch = self.typed_mut::<f32>(&s, len, op)?;
             let xy = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
-            conv::conv2d_nchw_f32_in_place(
-                xy, &geometry, groups, weights, bias, activation, scratch,
-            );
+            #[cfg(feature = "int8-activations")]
+            let integer = int8.is_some_and(|w| {
+                integer::conv2d_nchw_int8_in_place(xy, &geometry, groups, w, bias, activation)
+            });
+            #[cfg(not(feature = "int8-activations"))]
+            let integer = false;
+            if !integer {
+                conv::conv2d_nchw_f32_in_place(
+                    xy, &geometry, groups, weights, bias, activation, scratch,
+                );
+            }
             return Ok(());
         }
         let xv = self.typed::<f32>(x, window_input_len(&geometry), op)?;
         let y = self.typed_mut::<f32>(out, out_shape.numel(), op)?;
-        conv::conv2d_nchw_f32(xv, &geometry, groups, weights, bias, activation, y);
+        #[cfg(feature = "int8-activations")]
+        let integer = int8.is_some_and(|w| {
+            integer::conv2d_nchw_int8(xv, &geometry, groups, w, bias, activation, y)
+        });
+        #[cfg(not(feature = "int8-activations"))]
+        let integer = false;
+        if !integer {
+            conv::conv2d_nchw_f32(xv, &geometry, groups, weights, bias, activation, y);
+        }
         Ok(())
     }
 

@@ -99,7 +99,7 @@ where
     );
     let input: [f32; model::INPUT_LEN] = decode(model::INPUT);
     let expected: [f32; model::OUTPUT_LEN] = decode(model::EXPECTED);
-    let Some((scores, ticks)) = infer(clock, serial, file, arena, &input) else {
+    let Some((scores, ticks)) = infer(clock, serial, file, arena, &input, false) else {
         return false;
     };
     let written = arena.iter().rposition(|&b| b != ARENA_PAINT).map_or(0, |i| i + 1);
@@ -109,10 +109,7 @@ where
         arena.len()
     );
 
-    let mut max_difference = 0.0f32;
     for (i, (&score, &host)) in scores.iter().zip(&expected).enumerate() {
-        let difference = (score - host).abs();
-        max_difference = if difference > max_difference { difference } else { max_difference };
         let label = model::LABELS.get(i).copied().unwrap_or("?");
         let _ = writeln!(serial, "  {i:2} {label:8} {score:.7} (host {host:.7})");
     }
@@ -129,24 +126,63 @@ where
     );
     // Only with `-icount shift=0` do the ticks advance in step with the instructions executed.
     let calibration = calibrate(clock).max(1);
-    let instructions = ticks * 2 * CALIBRATION_LOOPS as u64 / calibration;
+    let instructions = |ticks: u64| ticks * 2 * CALIBRATION_LOOPS as u64 / calibration;
+    let instructions_f32 = instructions(ticks);
     let _ = writeln!(
         serial,
-        "{} instructions took {calibration} ticks: about {instructions} instructions per run \
+        "{} instructions took {calibration} ticks: about {instructions_f32} instructions per run \
          under QEMU -icount shift=0",
         2 * CALIBRATION_LOOPS
     );
     let finite = scores.iter().all(|s| s.is_finite());
     let ran = !cfg!(feature = "footprint-baseline");
-    let passed = ran && finite && max_difference <= TOLERANCE && top == host_top;
+    let difference = max_difference(&scores, &expected);
+    let passed = ran && finite && difference <= TOLERANCE && top == host_top;
     let _ = writeln!(
         serial,
-        "max abs difference from the host runtime {max_difference:e}: {}",
+        "max abs difference from the host runtime {difference:e}: {}",
         if passed { "PASS" } else { "FAIL" }
     );
+    #[cfg(feature = "int8-activations")]
+    let passed = passed && {
+        // The same input with int8 activations: integer products where the weights are int8.
+        let expected: [f32; model::OUTPUT_LEN] = decode(model::EXPECTED_INT8);
+        let Some((int8_scores, int8_ticks)) = infer(clock, serial, file, arena, &input, true)
+        else {
+            return false;
+        };
+        let (difference, top) = (max_difference(&int8_scores, &expected), argmax(&int8_scores));
+        let _ = writeln!(
+            serial,
+            "int8 activations: about {} instructions per run, top class {top} ({}), largest \
+             score change from f32 activations {:e}",
+            instructions(int8_ticks),
+            model::LABELS.get(top).copied().unwrap_or("?"),
+            max_difference(&int8_scores, &scores)
+        );
+        let int8_passed = int8_scores.iter().all(|s| s.is_finite())
+            && difference <= TOLERANCE
+            && top == argmax(&expected);
+        let _ = writeln!(
+            serial,
+            "int8 activations: max abs difference from the host runtime {difference:e}: {}",
+            if int8_passed { "PASS" } else { "FAIL" }
+        );
+        int8_passed
+    };
     // The file's own self-test, as `edgefold verify` runs it on a host.
     let self_tested = self_test(serial, file, arena);
     passed && self_tested
+}
+
+/// Returns the largest absolute difference between two sets of scores.
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    let mut largest = 0.0f32;
+    for (&x, &y) in a.iter().zip(b) {
+        let difference = (x - y).abs();
+        largest = if difference > largest { difference } else { largest };
+    }
+    largest
 }
 
 /// Runs the self-test that the packed model carries and reports it; true when it passes.
@@ -187,6 +223,7 @@ fn infer<C: Stopwatch, W: Write>(
     file: &'static [u8],
     arena: &mut [u8],
     input: &[f32; model::INPUT_LEN],
+    int8_activations: bool,
 ) -> Option<([f32; model::OUTPUT_LEN], u64)> {
     let model = match Model::open(file) {
         Ok(model) => model,
@@ -202,6 +239,7 @@ fn infer<C: Stopwatch, W: Write>(
             return None;
         }
     };
+    session.set_int8_activations(int8_activations);
     let start = clock.ticks();
     let result = session.set_input(0, &model::INPUT_SHAPE, input).and_then(|()| session.run());
     let ticks = clock.ticks() - start;
@@ -235,6 +273,7 @@ fn infer<C: Stopwatch, W: Write>(
     _file: &'static [u8],
     _arena: &mut [u8],
     input: &[f32; model::INPUT_LEN],
+    int8_activations: bool,
 ) -> Option<([f32; model::OUTPUT_LEN], u64)> {
     // Keeps the reference input in the image, as the normal build does.
     core::hint::black_box(input);
@@ -243,5 +282,12 @@ fn infer<C: Stopwatch, W: Write>(
     // stays in both images.
     let start = clock.ticks();
     let ticks = clock.ticks() - start;
-    Some((core::hint::black_box(decode(model::EXPECTED)), core::hint::black_box(ticks)))
+    #[cfg(feature = "int8-activations")]
+    let expected = if int8_activations { model::EXPECTED_INT8 } else { model::EXPECTED };
+    #[cfg(not(feature = "int8-activations"))]
+    let expected = {
+        let _ = int8_activations;
+        model::EXPECTED
+    };
+    Some((core::hint::black_box(decode(expected)), core::hint::black_box(ticks)))
 }

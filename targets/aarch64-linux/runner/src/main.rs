@@ -13,7 +13,7 @@ use edgefold_runtime::{DType, MappedFile, Model, Session};
 
 const USAGE: &str = "\
 usage: edgefold-runner MODEL.fold [INPUT.bin ...] [--save FILE] [--expect FILE]
-                       [--tolerance T] [--repeat N]
+                       [--tolerance T] [--repeat N] [--int8-activations]
 
   INPUT.bin        raw little-endian elements of each graph input, in input order
   --save FILE      write every output's elements, concatenated, as raw little-endian bytes
@@ -21,7 +21,10 @@ usage: edgefold-runner MODEL.fold [INPUT.bin ...] [--save FILE] [--expect FILE]
                    exit with status 1 when an element differs by more than the tolerance
   --tolerance T    largest allowed difference for --expect, absolute for expected values up to
                    1 in magnitude and relative above (default 1e-5)
-  --repeat N       run N times and print the mean time per run (default 1)";
+  --repeat N       run N times and print the mean time per run (default 1)
+  --int8-activations
+                   quantize the inputs of products with int8 weights to int8 and multiply in
+                   integers (Session::set_int8_activations)";
 
 /// Parsed command line.
 struct Args {
@@ -31,11 +34,13 @@ struct Args {
     expect: Option<PathBuf>,
     tolerance: f32,
     repeat: u32,
+    int8_activations: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut positional = Vec::new();
     let (mut save, mut expect, mut tolerance, mut repeat) = (None, None, 1e-5f32, 1u32);
+    let mut int8_activations = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -51,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
                 repeat =
                     v.parse().ok().filter(|&n| n > 0).ok_or(format!("invalid --repeat {v:?}"))?;
             }
+            "--int8-activations" => int8_activations = true,
             "-h" | "--help" => return Err(USAGE.to_owned()),
             flag if flag.starts_with("--") => {
                 return Err(format!("unknown option {flag}\n{USAGE}"))
@@ -62,7 +68,7 @@ fn parse_args() -> Result<Args, String> {
         return Err(USAGE.to_owned());
     }
     let model = positional.remove(0);
-    Ok(Args { model, inputs: positional, save, expect, tolerance, repeat })
+    Ok(Args { model, inputs: positional, save, expect, tolerance, repeat, int8_activations })
 }
 
 /// Shape of graph input `index` for a file of `elements` elements: the declared constant axes,
@@ -191,6 +197,7 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
     let mut session = Session::new(&model, &mut arena).map_err(|e| e.to_string())?;
+    session.set_int8_activations(args.int8_activations);
     for (i, path) in args.inputs.iter().enumerate() {
         set_input(&mut session, i, path)?;
     }

@@ -1,0 +1,818 @@
+//! Portable integer products of int8 weights with inputs quantized to int8, for targets without
+//! SIMD kernels of their own: microcontrollers, where an integer multiply-add costs far less than
+//! a floating-point one (and a Cortex-M3 has no floating-point unit at all).
+//!
+//! Each dot product quantizes its input window with one scale, as [`super::linear_int8_rows`]
+//! does on x86_64 and aarch64: the largest magnitude maps to 127 and values round to the nearest
+//! integer, ties to even. The integer sum is exact, then scaled once by the window's scale and the
+//! weight row's. A window is a row of `x` for `linear`, and for a convolution the input values
+//! under the kernel at one output position, padding included as zeros.
+//!
+//! On Armv7E-M (Cortex-M4, M7) the sums use the DSP extension: `SXTB16` widens the even and the
+//! odd bytes of four weights into two pairs of halfwords, and each `SMLAD` adds two products. The
+//! window is stored as halfwords in the order that pairs with them, so each input pair loads as
+//! one word.
+
+use super::conv::{clamp, tap_offset, Bias, Geometry};
+use super::generic::I8Rows;
+
+/// Maximum number of values in one window. Longer windows keep f32 inputs. A window takes twice
+/// this many bytes of stack.
+pub const MAX_WINDOW: usize = 512;
+
+/// One input window quantized to int8, two values per word, with its scale.
+struct Window {
+    /// The values in pairs, each a word with the first value's bits in the low halfword. Without
+    /// the DSP extension a block of four values `v0..v3` is the pairs `(v0, v1)` and `(v2, v3)`.
+    /// With it, the pairs are `(v0, v2)` and `(v1, v3)`, because `SXTB16` splits a word of four
+    /// weights that way. Zero past `len` up to a multiple of 4.
+    words: [u32; MAX_WINDOW / 2],
+    /// Values in the window.
+    len: usize,
+    /// The scale: `value = q * scale`. NaN when a value is NaN or infinite.
+    scale: f32,
+}
+
+/// Two values as one word, `lo` in the low halfword.
+#[inline(always)]
+fn pack(lo: i32, hi: i32) -> u32 {
+    lo as u16 as u32 | (hi as u16 as u32) << 16
+}
+
+/// Returns the low and the high halfword of `word`, sign-extended.
+#[cfg(any(test, not(edgefold_dsp)))]
+#[inline(always)]
+fn unpack(word: u32) -> (i32, i32) {
+    (word as u16 as i16 as i32, (word >> 16) as u16 as i16 as i32)
+}
+
+/// Rounds to the nearest integer, ties to even, for `|v| < 2^22`.
+#[inline(always)]
+fn round_even(v: f32) -> i32 {
+    // Adding 1.5 * 2^23 leaves no fraction bits, so the addition rounds as the FPU does.
+    const SHIFT: f32 = 12_582_912.0;
+    ((v + SHIFT) - SHIFT) as i32
+}
+
+/// The int8 scale of a set of values.
+#[derive(Clone, Copy)]
+struct Scale {
+    /// `value = q * scale`: the largest magnitude over 127, or NaN when a value is NaN or
+    /// infinite.
+    scale: f32,
+    /// `127 / largest`, or 0 when every value is 0.
+    inverse: f32,
+}
+
+impl Scale {
+    /// Finds the largest magnitude of `values`.
+    fn of(values: impl Iterator<Item = f32>) -> Self {
+        // The bits of magnitudes order as their values do, with infinity above every finite
+        // value and NaN above infinity. So integer comparisons find the largest and any NaN,
+        // without a floating-point comparison per value (a library call without an FPU).
+        const INFINITY: u32 = 0x7F80_0000;
+        let mut largest_bits = 0u32;
+        for v in values {
+            largest_bits = largest_bits.max(v.to_bits() & !(1 << 31));
+        }
+        let largest = f32::from_bits(largest_bits.min(INFINITY));
+        let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+        let scale = if largest_bits >= INFINITY { f32::NAN } else { largest / 127.0 };
+        Scale { scale, inverse }
+    }
+
+    /// Rounds `v / scale` to the nearest integer, ties to even.
+    #[inline(always)]
+    fn quantize(&self, v: f32) -> i32 {
+        // `v * inverse` lies within ±127 (a NaN converts to 0, and the scale is then NaN).
+        round_even(v * self.inverse).clamp(-127, 127)
+    }
+}
+
+impl Window {
+    fn new() -> Self {
+        Window { words: [0; MAX_WINDOW / 2], len: 0, scale: 0.0 }
+    }
+
+    /// Quantizes the `len` values that `values()` yields (each call yields the same ones).
+    /// Returns false, leaving the window unusable, when `len` exceeds [`MAX_WINDOW`].
+    fn fill<I: Iterator<Item = f32>>(&mut self, len: usize, values: impl Fn() -> I) -> bool {
+        if len > MAX_WINDOW {
+            return false;
+        }
+        let scale = Scale::of(values().take(len));
+        let mut q = values().take(len).map(|v| scale.quantize(v));
+        for block in self.words[..len.div_ceil(4) * 2].chunks_exact_mut(2) {
+            let mut v = [0; 4];
+            for (v, q) in v.iter_mut().zip(&mut q) {
+                *v = q;
+            }
+            let (first, second) = match cfg!(edgefold_dsp) {
+                true => (pack(v[0], v[2]), pack(v[1], v[3])),
+                false => (pack(v[0], v[1]), pack(v[2], v[3])),
+            };
+            block[0] = first;
+            block[1] = second;
+        }
+        self.len = len;
+        self.scale = scale.scale;
+        true
+    }
+
+    /// Value `i` as stored.
+    #[cfg(test)]
+    fn get(&self, i: usize) -> i32 {
+        // Within a block of four, values 1 and 2 trade places with the DSP extension.
+        let slot = if cfg!(edgefold_dsp) { (i & !3) | [0, 2, 1, 3][i & 3] } else { i };
+        let (lo, hi) = unpack(self.words[slot / 2]);
+        if slot % 2 == 0 {
+            lo
+        } else {
+            hi
+        }
+    }
+
+    /// Returns the integer sums of the window with weight rows `a` and `b` of `rows`.
+    #[inline(always)]
+    fn dot2(&self, rows: &Rows<'_>, a: usize, b: usize) -> [i32; 2] {
+        let len = self.len;
+        #[cfg(edgefold_dsp)]
+        {
+            let pairs = self.words.chunks_exact(2).map(|p| (p[0], p[1]));
+            if let Some(words) = rows.words {
+                // Rows of whole words: no tail.
+                let per = len / 4;
+                let (wa, wb) = (&words[a * per..(a + 1) * per], &words[b * per..(b + 1) * per]);
+                return dsp::dot2(wa.iter().copied(), wb.iter().copied(), pairs);
+            }
+            let (ra, rb) = (rows.row(a), rows.row(b));
+            let whole = len & !3;
+            let (wa, wb) = (ra[..whole].chunks_exact(4), rb[..whole].chunks_exact(4));
+            let mut sums = dsp::dot2(wa.map(word4), wb.map(word4), pairs);
+            if whole < len {
+                let (even, odd) = (self.words[whole / 2], self.words[whole / 2 + 1]);
+                sums[0] = dsp::dot4(word(&ra[whole..]), even, odd, sums[0]);
+                sums[1] = dsp::dot4(word(&rb[whole..]), even, odd, sums[1]);
+            }
+            sums
+        }
+        #[cfg(not(edgefold_dsp))]
+        {
+            let (ra, rb) = (rows.row(a), rows.row(b));
+            let mut sums = [0i32; 2];
+            for ((pa, pb), &x) in ra.chunks_exact(2).zip(rb.chunks_exact(2)).zip(&self.words) {
+                let (lo, hi) = unpack(x);
+                sums[0] += lo * pa[0] as i32 + hi * pa[1] as i32;
+                sums[1] += lo * pb[0] as i32 + hi * pb[1] as i32;
+            }
+            if len % 2 == 1 {
+                let (lo, _) = unpack(self.words[len / 2]);
+                sums[0] += lo * ra[len - 1] as i32;
+                sums[1] += lo * rb[len - 1] as i32;
+            }
+            sums
+        }
+    }
+
+    /// Returns the integer sum of the window with weight row `a` of `rows`.
+    #[inline]
+    fn dot(&self, rows: &Rows<'_>, a: usize) -> i32 {
+        let len = self.len;
+        #[cfg(edgefold_dsp)]
+        {
+            let pairs = self.words.chunks_exact(2).map(|p| (p[0], p[1]));
+            if let Some(words) = rows.words {
+                let per = len / 4;
+                return dsp::dot1(words[a * per..(a + 1) * per].iter().copied(), pairs);
+            }
+            let ra = rows.row(a);
+            let whole = len & !3;
+            let mut sum = dsp::dot1(ra[..whole].chunks_exact(4).map(word4), pairs);
+            if whole < len {
+                let (even, odd) = (self.words[whole / 2], self.words[whole / 2 + 1]);
+                sum = dsp::dot4(word(&ra[whole..]), even, odd, sum);
+            }
+            sum
+        }
+        #[cfg(not(edgefold_dsp))]
+        {
+            let ra = rows.row(a);
+            let mut sum = 0i32;
+            for (p, &x) in ra.chunks_exact(2).zip(&self.words) {
+                let (lo, hi) = unpack(x);
+                sum += lo * p[0] as i32 + hi * p[1] as i32;
+            }
+            if len % 2 == 1 {
+                sum += unpack(self.words[len / 2]).0 * ra[len - 1] as i32;
+            }
+            sum
+        }
+    }
+}
+
+/// Int8 weight rows of `len` values, row-major.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    /// The values.
+    q: &'a [i8],
+    /// Values per row.
+    len: usize,
+    /// The same values as words of four, when every row starts at a multiple of 4 bytes, so
+    /// that each word loads with one instruction.
+    #[cfg(edgefold_dsp)]
+    words: Option<&'a [u32]>,
+}
+
+impl<'a> Rows<'a> {
+    fn new(q: &'a [i8], len: usize) -> Self {
+        #[cfg(edgefold_dsp)]
+        let words = match len % 4 {
+            0 => crate::cast::cast::<u32>(crate::cast::as_bytes(q)),
+            _ => None,
+        };
+        Rows {
+            q,
+            len,
+            #[cfg(edgefold_dsp)]
+            words,
+        }
+    }
+
+    /// Row `r`.
+    #[inline(always)]
+    fn row(&self, r: usize) -> &'a [i8] {
+        &self.q[r * self.len..(r + 1) * self.len]
+    }
+}
+
+/// Four weights as one little-endian word.
+#[cfg(edgefold_dsp)]
+#[inline(always)]
+fn word4(w: &[i8]) -> u32 {
+    u32::from_le_bytes([w[0] as u8, w[1] as u8, w[2] as u8, w[3] as u8])
+}
+
+/// Up to four weights as one little-endian word, zeros past the end of `w`.
+#[cfg(edgefold_dsp)]
+#[inline(always)]
+fn word(w: &[i8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    for (b, &w) in bytes.iter_mut().zip(w) {
+        *b = w as u8;
+    }
+    u32::from_le_bytes(bytes)
+}
+
+/// The Armv7E-M DSP instructions.
+#[cfg(edgefold_dsp)]
+mod dsp {
+    use core::arch::asm;
+
+    /// `sum` plus the products of the four bytes of `w` with the halfwords of `even` (bytes 0
+    /// and 2) and `odd` (bytes 1 and 3).
+    #[inline(always)]
+    pub(super) fn dot4(w: u32, even: u32, odd: u32, sum: i32) -> i32 {
+        let out: i32;
+        // SAFETY: the instructions read and write only the named registers. `SMLAD` sets the Q
+        // flag only on overflow, which sums of int8 products stay far from, and nothing reads it.
+        unsafe {
+            asm!(
+                "sxtb16 {t}, {w}",
+                "smlad {s}, {t}, {e}, {s}",
+                "sxtb16 {t}, {w}, ror #8",
+                "smlad {s}, {t}, {o}, {s}",
+                t = out(reg) _,
+                w = in(reg) w,
+                e = in(reg) even,
+                o = in(reg) odd,
+                s = inout(reg) sum => out,
+                options(pure, nomem, nostack),
+            );
+        }
+        out
+    }
+
+    /// Returns the sums of whole blocks of window values, given as their pairs, with two rows of
+    /// weights, a word of four weights per block.
+    #[inline(always)]
+    pub(super) fn dot2(
+        a: impl Iterator<Item = u32>,
+        b: impl Iterator<Item = u32>,
+        blocks: impl Iterator<Item = (u32, u32)>,
+    ) -> [i32; 2] {
+        let mut sums = [0i32; 2];
+        for ((wa, wb), (even, odd)) in a.zip(b).zip(blocks) {
+            sums[0] = dot4(wa, even, odd, sums[0]);
+            sums[1] = dot4(wb, even, odd, sums[1]);
+        }
+        sums
+    }
+
+    /// Returns the sum of whole blocks of window values with one row of weights.
+    #[inline(always)]
+    pub(super) fn dot1(
+        a: impl Iterator<Item = u32>,
+        blocks: impl Iterator<Item = (u32, u32)>,
+    ) -> i32 {
+        let mut sum = 0;
+        for (wa, (even, odd)) in a.zip(blocks) {
+            sum = dot4(wa, even, odd, sum);
+        }
+        sum
+    }
+}
+
+/// Returns the output of one integer sum before its clamp: `sum * scale * weight_scale + bias`.
+#[inline(always)]
+fn output(sum: i32, scale: f32, weight_scale: f32, bias: f32) -> f32 {
+    sum as f32 * (scale * weight_scale) + bias
+}
+
+/// `y[r, j] = Σ_k x[r, k] · w[j, k] + bias[j]` with each row of `x` quantized to int8, for int8
+/// weights with `k` at most [`MAX_WINDOW`]. Returns false, computing nothing, for other weights
+/// or longer rows.
+///
+/// # Panics
+///
+/// Panics if a slice is shorter than `x: [rows, k]`, `w: [n, k]`, `y: [rows, n]` imply.
+pub fn linear_rows(
+    x: &[f32],
+    rows: usize,
+    w: &I8Rows<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> bool {
+    let k = w.k;
+    if k > MAX_WINDOW {
+        return false;
+    }
+    let weights = Rows::new(&w.q[..n * k], k);
+    let mut window = Window::new();
+    for (r, out) in y.chunks_exact_mut(n.max(1)).take(rows).enumerate() {
+        let row = &x[r * k..(r + 1) * k];
+        window.fill(k, || row.iter().copied());
+        let bias_at = |j: usize| bias.map_or(0.0, |b| b[j]);
+        let mut j = 0;
+        while j + 2 <= n {
+            let sums = window.dot2(&weights, j, j + 1);
+            for (c, &sum) in sums.iter().enumerate() {
+                out[j + c] = output(sum, window.scale, w.scales[j + c], bias_at(j + c));
+            }
+            j += 2;
+        }
+        if j < n {
+            out[j] = output(window.dot(&weights, j), window.scale, w.scales[j], bias_at(j));
+        }
+    }
+    true
+}
+
+/// Int8 convolution weights: row-major `[O, C / groups * kh * kw]` with one scale per row.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvI8<'a> {
+    /// Quantized values.
+    pub q: &'a [i8],
+    /// One scale per output channel.
+    pub scales: &'a [f32],
+}
+
+/// The weights of one convolution call, its bias and its clamp.
+struct ConvCall<'a> {
+    rows: Rows<'a>,
+    scales: &'a [f32],
+    bias: Option<Bias<'a>>,
+    activation: [f32; 2],
+}
+
+impl ConvCall<'_> {
+    /// Computes the outputs of channels `channels` at one output position from `window`, and
+    /// passes each to `put(channel, value)`.
+    #[inline]
+    fn outputs(
+        &self,
+        window: &Window,
+        channels: core::ops::Range<usize>,
+        mut put: impl FnMut(usize, f32),
+    ) {
+        let value = |o: usize, sum: i32| {
+            let b = self.bias.map_or(0.0, |b| b.at(o));
+            clamp(output(sum, window.scale, self.scales[o], b), self.activation)
+        };
+        let mut o = channels.start;
+        while o + 2 <= channels.end {
+            let [s0, s1] = window.dot2(&self.rows, o, o + 1);
+            put(o, value(o, s0));
+            put(o + 1, value(o + 1, s1));
+            o += 2;
+        }
+        if o < channels.end {
+            put(o, value(o, window.dot(&self.rows, o)));
+        }
+    }
+}
+
+/// The convolution of [`super::conv::conv2d_nchw_f32`] with the input under the kernel at each
+/// output position quantized to int8 with one scale, and integer sums. Returns false, computing
+/// nothing, when that window contains more than [`MAX_WINDOW`] values.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_nchw_int8(
+    x: &[f32],
+    geometry: &Geometry,
+    groups: usize,
+    weights: ConvI8<'_>,
+    bias: Option<Bias<'_>>,
+    activation: [f32; 2],
+    y: &mut [f32],
+) -> bool {
+    let g = geometry;
+    let w = &g.window;
+    let ([ih, iw], [oh, ow]) = (g.in_size, g.out_size);
+    let (in_plane, out_plane) = (ih * iw, oh * ow);
+    let (kh, kw) = (w.kernel[0] as usize, w.kernel[1] as usize);
+    let channels_per_group = g.in_channels / groups;
+    let outputs_per_group = g.out_channels / groups;
+    let len = channels_per_group * kh * kw;
+    if is_depthwise(g, groups) {
+        let call = Depthwise { geometry: g, weights, bias, activation };
+        return call.run(x, y);
+    }
+    if len > MAX_WINDOW {
+        return false;
+    }
+    let rows = Rows::new(&weights.q[..g.out_channels * len], len);
+    let call = ConvCall { rows, scales: weights.scales, bias, activation };
+    let mut window = Window::new();
+    for n in 0..g.batch {
+        for group in 0..groups {
+            let first = (n * g.in_channels + group * channels_per_group) * in_plane;
+            let inputs = &x[first..first + channels_per_group * in_plane];
+            let outputs = group * outputs_per_group..(group + 1) * outputs_per_group;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    // The input value of each tap, or zero where the tap falls in the padding.
+                    let at = |ky: usize, kx: usize| -> Option<usize> {
+                        let iy = (oy * w.strides[0] as usize) as i64 + tap_offset(w, 0, ky);
+                        let ix = (ox * w.strides[1] as usize) as i64 + tap_offset(w, 1, kx);
+                        let inside = (0..ih as i64).contains(&iy) && (0..iw as i64).contains(&ix);
+                        inside.then(|| iy as usize * iw + ix as usize)
+                    };
+                    window.fill(len, || {
+                        inputs.chunks_exact(in_plane).flat_map(move |plane| {
+                            (0..kh * kw).map(move |t| at(t / kw, t % kw).map_or(0.0, |i| plane[i]))
+                        })
+                    });
+                    let base = n * g.out_channels * out_plane + oy * ow + ox;
+                    call.outputs(&window, outputs.clone(), |o, v| y[base + o * out_plane] = v);
+                }
+            }
+        }
+    }
+    true
+}
+
+/// The 1x1 convolution of [`super::conv::conv2d_nchw_f32_in_place`] (no padding, strides 1)
+/// with integer sums: the channels of each group at each pixel are quantized to int8 with one
+/// scale. The quantized copy of a pixel's inputs is all the scratch it needs, so its outputs
+/// overwrite them at once. Returns false, computing nothing, for another kernel or when a group
+/// has more than [`MAX_WINDOW`] channels.
+///
+/// `xy` contains the input on entry and the output on return.
+pub fn conv2d_nchw_int8_in_place(
+    xy: &mut [f32],
+    geometry: &Geometry,
+    groups: usize,
+    weights: ConvI8<'_>,
+    bias: Option<Bias<'_>>,
+    activation: [f32; 2],
+) -> bool {
+    let g = geometry;
+    let channels = g.in_channels;
+    let per_group = channels / groups.max(1);
+    let pointwise = g.window.kernel == [1, 1] && g.window.pads == [0; 4];
+    let same = g.window.strides == [1, 1] && g.in_size == g.out_size && g.out_channels == channels;
+    if same && is_depthwise(g, groups) {
+        let call = Depthwise { geometry: g, weights, bias, activation };
+        return call.run_in_place(xy);
+    }
+    if !pointwise || !same || per_group > MAX_WINDOW {
+        return false;
+    }
+    let plane = g.in_size[0] * g.in_size[1];
+    let rows = Rows::new(&weights.q[..channels * per_group], per_group);
+    let call = ConvCall { rows, scales: weights.scales, bias, activation };
+    let mut window = Window::new();
+    for sample in xy.chunks_exact_mut(channels * plane).take(g.batch) {
+        for p in 0..plane {
+            for group in 0..groups {
+                let first = group * per_group;
+                // The group's outputs replace its own inputs only, once they are in the window.
+                let column = &sample[first * plane + p..];
+                window.fill(per_group, || column.iter().step_by(plane).copied());
+                call.outputs(&window, first..first + per_group, |o, v| sample[o * plane + p] = v);
+            }
+        }
+    }
+    true
+}
+
+/// Returns whether the convolution is depthwise with one output channel per input channel.
+fn is_depthwise(g: &Geometry, groups: usize) -> bool {
+    groups == g.in_channels && g.out_channels == g.in_channels
+}
+
+/// A depthwise convolution with one output channel per input channel. Each input plane is
+/// quantized with one scale, since a window of a few taps would cost more to quantize than to
+/// multiply. The quantized plane is a copy of the input, so the outputs may overwrite it.
+struct Depthwise<'a> {
+    geometry: &'a Geometry,
+    weights: ConvI8<'a>,
+    bias: Option<Bias<'a>>,
+    activation: [f32; 2],
+}
+
+/// One quantized input plane in order, each value in 16 bits.
+struct Plane {
+    values: [i16; MAX_WINDOW],
+    scale: f32,
+}
+
+impl Depthwise<'_> {
+    /// Computes `y` from `x`. Returns false, computing nothing, for an empty input plane or one
+    /// of more than [`MAX_WINDOW`] values.
+    #[inline(never)]
+    fn run(&self, x: &[f32], y: &mut [f32]) -> bool {
+        let g = self.geometry;
+        let (in_plane, out_plane) = (g.in_size[0] * g.in_size[1], g.out_size[0] * g.out_size[1]);
+        if in_plane == 0 || in_plane > MAX_WINDOW {
+            return false;
+        }
+        if out_plane == 0 {
+            return true;
+        }
+        let mut plane = Plane { values: [0; MAX_WINDOW], scale: 0.0 };
+        let planes = x.chunks_exact(in_plane).zip(y.chunks_exact_mut(out_plane));
+        for (p, (input, output)) in planes.take(g.batch * g.in_channels).enumerate() {
+            self.quantize(input, &mut plane);
+            self.plane(&plane, p % g.in_channels, output);
+        }
+        true
+    }
+
+    /// Computes the convolution in the input's memory, which keeps its extents (strides 1).
+    /// Returns false, computing nothing, for a plane of more than [`MAX_WINDOW`] values.
+    #[inline(never)]
+    fn run_in_place(&self, xy: &mut [f32]) -> bool {
+        let g = self.geometry;
+        let size = g.in_size[0] * g.in_size[1];
+        if size == 0 {
+            return true;
+        }
+        if size > MAX_WINDOW {
+            return false;
+        }
+        let mut plane = Plane { values: [0; MAX_WINDOW], scale: 0.0 };
+        for (p, data) in xy.chunks_exact_mut(size).take(g.batch * g.in_channels).enumerate() {
+            self.quantize(data, &mut plane);
+            self.plane(&plane, p % g.in_channels, data);
+        }
+        true
+    }
+
+    /// Quantizes one input plane with one scale.
+    fn quantize(&self, input: &[f32], plane: &mut Plane) {
+        let scale = Scale::of(input.iter().copied());
+        for (q, &v) in plane.values.iter_mut().zip(input) {
+            *q = scale.quantize(v) as i16;
+        }
+        plane.scale = scale.scale;
+    }
+
+    /// Computes the output plane of channel `c` from its quantized input plane.
+    fn plane(&self, plane: &Plane, c: usize, output: &mut [f32]) {
+        let g = self.geometry;
+        let w = &g.window;
+        let ([ih, iw], ow) = (g.in_size, g.out_size[1]);
+        let (kh, kw) = (w.kernel[0] as usize, w.kernel[1] as usize);
+        let taps = &self.weights.q[c * kh * kw..(c + 1) * kh * kw];
+        let scale = plane.scale * self.weights.scales[c];
+        let b = self.bias.map_or(0.0, |b| b.at(c));
+        let (dy, dx) = (w.dilations[0] as usize, w.dilations[1] as usize);
+        // Outputs whose every tap falls inside the input need no range of taps of their own.
+        let (inner_y, inner_x) = (interior(w, 0, g.out_size[0], ih), interior(w, 1, ow, iw));
+        for (oy, outputs) in output.chunks_exact_mut(ow).enumerate() {
+            let (ky0, ky1, iy0) = taps_inside(w, 0, oy, ih);
+            let row_inside = inner_y.contains(&oy) && dx == 1;
+            for (ox, out) in outputs.iter_mut().enumerate() {
+                let mut sum = 0i32;
+                if row_inside && inner_x.contains(&ox) {
+                    // Every tap is inside, so `ox * stride >= pad_left`.
+                    let first = iy0 * iw + ox * w.strides[1] as usize - w.pads[1] as usize;
+                    for (ky, row) in taps.chunks_exact(kw).enumerate() {
+                        let line = &plane.values[first + ky * dy * iw..][..kw];
+                        for (&tap, &v) in row.iter().zip(line) {
+                            sum += v as i32 * tap as i32;
+                        }
+                    }
+                    *out = clamp(sum as f32 * scale + b, self.activation);
+                    continue;
+                }
+                let (kx0, kx1, ix0) = taps_inside(w, 1, ox, iw);
+                // Without a tap inside the row, `ix0` may lie past it.
+                let rows = if kx0 < kx1 { ky0..ky1 } else { 0..0 };
+                for ky in rows {
+                    let line = &plane.values[(iy0 + (ky - ky0) * dy) * iw + ix0..];
+                    let row = &taps[ky * kw + kx0..ky * kw + kx1];
+                    for (&tap, &v) in row.iter().zip(line.iter().step_by(dx)) {
+                        sum += v as i32 * tap as i32;
+                    }
+                }
+                *out = clamp(sum as f32 * scale + b, self.activation);
+            }
+        }
+    }
+}
+
+/// Returns the output positions along `axis` (of `out`) whose every tap falls inside an input
+/// of extent `input`.
+fn interior(
+    w: &crate::ops::Window2d,
+    axis: usize,
+    out: usize,
+    input: usize,
+) -> core::ops::Range<usize> {
+    let (stride, dilation) = (w.strides[axis] as isize, w.dilations[axis] as isize);
+    let (pad, span) = (w.pads[axis] as isize, (w.kernel[axis] as isize - 1) * dilation);
+    // Position `o` reads `o * stride - pad` to `o * stride - pad + span`.
+    let first = (pad + stride - 1) / stride;
+    let last = input as isize - 1 + pad - span;
+    let end = if last < 0 { 0 } else { last / stride + 1 };
+    let end = (end.max(0) as usize).min(out);
+    (first as usize).min(end)..end
+}
+
+/// Returns the taps `[first, end)` of the kernel along `axis` that fall inside an input of
+/// extent `input` for output position `o`, and the input position of the first one.
+#[inline(always)]
+fn taps_inside(
+    w: &crate::ops::Window2d,
+    axis: usize,
+    o: usize,
+    input: usize,
+) -> (usize, usize, usize) {
+    // Pointer-sized arithmetic: 64-bit division is a library call on 32-bit targets. The
+    // extents of a validated file fit, since the planes fit in memory.
+    let (stride, dilation) = (w.strides[axis] as isize, w.dilations[axis] as isize);
+    let (kernel, input) = (w.kernel[axis] as isize, input as isize);
+    // Tap `t` reads input position `start + t * dilation`.
+    let start = o as isize * stride - w.pads[axis] as isize;
+    let first = if start >= 0 { 0 } else { (-start + dilation - 1) / dilation };
+    let end = if start >= input { 0 } else { (input - 1 - start) / dilation + 1 };
+    let (first, end) = (first.min(kernel), end.min(kernel));
+    let end = end.max(first);
+    (first as usize, end as usize, (start + first * dilation).max(0) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::format;
+
+    /// Returns a deterministic pseudo-random sequence in `[-1, 1)`.
+    fn random(n: usize, seed: u64) -> std::vec::Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// `values` quantized as a window is, with the scale.
+    fn quantized(values: &[f32]) -> (std::vec::Vec<i32>, f32) {
+        let largest = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+        let q = values.iter().map(|v| (v * inverse).round_ties_even() as i32).collect();
+        (q, largest / 127.0)
+    }
+
+    #[test]
+    fn window_rounds_ties_to_even() {
+        // Largest 127 makes the inverse 1, so the values round as they are.
+        let values = [0.5, 1.5, 2.5, -0.5, -1.5, 127.0, -126.5, 3.49, -127.0];
+        let mut window = Window::new();
+        assert!(window.fill(values.len(), || values.iter().copied()));
+        let got: std::vec::Vec<i32> = (0..values.len()).map(|i| window.get(i)).collect();
+        assert_eq!(got, [0, 2, 2, 0, -2, 127, -126, 3, -127]);
+        assert_eq!(window.scale, 1.0);
+        // Past the end, up to a multiple of 4, the window contains zeros.
+        for i in values.len()..12 {
+            assert_eq!(window.get(i), 0, "value {i}");
+        }
+    }
+
+    #[test]
+    fn window_scale_is_nan_for_non_finite_values() {
+        let mut window = Window::new();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let values = [1.0, bad, -2.0];
+            assert!(window.fill(3, || values.iter().copied()));
+            assert!(window.scale.is_nan(), "{bad}");
+        }
+        let zeros = [0.0f32; 5];
+        assert!(window.fill(5, || zeros.iter().copied()));
+        assert_eq!((window.scale, window.dot(&Rows::new(&[1; 5], 5), 0)), (0.0, 0));
+        assert!(!window.fill(MAX_WINDOW + 1, || core::iter::repeat(1.0)));
+    }
+
+    /// Checks `linear_rows` against exact integer sums of each quantized row, on every row length
+    /// up to 70 and the longest, both parities of `n`, with and without a bias. Where
+    /// `linear_int8_rows` has a kernel of its own, which quantizes the same way, it checks that too.
+    #[test]
+    fn linear_rows_match_reference() {
+        // Miri interprets every operation, so it runs the lengths around a block of four.
+        let lengths: std::vec::Vec<usize> = match cfg!(miri) {
+            true => std::vec![1, 2, 3, 4, 5, 8, 9, 67],
+            false => (1..=70).chain([MAX_WINDOW]).collect(),
+        };
+        for k in lengths {
+            for (n, rows) in [(1, 1), (2, 3), (7, 2), (16, 5)] {
+                let x = random(rows * k, (k * 31 + n) as u64);
+                let q: std::vec::Vec<i8> =
+                    random(n * k, k as u64 + 99).iter().map(|v| (v * 128.0) as i8).collect();
+                let scales: std::vec::Vec<f32> = (0..n).map(|j| 0.003 * (j + 1) as f32).collect();
+                let w = I8Rows { q: &q, scales: &scales, k };
+                let bias = random(n, 5);
+                for bias in [None, Some(&bias[..])] {
+                    let mut y = std::vec![f32::NAN; rows * n];
+                    assert!(linear_rows(&x, rows, &w, n, bias, &mut y));
+                    for r in 0..rows {
+                        let (qx, scale) = quantized(&x[r * k..(r + 1) * k]);
+                        for j in 0..n {
+                            let row = &q[j * k..(j + 1) * k];
+                            let sum: i32 = qx.iter().zip(row).map(|(&a, &b)| a * b as i32).sum();
+                            let b = bias.map_or(0.0, |b| b[j]) as f64;
+                            let exact = sum as f64 * scale as f64 * scales[j] as f64 + b;
+                            let got = y[r * n + j] as f64;
+                            assert!(
+                                (got - exact).abs() <= 1e-6 * exact.abs().max(1.0),
+                                "k {k}, n {n}, row {r}, output {j}: {got} against {exact}"
+                            );
+                        }
+                    }
+                    if crate::kernels::int8_row_products_supported() {
+                        let mut simd = std::vec![f32::NAN; rows * n];
+                        let weights = crate::kernels::Weights::I8(w);
+                        crate::kernels::linear_int8_rows(&x, rows, k, weights, n, bias, &mut simd);
+                        for (i, (&a, &b)) in y.iter().zip(&simd).enumerate() {
+                            let limit = 1e-6 * b.abs().max(1.0);
+                            assert!((a - b).abs() <= limit, "k {k}, n {n}: output {i}: {a}, {b}");
+                        }
+                    }
+                }
+            }
+        }
+        let q = std::vec![0i8; MAX_WINDOW + 1];
+        let w = I8Rows { q: &q, scales: &[1.0], k: MAX_WINDOW + 1 };
+        let x = std::vec![1.0; MAX_WINDOW + 1];
+        let mut y = [f32::NAN];
+        assert!(!linear_rows(&x, 1, &w, 1, None, &mut y));
+        assert!(y[0].is_nan(), "a refused call wrote its output");
+    }
+
+    /// Every length from 1 to 70 and the longest window, against exact integer sums.
+    #[test]
+    fn dot_products_are_exact() {
+        let mut window = Window::new();
+        let lengths: std::vec::Vec<usize> = match cfg!(miri) {
+            true => std::vec![1, 2, 3, 4, 5, 7, 8, 9, 66, MAX_WINDOW],
+            false => (1..=70).chain([MAX_WINDOW - 1, MAX_WINDOW]).collect(),
+        };
+        for len in lengths {
+            let x = random(len, len as u64);
+            let (q, scale) = quantized(&x);
+            assert!(window.fill(len, || x.iter().copied()));
+            assert_eq!(window.scale, scale);
+            // Extreme weights, including -128, check the sign extension of every byte.
+            let a: std::vec::Vec<i8> = (0..len).map(|i| [-128, 127, -1, 1, 0, 93][i % 6]).collect();
+            let b: std::vec::Vec<i8> =
+                random(len, 7 + len as u64).iter().map(|v| (v * 127.5) as i8).collect();
+            let exact = |w: &[i8]| q.iter().zip(w).map(|(&q, &w)| q * w as i32).sum::<i32>();
+            // The rows once from the start of a buffer and once a byte further, where they do
+            // not start at a multiple of 4 bytes.
+            let mut buffer = std::vec![0i8; 1 + 2 * len];
+            for offset in [0, 1] {
+                buffer[offset..offset + len].copy_from_slice(&a);
+                buffer[offset + len..offset + 2 * len].copy_from_slice(&b);
+                let rows = Rows::new(&buffer[offset..offset + 2 * len], len);
+                let what = format!("length {len}, offset {offset}");
+                assert_eq!(window.dot2(&rows, 0, 1), [exact(&a), exact(&b)], "{what}");
+                assert_eq!(window.dot2(&rows, 1, 0), [exact(&b), exact(&a)], "{what}");
+                assert_eq!(window.dot(&rows, 1), exact(&b), "{what}");
+            }
+        }
+    }
+}
