@@ -1077,6 +1077,37 @@ mod tests {
         assert_eq!(xy, x, "a refused call changed its input");
     }
 
+    /// Pads, strides and dilations that a file may state but whose input positions do not fit
+    /// 32 bits: the integer kernels leave them to the f32 ones instead of overflowing.
+    #[test]
+    fn int8_rejects_positions_past_32_bits() {
+        let act = [f32::NEG_INFINITY, f32::INFINITY];
+        let q = [1i8, 1];
+        let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
+        // Strides of 2^31 over 3 rows padded by 2^32 - 2 on both sides: 4 output rows.
+        let strided = window([1, 1], [1 << 31, 1], [u32::MAX - 1, 0, u32::MAX - 1, 0], [1, 1]);
+        let c =
+            Case { batch: 1, channels: 1, size: [3, 2], outputs: 1, groups: 1, window: strided };
+        let g = geometry(&c, false);
+        assert_eq!(g.out_size, [4, 2]);
+        let x = random(6, 3);
+        let mut y = vec![f32::NAN; 8];
+        assert!(!conv2d_nchw_int8(&x, &g, 1, w, None, act, &mut y));
+        assert!(y.iter().all(|v| v.is_nan()), "a refused call wrote its output");
+        // A depthwise kernel two taps wide, dilated by 2^31 and padded by 2^31 on the left.
+        let dilated = window([1, 2], [1, 1], [0, 1 << 31, 0, 0], [1, 1 << 31]);
+        let c =
+            Case { batch: 1, channels: 1, size: [2, 3], outputs: 1, groups: 1, window: dilated };
+        let g = geometry(&c, false);
+        assert_eq!(g.out_size, [2, 3]);
+        let x = random(6, 4);
+        let mut xy = x.clone();
+        assert!(!conv2d_nchw_int8_in_place(&mut xy, &g, 1, w, None, act));
+        assert_eq!(xy, x, "a refused call changed its input");
+        let mut y = vec![f32::NAN; 6];
+        assert!(!conv2d_nchw_int8(&x, &g, 1, w, None, act, &mut y));
+    }
+
     #[test]
     fn in_place_scratch_known_sizes() {
         let kws = window([3, 3], [1, 1], [1; 4], [1, 1]);

@@ -3,10 +3,15 @@
 //! a floating-point one (and a Cortex-M3 has no floating-point unit at all).
 //!
 //! Each dot product quantizes its input window with one scale, as [`super::linear_int8_rows`]
-//! does on x86_64 and aarch64: the largest magnitude maps to 127 and values round to the nearest
-//! integer, ties to even. The integer sum is exact, then scaled once by the window's scale and the
-//! weight row's. A window is a row of `x` for `linear`, and for a convolution the input values
-//! under the kernel at one output position, padding included as zeros.
+//! does on x86_64 and aarch64: each value is multiplied by `127 / largest magnitude` in f32 and
+//! rounded to the nearest integer, ties to even. The integer sum is exact, then scaled once by
+//! the window's scale and the weight row's. A window is a row of `x` for `linear`, and for a
+//! convolution the input values under the kernel at one output position, padding included as
+//! zeros. A depthwise convolution with one output per input channel quantizes each input plane
+//! with one scale instead.
+//!
+//! NOTE: when the largest magnitude is below about 3.7e-37, `127 / largest` overflows to
+//! infinity and every nonzero value of the window becomes ±127, as in the SIMD kernels.
 //!
 //! On Armv7E-M (Cortex-M4, M7) the sums use the DSP extension: `SXTB16` widens the even and the
 //! odd bytes of four weights into two pairs of halfwords, and each `SMLAD` adds two products. The
@@ -20,13 +25,16 @@ use super::generic::I8Rows;
 /// this many bytes of stack.
 pub const MAX_WINDOW: usize = 512;
 
-/// One input window quantized to int8, two values per word, with its scale.
+/// One input window quantized to int8, with its scale.
 struct Window {
-    /// The values in pairs, each a word with the first value's bits in the low halfword. Without
-    /// the DSP extension a block of four values `v0..v3` is the pairs `(v0, v1)` and `(v2, v3)`.
-    /// With it, the pairs are `(v0, v2)` and `(v1, v3)`, because `SXTB16` splits a word of four
-    /// weights that way. Zero past `len` up to a multiple of 4.
+    /// The values in pairs, each a word with the first value's bits in the low halfword. A block
+    /// of four values `v0..v3` is the pairs `(v0, v2)` and `(v1, v3)`, because `SXTB16` splits a
+    /// word of four weights that way. Zero past `len` up to a multiple of 4.
+    #[cfg(edgefold_dsp)]
     words: [u32; MAX_WINDOW / 2],
+    /// The values in order, each in 16 bits, for products that compilers vectorize.
+    #[cfg(not(edgefold_dsp))]
+    values: [i16; MAX_WINDOW],
     /// Values in the window.
     len: usize,
     /// The scale: `value = q * scale`. NaN when a value is NaN or infinite.
@@ -34,16 +42,10 @@ struct Window {
 }
 
 /// Two values as one word, `lo` in the low halfword.
+#[cfg(edgefold_dsp)]
 #[inline(always)]
 fn pack(lo: i32, hi: i32) -> u32 {
     lo as u16 as u32 | (hi as u16 as u32) << 16
-}
-
-/// Returns the low and the high halfword of `word`, sign-extended.
-#[cfg(any(test, not(edgefold_dsp)))]
-#[inline(always)]
-fn unpack(word: u32) -> (i32, i32) {
-    (word as u16 as i16 as i32, (word >> 16) as u16 as i16 as i32)
 }
 
 /// Rounds to the nearest integer, ties to even, for `|v| < 2^22`.
@@ -91,7 +93,14 @@ impl Scale {
 
 impl Window {
     fn new() -> Self {
-        Window { words: [0; MAX_WINDOW / 2], len: 0, scale: 0.0 }
+        Window {
+            #[cfg(edgefold_dsp)]
+            words: [0; MAX_WINDOW / 2],
+            #[cfg(not(edgefold_dsp))]
+            values: [0; MAX_WINDOW],
+            len: 0,
+            scale: 0.0,
+        }
     }
 
     /// Quantizes the `len` values that `values()` yields (each call yields the same ones).
@@ -102,17 +111,18 @@ impl Window {
         }
         let scale = Scale::of(values().take(len));
         let mut q = values().take(len).map(|v| scale.quantize(v));
+        #[cfg(edgefold_dsp)]
         for block in self.words[..len.div_ceil(4) * 2].chunks_exact_mut(2) {
             let mut v = [0; 4];
             for (v, q) in v.iter_mut().zip(&mut q) {
                 *v = q;
             }
-            let (first, second) = match cfg!(edgefold_dsp) {
-                true => (pack(v[0], v[2]), pack(v[1], v[3])),
-                false => (pack(v[0], v[1]), pack(v[2], v[3])),
-            };
-            block[0] = first;
-            block[1] = second;
+            block[0] = pack(v[0], v[2]);
+            block[1] = pack(v[1], v[3]);
+        }
+        #[cfg(not(edgefold_dsp))]
+        for (slot, q) in self.values.iter_mut().zip(&mut q) {
+            *slot = q as i16;
         }
         self.len = len;
         self.scale = scale.scale;
@@ -122,13 +132,15 @@ impl Window {
     /// Value `i` as stored.
     #[cfg(test)]
     fn get(&self, i: usize) -> i32 {
-        // Within a block of four, values 1 and 2 trade places with the DSP extension.
-        let slot = if cfg!(edgefold_dsp) { (i & !3) | [0, 2, 1, 3][i & 3] } else { i };
-        let (lo, hi) = unpack(self.words[slot / 2]);
-        if slot % 2 == 0 {
-            lo
-        } else {
-            hi
+        #[cfg(edgefold_dsp)]
+        {
+            // Within a block of four, values 1 and 2 trade places.
+            let slot = (i & !3) | [0, 2, 1, 3][i & 3];
+            (self.words[slot / 2] >> (16 * (slot % 2))) as u16 as i16 as i32
+        }
+        #[cfg(not(edgefold_dsp))]
+        {
+            self.values[i] as i32
         }
     }
 
@@ -160,15 +172,9 @@ impl Window {
         {
             let (ra, rb) = (rows.row(a), rows.row(b));
             let mut sums = [0i32; 2];
-            for ((pa, pb), &x) in ra.chunks_exact(2).zip(rb.chunks_exact(2)).zip(&self.words) {
-                let (lo, hi) = unpack(x);
-                sums[0] += lo * pa[0] as i32 + hi * pa[1] as i32;
-                sums[1] += lo * pb[0] as i32 + hi * pb[1] as i32;
-            }
-            if len % 2 == 1 {
-                let (lo, _) = unpack(self.words[len / 2]);
-                sums[0] += lo * ra[len - 1] as i32;
-                sums[1] += lo * rb[len - 1] as i32;
+            for ((&x, &wa), &wb) in self.values[..len].iter().zip(ra).zip(rb) {
+                sums[0] += x as i32 * wa as i32;
+                sums[1] += x as i32 * wb as i32;
             }
             sums
         }
@@ -196,16 +202,8 @@ impl Window {
         }
         #[cfg(not(edgefold_dsp))]
         {
-            let ra = rows.row(a);
-            let mut sum = 0i32;
-            for (p, &x) in ra.chunks_exact(2).zip(&self.words) {
-                let (lo, hi) = unpack(x);
-                sum += lo * p[0] as i32 + hi * p[1] as i32;
-            }
-            if len % 2 == 1 {
-                sum += unpack(self.words[len / 2]).0 * ra[len - 1] as i32;
-            }
-            sum
+            let values = self.values[..len].iter();
+            values.zip(rows.row(a)).map(|(&x, &w)| x as i32 * w as i32).sum()
         }
     }
 }
@@ -387,34 +385,45 @@ struct ConvCall<'a> {
 
 impl ConvCall<'_> {
     /// Computes the outputs of channels `channels` at one output position from `window`, and
-    /// passes each to `put(channel, value)`.
+    /// writes channel `o`'s to `y[at + o * stride]`.
     #[inline]
     fn outputs(
         &self,
         window: &Window,
         channels: core::ops::Range<usize>,
-        mut put: impl FnMut(usize, f32),
+        y: &mut [f32],
+        at: usize,
+        stride: usize,
     ) {
-        let value = |o: usize, sum: i32| {
-            let b = self.bias.map_or(0.0, |b| b.at(o));
-            clamp(output(sum, window.scale, self.scales[o], b), self.activation)
-        };
         let mut o = channels.start;
         while o + 2 <= channels.end {
             let [s0, s1] = window.dot2(&self.rows, o, o + 1);
-            put(o, value(o, s0));
-            put(o + 1, value(o + 1, s1));
+            y[at + o * stride] = self.value(o, s0, window.scale);
+            y[at + (o + 1) * stride] = self.value(o + 1, s1, window.scale);
             o += 2;
         }
         if o < channels.end {
-            put(o, value(o, window.dot(&self.rows, o)));
+            y[at + o * stride] = self.value(o, window.dot(&self.rows, o), window.scale);
         }
+    }
+
+    /// Returns output channel `o`'s value for the integer sum `sum` of a window of scale `scale`.
+    #[inline(always)]
+    fn value(&self, o: usize, sum: i32, scale: f32) -> f32 {
+        let b = match self.bias {
+            Some(bias) => bias.at(o),
+            None => 0.0,
+        };
+        clamp(output(sum, scale, self.scales[o], b), self.activation)
     }
 }
 
 /// The convolution of [`super::conv::conv2d_nchw_f32`] with the input under the kernel at each
-/// output position quantized to int8 with one scale, and integer sums. Returns false, computing
-/// nothing, when that window contains more than [`MAX_WINDOW`] values.
+/// output position quantized to int8 with one scale, and integer sums. A depthwise convolution
+/// with one output per input channel (`groups == C == O`) quantizes each input plane with one
+/// scale instead. Returns false, computing nothing, when a window (for a depthwise convolution,
+/// a plane) has more than [`MAX_WINDOW`] values, or when pads, strides and dilations reach input
+/// positions beyond `i32::MAX`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_nchw_int8(
     x: &[f32],
@@ -433,6 +442,9 @@ pub fn conv2d_nchw_int8(
     let channels_per_group = g.in_channels / groups;
     let outputs_per_group = g.out_channels / groups;
     let len = channels_per_group * kh * kw;
+    if !fits_isize(g) {
+        return false;
+    }
     if is_depthwise(g, groups) {
         let call = Depthwise { geometry: g, weights, bias, activation };
         return call.run(x, y);
@@ -452,8 +464,8 @@ pub fn conv2d_nchw_int8(
                 for ox in 0..ow {
                     // The input value of each tap, or zero where the tap falls in the padding.
                     let at = |ky: usize, kx: usize| -> Option<usize> {
-                        let iy = (oy * w.strides[0] as usize) as i64 + tap_offset(w, 0, ky);
-                        let ix = (ox * w.strides[1] as usize) as i64 + tap_offset(w, 1, kx);
+                        let iy = oy as i64 * w.strides[0] as i64 + tap_offset(w, 0, ky);
+                        let ix = ox as i64 * w.strides[1] as i64 + tap_offset(w, 1, kx);
                         let inside = (0..ih as i64).contains(&iy) && (0..iw as i64).contains(&ix);
                         inside.then(|| iy as usize * iw + ix as usize)
                     };
@@ -463,7 +475,7 @@ pub fn conv2d_nchw_int8(
                         })
                     });
                     let base = n * g.out_channels * out_plane + oy * ow + ox;
-                    call.outputs(&window, outputs.clone(), |o, v| y[base + o * out_plane] = v);
+                    call.outputs(&window, outputs.clone(), y, base, out_plane);
                 }
             }
         }
@@ -471,11 +483,13 @@ pub fn conv2d_nchw_int8(
     true
 }
 
-/// The 1x1 convolution of [`super::conv::conv2d_nchw_f32_in_place`] (no padding, strides 1)
-/// with integer sums: the channels of each group at each pixel are quantized to int8 with one
-/// scale. The quantized copy of a pixel's inputs is all the scratch it needs, so its outputs
-/// overwrite them at once. Returns false, computing nothing, for another kernel or when a group
-/// has more than [`MAX_WINDOW`] channels.
+/// The convolution of [`super::conv::conv2d_nchw_f32_in_place`] with integer sums, for two
+/// cases. A 1x1 kernel without padding quantizes the channels of each group at each pixel with
+/// one scale. A depthwise convolution with one output per input channel, of any kernel,
+/// quantizes each plane with one scale. The quantized copy of a pixel's or a plane's inputs is
+/// all the scratch it needs, so the outputs overwrite the inputs at once. Returns false,
+/// computing nothing, for other convolutions, when a group has more than [`MAX_WINDOW`] channels
+/// or a depthwise plane more than [`MAX_WINDOW`] values, or for positions beyond `i32::MAX`.
 ///
 /// `xy` contains the input on entry and the output on return.
 pub fn conv2d_nchw_int8_in_place(
@@ -491,7 +505,7 @@ pub fn conv2d_nchw_int8_in_place(
     let per_group = channels / groups.max(1);
     let pointwise = g.window.kernel == [1, 1] && g.window.pads == [0; 4];
     let same = g.window.strides == [1, 1] && g.in_size == g.out_size && g.out_channels == channels;
-    if same && is_depthwise(g, groups) {
+    if same && is_depthwise(g, groups) && fits_isize(g) {
         let call = Depthwise { geometry: g, weights, bias, activation };
         return call.run_in_place(xy);
     }
@@ -509,11 +523,27 @@ pub fn conv2d_nchw_int8_in_place(
                 // The group's outputs replace its own inputs only, once they are in the window.
                 let column = &sample[first * plane + p..];
                 window.fill(per_group, || column.iter().step_by(plane).copied());
-                call.outputs(&window, first..first + per_group, |o, v| sample[o * plane + p] = v);
+                call.outputs(&window, first..first + per_group, sample, p, plane);
             }
         }
     }
     true
+}
+
+/// Returns whether every input position that a window reaches, padding included, fits in an
+/// `isize` on 32-bit targets too, so the kernels' position arithmetic cannot overflow. A file
+/// may state pads, strides and dilations up to `u32::MAX`; those convolutions keep f32 inputs.
+fn fits_isize(g: &Geometry) -> bool {
+    let w = &g.window;
+    (0..2).all(|axis| {
+        let reach = |out: usize| -> Option<u64> {
+            let last = (out.max(1) as u64 - 1).checked_mul(w.strides[axis] as u64)?;
+            let span = (w.kernel[axis].max(1) as u64 - 1).checked_mul(w.dilations[axis] as u64)?;
+            let pads = w.pads[axis] as u64 + w.pads[axis + 2] as u64;
+            last.checked_add(span)?.checked_add(pads)?.checked_add(g.in_size[axis] as u64)
+        };
+        reach(g.out_size[axis]).is_some_and(|r| r <= i32::MAX as u64)
+    })
 }
 
 /// Returns whether the convolution is depthwise with one output channel per input channel.
@@ -610,6 +640,14 @@ impl Depthwise<'_> {
                     let first = iy0 * iw + ox * w.strides[1] as usize - w.pads[1] as usize;
                     for (ky, row) in taps.chunks_exact(kw).enumerate() {
                         let line = &plane.values[first + ky * dy * iw..][..kw];
+                        // Kernels three wide, the most common, take the row's taps unrolled.
+                        if let (Ok(t), Ok(v)) =
+                            (<&[i8; 3]>::try_from(row), <&[i16; 3]>::try_from(line))
+                        {
+                            let product = |i: usize| v[i] as i32 * t[i] as i32;
+                            sum += product(0) + product(1) + product(2);
+                            continue;
+                        }
                         for (&tap, &v) in row.iter().zip(line) {
                             sum += v as i32 * tap as i32;
                         }
@@ -660,8 +698,8 @@ fn taps_inside(
     o: usize,
     input: usize,
 ) -> (usize, usize, usize) {
-    // Pointer-sized arithmetic: 64-bit division is a library call on 32-bit targets. The
-    // extents of a validated file fit, since the planes fit in memory.
+    // Pointer-sized arithmetic, because 64-bit division is a library call on 32-bit targets.
+    // The callers check `fits_isize` first.
     let (stride, dilation) = (w.strides[axis] as isize, w.dilations[axis] as isize);
     let (kernel, input) = (w.kernel[axis] as isize, input as isize);
     // Tap `t` reads input position `start + t * dilation`.
@@ -708,10 +746,6 @@ mod tests {
         let got: std::vec::Vec<i32> = (0..values.len()).map(|i| window.get(i)).collect();
         assert_eq!(got, [0, 2, 2, 0, -2, 127, -126, 3, -127]);
         assert_eq!(window.scale, 1.0);
-        // Past the end, up to a multiple of 4, the window contains zeros.
-        for i in values.len()..12 {
-            assert_eq!(window.get(i), 0, "value {i}");
-        }
     }
 
     #[test]

@@ -24,7 +24,8 @@ usage: edgefold-runner MODEL.fold [INPUT.bin ...] [--save FILE] [--expect FILE]
   --repeat N       run N times and print the mean time per run (default 1)
   --int8-activations
                    quantize the inputs of products with int8 weights to int8 and multiply in
-                   integers (Session::set_int8_activations)";
+                   integers (Session::set_int8_activations); needs AVX-512 VNNI on x86_64 or
+                   the dot-product extension on aarch64";
 
 /// Parsed command line.
 struct Args {
@@ -197,6 +198,13 @@ fn run(args: &Args) -> Result<bool, String> {
     }
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
     let mut session = Session::new(&model, &mut arena).map_err(|e| e.to_string())?;
+    if args.int8_activations && !edgefold_runtime::kernels::int8_row_products_supported() {
+        // Linear layers would keep f32 inputs here while a board multiplies integers, so the
+        // output could not serve as a board's reference.
+        return Err("--int8-activations needs a CPU with integer row products (x86_64 with \
+                    AVX-512 VNNI, or aarch64 with the dot-product extension); run it on one"
+            .to_owned());
+    }
     session.set_int8_activations(args.int8_activations);
     for (i, path) in args.inputs.iter().enumerate() {
         set_input(&mut session, i, path)?;
