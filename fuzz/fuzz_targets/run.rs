@@ -1,6 +1,7 @@
 //! Opens the bytes up to the header's `file_len` as a packed file (checksums repaired first), and
-//! if it opens, runs it once in a 1 MiB arena with inputs read from the bytes past `file_len`.
-//! Running must end in a typed error or outputs whose lengths match their shapes. A file that
+//! if it opens, runs it in a 1 MiB arena with inputs read from the bytes past `file_len`, with
+//! f32 and then with int8 activations. Running must end in a typed error or outputs whose
+//! lengths match their shapes. A file that
 //! carries a self-test record then runs it too, in the same arena. A file that contains a
 //! language model runs a few tokens through the decoder, and one that contains a translation
 //! model translates a few tokens by greedy search.
@@ -33,6 +34,11 @@ fuzz_target!(|data: &[u8]| {
         set_inputs(&mut session, &mut feed);
         if session.run().is_ok() {
             read_outputs(&session);
+            // Again with the integer kernels, which take other paths through the same geometry.
+            session.set_int8_activations(true);
+            if session.run().is_ok() {
+                read_outputs(&session);
+            }
         }
     }
     // Any outcome is fine; only a panic, hang or bad access is a failure.
