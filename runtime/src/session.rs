@@ -101,15 +101,16 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Lets `linear` quantize each row of its input to int8 (one scale per row) and multiply it
     /// with int8 weights in integers, where the CPU has a kernel for that
-    /// ([`crate::kernels::linear_int8_rows`]). With the `int8-activations` feature (on with
-    /// `std`), convolutions with int8 weights on every CPU do the same with the input under the
-    /// kernel at each output position, and depthwise ones with each input plane
-    /// (`kernels::integer`). Windows and planes of more than 512 values keep f32 inputs, as do
-    /// other weights and CPUs. Each input is rounded to one of 255 steps of its window's largest
+    /// ([`crate::kernels::linear_int8_rows`]). Int4 weights in groups of 32 take the groups of 32
+    /// inputs of [`crate::kernels::linear_int8`] on x86_64 with AVX-512 VNNI. With the
+    /// `int8-activations` feature (on with `std`), convolutions with int8 weights on every CPU do
+    /// the same with the input under the kernel at each output position, and depthwise ones with
+    /// each input plane (`kernels::integer`). Windows and planes of more than 512 values keep f32
+    /// inputs, as do other weights and CPUs. Each input is rounded to one of 255 steps of its window's largest
     /// magnitude, and a NaN or an infinity makes every output computed from its window NaN.
-    /// Faster where the CPU multiplies integers faster than floats (microcontrollers, and VNNI
-    /// and `sdot` for `linear`); the portable integer convolutions are slower than the f32 ones
-    /// on x86_64, where they serve to reproduce a board's results. Off by default.
+    /// Faster where the CPU multiplies integers faster than floats: microcontrollers, and VNNI
+    /// and `sdot` for `linear`. On x86_64 the portable integer convolutions are slower than the
+    /// f32 ones, so there they serve to reproduce a board's results. Off by default.
     pub fn set_int8_activations(&mut self, on: bool) {
         self.int8_activations = on;
     }
