@@ -418,8 +418,8 @@ impl ConvCall<'_> {
     }
 }
 
-/// The convolution of [`super::conv::conv2d_nchw_f32`] with the input under the kernel at each
-/// output position quantized to int8 with one scale, and integer sums. A depthwise convolution
+/// Computes the convolution of [`super::conv::conv2d_nchw_f32`] with integer sums, the input
+/// under the kernel at each output position quantized to int8 with one scale. A depthwise convolution
 /// with one output per input channel (`groups == C == O`) quantizes each input plane with one
 /// scale instead. Returns false, computing nothing, when a window (for a depthwise convolution,
 /// a plane) has more than [`MAX_WINDOW`] values, or when pads, strides and dilations reach input
@@ -452,6 +452,7 @@ pub fn conv2d_nchw_int8(
     if len > MAX_WINDOW {
         return false;
     }
+
     let rows = Rows::new(&weights.q[..g.out_channels * len], len);
     let call = ConvCall { rows, scales: weights.scales, bias, activation };
     let mut window = Window::new();
@@ -483,8 +484,8 @@ pub fn conv2d_nchw_int8(
     true
 }
 
-/// The convolution of [`super::conv::conv2d_nchw_f32_in_place`] with integer sums, for two
-/// cases. A 1x1 kernel without padding quantizes the channels of each group at each pixel with
+/// Computes the convolution of [`super::conv::conv2d_nchw_f32_in_place`] with integer sums, for
+/// two cases. A 1x1 kernel without padding quantizes the channels of each group at each pixel with
 /// one scale. A depthwise convolution with one output per input channel, of any kernel,
 /// quantizes each plane with one scale. The quantized copy of a pixel's or a plane's inputs is
 /// all the scratch it needs, so the outputs overwrite the inputs at once. Returns false,
