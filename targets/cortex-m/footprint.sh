@@ -57,6 +57,13 @@ for board in "${boards[@]}"; do
         int8_text=$(section "$elf" .text)
     fi
     cargo build --quiet --release --target "$t"
+    # Read before the runs below: a run with int8 activations links another image at $elf.
+    vectors=$(section "$elf" .vector_table)
+    text=$(section "$elf" .text)
+    rodata=$(section "$elf" .rodata)
+    data=$(section "$elf" .data)
+    bss=$(section "$elf" .bss)
+    uninit=$(section "$elf" .uninit)
 
     log="$logs/kws-$board.log"
     if [ ! -s "$log" ]; then
@@ -67,12 +74,6 @@ for board in "${boards[@]}"; do
         cargo run --quiet --release --target "$t" --features int8-activations > "$int8_log"
     fi
 
-    vectors=$(section "$elf" .vector_table)
-    text=$(section "$elf" .text)
-    rodata=$(section "$elf" .rodata)
-    data=$(section "$elf" .data)
-    bss=$(section "$elf" .bss)
-    uninit=$(section "$elf" .uninit)
     base_text=$(section "$base" .text)
     base_rodata=$(section "$base" .rodata)
     base_data=$(section "$base" .data)

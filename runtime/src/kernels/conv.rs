@@ -43,7 +43,8 @@ pub enum ConvWeights<'a> {
         /// One scale per row.
         scales: &'a [f32],
     },
-    /// Int4 values in groups along each row with one f16 scale per group.
+    /// Int4 values in groups along each row with one f16 scale per group. Without the
+    /// `weights-int4` feature the kernels panic on these weights.
     I4(super::generic::I4Rows<'a>),
 }
 
@@ -79,7 +80,10 @@ impl ConvWeights<'_> {
             ConvWeights::F32(w) => w[at],
             ConvWeights::F16(w) => half::f16::from_bits(w[at]).to_f32(),
             ConvWeights::I8 { q, scales } => q[at] as f32 * scales[row],
+            #[cfg(feature = "weights-int4")]
             ConvWeights::I4(w) => i4_at(&w, row, index),
+            #[cfg(not(feature = "weights-int4"))]
+            ConvWeights::I4(_) => super::int4_not_built(),
         }
     }
 
@@ -101,16 +105,20 @@ impl ConvWeights<'_> {
                     *o = v as f32 * scale;
                 }
             }
+            #[cfg(feature = "weights-int4")]
             ConvWeights::I4(w) => {
                 for (i, o) in out.iter_mut().enumerate() {
                     *o = i4_at(&w, row, start + i);
                 }
             }
+            #[cfg(not(feature = "weights-int4"))]
+            ConvWeights::I4(_) => super::int4_not_built(),
         }
     }
 }
 
 /// Weight `index` of row `row` of int4 rows.
+#[cfg(feature = "weights-int4")]
 #[inline]
 fn i4_at(w: &super::generic::I4Rows<'_>, row: usize, index: usize) -> f32 {
     let mut value = [0f32];

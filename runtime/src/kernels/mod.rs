@@ -150,7 +150,8 @@ pub enum Weights<'a> {
     F16(F16Rows<'a>),
     /// Int8 with one scale per row.
     I8(I8Rows<'a>),
-    /// Int4 in groups along each row.
+    /// Int4 in groups along each row. Without the `weights-int4` feature the kernels panic on
+    /// these weights.
     I4(I4Rows<'a>),
 }
 
@@ -239,6 +240,16 @@ fn invalid(what: &'static str, value: usize) -> ! {
     panic!("{what}: {value}")
 }
 
+/// Panics for int4 weights in a build without the `weights-int4` feature, whose kernels then
+/// link no int4 code. Files with int4 tensors do not open in such a build.
+#[cfg(not(feature = "weights-int4"))]
+#[cold]
+#[inline(never)]
+#[track_caller]
+pub(crate) fn int4_not_built() -> ! {
+    panic!("int4 weights: the runtime is built without the `weights-int4` feature")
+}
+
 #[cold]
 #[inline(never)]
 #[track_caller]
@@ -302,6 +313,7 @@ fn check_weights(w: &Weights<'_>, k: usize, n: usize) {
             check_len("linear: the int8 scales", w.scales.len(), n);
             w.k
         }
+        #[cfg(feature = "weights-int4")]
         Weights::I4(w) => {
             let group = w.group;
             if group == 0 || !group.is_multiple_of(2) {
@@ -317,6 +329,8 @@ fn check_weights(w: &Weights<'_>, k: usize, n: usize) {
             }
             w.k
         }
+        #[cfg(not(feature = "weights-int4"))]
+        Weights::I4(_) => int4_not_built(),
     };
     if row_k != k {
         invalid("linear: the weight rows have another length than k", row_k);
@@ -550,7 +564,10 @@ impl WeightRows for Weights<'_> {
             Weights::F32(w) => w.fill(row, col, out),
             Weights::F16(w) => w.fill(row, col, out),
             Weights::I8(w) => w.fill(row, col, out),
+            #[cfg(feature = "weights-int4")]
             Weights::I4(w) => w.fill(row, col, out),
+            #[cfg(not(feature = "weights-int4"))]
+            Weights::I4(_) => int4_not_built(),
         }
     }
 }
