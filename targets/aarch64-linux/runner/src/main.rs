@@ -5,11 +5,14 @@
 //! input in the model's element type, little-endian, row-major. Its shape is the model's declared
 //! shape, with at most one variable axis inferred from the file's length.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::io::{self, BufWriter, ErrorKind, StdoutLock, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use edgefold_runtime::{DType, MappedFile, Model, Session};
+use edgefold_runtime::format::Dim;
+use edgefold_runtime::{DType, Error, MappedFile, Model, Session};
 
 const USAGE: &str = "\
 usage: edgefold-runner MODEL.fold [INPUT.bin ...] [--save FILE] [--expect FILE]
@@ -48,10 +51,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--save" => save = Some(PathBuf::from(value("--save")?)),
             "--expect" => expect = Some(PathBuf::from(value("--expect")?)),
-            "--tolerance" => {
-                let v = value("--tolerance")?;
-                tolerance = v.parse().map_err(|_| format!("invalid tolerance {v:?}"))?;
-            }
+            "--tolerance" => tolerance = parse_tolerance(&value("--tolerance")?)?,
             "--repeat" => {
                 let v = value("--repeat")?;
                 repeat =
@@ -72,11 +72,45 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args { model, inputs: positional, save, expect, tolerance, repeat, int8_activations })
 }
 
-/// Shape of graph input `index` for a file of `elements` elements: the declared constant axes,
-/// and at most one variable axis sized to fit.
-fn input_shape(model: &Model<'_>, index: usize, elements: usize) -> Result<Vec<usize>, String> {
+/// Parses `--tolerance`. A NaN or negative tolerance would fail every comparison and an infinite
+/// one would pass every comparison but a NaN mismatch, so only finite values >= 0 are valid.
+fn parse_tolerance(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(tolerance) if tolerance.is_finite() && tolerance >= 0.0 => Ok(tolerance),
+        _ => Err(format!(
+            "invalid --tolerance {text:?}: expected a finite number >= 0, such as 1e-5 or 0.01"
+        )),
+    }
+}
+
+/// Formats a graph input's declared shape with each variable axis written as its symbol's name,
+/// such as `[batch, 3]`. [`Model::open`] rejects input axes that are neither constant nor a
+/// single symbol, so the `?` fallback is only a guard.
+fn format_declared_shape(model: &Model<'_>, shape: &[Dim]) -> String {
+    let axes: Vec<String> = shape.iter().map(|dim| format_input_axis(model, dim)).collect();
+    format!("[{}]", axes.join(", "))
+}
+
+fn format_input_axis(model: &Model<'_>, dim: &Dim) -> String {
+    match (dim.as_constant(), dim.as_symbol().and_then(|symbol| model.symbol(symbol))) {
+        (Some(extent), _) => extent.to_string(),
+        (None, Some((name, _))) => name.to_owned(),
+        (None, None) => "?".to_owned(),
+    }
+}
+
+/// Infers the shape of graph input `index` from the file `path` of `elements` elements of `dtype`.
+/// The constant axes are the declared ones, and at most one variable axis is sized to fit.
+fn input_shape(
+    model: &Model<'_>,
+    index: usize,
+    path: &Path,
+    dtype: DType,
+    elements: usize,
+) -> Result<Vec<usize>, String> {
     let tensor = model.tensor(model.input_tensor(index).map_err(|e| e.to_string())?);
     let tensor = tensor.map_err(|e| e.to_string())?;
+    let declared_shape = format_declared_shape(model, tensor.shape());
     let mut shape: Vec<usize> = Vec::with_capacity(tensor.rank as usize);
     let mut variable = None;
     for (axis, dim) in tensor.shape().iter().enumerate() {
@@ -86,21 +120,40 @@ fn input_shape(model: &Model<'_>, index: usize, elements: usize) -> Result<Vec<u
                 variable = Some(axis);
                 shape.push(1);
             }
-            None => return Err(format!("input {index} has more than one variable axis")),
+            None => {
+                return Err(format!(
+                    "{}: input {index} has shape {declared_shape} with more than one variable \
+                     axis, so the runner cannot infer its shape from the file's length",
+                    path.display()
+                ))
+            }
         }
     }
+
     let fixed: usize = shape.iter().product();
-    if let Some(axis) = variable {
-        if fixed == 0 || !elements.is_multiple_of(fixed) {
-            return Err(format!("input {index}: {elements} elements do not fill shape {shape:?}"));
+    let how_to_fix = format!("Write the input's elements as little-endian {dtype:?}, row-major.");
+    match variable {
+        Some(_) if fixed == 0 => Err(format!(
+            "{}: input {index} has shape {declared_shape} with an axis of extent 0, so the \
+             runner cannot infer its variable axis from the file's length",
+            path.display()
+        )),
+        Some(_) if !elements.is_multiple_of(fixed) => Err(format!(
+            "{}: input {index} has shape {declared_shape}, so it needs a multiple of {fixed} \
+             {dtype:?} elements, but the file contains {elements}. {how_to_fix}",
+            path.display()
+        )),
+        Some(axis) => {
+            shape[axis] = elements / fixed;
+            Ok(shape)
         }
-        shape[axis] = elements / fixed;
-    } else if fixed != elements {
-        return Err(format!(
-            "input {index} needs {fixed} elements of shape {shape:?}, got {elements}"
-        ));
+        None if fixed != elements => Err(format!(
+            "{}: input {index} has shape {declared_shape}, so it needs {fixed} {dtype:?} \
+             elements, but the file contains {elements}. {how_to_fix}",
+            path.display()
+        )),
+        None => Ok(shape),
     }
-    Ok(shape)
 }
 
 /// Decodes little-endian elements of `N` bytes each.
@@ -108,20 +161,45 @@ fn decode<const N: usize, T>(bytes: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
     bytes.chunks_exact(N).map(|c| from(c.try_into().expect("chunk of N bytes"))).collect()
 }
 
-fn set_input(session: &mut Session<'_, '_>, index: usize, path: &PathBuf) -> Result<(), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+/// Formats the error for a failed read, write or map of `path`. A directory gets its own message,
+/// which ends with `expected_file`, the kind of file that belongs there.
+fn file_error(path: &Path, action: &str, expected_file: &str, error: io::Error) -> String {
+    if path.is_dir() {
+        format!("{} is a directory, but {expected_file}", path.display())
+    } else {
+        format!("cannot {action} {}: {error}", path.display())
+    }
+}
+
+/// Formats the error for a file that [`Model::open`] rejected. A file without the Edgefold magic
+/// bytes is usually the original model (ONNX or GGUF), so that message adds how to pack it.
+fn open_error(path: &Path, error: Error) -> String {
+    let message = format!("{}: {error}", path.display());
+    if !matches!(error, Error::BadMagic) {
+        return message;
+    }
+    format!(
+        "{message}. The runner takes packed .fold files, so convert the model first with \
+         `edgefold compress MODEL.onnx -o MODEL.fold`."
+    )
+}
+
+fn set_input(session: &mut Session<'_, '_>, index: usize, path: &Path) -> Result<(), String> {
+    let expected_file = "each INPUT must be a file of raw little-endian elements";
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, "read", expected_file, e))?;
     let model = *session.model();
     let tensor = model.input_tensor(index).and_then(|t| model.tensor(t));
     let dtype = tensor.map_err(|e| e.to_string())?.dtype;
     let size = dtype.size().max(1);
     if !bytes.len().is_multiple_of(size) {
         return Err(format!(
-            "{}: {} bytes is not a whole number of {dtype:?}",
+            "{}: {} bytes is not a whole number of {size}-byte {dtype:?} elements. Write input \
+             {index}'s elements as little-endian {dtype:?}, row-major.",
             path.display(),
             bytes.len()
         ));
     }
-    let shape = input_shape(&model, index, bytes.len() / size)?;
+    let shape = input_shape(&model, index, path, dtype, bytes.len() / size)?;
     let result = match dtype {
         DType::F32 => session.set_input(index, &shape, &decode(&bytes, f32::from_le_bytes)),
         DType::I64 => session.set_input(index, &shape, &decode(&bytes, i64::from_le_bytes)),
@@ -133,12 +211,88 @@ fn set_input(session: &mut Session<'_, '_>, index: usize, path: &PathBuf) -> Res
             ))
         }
     };
-    result.map_err(|e| format!("input {index} ({}): {e}", path.display()))
+    result.map_err(|e| set_input_error(index, path, &shape, e))
+}
+
+/// Formats the error for an input that [`Session::set_input`] rejected. The runner has already
+/// checked the constant axes, so an extent above the model's maximum comes from a variable axis
+/// inferred from the file's length, and that message adds how many elements fit.
+fn set_input_error(index: usize, path: &Path, shape: &[usize], error: Error) -> String {
+    let Error::InputShapeMismatch { axis, expected, given, .. } = error else {
+        return format!("input {index} ({}): {error}", path.display());
+    };
+    if given <= expected {
+        return format!("input {index} ({}): {error}", path.display());
+    }
+
+    let elements: usize = shape.iter().product();
+    let other_axes_product: u64 = (shape.iter().enumerate())
+        .filter(|&(other, _)| other != axis as usize)
+        .map(|(_, &extent)| extent as u64)
+        .product();
+    format!(
+        "{}: the file's {elements} elements make input {index} of shape {shape:?}, but the model \
+         takes at most {expected} at axis {axis}. Write at most {} elements, or compress the \
+         model again with a larger --max-batch or --max-seq.",
+        path.display(),
+        other_axes_product.saturating_mul(expected)
+    )
+}
+
+/// Standard output, locked and buffered. Once the reader closes the pipe (as `| head` does), later
+/// lines are dropped without an error, so the run still saves and compares its outputs.
+struct StdoutLines {
+    writer: BufWriter<StdoutLock<'static>>,
+    closed: bool,
+}
+
+impl StdoutLines {
+    fn new() -> Self {
+        StdoutLines { writer: BufWriter::new(io::stdout().lock()), closed: false }
+    }
+
+    /// Writes `line` and a newline.
+    fn line(&mut self, line: fmt::Arguments<'_>) -> Result<(), String> {
+        if self.closed {
+            return Ok(());
+        }
+        let result = writeln!(self.writer, "{line}");
+        self.map_write_result(result)
+    }
+
+    /// Writes out the buffered lines.
+    fn flush(&mut self) -> Result<(), String> {
+        if self.closed {
+            return Ok(());
+        }
+        let result = self.writer.flush();
+        self.map_write_result(result)
+    }
+
+    fn map_write_result(&mut self, result: io::Result<()>) -> Result<(), String> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot write to standard output: {e}")),
+        }
+    }
+}
+
+/// Writes `line` and a newline to standard error. A failed write is ignored because no channel
+/// is left to report it on, and a closed pipe must not abort the run.
+fn print_error_line(line: fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
 }
 
 /// Prints every output and returns the f32 values of all of them, concatenated, and the raw
 /// bytes of all outputs.
-fn print_outputs(session: &Session<'_, '_>) -> Result<(Vec<f32>, Vec<u8>), String> {
+fn print_outputs(
+    session: &Session<'_, '_>,
+    stdout: &mut StdoutLines,
+) -> Result<(Vec<f32>, Vec<u8>), String> {
     let model = session.model();
     let (mut values, mut raw) = (Vec::new(), Vec::new());
     for i in 0..model.output_count() {
@@ -147,19 +301,20 @@ fn print_outputs(session: &Session<'_, '_>) -> Result<(Vec<f32>, Vec<u8>), Strin
         match dtype {
             DType::F32 => {
                 let (shape, v) = session.output::<f32>(i).map_err(|e| e.to_string())?;
-                println!("output {i} {name} f32 {:?}", shape.as_slice());
+                stdout.line(format_args!("output {i} {name} f32 {:?}", shape.as_slice()))?;
                 for (k, x) in v.iter().enumerate() {
-                    println!("  [{k}] {x:e}");
+                    stdout.line(format_args!("  [{k}] {x:e}"))?;
                 }
                 values.extend_from_slice(v);
                 raw.extend(v.iter().flat_map(|x| x.to_le_bytes()));
             }
             DType::I64 => {
                 let (shape, v) = session.output::<i64>(i).map_err(|e| e.to_string())?;
-                println!("output {i} {name} i64 {:?}: {v:?}", shape.as_slice());
+                stdout.line(format_args!("output {i} {name} i64 {:?}: {v:?}", shape.as_slice()))?;
                 raw.extend(v.iter().flat_map(|x| x.to_le_bytes()));
             }
-            other => println!("output {i} {name}: element type {other:?} is not printed"),
+            other => stdout
+                .line(format_args!("output {i} {name}: element type {other:?} is not printed"))?,
         }
     }
     Ok((values, raw))
@@ -167,8 +322,9 @@ fn print_outputs(session: &Session<'_, '_>) -> Result<(Vec<f32>, Vec<u8>), Strin
 
 /// Differences of `values` from the raw f32 file `path`: the largest absolute difference, and the
 /// largest difference divided by `max(1, |expected|)`, which is NaN when only one side is NaN.
-fn compare(values: &[f32], path: &PathBuf) -> Result<(f32, f32), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn compare(values: &[f32], path: &Path) -> Result<(f32, f32), String> {
+    let expected_file = "--expect takes a file of raw little-endian f32 values";
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, "read", expected_file, e))?;
     let expected = decode(&bytes, f32::from_le_bytes);
     if expected.len() != values.len() {
         return Err(format!(
@@ -186,9 +342,10 @@ fn compare(values: &[f32], path: &PathBuf) -> Result<(f32, f32), String> {
 }
 
 fn run(args: &Args) -> Result<bool, String> {
+    let expected_file = "MODEL must be a packed .fold file";
     let file = MappedFile::open(&args.model)
-        .map_err(|e| format!("cannot map {}: {e}", args.model.display()))?;
-    let model = Model::open(file.bytes()).map_err(|e| format!("{}: {e}", args.model.display()))?;
+        .map_err(|e| file_error(&args.model, "map", expected_file, e))?;
+    let model = Model::open(file.bytes()).map_err(|e| open_error(&args.model, e))?;
     if args.inputs.len() != model.input_count() {
         return Err(format!(
             "the model has {} inputs but {} input files were given",
@@ -215,28 +372,31 @@ fn run(args: &Args) -> Result<bool, String> {
         session.run().map_err(|e| format!("run failed: {e}"))?;
     }
     let per_run = start.elapsed() / args.repeat;
-    let (values, raw) = print_outputs(&session)?;
-    eprintln!(
+    let mut stdout = StdoutLines::new();
+    let (values, raw) = print_outputs(&session, &mut stdout)?;
+    stdout.flush()?;
+    print_error_line(format_args!(
         "{}: {} ops, {} arena bytes, {} weight bytes, {per_run:?} per run",
         args.model.display(),
         model.op_count(),
         model.arena_bytes(),
         model.weights_len()
-    );
+    ));
 
     if let Some(path) = &args.save {
-        std::fs::write(path, &raw).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let expected_file = "--save takes the path of a file to write";
+        std::fs::write(path, &raw).map_err(|e| file_error(path, "write", expected_file, e))?;
     }
     let Some(path) = &args.expect else { return Ok(true) };
     let (absolute, scaled) = compare(&values, path)?;
     let ok = scaled <= args.tolerance;
-    eprintln!(
+    print_error_line(format_args!(
         "difference from {}: max abs {absolute:e}, max relative to max(1, |expected|) {scaled:e} \
          ({} {:e})",
         path.display(),
         if ok { "within the tolerance" } else { "above the tolerance" },
         args.tolerance
-    );
+    ));
     Ok(ok)
 }
 
@@ -244,7 +404,7 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {
-            eprintln!("{message}");
+            print_error_line(format_args!("{message}"));
             return ExitCode::from(2);
         }
     };
@@ -252,7 +412,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(message) => {
-            eprintln!("error: {message}");
+            print_error_line(format_args!("error: {message}"));
             ExitCode::from(2)
         }
     }
