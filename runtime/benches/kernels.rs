@@ -3,7 +3,8 @@
 //! quantized in groups of 32 (`linear_int8`) and per row (`linear_int8_rows`). Shapes are those
 //! of a 384-wide transformer (MiniLM): the feed-forward layers at 1 and 128 tokens, and one
 //! head's two attention products. Fused attention (`attention_head` and its portable version)
-//! runs one head at 128 and 512 tokens next to the unfused product, softmax and product. Inputs
+//! runs one head at 128 and 512 tokens next to the unfused product, softmax and product. A
+//! low-rank pair runs over all rows at once and in blocks of rows, as a fused pair would. Inputs
 //! start on 64-byte boundaries, as weights in a packed file and tensors in a session arena do.
 //!
 //! Run with `cargo bench -p edgefold-runtime --bench kernels`.
@@ -173,5 +174,58 @@ fn bench_attention(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_linear, bench_matmul, bench_attention);
+/// A low-rank pair `y = (x Vᵀ) Uᵀ` of rank 96 in place of a 384 x 1536 weight, at 128 rows: the
+/// two products over all rows with the intermediate in memory, as a session runs them, against
+/// the pair computed in blocks of rows whose intermediate stays in a small buffer (a fused pair).
+fn bench_low_rank(c: &mut Criterion) {
+    let (rows, k, rank, n) = (128, 384, 96, 1536);
+    let (v, u) = (Aligned::new(&values(rank * k, 9)), Aligned::new(&values(n * rank, 10)));
+    let to_int8 = |w: &[f32]| w.iter().map(|&v| (v * 127.0) as i8).collect::<Vec<_>>();
+    let (vq, uq) = (Aligned::new(&to_int8(v.get())), Aligned::new(&to_int8(u.get())));
+    let (v_scales, u_scales) = (vec![1.0 / 127.0; rank], vec![1.0 / 127.0; n]);
+    let x = Aligned::new(&values(rows * k, 11));
+    let mut middle = Aligned::new(&vec![0f32; rows * rank]);
+    let mut y = Aligned::new(&vec![0f32; rows * n]);
+    let mut group = c.benchmark_group(format!("low_rank/rows{rows}_k{k}_rank{rank}_n{n}"));
+    group.throughput(Throughput::Elements((rows * rank * (k + n)) as u64));
+    group.sample_size(20);
+    let mut cases = vec![(
+        "f32",
+        edgefold_runtime::kernels::linear as edgefold_runtime::kernels::LinearKernel,
+        Weights::F32(F32Rows { w: v.get(), k }),
+        Weights::F32(F32Rows { w: u.get(), k: rank }),
+    )];
+    if int8_products_supported() {
+        cases.push((
+            "int8 x int8, rows",
+            linear_int8_rows,
+            Weights::I8(I8Rows { q: vq.get(), scales: &v_scales, k }),
+            Weights::I8(I8Rows { q: uq.get(), scales: &u_scales, k: rank }),
+        ));
+    }
+    for (kind, kernel, first, second) in cases {
+        for block in [rows, 32, 16] {
+            let name = match block == rows {
+                true => format!("{kind}, whole"),
+                false => format!("{kind}, blocks of {block} rows"),
+            };
+            group.bench_function(BenchmarkId::from_parameter(name), |b| {
+                b.iter(|| {
+                    let x = black_box(x.get());
+                    let (middle, y) = (middle.get_mut(), y.get_mut());
+                    for start in (0..rows).step_by(block) {
+                        let count = block.min(rows - start);
+                        let t = &mut middle[..count * rank];
+                        kernel(&x[start * k..(start + count) * k], count, k, first, rank, None, t);
+                        let out = &mut y[start * n..(start + count) * n];
+                        kernel(t, count, rank, second, n, None, out);
+                    }
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_linear, bench_matmul, bench_attention, bench_low_rank);
 criterion_main!(benches);
