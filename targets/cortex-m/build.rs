@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use edgefold_runtime::Model;
+use edgefold_runtime::{DType, Model};
 
 /// Class names of the keyword spotting model, in output order (MLPerf Tiny's DS-CNN trained on
 /// Speech Commands); the first ten are keywords.
@@ -92,6 +92,17 @@ fn model_constants(dir: &Path, labels: &[String], keywords: &str) -> String {
     // initialized bytes, borrowed for as long as `words` lives.
     let aligned = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, file.len()) };
     let model = Model::open(aligned).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    // Without the feature the board's runtime links no int4 code and would reject the model
+    // only when it opens it there.
+    let int4 =
+        (0..model.tensor_count()).any(|i| model.tensor(i).is_ok_and(|t| t.dtype == DType::I4));
+    if int4 && env::var_os("CARGO_FEATURE_WEIGHTS_INT4").is_none() {
+        panic!(
+            "{}: the model has int4 weights, which this firmware's runtime is built without; \
+             build with --features weights-int4, or pack the model with --quantize int8",
+            dir.join("model.fold").display()
+        );
+    }
     assert!(
         model.input_count() == 1 && model.output_count() == 1,
         "the firmware runs models with one input and one output"

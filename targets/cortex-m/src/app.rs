@@ -2,7 +2,7 @@
 //! once on the reference input, prints the scores, and drives the detection pin.
 
 #[cfg(not(feature = "footprint-baseline"))]
-use edgefold_runtime::{Error, Model, Session};
+use edgefold_runtime::{Model, Session};
 use embedded_hal::delay::DelayNs;
 use embedded_hal::digital::OutputPin;
 use embedded_io::Write;
@@ -229,12 +229,6 @@ fn infer<C: Stopwatch, W: Write>(
         Ok(model) => model,
         Err(e) => {
             let _ = writeln!(serial, "error: the model does not open: {}", e.reason());
-            if let Error::OpNotBuilt { feature, .. } | Error::QuantNotBuilt { feature, .. } = e {
-                let _ = writeln!(
-                    serial,
-                    "enable the runtime feature `{feature}` in Cargo.toml and rebuild"
-                );
-            }
             return None;
         }
     };
