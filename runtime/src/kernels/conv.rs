@@ -1018,6 +1018,44 @@ mod tests {
         }
     }
 
+    /// Depthwise convolutions of every in-place geometry, and strided ones, against the
+    /// definition: the integer kernel reads a zero-padded copy of each plane.
+    #[test]
+    fn int8_depthwise_matches_reference() {
+        let strided = |size, kernel, strides, pads, dilations| Case {
+            batch: 2,
+            channels: 3,
+            size,
+            outputs: 3,
+            groups: 3,
+            window: window(kernel, strides, pads, dilations),
+        };
+        let mut cases = in_place_cases();
+        cases.retain(|(_, c)| c.groups == c.channels && c.window.kernel != [1, 1]);
+        cases.extend([
+            ("stride 2", strided([9, 8], [3, 3], [2, 2], [1; 4], [1, 1])),
+            ("stride 2 uneven pads", strided([7, 6], [3, 3], [2, 2], [0, 1, 2, 0], [1, 1])),
+            ("stride 1x2 dilated", strided([8, 9], [3, 3], [1, 2], [2, 1, 0, 2], [2, 2])),
+            ("5x5 stride 2", strided([10, 7], [5, 5], [2, 2], [2; 4], [1, 1])),
+            ("kernel over input", strided([2, 3], [5, 4], [1, 2], [3; 4], [1, 1])),
+        ]);
+        for (seed, (name, c)) in cases.into_iter().enumerate() {
+            let g = geometry(&c, false);
+            let taps = (c.window.kernel[0] * c.window.kernel[1]) as usize;
+            let x = random(c.batch * c.channels * c.size[0] * c.size[1], seed as u64 + 1400);
+            let q: Vec<i8> = (0..c.outputs * taps).map(|i| [-128, 127, -7, 90, 3][i % 5]).collect();
+            let scales: Vec<f32> = (0..c.outputs).map(|o| 0.01 * (o + 1) as f32).collect();
+            let w = ConvI8 { q: &q, scales: &scales };
+            let bias = random(c.outputs, seed as u64 + 1500);
+            let act = [-0.75, 0.75];
+            let expected = reference_int8(&c, &x, &w, &bias, act);
+            let mut y = vec![f32::NAN; expected.len()];
+            let b = Some(Bias::F32(&bias));
+            assert!(conv2d_nchw_int8(&x, &g, c.groups, w, b, act, &mut y), "{name}");
+            assert_close(&y, &expected, 1e-5, name);
+        }
+    }
+
     #[test]
     fn int8_in_place_matches_copying_kernel() {
         for (seed, (name, c)) in in_place_cases().into_iter().enumerate() {
@@ -1076,6 +1114,27 @@ mod tests {
         let g = geometry(&c, false);
         let x = random(2 * 9 * 57, 2);
         let q = vec![1i8; 2 * 9];
+        let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
+        let mut y = vec![f32::NAN; x.len()];
+        assert!(!conv2d_nchw_int8(&x, &g, 2, w, None, act, &mut y));
+        assert!(y.iter().all(|v| v.is_nan()), "a refused call wrote its output");
+        let mut xy = x.clone();
+        assert!(!conv2d_nchw_int8_in_place(&mut xy, &g, 2, w, None, act));
+        assert_eq!(xy, x, "a refused call changed its input");
+
+        // A plane of 100 values whose padding of 12 on each side makes it 34 x 34.
+        let c = Case {
+            batch: 1,
+            channels: 2,
+            size: [10, 10],
+            outputs: 2,
+            groups: 2,
+            window: window([25, 25], [1, 1], [12; 4], [1, 1]),
+        };
+        let g = geometry(&c, false);
+        assert_eq!(g.out_size, [10, 10]);
+        let x = random(2 * 100, 3);
+        let q = vec![1i8; 2 * 25 * 25];
         let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
         let mut y = vec![f32::NAN; x.len()];
         assert!(!conv2d_nchw_int8(&x, &g, 2, w, None, act, &mut y));

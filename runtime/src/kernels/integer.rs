@@ -290,6 +290,23 @@ mod dsp {
         out
     }
 
+    /// `sum` plus the products of the low halfwords of `a` and `b` and of their high halfwords.
+    #[inline(always)]
+    pub(super) fn smlad(a: u32, b: u32, sum: i32) -> i32 {
+        let out: i32;
+        // SAFETY: as in `dot4`: registers only, and the Q flag is never read.
+        unsafe {
+            asm!(
+                "smlad {s}, {a}, {b}, {s}",
+                a = in(reg) a,
+                b = in(reg) b,
+                s = inout(reg) sum => out,
+                options(pure, nomem, nostack),
+            );
+        }
+        out
+    }
+
     /// Returns the sums of whole blocks of window values, given as their pairs, with two rows of
     /// weights, a word of four weights per block.
     #[inline(always)]
@@ -422,8 +439,8 @@ impl ConvCall<'_> {
 /// under the kernel at each output position quantized to int8 with one scale. A depthwise convolution
 /// with one output per input channel (`groups == C == O`) quantizes each input plane with one
 /// scale instead. Returns false, computing nothing, when a window (for a depthwise convolution,
-/// a plane) has more than [`MAX_WINDOW`] values, or when pads, strides and dilations reach input
-/// positions beyond `i32::MAX`.
+/// a plane with its padding) has more than [`MAX_WINDOW`] values, or when pads, strides and
+/// dilations reach input positions beyond `i32::MAX`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_nchw_int8(
     x: &[f32],
@@ -490,7 +507,8 @@ pub fn conv2d_nchw_int8(
 /// quantizes each plane with one scale. The quantized copy of a pixel's or a plane's inputs is
 /// all the scratch it needs, so the outputs overwrite the inputs at once. Returns false,
 /// computing nothing, for other convolutions, when a group has more than [`MAX_WINDOW`] channels
-/// or a depthwise plane more than [`MAX_WINDOW`] values, or for positions beyond `i32::MAX`.
+/// or a depthwise plane with its padding more than [`MAX_WINDOW`] values, or for positions
+/// beyond `i32::MAX`.
 ///
 /// `xy` contains the input on entry and the output on return.
 pub fn conv2d_nchw_int8_in_place(
@@ -562,26 +580,58 @@ struct Depthwise<'a> {
     activation: [f32; 2],
 }
 
-/// One quantized input plane in order, each value in 16 bits.
-struct Plane {
-    values: [i16; MAX_WINDOW],
+/// Maximum number of values in a padded plane of [`Depthwise`], padding included. Larger planes
+/// keep f32 inputs. The plane takes twice this many bytes of stack, as a window does.
+const MAX_PADDED_PLANE: usize = MAX_WINDOW;
+
+/// One quantized input plane inside a border of zeros as wide as the padding, each value in 16
+/// bits. Every tap of every output then reads inside the plane, so the outputs need no bounds of
+/// their own, and the zeros add nothing to the exact integer sums.
+struct Padded {
+    values: [i16; MAX_PADDED_PLANE],
+    /// Values per row: the input's width, the left padding, and as much right padding as the
+    /// outputs reach.
+    width: usize,
+    /// Rows, counted likewise.
+    height: usize,
     scale: f32,
+}
+
+impl Padded {
+    /// Returns a plane of zeros for the geometry, or `None` when it exceeds
+    /// [`MAX_PADDED_PLANE`]. The callers check `fits_isize` first.
+    fn new(g: &Geometry) -> Option<Padded> {
+        let w = &g.window;
+        // The input starts after the leading padding, and the last output's last tap reads
+        // `(out - 1) * stride + (kernel - 1) * dilation` in padded coordinates.
+        let extent = |axis: usize| {
+            let reach = g.out_size[axis].saturating_sub(1) * w.strides[axis] as usize
+                + (w.kernel[axis] as usize).saturating_sub(1) * w.dilations[axis] as usize
+                + 1;
+            reach.max(w.pads[axis] as usize + g.in_size[axis])
+        };
+        let (height, width) = (extent(0), extent(1));
+        if height.checked_mul(width)? > MAX_PADDED_PLANE {
+            return None;
+        }
+        Some(Padded { values: [0; MAX_PADDED_PLANE], width, height, scale: 0.0 })
+    }
 }
 
 impl Depthwise<'_> {
     /// Computes `y` from `x`. Returns false, computing nothing, for an empty input plane or one
-    /// of more than [`MAX_WINDOW`] values.
+    /// of more than [`MAX_PADDED_PLANE`] values with its padding.
     #[inline(never)]
     fn run(&self, x: &[f32], y: &mut [f32]) -> bool {
         let g = self.geometry;
         let (in_plane, out_plane) = (g.in_size[0] * g.in_size[1], g.out_size[0] * g.out_size[1]);
-        if in_plane == 0 || in_plane > MAX_WINDOW {
+        if in_plane == 0 {
             return false;
         }
         if out_plane == 0 {
             return true;
         }
-        let mut plane = Plane { values: [0; MAX_WINDOW], scale: 0.0 };
+        let Some(mut plane) = Padded::new(g) else { return false };
         let planes = x.chunks_exact(in_plane).zip(y.chunks_exact_mut(out_plane));
         for (p, (input, output)) in planes.take(g.batch * g.in_channels).enumerate() {
             self.quantize(input, &mut plane);
@@ -591,7 +641,7 @@ impl Depthwise<'_> {
     }
 
     /// Computes the convolution in the input's memory, which keeps its extents (strides 1).
-    /// Returns false, computing nothing, for a plane of more than [`MAX_WINDOW`] values.
+    /// Returns false, computing nothing, as [`run`](Self::run) does.
     #[inline(never)]
     fn run_in_place(&self, xy: &mut [f32]) -> bool {
         let g = self.geometry;
@@ -599,10 +649,7 @@ impl Depthwise<'_> {
         if size == 0 {
             return true;
         }
-        if size > MAX_WINDOW {
-            return false;
-        }
-        let mut plane = Plane { values: [0; MAX_WINDOW], scale: 0.0 };
+        let Some(mut plane) = Padded::new(g) else { return false };
         for (p, data) in xy.chunks_exact_mut(size).take(g.batch * g.in_channels).enumerate() {
             self.quantize(data, &mut plane);
             self.plane(&plane, p % g.in_channels, data);
@@ -610,58 +657,74 @@ impl Depthwise<'_> {
         true
     }
 
-    /// Quantizes one input plane with one scale.
-    fn quantize(&self, input: &[f32], plane: &mut Plane) {
+    /// Quantizes one input plane with one scale into the inside of `plane`'s border, which stays
+    /// zero from [`Padded::new`].
+    fn quantize(&self, input: &[f32], plane: &mut Padded) {
+        let g = self.geometry;
+        let (top, left) = (g.window.pads[0] as usize, g.window.pads[1] as usize);
         let scale = Scale::of(input.iter().copied());
-        for (q, &v) in plane.values.iter_mut().zip(input) {
-            *q = scale.quantize(v) as i16;
+        let rows = plane.values[top * plane.width..].chunks_exact_mut(plane.width);
+        for (row, values) in rows.zip(input.chunks_exact(g.in_size[1])) {
+            for (q, &v) in row[left..].iter_mut().zip(values) {
+                *q = scale.quantize(v) as i16;
+            }
         }
         plane.scale = scale.scale;
     }
 
-    /// Computes the output plane of channel `c` from its quantized input plane.
-    fn plane(&self, plane: &Plane, c: usize, output: &mut [f32]) {
+    /// Computes the output plane of channel `c` from its quantized, padded input plane.
+    fn plane(&self, plane: &Padded, c: usize, output: &mut [f32]) {
         let g = self.geometry;
         let w = &g.window;
-        let ([ih, iw], ow) = (g.in_size, g.out_size[1]);
+        let ow = g.out_size[1];
         let (kh, kw) = (w.kernel[0] as usize, w.kernel[1] as usize);
         let taps = &self.weights.q[c * kh * kw..(c + 1) * kh * kw];
         let scale = plane.scale * self.weights.scales[c];
         let b = self.bias.map_or(0.0, |b| b.at(c));
+        let (sy, sx) = (w.strides[0] as usize, w.strides[1] as usize);
         let (dy, dx) = (w.dilations[0] as usize, w.dilations[1] as usize);
-        // Outputs whose every tap falls inside the input need no range of taps of their own.
-        let (inner_y, inner_x) = (interior(w, 0, g.out_size[0], ih), interior(w, 1, ow, iw));
-        for (oy, outputs) in output.chunks_exact_mut(ow).enumerate() {
-            let (ky0, ky1, iy0) = taps_inside(w, 0, oy, ih);
-            let row_inside = inner_y.contains(&oy) && dx == 1;
-            for (ox, out) in outputs.iter_mut().enumerate() {
-                let mut sum = 0i32;
-                if row_inside && inner_x.contains(&ox) {
-                    // Every tap is inside, so `ox * stride >= pad_left`.
-                    let first = iy0 * iw + ox * w.strides[1] as usize - w.pads[1] as usize;
-                    for (ky, row) in taps.chunks_exact(kw).enumerate() {
-                        let line = &plane.values[first + ky * dy * iw..][..kw];
-                        // Kernels three wide, the most common, take the row's taps unrolled.
-                        if let (Ok(t), Ok(v)) =
-                            (<&[i8; 3]>::try_from(row), <&[i16; 3]>::try_from(line))
-                        {
-                            let product = |i: usize| v[i] as i32 * t[i] as i32;
-                            sum += product(0) + product(1) + product(2);
-                            continue;
-                        }
-                        for (&tap, &v) in row.iter().zip(line) {
-                            sum += v as i32 * tap as i32;
-                        }
-                    }
+        let width = plane.width;
+        let values = &plane.values[..plane.height * width];
+        // A 3x3 kernel at stride 1 along rows, the most common, keeps its taps in registers
+        // and reads three rows side by side.
+        if let (Ok(t), true) = (<&[i8; 9]>::try_from(taps), kw == 3 && dx == 1 && sx == 1) {
+            let t = t.map(i32::from);
+            // With the DSP extension the first two taps of each kernel row make one word, and
+            // `SMLAD` multiplies them with two neighbouring values at once.
+            #[cfg(edgefold_dsp)]
+            let pairs = [pack(t[0], t[1]), pack(t[3], t[4]), pack(t[6], t[7])];
+            for (oy, outputs) in output.chunks_exact_mut(ow).enumerate() {
+                let first = oy * sy * width;
+                let line = |ky: usize| &values[first + ky * dy * width..][..ow + 2];
+                let (r0, r1, r2) = (line(0), line(1), line(2));
+                for (x, out) in outputs.iter_mut().enumerate() {
+                    #[cfg(edgefold_dsp)]
+                    let row = |r: &[i16], pair: u32, last: i32| {
+                        let values = pack(r[x] as i32, r[x + 1] as i32);
+                        dsp::smlad(values, pair, r[x + 2] as i32 * last)
+                    };
+                    #[cfg(edgefold_dsp)]
+                    let sum =
+                        row(r0, pairs[0], t[2]) + row(r1, pairs[1], t[5]) + row(r2, pairs[2], t[8]);
+                    #[cfg(not(edgefold_dsp))]
+                    let row = |r: &[i16], t0: i32, t1: i32, t2: i32| {
+                        r[x] as i32 * t0 + r[x + 1] as i32 * t1 + r[x + 2] as i32 * t2
+                    };
+                    #[cfg(not(edgefold_dsp))]
+                    let sum = row(r0, t[0], t[1], t[2])
+                        + row(r1, t[3], t[4], t[5])
+                        + row(r2, t[6], t[7], t[8]);
                     *out = clamp(sum as f32 * scale + b, self.activation);
-                    continue;
                 }
-                let (kx0, kx1, ix0) = taps_inside(w, 1, ox, iw);
-                // Without a tap inside the row, `ix0` may lie past it.
-                let rows = if kx0 < kx1 { ky0..ky1 } else { 0..0 };
-                for ky in rows {
-                    let line = &plane.values[(iy0 + (ky - ky0) * dy) * iw + ix0..];
-                    let row = &taps[ky * kw + kx0..ky * kw + kx1];
+            }
+            return;
+        }
+        for (oy, outputs) in output.chunks_exact_mut(ow).enumerate() {
+            for (ox, out) in outputs.iter_mut().enumerate() {
+                let first = oy * sy * width + ox * sx;
+                let mut sum = 0i32;
+                for (ky, row) in taps.chunks_exact(kw).enumerate() {
+                    let line = &values[first + ky * dy * width..];
                     for (&tap, &v) in row.iter().zip(line.iter().step_by(dx)) {
                         sum += v as i32 * tap as i32;
                     }
@@ -670,46 +733,6 @@ impl Depthwise<'_> {
             }
         }
     }
-}
-
-/// Returns the output positions along `axis` (of `out`) whose every tap falls inside an input
-/// of extent `input`.
-fn interior(
-    w: &crate::ops::Window2d,
-    axis: usize,
-    out: usize,
-    input: usize,
-) -> core::ops::Range<usize> {
-    let (stride, dilation) = (w.strides[axis] as isize, w.dilations[axis] as isize);
-    let (pad, span) = (w.pads[axis] as isize, (w.kernel[axis] as isize - 1) * dilation);
-    // Position `o` reads `o * stride - pad` to `o * stride - pad + span`.
-    let first = (pad + stride - 1) / stride;
-    let last = input as isize - 1 + pad - span;
-    let end = if last < 0 { 0 } else { last / stride + 1 };
-    let end = (end.max(0) as usize).min(out);
-    (first as usize).min(end)..end
-}
-
-/// Returns the taps `[first, end)` of the kernel along `axis` that fall inside an input of
-/// extent `input` for output position `o`, and the input position of the first one.
-#[inline(always)]
-fn taps_inside(
-    w: &crate::ops::Window2d,
-    axis: usize,
-    o: usize,
-    input: usize,
-) -> (usize, usize, usize) {
-    // Pointer-sized arithmetic, because 64-bit division is a library call on 32-bit targets.
-    // The callers check `fits_isize` first.
-    let (stride, dilation) = (w.strides[axis] as isize, w.dilations[axis] as isize);
-    let (kernel, input) = (w.kernel[axis] as isize, input as isize);
-    // Tap `t` reads input position `start + t * dilation`.
-    let start = o as isize * stride - w.pads[axis] as isize;
-    let first = if start >= 0 { 0 } else { (-start + dilation - 1) / dilation };
-    let end = if start >= input { 0 } else { (input - 1 - start) / dilation + 1 };
-    let (first, end) = (first.min(kernel), end.min(kernel));
-    let end = end.max(first);
-    (first as usize, end as usize, (start + first * dilation).max(0) as usize)
 }
 
 #[cfg(test)]
