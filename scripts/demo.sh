@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-bash scripts/fetch-models.sh
+bash scripts/fetch-models.sh paraphrase-MiniLM-L3-v2
 cargo build --release -p edgefold-compressor
 edgefold="${CARGO_TARGET_DIR:-$root/target}/release/edgefold"
 model="models/paraphrase-MiniLM-L3-v2/model.onnx"

@@ -1424,12 +1424,19 @@ fn input_with_wrong_shape_is_rejected() {
     let mut session = Session::new(&model, &mut arena).unwrap();
     let data = vec![0.5f32; 64];
     let max = SMALL_MAX_BATCH as u64;
+    let extent = |axis, expected, given, variable| Error::InputShapeMismatch {
+        input: 0,
+        axis,
+        expected,
+        given,
+        variable,
+    };
     let cases: [(&[usize], Error); 5] = [
-        (&[SMALL_IN], Error::InputShapeMismatch { input: 0, axis: 1, expected: 2, given: 1 }),
-        (&[1, SMALL_IN, 1], Error::InputShapeMismatch { input: 0, axis: 2, expected: 2, given: 3 }),
-        (&[1, 7], Error::InputShapeMismatch { input: 0, axis: 1, expected: 8, given: 7 }),
-        (&[5, SMALL_IN], Error::InputShapeMismatch { input: 0, axis: 0, expected: max, given: 5 }),
-        (&[0, SMALL_IN], Error::InputShapeMismatch { input: 0, axis: 0, expected: max, given: 0 }),
+        (&[SMALL_IN], Error::InputRankMismatch { input: 0, expected: 2, given: 1 }),
+        (&[1, SMALL_IN, 1], Error::InputRankMismatch { input: 0, expected: 2, given: 3 }),
+        (&[1, 7], extent(1, 8, 7, false)),
+        (&[5, SMALL_IN], extent(0, max, 5, true)),
+        (&[0, SMALL_IN], extent(0, max, 0, true)),
     ];
     for (shape, expected) in cases {
         let count = shape.iter().product::<usize>();
@@ -1447,12 +1454,8 @@ fn input_data_length_must_match_shape() {
     let data = vec![0.5f32; 64];
     for (len, expected) in [(2 * SMALL_IN - 1, 2 * SMALL_IN), (2 * SMALL_IN + 1, 2 * SMALL_IN)] {
         let result = session.set_input::<f32>(0, &[2, SMALL_IN], &data[..len]);
-        let error = Error::InputShapeMismatch {
-            input: 0,
-            axis: u32::MAX,
-            expected: expected as u64,
-            given: len as u64,
-        };
+        let error =
+            Error::InputLengthMismatch { input: 0, expected: expected as u64, given: len as u64 };
         assert_eq!(result, Err(error), "{len} values for shape [2, 8]");
     }
     assert_eq!(session.run(), Err(Error::InputNotSet { input: 0 }), "a rejected input is unset");

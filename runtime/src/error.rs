@@ -112,7 +112,16 @@ pub enum Error {
         /// Element type given.
         given: crate::format::DType,
     },
-    /// An input shape does not match the model's declared shape.
+    /// An input shape has another number of axes than the model's declared shape.
+    InputRankMismatch {
+        /// Input index.
+        input: u32,
+        /// Axes of the model's input.
+        expected: u32,
+        /// Axes given.
+        given: u32,
+    },
+    /// An input extent does not match the model's declared shape.
     InputShapeMismatch {
         /// Input index.
         input: u32,
@@ -121,6 +130,17 @@ pub enum Error {
         /// Extent the model expects at that axis (for a symbolic axis: its maximum).
         expected: u64,
         /// Extent given.
+        given: u64,
+        /// Whether the axis is symbolic, taking any extent from 1 to `expected`.
+        variable: bool,
+    },
+    /// The data given for an input has another number of elements than its shape.
+    InputLengthMismatch {
+        /// Input index.
+        input: u32,
+        /// Elements of the shape given.
+        expected: u64,
+        /// Elements given.
         given: u64,
     },
     /// Two inputs bind the same symbolic dimension to different values.
@@ -246,7 +266,9 @@ impl Error {
             Error::ArenaTooSmall { .. } => "arena too small for the model",
             Error::UnknownIo { .. } => "no graph input or output with this index",
             Error::InputDtypeMismatch { .. } => "input element type differs from the model's",
+            Error::InputRankMismatch { .. } => "input has another number of axes than the model's",
             Error::InputShapeMismatch { .. } => "input shape does not fit the model's",
+            Error::InputLengthMismatch { .. } => "input data does not fill its shape",
             Error::SymbolConflict { .. } => "inputs bind a symbolic dimension to two values",
             Error::InputNotSet { .. } => "an input was not set before run",
             Error::NotRun => "outputs are only available after a successful run",
@@ -332,10 +354,20 @@ impl fmt::Display for Error {
             Error::InputDtypeMismatch { input, expected, given } => {
                 write!(f, "input {input} expects {expected:?} elements, got {given:?}")
             }
-            Error::InputShapeMismatch { input, axis, expected, given } => write!(
+            Error::InputRankMismatch { input, expected, given } => {
+                write!(f, "input {input} has {given} axes, but the model's has {expected}")
+            }
+            Error::InputShapeMismatch { input, axis, expected, given, variable: true } => write!(
                 f,
-                "input {input} axis {axis}: extent {given} does not fit the model's {expected}"
+                "input {input} axis {axis}: extent {given} is outside 1 to {expected}, the range \
+                 the model was packed for"
             ),
+            Error::InputShapeMismatch { input, axis, expected, given, variable: false } => {
+                write!(f, "input {input} axis {axis}: extent {given}, but the model's is {expected}")
+            }
+            Error::InputLengthMismatch { input, expected, given } => {
+                write!(f, "input {input}: {given} elements given for a shape of {expected}")
+            }
             Error::SymbolConflict { symbol, first, second } => write!(
                 f,
                 "symbolic dimension {symbol} bound to {first} by one input and {second} by another"

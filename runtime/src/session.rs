@@ -128,8 +128,10 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Copies `data` with shape `shape` into graph input `index`.
     ///
     /// # Errors
-    /// On an unknown index, a wrong element type, or a shape that the model's declared shape does
-    /// not allow (constant axes must match; symbolic axes must not exceed their maximum).
+    /// On an unknown index, a wrong element type ([`Error::InputDtypeMismatch`]), another number
+    /// of axes ([`Error::InputRankMismatch`]), an extent that the model's declared shape does not
+    /// allow ([`Error::InputShapeMismatch`]: constant axes must match, symbolic axes take 1 to
+    /// their maximum), or data of another length ([`Error::InputLengthMismatch`]).
     pub fn set_input<T: Element>(
         &mut self,
         index: usize,
@@ -145,8 +147,8 @@ impl<'m, 'a> Session<'m, 'a> {
     /// [`DType::Bool`] (one byte per element, nonzero is true) and [`DType::I8`].
     ///
     /// # Errors
-    /// As [`set_input`](Self::set_input); a byte count other than the shape's element count times
-    /// the element size is a shape mismatch.
+    /// As [`set_input`](Self::set_input), and [`Error::InputLengthMismatch`] for a byte count
+    /// other than the shape's element count times the element size.
     pub fn set_input_bytes(
         &mut self,
         index: usize,
@@ -161,12 +163,8 @@ impl<'m, 'a> Session<'m, 'a> {
             return Err(Error::InputDtypeMismatch { input, expected: t.dtype, given: dtype });
         }
         if shape.len() != t.rank as usize {
-            return Err(Error::InputShapeMismatch {
-                input,
-                axis: shape.len().min(t.rank as usize) as u32,
-                expected: t.rank as u64,
-                given: shape.len() as u64,
-            });
+            let given = shape.len().min(u8::MAX as usize) as u32;
+            return Err(Error::InputRankMismatch { input, expected: t.rank as u32, given });
         }
         for (axis, (d, &given)) in t.shape().iter().zip(shape).enumerate() {
             let limit = d.eval(self.model.symbol_max()).unwrap_or(0);
@@ -175,20 +173,19 @@ impl<'m, 'a> Session<'m, 'a> {
                 None => given >= 1 && given as u64 <= limit,
             };
             if !ok {
-                let axis = axis as u32;
                 return Err(Error::InputShapeMismatch {
                     input,
-                    axis,
+                    axis: axis as u32,
                     expected: limit,
                     given: given as u64,
+                    variable: d.as_constant().is_none(),
                 });
             }
         }
         let shape = Shape::from_slice(shape).ok_or(Error::UnknownIo { index: input })?;
         if bytes.len() != shape.numel() * dtype.size() {
-            return Err(Error::InputShapeMismatch {
+            return Err(Error::InputLengthMismatch {
                 input,
-                axis: u32::MAX,
                 expected: shape.numel() as u64,
                 given: (bytes.len() / dtype.size().max(1)) as u64,
             });

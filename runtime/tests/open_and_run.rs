@@ -71,7 +71,9 @@ fn oversized_batch_is_rejected() {
     let mut arena = vec![0u8; model.arena_bytes_unaligned()];
     let mut session = Session::new(&model, &mut arena).unwrap();
     let err = session.set_input::<f32>(0, &[3, 4], &[0.0; 12]).unwrap_err();
-    assert_eq!(err, Error::InputShapeMismatch { input: 0, axis: 0, expected: 2, given: 3 });
+    let expected =
+        Error::InputShapeMismatch { input: 0, axis: 0, expected: 2, given: 3, variable: true };
+    assert_eq!(err, expected);
     assert_eq!(session.run().err(), Some(Error::InputNotSet { input: 0 }));
 }
 
