@@ -297,13 +297,13 @@ impl fmt::Display for Section {
         let name = match self {
             Section::Header => "header",
             Section::SectionTable => "section table",
-            Section::Strings => "strings",
-            Section::Symbols => "symbols",
+            Section::Strings => "strings section",
+            Section::Symbols => "symbols section",
             Section::Tensors => "tensor table",
             Section::Ops => "op list",
-            Section::Io => "inputs and outputs",
-            Section::Metadata => "metadata",
-            Section::Weights => "weights",
+            Section::Io => "inputs and outputs section",
+            Section::Metadata => "metadata section",
+            Section::Weights => "weights section",
         };
         f.write_str(name)
     }
@@ -325,11 +325,11 @@ impl fmt::Display for Error {
             ),
             Error::ChecksumMismatch { section, stored, computed } => write!(
                 f,
-                "checksum mismatch in the {section} section: stored {stored:#010x}, computed \
+                "checksum mismatch in the {section}: stored {stored:#010x}, computed \
                  {computed:#010x}; the file is corrupted"
             ),
             Error::InvalidSection { section, reason } => {
-                write!(f, "invalid {section} section: {reason}")
+                write!(f, "invalid {section}: {reason}")
             }
             Error::MisalignedBuffer { required } => write!(
                 f,
