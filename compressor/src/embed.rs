@@ -31,6 +31,8 @@ pub enum EmbedError {
     Runtime(edgefold_runtime::Error),
     /// The reference run failed.
     Reference(crate::reference::ReferenceError),
+    /// The packed file's arena does not fit in memory.
+    Arena(crate::exec::ArenaError),
 }
 
 impl std::fmt::Display for EmbedError {
@@ -47,6 +49,7 @@ impl std::fmt::Display for EmbedError {
             EmbedError::Text(e) => write!(f, "{e}"),
             EmbedError::Runtime(e) => write!(f, "runtime error: {e}"),
             EmbedError::Reference(e) => write!(f, "{e}"),
+            EmbedError::Arena(e) => write!(f, "{e}"),
         }
     }
 }
@@ -174,7 +177,8 @@ impl PackedEmbedder {
         for name in &inputs {
             input_for(name, &Encoded { ids: vec![], attention_mask: vec![], type_ids: vec![] })?;
         }
-        let arena = vec![0u8; model.arena_bytes_unaligned()];
+        let arena = crate::exec::alloc_arena(path, model.arena_bytes_unaligned())
+            .map_err(EmbedError::Arena)?;
         Ok(PackedEmbedder { map, arena, encoder, choice, inputs, int8_activations: false })
     }
 

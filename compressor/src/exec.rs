@@ -1,6 +1,9 @@
 //! Running an in-memory graph with the runtime: the compressor's own measurements (calibration,
 //! candidate evaluation) go through the same code path as the packed file on a device.
 
+use std::alloc::Layout;
+use std::path::{Path, PathBuf};
+
 use edgefold_runtime::{DType, Model, Session};
 
 use crate::ir::Graph;
@@ -36,6 +39,56 @@ impl From<edgefold_runtime::Error> for ExecError {
     fn from(e: edgefold_runtime::Error) -> Self {
         ExecError::Runtime(e)
     }
+}
+
+/// A failed allocation of a packed file's arena, which is too large for this host's memory.
+#[derive(Debug)]
+pub struct ArenaError {
+    /// The packed file.
+    pub path: PathBuf,
+    /// The arena size that could not be allocated, in bytes.
+    pub bytes: usize,
+}
+
+impl std::fmt::Display for ArenaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot allocate the arena of {:.1} MiB ({} bytes) that {} needs; compress the model \
+             again with a smaller --max-seq or --max-batch",
+            self.bytes as f64 / (1u64 << 20) as f64,
+            self.bytes,
+            self.path.display()
+        )
+    }
+}
+
+impl std::error::Error for ArenaError {}
+
+/// Allocates a zeroed arena of `bytes` bytes for the packed file at `path`, returning an error
+/// where `vec![0; bytes]` would abort the process when the memory is not available.
+///
+/// Like `vec![0; bytes]`, it requests zeroed memory from the allocator, so that pages the runs
+/// never touch (such as the unused end of a key-value cache) need not become resident. Reserving
+/// with `Vec::try_reserve_exact` and then filling with zeros would write every page at load.
+///
+/// # Errors
+/// [`ArenaError`] naming `path` and the size when the allocation fails.
+pub fn alloc_arena(path: &Path, bytes: usize) -> Result<Vec<u8>, ArenaError> {
+    let error = || ArenaError { path: path.to_owned(), bytes };
+    if bytes == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = Layout::array::<u8>(bytes).map_err(|_| error())?;
+    // SAFETY: `layout` has a nonzero size, as `alloc_zeroed` requires.
+    let pointer = unsafe { std::alloc::alloc_zeroed(layout) };
+    if pointer.is_null() {
+        return Err(error());
+    }
+    // SAFETY: `pointer` comes from the global allocator with the layout of `bytes` u8 values,
+    // which is the layout of a `Vec<u8>` of capacity `bytes`, and all `bytes` are initialized
+    // to zero.
+    Ok(unsafe { Vec::from_raw_parts(pointer, bytes, bytes) })
 }
 
 /// A graph packed into an aligned buffer, with an arena, ready to run repeatedly.

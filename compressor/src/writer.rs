@@ -1,7 +1,8 @@
 //! Packing a planned graph into the file format read by `edgefold-runtime`.
 
+use std::fs::Metadata;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use edgefold_runtime::crc32::crc32;
 use edgefold_runtime::format::{
@@ -27,6 +28,13 @@ pub enum WriteError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The output path is a file that the command also reads, so writing would replace it.
+    OutputIsInput {
+        /// The output path.
+        output: std::path::PathBuf,
+        /// The input file that `output` names.
+        input: std::path::PathBuf,
+    },
 }
 
 impl std::fmt::Display for WriteError {
@@ -36,6 +44,13 @@ impl std::fmt::Display for WriteError {
             WriteError::Io { path, source } => {
                 write!(f, "cannot write {}: {source}", path.display())
             }
+            WriteError::OutputIsInput { output, input } => write!(
+                f,
+                "the output {} is the input file {}, which writing would replace; choose \
+                 another output path",
+                output.display(),
+                input.display()
+            ),
         }
     }
 }
@@ -391,6 +406,14 @@ pub fn with_metadata(file: &[u8], key: &str, value: &[u8]) -> Result<Vec<u8>, Wr
     Ok(assemble(header, &bodies))
 }
 
+/// Returns the temporary file that [`write_atomic`] writes before renaming it to `path`: a hidden
+/// file in the same directory, named after `path` and the process id.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.join(format!(".{file_name}.tmp{}", std::process::id()))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so an
 /// interrupted or failed write never leaves a partial file at `path`.
 ///
@@ -398,9 +421,7 @@ pub fn with_metadata(file: &[u8], key: &str, value: &[u8]) -> Result<Vec<u8>, Wr
 /// [`WriteError::Io`] naming the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     let io = |source| WriteError::Io { path: path.to_owned(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let tmp = temporary_path(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -411,4 +432,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// Checks that `output` differs from each of `inputs`, so that writing it cannot replace a file
+/// that the command reads. Paths compare as the files they name: an output that does not exist
+/// yet is no input, and on Unix a hard link or a symbolic link to an input is that input.
+///
+/// # Errors
+/// [`WriteError::OutputIsInput`] naming the output and the input it is.
+pub fn check_output_is_not_input(output: &Path, inputs: &[&Path]) -> Result<(), WriteError> {
+    let Ok(output_metadata) = std::fs::metadata(output) else { return Ok(()) };
+    for &input in inputs {
+        let Ok(input_metadata) = std::fs::metadata(input) else { continue };
+        if same_file(output, &output_metadata, input, &input_metadata) {
+            let error = WriteError::OutputIsInput { output: output.into(), input: input.into() };
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// Returns whether two existing paths name the same file: the same device and inode on Unix, the
+/// same canonical path elsewhere.
+fn same_file(a: &Path, a_metadata: &Metadata, b: &Path, b_metadata: &Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let _ = (a, b);
+        a_metadata.dev() == b_metadata.dev() && a_metadata.ino() == b_metadata.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (a_metadata, b_metadata);
+        match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
 }

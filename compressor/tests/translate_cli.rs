@@ -321,3 +321,23 @@ fn compressed_model_translates_from_file() {
     assert!(stderr.contains("without a translation model"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn translate_finds_files_beside_bare_name() {
+    // A model named without a directory part has the parent "", which must mean the current
+    // directory. The files are placeholders: the command gets past finding them and then fails
+    // on the tokenizer, which is all this test needs.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("translate-bare-name");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.enpt.bin"), b"not a model").unwrap();
+    std::fs::write(dir.join("tokenizer.json"), b"not a tokenizer").unwrap();
+
+    let output =
+        run_with_stdin(edgefold().current_dir(&dir).args(["translate", "model.enpt.bin"]), "hi\n");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "placeholder files translated: {stderr}");
+    assert!(!stderr.contains("cannot list"), "{stderr}");
+    assert!(stderr.contains("tokenizer.json"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -10,14 +10,16 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use edgefold_compressor::exec::alloc_arena;
 use edgefold_compressor::gguf::GgufFile;
 use edgefold_compressor::llm::packed::{pack, tokenizer_of, PackedLm};
 use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
 use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream, TokenizerSpec};
 use edgefold_compressor::llm::{perplexity_of, CausalLm, HostLm, Llama, WeightKind};
-use edgefold_compressor::writer::write_atomic;
 use edgefold_runtime::decoder::Decoder;
 use edgefold_runtime::{MappedFile, Model};
+
+use crate::output::{write_output, write_packed};
 
 /// Options of `edgefold generate`.
 #[derive(clap::Args)]
@@ -154,7 +156,7 @@ fn with_model<T>(
     })?;
     let tokenizer = tokenizer_of(&model)
         .with_context(|| format!("{} contains no usable tokenizer", path.display()))?;
-    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut arena = alloc_arena(path, model.arena_bytes_unaligned())?;
     let decoder = Decoder::new(&model, &mut arena)
         .with_context(|| format!("{} contains no runnable language model", path.display()))?;
     let max_seq = decoder.config().max_seq as usize;
@@ -484,7 +486,7 @@ pub fn cmd_compress_gguf(model_path: &Path, output: &Path, o: GgufCompressOption
     };
     let metadata = vec![("source".to_owned(), model_path.display().to_string().into_bytes())];
     let bytes = pack(&model, &spec, o.max_seq, &metadata)?;
-    write_atomic(output, &bytes).with_context(|| format!("cannot write {}", output.display()))?;
+    write_packed(output, &bytes)?;
     let kept = model.block_ids().to_vec();
     let report = json!({
         "model": model_path,
@@ -703,7 +705,7 @@ pub fn cmd_analyze_gguf(model_path: &Path, o: AnalyzeOptions) -> Result<()> {
     });
     if let Some(dir) = &o.report {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        write_output(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
         plot_block_influence(
             dir,
             "block_influence",

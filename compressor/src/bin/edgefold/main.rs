@@ -10,7 +10,7 @@ use serde_json::{json, Value as Json};
 
 use edgefold_compressor::datasets::{self, Dataset};
 use edgefold_compressor::embed::{PackedEmbedder, ReferenceEmbedder};
-use edgefold_compressor::exec::PackedGraph;
+use edgefold_compressor::exec::{alloc_arena, PackedGraph};
 use edgefold_compressor::npy::{read_npy, write_npy};
 use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::{compress, load_graph, CompressOptions};
@@ -20,13 +20,16 @@ use edgefold_compressor::selftest;
 use edgefold_compressor::spectrum::summarize;
 use edgefold_compressor::tensor::{HostTensor, TensorData};
 use edgefold_compressor::text::{cosine, read_sts, spearman, TextEncoder};
-use edgefold_compressor::writer::write_atomic;
-use edgefold_runtime::format::{Quant, SectionKind, TensorKind};
+use edgefold_compressor::writer::check_output_is_not_input;
+use edgefold_runtime::format::{Header, Quant, SectionKind, TensorKind};
 use edgefold_runtime::{DType, MappedFile, Model, Session};
 
 mod llm;
 mod marian;
+mod output;
 mod translate;
+
+use output::{write_output, write_packed};
 
 /// Compress trained neural networks and run them on devices.
 #[derive(Parser)]
@@ -236,6 +239,25 @@ impl CompressArgs {
         self.samples.unwrap_or(256)
     }
 
+    /// Returns the files that `compress` reads: the model (for a Marian model directory, the
+    /// files in it that it uses), the tokenizer and the data files.
+    fn input_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.model.clone()];
+        if self.model.is_dir() || marian::is_marian(&self.model) {
+            // A model that is not found fails later with its own message.
+            if let Ok(found) = translate::find_model_files(&self.model, true) {
+                files.extend([found.model, found.tokenizer]);
+                files.extend(found.shortlist);
+            }
+        }
+        let beside = self.model.parent().unwrap_or(Path::new("")).join("tokenizer.json");
+        files.push(self.tokenizer.clone().unwrap_or(beside));
+        files
+            .extend(self.calibration.iter().chain(&self.eval_data).chain(&self.reference).cloned());
+        files.extend(self.self_test_input.iter().cloned());
+        files
+    }
+
     /// Returns the largest sequence length of an ONNX model.
     fn max_seq(&self) -> u32 {
         self.max_seq.unwrap_or(128)
@@ -391,6 +413,9 @@ fn spinner(message: &str) -> ProgressBar {
 }
 
 fn cmd_compress(args: CompressArgs) -> Result<()> {
+    let inputs = args.input_files();
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    check_output_is_not_input(&args.output, &inputs)?;
     if args.model.is_dir() || (!llm::is_gguf(&args.model)? && marian::is_marian(&args.model)) {
         return compress_marian(args);
     }
@@ -427,7 +452,7 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
     let (bytes, mut report) = result?;
     let bytes = with_self_test(&args, bytes)?;
     report.output_bytes = bytes.len() as u64;
-    write_atomic(&args.output, &bytes)?;
+    write_packed(&args.output, &bytes)?;
     let seconds = started.elapsed().as_secs_f64();
     let ratio = report.output_bytes as f64 / report.source_bytes.max(1) as f64;
     if args.json {
@@ -493,6 +518,7 @@ fn with_self_test(args: &CompressArgs, bytes: Vec<u8>) -> Result<Vec<u8>> {
         })
         .collect::<Result<Vec<_>>>()?;
     let inputs = (!given.is_empty()).then_some(given.as_slice());
+    check_arena_fits(&args.output, &bytes)?;
     let (bytes, embedded) = selftest::embed(&bytes, inputs)
         .with_context(|| format!("cannot embed a self-test in {}", args.output.display()))?;
     log::info!(
@@ -504,8 +530,21 @@ fn with_self_test(args: &CompressArgs, bytes: Vec<u8>) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Checks that the arena of the packed file `bytes` (to be written to or read from `path`) can be
+/// allocated. The self-test allocates it with `vec!`, which aborts the process when the memory
+/// is not available. The check writes no byte of the memory it allocates and frees it at once.
+fn check_arena_fits(path: &Path, bytes: &[u8]) -> Result<()> {
+    let Ok(header) = Header::parse(bytes) else { return Ok(()) };
+    let bytes = usize::try_from(header.arena_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(edgefold_runtime::format::SECTION_ALIGN - 1);
+    alloc_arena(path, bytes)?;
+    Ok(())
+}
+
 fn cmd_verify(path: &Path, as_json: bool) -> Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    check_arena_fits(path, &bytes)?;
     let outcome = selftest::verify(&bytes)
         .with_context(|| format!("cannot run the self-test of {}", path.display()))?;
     let passed = outcome.passed();
@@ -828,7 +867,7 @@ fn cmd_analyze(args: AnalyzeArgs) -> Result<()> {
     if let Some(dir) = &args.report {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join("report.json");
-        write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        write_output(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         write_analysis_plots(dir, &matrices, calibration.as_ref())?;
         eprintln!("report written to {}", dir.display());
     }
@@ -973,7 +1012,7 @@ fn cmd_run(
             inputs.len()
         );
     }
-    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut arena = alloc_arena(path, model.arena_bytes_unaligned())?;
     let mut session = Session::new(&model, &mut arena)?;
     session.set_threads(products.threads);
     session.set_int8_activations(products.int8_activations);
@@ -1338,7 +1377,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             let map = open_mapped(&args.file)?;
             let model = Model::open(map.bytes())
                 .with_context(|| format!("{} is not a valid packed file", args.file.display()))?;
-            let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+            let mut arena = alloc_arena(&args.file, model.arena_bytes_unaligned())?;
             let mut session = Session::new(&model, &mut arena)?;
             session.set_threads(args.threads.into());
             session.set_int8_activations(args.int8_activations);
@@ -1702,7 +1741,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         },
     )?;
     let bytes = with_self_test(&args, bytes)?;
-    write_atomic(&args.output, &bytes)?;
+    write_packed(&args.output, &bytes)?;
     let seconds = started.elapsed().as_secs_f64();
     let ratio = bytes.len() as f64 / source_bytes.max(1) as f64;
     let summary = json!({
@@ -1722,7 +1761,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     if let Some(dir) = &args.report {
         use edgefold_compressor::plots::{plot_size_quality, Candidate};
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        write_output(&dir.join("report.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         let labels: Vec<String> = outcome.tried.iter().map(|t| format!("{}", t.scheme)).collect();
         let points: Vec<Candidate> = outcome
             .tried
@@ -1940,7 +1979,7 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
     };
     let bytes = pack_graph(&args.model, &graph, &options, &settings)?;
     let bytes = with_self_test(&args, bytes)?;
-    write_atomic(&args.output, &bytes)?;
+    write_packed(&args.output, &bytes)?;
     let source_bytes = std::fs::metadata(&args.model).map_or(0, |m| m.len());
     let ratio = bytes.len() as f64 / source_bytes.max(1) as f64;
     let seconds = started.elapsed().as_secs_f64();

@@ -12,8 +12,8 @@ use edgefold_compressor::bleu::corpus_bleu;
 use edgefold_compressor::marian::{
     pack, MarianCalibration, MarianModel, MarianPart, MatrixStorage,
 };
-use edgefold_compressor::writer::write_atomic;
 
+use crate::output::{write_output, write_packed};
 use crate::translate::{find_model_files, ModelFiles, Translator};
 
 /// Storage of a Marian model's matrices without a search.
@@ -303,23 +303,49 @@ impl Change {
     }
 }
 
-/// Copies the tokenizer and the shortlist of the original beside the output, where `translate`
-/// looks for them, unless files of those names are there already.
-fn copy_companions(files: ModelFiles, output: &Path) -> Result<Vec<PathBuf>> {
+/// Returns the tokenizer and the shortlist of the original that must be copied beside the output,
+/// where `translate` looks for them, as (source, target) pairs. A file of the same name and the
+/// same bytes already there needs no copy.
+///
+/// # Errors
+/// When a file of the same name but other bytes is there, as another model's tokenizer or
+/// shortlist would be: `translate` would then run this model with it.
+fn companions_to_copy(files: &ModelFiles, output: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
     let dir = match output.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut copied = Vec::new();
-    for source in std::iter::once(files.tokenizer).chain(files.shortlist) {
+    let mut pairs = Vec::new();
+    for source in std::iter::once(&files.tokenizer).chain(&files.shortlist) {
         let Some(name) = source.file_name() else { continue };
         let target = dir.join(name);
-        if target.exists() {
+        if !target.exists() {
+            pairs.push((source.clone(), target));
             continue;
         }
+        let read = |path: &Path| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        if read(source)? != read(&target)? {
+            bail!(
+                "{} already exists and differs from the model's {}, so `translate` would run {} \
+                 with another model's file; write the model into its own folder",
+                target.display(),
+                source.display(),
+                output.display()
+            );
+        }
+    }
+    Ok(pairs)
+}
+
+/// Copies each (source, target) pair of [`companions_to_copy`] and returns the targets.
+fn copy_companions(pairs: Vec<(PathBuf, PathBuf)>) -> Result<Vec<PathBuf>> {
+    let mut copied = Vec::new();
+    for (source, target) in pairs {
         let bytes =
             std::fs::read(&source).with_context(|| format!("cannot read {}", source.display()))?;
-        write_atomic(&target, &bytes)?;
+        write_output(&target, &bytes)?;
         copied.push(target);
     }
     Ok(copied)
@@ -333,7 +359,10 @@ pub fn cmd_compress_marian(
 ) -> Result<()> {
     let started = Instant::now();
     let translator = Translator::open(model, true, 1)?;
-    let files = find_model_files(model)?;
+    let files = find_model_files(model, true)?;
+    // Checked before the search and again before writing, so that a clash fails before minutes
+    // of work.
+    companions_to_copy(&files, output)?;
     let original_bytes = std::fs::metadata(&files.model)
         .with_context(|| format!("cannot read {}", files.model.display()))?
         .len();
@@ -402,8 +431,9 @@ pub fn cmd_compress_marian(
     };
 
     let bytes = pack(&compressed, &[]).context("cannot pack the translation model")?;
-    write_atomic(output, &bytes)?;
-    let copied = copy_companions(files, output)?;
+    let companions = companions_to_copy(&files, output)?;
+    write_packed(output, &bytes)?;
+    let copied = copy_companions(companions)?;
     for path in &copied {
         log::info!("copied {} beside the output", path.display());
     }
@@ -458,4 +488,86 @@ pub fn cmd_compress_marian(
         }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns an empty directory for one test, under the system's temporary directory.
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("edgefold-companions-{name}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Writes a model directory with a tokenizer and a shortlist of the given contents.
+    fn model_dir(dir: &Path, tokenizer: &[u8], shortlist: &[u8]) -> ModelFiles {
+        std::fs::create_dir_all(dir).unwrap();
+        let files = ModelFiles {
+            model: dir.join("model.enpt.intgemm.alphas.bin"),
+            tokenizer: dir.join("tokenizer.json"),
+            shortlist: Some(dir.join("lex.50.50.enpt.s2t.bin")),
+        };
+        std::fs::write(&files.model, b"model").unwrap();
+        std::fs::write(&files.tokenizer, tokenizer).unwrap();
+        std::fs::write(files.shortlist.as_ref().unwrap(), shortlist).unwrap();
+        files
+    }
+
+    #[test]
+    fn companions_copied_into_empty_folder() {
+        let dir = scratch_dir("empty");
+        let files = model_dir(&dir.join("original"), b"tokenizer", b"shortlist");
+        let output = dir.join("out").join("a.fold");
+        std::fs::create_dir_all(output.parent().unwrap()).unwrap();
+
+        let pairs = companions_to_copy(&files, &output).unwrap();
+        let copied = copy_companions(pairs).unwrap();
+        let tokenizer = dir.join("out/tokenizer.json");
+        let shortlist = dir.join("out/lex.50.50.enpt.s2t.bin");
+        assert_eq!(copied, vec![tokenizer.clone(), shortlist.clone()]);
+        assert_eq!(std::fs::read(tokenizer).unwrap(), b"tokenizer");
+        assert_eq!(std::fs::read(shortlist).unwrap(), b"shortlist");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn companions_with_same_bytes_kept() {
+        let dir = scratch_dir("same");
+        let files = model_dir(&dir.join("original"), b"tokenizer", b"shortlist");
+        let output = dir.join("out").join("b.fold");
+        model_dir(&dir.join("out"), b"tokenizer", b"shortlist");
+
+        let pairs = companions_to_copy(&files, &output).unwrap();
+        assert!(pairs.is_empty(), "identical files copied again: {:?}", pairs);
+        // The output beside its own model: every companion is its own source.
+        let beside = files.model.with_file_name("packed.fold");
+        assert!(companions_to_copy(&files, &beside).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn companions_of_other_model_rejected() {
+        let dir = scratch_dir("other");
+        let files = model_dir(&dir.join("original"), b"tokenizer", b"shortlist");
+        let output = dir.join("out").join("b.fold");
+
+        model_dir(&dir.join("out"), b"another tokenizer", b"shortlist");
+        let error = companions_to_copy(&files, &output).unwrap_err().to_string();
+        assert!(error.contains(&dir.join("out/tokenizer.json").display().to_string()), "{error}");
+        assert!(error.contains(&files.tokenizer.display().to_string()), "{error}");
+        assert!(error.contains("its own folder"), "{error}");
+
+        model_dir(&dir.join("out"), b"tokenizer", b"another shortlist");
+        let error = companions_to_copy(&files, &output).unwrap_err().to_string();
+        assert!(error.contains("lex.50.50.enpt.s2t.bin"), "{error}");
+        assert_eq!(
+            std::fs::read(dir.join("out/lex.50.50.enpt.s2t.bin")).unwrap(),
+            b"another shortlist"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

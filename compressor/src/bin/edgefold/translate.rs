@@ -50,8 +50,8 @@ pub struct ModelFiles {
 }
 
 /// Finds the model, tokenizer and shortlist files of `path`, a model directory or a model's
-/// `.bin` file.
-pub fn find_model_files(path: &Path) -> Result<ModelFiles> {
+/// `.bin` file. The shortlist is looked for only when `with_shortlist` is set.
+pub fn find_model_files(path: &Path, with_shortlist: bool) -> Result<ModelFiles> {
     if !path.exists() {
         bail!(
             "{} not found; give a directory with a Marian model .bin and its tokenizer.json \
@@ -62,7 +62,11 @@ pub fn find_model_files(path: &Path) -> Result<ModelFiles> {
     let (dir, model) = if path.is_dir() {
         (path.to_path_buf(), find_model_bin(path)?)
     } else {
-        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        // A bare file name has the parent "", which names no directory to list.
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         (dir, path.to_path_buf())
     };
 
@@ -74,8 +78,44 @@ pub fn find_model_files(path: &Path) -> Result<ModelFiles> {
             model.display()
         );
     }
-    let shortlist = files_in(&dir)?.into_iter().find(|p| is_shortlist(p));
+    let shortlist = if with_shortlist { find_shortlist(&dir, &model)? } else { None };
     Ok(ModelFiles { model, tokenizer, shortlist })
+}
+
+/// Returns the lexical shortlist of `model` in `dir`: the only `lex.*.s2t.bin` file there, or of
+/// several, the only one whose language pair (`enpt` in `lex.50.50.enpt.s2t.bin`) is a
+/// dot-separated part of the model's file name, as in `model.enpt.intgemm.alphas.bin` or
+/// `enpt.fold`. `compress` copies the shortlist beside its output under the original name.
+///
+/// # Errors
+/// When several shortlists are present and the model's name matches none or several of them.
+fn find_shortlist(dir: &Path, model: &Path) -> Result<Option<PathBuf>> {
+    let shortlists: Vec<PathBuf> = files_in(dir)?.into_iter().filter(|p| is_shortlist(p)).collect();
+    if shortlists.len() <= 1 {
+        return Ok(shortlists.into_iter().next());
+    }
+    let model_parts: Vec<&str> = file_name(model).split('.').collect();
+    let matching: Vec<&PathBuf> = shortlists
+        .iter()
+        .filter(|p| shortlist_pair(p).is_some_and(|pair| model_parts.contains(&pair)))
+        .collect();
+    if let [only] = matching.as_slice() {
+        return Ok(Some((*only).clone()));
+    }
+    let names: Vec<&str> = shortlists.iter().map(|p| file_name(p)).collect();
+    bail!(
+        "{} contains several lexical shortlists ({}) and the name of {} does not tell which one \
+         is its own; put the model into its own folder with its tokenizer.json and shortlist, or \
+         give translate --no-shortlist",
+        dir.display(),
+        names.join(", "),
+        model.display()
+    )
+}
+
+/// Returns the language pair of a shortlist's file name: the part before `.s2t.bin`.
+fn shortlist_pair(path: &Path) -> Option<&str> {
+    file_name(path).strip_suffix(".s2t.bin")?.rsplit('.').next()
 }
 
 fn files_in(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -172,7 +212,7 @@ impl Translator {
     /// Loads the model at `path` (a directory or a `.bin` file). The shortlist is used when one
     /// is found and `use_shortlist` is set.
     pub fn open(path: &Path, use_shortlist: bool, beam: usize) -> Result<Translator> {
-        let files = find_model_files(path)?;
+        let files = find_model_files(path, use_shortlist)?;
         let tokenizer = MarianTokenizer::from_file(&files.tokenizer)?;
         let model = open_model(&files.model, tokenizer.eos())?;
         if tokenizer.vocab_size() != model.config().vocab {
@@ -185,7 +225,7 @@ impl Translator {
                 model.config().vocab
             );
         }
-        let shortlist = match files.shortlist.filter(|_| use_shortlist) {
+        let shortlist = match files.shortlist {
             Some(path) => Some(Shortlist::open(&path)?),
             None => None,
         };
@@ -492,5 +532,62 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns a directory for one test that contains empty files of the given names.
+    fn dir_with(test: &str, names: &[&str]) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("edgefold-shortlist-{test}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in names {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn shortlist_alone_is_chosen() {
+        let dir = dir_with("alone", &["lex.50.50.enpt.s2t.bin"]);
+        let found = find_shortlist(&dir, &dir.join("packed.fold")).unwrap();
+        assert_eq!(found, Some(dir.join("lex.50.50.enpt.s2t.bin")));
+        let empty = dir_with("none", &[]);
+        assert_eq!(find_shortlist(&empty, &empty.join("packed.fold")).unwrap(), None);
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::remove_dir_all(&empty).ok();
+    }
+
+    #[test]
+    fn shortlist_matches_model_language_pair() {
+        let names = ["lex.50.50.ende.s2t.bin", "lex.50.50.enpt.s2t.bin"];
+        let dir = dir_with("pair", &names);
+        for (model, expected) in [
+            ("model.enpt.intgemm.alphas.bin", "lex.50.50.enpt.s2t.bin"),
+            ("enpt.fold", "lex.50.50.enpt.s2t.bin"),
+            ("ende.int4.fold", "lex.50.50.ende.s2t.bin"),
+        ] {
+            let found = find_shortlist(&dir, &dir.join(model)).unwrap();
+            assert_eq!(found, Some(dir.join(expected)), "model {model}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn shortlist_ambiguous_is_rejected() {
+        let names = ["lex.50.50.ende.s2t.bin", "lex.50.50.enpt.s2t.bin"];
+        let dir = dir_with("ambiguous", &names);
+        // "pten" contains no pair as a whole part, and "enpt.ende" contains both.
+        for model in ["pten.fold", "packed.fold", "enpt.ende.fold"] {
+            let error = find_shortlist(&dir, &dir.join(model)).unwrap_err().to_string();
+            assert!(error.contains("several lexical shortlists"), "{model}: {error}");
+            assert!(error.contains(names[0]) && error.contains(names[1]), "{model}: {error}");
+            assert!(error.contains(model), "{model}: {error}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
