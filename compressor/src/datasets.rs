@@ -36,12 +36,19 @@ pub enum DatasetError {
         /// What went wrong.
         message: String,
     },
+    /// Failure to read or parse an STS Benchmark file.
+    Sts(crate::text::TextError),
+    /// Failure to read or parse an `.npz` file.
+    Npz(crate::npy::NpyError),
 }
 
 impl std::fmt::Display for DatasetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DatasetError::Read { path, message } => write!(f, "{}: {message}", path.display()),
+            // Both messages already name the file.
+            DatasetError::Sts(e) => write!(f, "{e}"),
+            DatasetError::Npz(e) => write!(f, "{e}"),
         }
     }
 }
@@ -51,14 +58,15 @@ impl std::error::Error for DatasetError {}
 /// Reads a dataset, choosing the format by extension (.csv/.tsv STS, .npz arrays, else text).
 ///
 /// # Errors
-/// [`DatasetError::Read`] naming the file.
+/// [`DatasetError::Sts`] for a .csv or .tsv file, [`DatasetError::Npz`] for an .npz file and
+/// [`DatasetError::Read`] otherwise, each naming the file.
 pub fn load(path: &Path) -> Result<Dataset, DatasetError> {
     let fail = |message: String| DatasetError::Read { path: path.to_owned(), message };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     match ext.as_str() {
-        "csv" | "tsv" => read_sts(path).map(Dataset::Pairs).map_err(|e| fail(e.to_string())),
+        "csv" | "tsv" => read_sts(path).map(Dataset::Pairs).map_err(DatasetError::Sts),
         "npz" => {
-            let arrays = read_npz(path).map_err(|e| fail(e.to_string()))?;
+            let arrays = read_npz(path).map_err(DatasetError::Npz)?;
             let find = |name: &str| arrays.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
             let (name, all) = match find("inputs") {
                 Some(t) => ("inputs".to_owned(), t),

@@ -91,16 +91,9 @@ impl fmt::Display for NpyError {
     }
 }
 
-impl std::error::Error for NpyError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            NpyError::Io { source, .. } => Some(source),
-            NpyError::Zip { source, .. } => Some(source),
-            NpyError::Format { error, .. } => Some(error),
-            NpyError::InvalidTensor { .. } => None,
-        }
-    }
-}
+/// `source()` is left at `None` because every message already ends with its cause's message, and
+/// a reporter that walks the chain (anyhow's `{:#}`) would print that cause twice.
+impl std::error::Error for NpyError {}
 
 /// Ways in which bytes fail to be a supported `.npy` array.
 #[derive(Clone, Debug, PartialEq, Eq)]

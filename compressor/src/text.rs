@@ -121,17 +121,9 @@ impl fmt::Display for TextError {
     }
 }
 
-impl std::error::Error for TextError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            TextError::Io { source, .. } => Some(source),
-            TextError::TokenizerLoad { source, .. } | TextError::Encode { source, .. } => {
-                Some(source.as_ref())
-            }
-            _ => None,
-        }
-    }
-}
+/// `source()` is left at `None` because every message already ends with its cause's message, and
+/// a reporter that walks the chain (anyhow's `{:#}`) would print that cause twice.
+impl std::error::Error for TextError {}
 
 /// Model inputs for one sentence, as the i64 tensors that BERT-style ONNX models take.
 #[derive(Clone, Debug, PartialEq, Eq)]

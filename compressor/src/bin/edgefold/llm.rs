@@ -65,7 +65,7 @@ pub struct GenerateArgs {
     weights: WeightKind,
     /// Print one JSON object on stdout instead of streaming the text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Parses a `--weights` value.

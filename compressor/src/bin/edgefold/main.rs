@@ -166,10 +166,10 @@ struct CompressArgs {
     /// Largest sequence length (every variable axis but the batch); sizes the arena. For a GGUF
     /// language model: the context length, whose key-value cache the arena holds. Default 128,
     /// or 2048 for GGUF models.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_at_least_one)]
     max_seq: Option<u32>,
     /// Largest batch size; sizes the arena.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_at_least_one)]
     max_batch: u32,
     /// Tokenizer to embed (default: tokenizer.json beside the model, if present).
     #[arg(long)]
@@ -280,7 +280,7 @@ struct AnalyzeArgs {
     #[arg(long, default_value_t = 256)]
     samples: usize,
     /// Largest sequence length of the calibration inputs.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = parse_at_least_one)]
     max_seq: u32,
     /// Write report.json and plots (PNG and SVG) into this directory.
     #[arg(long)]
@@ -351,7 +351,11 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => exit_with_usage_error(e),
+    };
+    let as_json = cli.command.prints_json();
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -379,7 +383,77 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
+        if as_json && e.downcast_ref::<ReportedInJson>().is_none() {
+            print_json(&json!({ "error": format!("{e:#}") }));
+        }
         std::process::exit(1);
+    }
+}
+
+/// Prints a command-line parsing error as clap does and exits with clap's status (2 for invalid
+/// arguments). When `--json` is among the arguments, stdout also gets `{"error": MESSAGE}`, as
+/// for errors that the subcommands return.
+fn exit_with_usage_error(error: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+
+    let is_help = matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    if !is_help && std::env::args_os().any(|arg| arg == "--json") {
+        let rendered = error.render().to_string();
+        // The first paragraph is the message; the rest points to --help.
+        let message = rendered.split("\n\n").next().unwrap_or_default();
+        print_json(&json!({ "error": message.trim().trim_start_matches("error: ") }));
+    }
+    error.exit()
+}
+
+/// An error whose message the subcommand has already put into the JSON object it printed, so
+/// `main` prints no second object.
+#[derive(Debug)]
+struct ReportedInJson(String);
+
+impl std::fmt::Display for ReportedInJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ReportedInJson {}
+
+impl Command {
+    /// Returns whether the subcommand was given `--json`, so that its errors go to stdout as JSON
+    /// too.
+    fn prints_json(&self) -> bool {
+        match self {
+            Command::Compress(args) => args.json,
+            Command::Inspect { json, .. }
+            | Command::Run { json, .. }
+            | Command::Embed { json, .. }
+            | Command::Verify { json, .. } => *json,
+            Command::Analyze(args) => args.json,
+            Command::Eval(args) => args.json,
+            Command::Bench(args) => args.json,
+            Command::Generate(args) => args.json,
+            Command::Translate(args) => args.json,
+        }
+    }
+}
+
+/// Converts a float for JSON output. serde_json writes a non-finite float as `null`, so infinity
+/// and NaN are written as the strings "inf", "-inf" and "nan", which the text output prints too.
+fn json_float(value: f64) -> Json {
+    if value.is_finite() {
+        json!(value)
+    } else if value.is_nan() {
+        json!("nan")
+    } else if value > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
     }
 }
 
@@ -412,7 +486,45 @@ fn spinner(message: &str) -> ProgressBar {
     bar
 }
 
+/// Parses a count such as --max-seq that must be at least 1. clap's error names the option and
+/// the value before this message.
+fn parse_at_least_one(text: &str) -> std::result::Result<u32, String> {
+    let value: u32 =
+        text.parse().map_err(|_| format!("expected a whole number from 1 to {}", u32::MAX))?;
+    if value == 0 {
+        return Err("must be at least 1, because it sizes a dimension of the arena".into());
+    }
+    Ok(value)
+}
+
+/// Rejects an `-o` path that names a directory, which `compress` cannot write a file to.
+fn check_output_is_file_path(path: &Path) -> Result<()> {
+    let problem = if path.is_dir() {
+        "is a directory"
+    } else if path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR) {
+        "ends with a path separator, so it names a directory"
+    } else {
+        return Ok(());
+    };
+    bail!(
+        "-o {} {problem}; -o takes the path of the file to write, such as {}",
+        path.display(),
+        path.join("model.fold").display()
+    )
+}
+
+/// Shows a stage of long work as the spinner's or bar's message. When stderr is not a terminal,
+/// indicatif draws nothing, so the stage is printed as a line on stderr instead, for logs and
+/// scripts that read stderr.
+fn show_stage(bar: &ProgressBar, message: &str) {
+    bar.set_message(message.to_owned());
+    if bar.is_hidden() {
+        eprintln!("{message}");
+    }
+}
+
 fn cmd_compress(args: CompressArgs) -> Result<()> {
+    check_output_is_file_path(&args.output)?;
     let inputs = args.input_files();
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     check_output_is_not_input(&args.output, &inputs)?;
@@ -421,9 +533,6 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
     }
     if llm::is_gguf(&args.model)? {
         return compress_gguf(args);
-    }
-    if args.max_seq() == 0 || args.max_batch == 0 {
-        bail!("--max-seq and --max-batch must be at least 1");
     }
     if args.min_quality.is_some() || args.target_size.is_some() {
         return cmd_plan(args);
@@ -435,9 +544,9 @@ fn cmd_compress(args: CompressArgs) -> Result<()> {
         return cmd_compress_fused(args);
     }
     if let Some(t) = &args.tokenizer {
-        TextEncoder::from_file(t, args.max_seq() as usize).with_context(|| {
-            format!("--tokenizer {} is not a usable tokenizer.json", t.display())
-        })?;
+        // The tokenizer error names the file.
+        TextEncoder::from_file(t, args.max_seq() as usize)
+            .context("--tokenizer is not a usable tokenizer.json")?;
     }
     let options = CompressOptions {
         quantize: args.quantize,
@@ -513,9 +622,8 @@ fn with_self_test(args: &CompressArgs, bytes: Vec<u8>) -> Result<Vec<u8>> {
     let given = args
         .self_test_input
         .iter()
-        .map(|p| {
-            read_npy(p).with_context(|| format!("cannot read --self-test-input {}", p.display()))
-        })
+        // The .npy error names the file.
+        .map(|p| read_npy(p).context("cannot read --self-test-input"))
         .collect::<Result<Vec<_>>>()?;
     let inputs = (!given.is_empty()).then_some(given.as_slice());
     check_arena_fits(&args.output, &bytes)?;
@@ -543,20 +651,30 @@ fn check_arena_fits(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn cmd_verify(path: &Path, as_json: bool) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    check_arena_fits(path, &bytes)?;
-    let outcome = selftest::verify(&bytes)
+    // The map gives the same message as the other subcommands when `path` is a directory.
+    let map = open_mapped(path)?;
+    let bytes = map.bytes();
+    check_arena_fits(path, bytes)?;
+    let outcome = selftest::verify(bytes)
         .with_context(|| format!("cannot run the self-test of {}", path.display()))?;
     let passed = outcome.passed();
+    let failure = format!("the self-test of {} failed", path.display());
     if as_json {
-        print_json(&json!({
+        let mut report = json!({
             "file": path,
             "passed": passed,
-            "max_abs_error": outcome.max_abs_error,
+            "max_abs_error": json_float(outcome.max_abs_error.into()),
             "tolerance": outcome.tolerance,
             "outputs": outcome.outputs,
             "elements": outcome.elements,
-        }));
+        });
+        if passed {
+            print_json(&report);
+            return Ok(());
+        }
+        report["error"] = json!(failure);
+        print_json(&report);
+        return Err(ReportedInJson(failure).into());
     } else {
         println!(
             "{}: self-test {}: max abs error {:e} over {} elements of {} output{} (tolerance {:e})",
@@ -570,7 +688,7 @@ fn cmd_verify(path: &Path, as_json: bool) -> Result<()> {
         );
     }
     if !passed {
-        bail!("the self-test of {} failed", path.display());
+        bail!(failure);
     }
     Ok(())
 }
@@ -1026,10 +1144,11 @@ fn cmd_run(
             ),
             None => (position, spec.as_str()),
         };
-        let tensor =
-            read_npy(Path::new(file)).with_context(|| format!("cannot read input {file}"))?;
         let entry = model.tensor(model.input_tensor(index)?)?;
         let name = model.tensor_name(model.input_tensor(index)?);
+        // The .npy error names the file.
+        let tensor =
+            read_npy(Path::new(file)).with_context(|| format!("cannot read input {name}"))?;
         let t = to_input(&tensor, entry.dtype, name)?;
         let result = match &t.data {
             TensorData::F32(v) => session.set_input::<f32>(index, &t.shape, v),
@@ -1040,7 +1159,7 @@ fn cmd_run(
         result.with_context(|| format!("input {name} from {file}"))?;
     }
     let started = Instant::now();
-    session.run()?;
+    session.run().map_err(|e| describe_run_error(&model, inputs, e))?;
     let elapsed = started.elapsed().as_secs_f64();
     let mut outs = Vec::new();
     for i in 0..model.output_count() {
@@ -1065,7 +1184,8 @@ fn cmd_run(
             other => bail!("output {name} has element type {other:?}, which run cannot print"),
         };
         if let Some(p) = output.filter(|_| i == output_index) {
-            write_npy(p, &tensor).with_context(|| format!("cannot write {}", p.display()))?;
+            // The .npy error names the file.
+            write_npy(p, &tensor).context("cannot write --output")?;
         }
         outs.push(json!({"name": name, "shape": shape.as_slice(), "first_values": preview}));
     }
@@ -1084,6 +1204,41 @@ fn cmd_run(
         eprintln!("ran in {:.2} ms", elapsed * 1e3);
     }
     Ok(())
+}
+
+/// Adds to a runtime error of `run` what the runtime cannot name without allocating: for a
+/// symbolic dimension bound to two values, the symbol's name and the input files that bind it.
+/// `inputs` are the `--input` arguments, as `cmd_run` matched them to the model's inputs.
+fn describe_run_error(
+    model: &Model<'_>,
+    inputs: &[String],
+    error: edgefold_runtime::Error,
+) -> anyhow::Error {
+    let edgefold_runtime::Error::SymbolConflict { symbol, first, second } = error else {
+        return error.into();
+    };
+    let symbol = symbol as usize;
+    let name = model.symbol(symbol).map_or("?", |(name, _)| name);
+    let mut binders = Vec::new();
+    for (position, spec) in inputs.iter().enumerate() {
+        let (index, file) = match spec.split_once('=') {
+            Some((input_name, file)) => (model.input_index(input_name), file),
+            None => (Some(position), spec.as_str()),
+        };
+        let Some(tensor_index) = index.and_then(|i| model.input_tensor(i).ok()) else {
+            continue;
+        };
+        let Ok(tensor) = model.tensor(tensor_index) else { continue };
+        if tensor.shape().iter().any(|d| d.as_symbol() == Some(symbol)) {
+            binders.push(format!("{} from {file}", model.tensor_name(tensor_index)));
+        }
+    }
+    anyhow::anyhow!(
+        "symbolic dimension {name:?} (symbol {symbol}) is bound to {first} by one input and \
+         {second} by another; the inputs with that dimension are {}. Pass arrays whose extents \
+         agree on it",
+        binders.join(", ")
+    )
 }
 
 fn cmd_embed(
@@ -1122,10 +1277,45 @@ fn cmd_embed(
     Ok(())
 }
 
+/// Compares the sha256 of `original` with the `source.sha256` that `compress` stored in the packed
+/// `file`, and warns on stderr when they differ. Returns `None` when there is nothing to compare:
+/// `file` is no packed file with that key (a GGUF file, a Marian directory, or one that fails to
+/// open, whose error the evaluation reports), or `original` cannot be read.
+fn check_source_matches(original: &Path, file: &Path) -> Option<bool> {
+    let map = MappedFile::open(file).ok()?;
+    let model = Model::open(map.bytes()).ok()?;
+    let stored = std::str::from_utf8(model.metadata("source.sha256")?).ok()?.trim().to_owned();
+    let actual = sha256_hex(original).ok()?;
+    let matches = stored.eq_ignore_ascii_case(&actual);
+    if !matches {
+        log::warn!(
+            "{} was not compressed from {}: it stores the source sha256 {stored}, but {} has \
+             sha256 {actual}; pass the model that {} was compressed from, or the scores compare \
+             two different models",
+            file.display(),
+            original.display(),
+            original.display(),
+            file.display()
+        );
+    }
+    Some(matches)
+}
+
+/// Returns the sha256 of the file at `path` in lowercase hex, as `compress` stores it.
+fn sha256_hex(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+
+    let mut hasher = Sha256::new();
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+    std::io::copy(&mut reader, &mut hasher)?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn cmd_eval(args: EvalArgs) -> Result<()> {
+    let source_matches = check_source_matches(&args.original, &args.file);
     match args.task.as_str() {
         "sts" => {}
-        "raw" | "accuracy" | "anomaly" => return eval_tensors(&args),
+        "raw" | "accuracy" | "anomaly" => return eval_tensors(&args, source_matches),
         "ppl" => {
             let options = llm::PerplexityOptions {
                 limit: args.limit,
@@ -1204,10 +1394,11 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     if args.json {
         print_json(&json!({
             "task": "sts",
+            "source_matches": source_matches,
             "pairs": pairs.len(),
             "original": original,
             "compressed": compressed,
-            "retained": retained,
+            "retained": json_float(retained),
             "embedding_cosine_mean": mean_agreement,
             "embedding_cosine_min": min_agreement,
             "original_bytes": original_bytes,
@@ -1228,7 +1419,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
 
 /// `edgefold eval` for the tasks scored on tensor outputs: the original ONNX model runs through
 /// tract, the packed file through the runtime, on the same samples.
-fn eval_tensors(args: &EvalArgs) -> Result<()> {
+fn eval_tensors(args: &EvalArgs, source_matches: Option<bool>) -> Result<()> {
     use edgefold_compressor::metrics::{error_correlation, reconstruction_errors, top1_accuracy};
 
     let Dataset::Tensors { mut inputs, labels } = datasets::load(&args.data)? else {
@@ -1313,12 +1504,13 @@ fn eval_tensors(args: &EvalArgs) -> Result<()> {
     if args.json {
         print_json(&json!({
             "task": args.task,
+            "source_matches": source_matches,
             "samples": samples.len(),
             "original": original,
             "compressed": compressed,
-            "retained": retained,
+            "retained": json_float(retained),
             "output_cosine_mean": cos_mean,
-            "output_cosine_min": cos_min,
+            "output_cosine_min": json_float(cos_min),
             "output_max_abs_diff": max_abs,
             "original_bytes": original_bytes,
             "compressed_bytes": packed_bytes,
@@ -1603,7 +1795,10 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         "the planner needs --calibration DATA (.csv STS pairs, .txt sentences or .npz inputs)",
     )?;
     let import = ImportOptions { max_batch: args.max_batch, max_seq: args.max_seq() };
+    let loading = spinner("");
+    show_stage(&loading, &format!("loading {}", args.model.display()));
     let (graph, _) = load_graph(&args.model, &import)?;
+    loading.finish_and_clear();
     let input_names: Vec<String> =
         graph.inputs.iter().map(|&v| graph.values[v].name.clone()).collect();
     let tokenizer_path = args
@@ -1657,7 +1852,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     let bar = ProgressBar::new(samples.len() as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}").expect("valid template"),
     );
-    bar.set_message("calibrating");
+    show_stage(&bar, &format!("calibrating on {} samples", samples.len()));
     let calibration = calibrate(&graph, &samples, |i| bar.set_position(i as u64))?;
     bar.finish_and_clear();
     log::info!(
@@ -1698,7 +1893,8 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
             "--task {other} is not supported by the planner; use sts, raw, accuracy or anomaly"
         ),
     };
-    let spinner = spinner("evaluating the original");
+    let spinner = spinner("");
+    show_stage(&spinner, "evaluating the original");
     let evaluator = Evaluator::with_screening(&graph, task, args.eval_samples)?;
     let floor = match goal {
         Goal::MinQuality(q) => q,
@@ -1726,7 +1922,7 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
     let bare = edgefold_compressor::writer::pack(&graph, &arena, &[])?.len();
     let metadata_bytes = with_metadata.saturating_sub(bare) as u64;
     let outcome = plan(&graph, &calibration, &evaluator, goal, metadata_bytes, |m| {
-        spinner.set_message(m.to_owned());
+        show_stage(&spinner, m);
         log::debug!("{m}");
     })?;
     spinner.finish_and_clear();
@@ -1827,7 +2023,7 @@ fn verified_fusion(
     let mut chosen = None;
     for merged in 1..=max_merged {
         let choice = choose_fusion(graph, evaluator, merged, FuseOptions::default(), |m| {
-            spinner.set_message(m.to_owned());
+            show_stage(spinner, m);
             log::debug!("{m}");
         })?;
         match choice.winner() {
@@ -2012,4 +2208,26 @@ fn cmd_compress_fused(args: CompressArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_float_non_finite_as_strings() {
+        assert_eq!(json_float(0.25), json!(0.25));
+        assert_eq!(json_float(f64::INFINITY), json!("inf"));
+        assert_eq!(json_float(f64::NEG_INFINITY), json!("-inf"));
+        assert_eq!(json_float(f64::NAN), json!("nan"));
+        assert_eq!(json_float(f32::INFINITY.into()), json!("inf"));
+    }
+
+    #[test]
+    fn at_least_one_parser() {
+        assert_eq!(parse_at_least_one("1"), Ok(1));
+        assert_eq!(parse_at_least_one("4000000000"), Ok(4_000_000_000));
+        assert!(parse_at_least_one("0").unwrap_err().contains("at least 1"));
+        assert!(parse_at_least_one("-1").unwrap_err().contains("whole number"));
+    }
 }

@@ -36,7 +36,7 @@ pub struct TranslateArgs {
     int8_activations: bool,
     /// Print one JSON object per line (source, translation, milliseconds) instead of the text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// The files of a Marian model, as found on disk.
