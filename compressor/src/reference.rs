@@ -252,6 +252,12 @@ impl ReferenceModel {
     fn load_with(path: &Path, try_symbolic: bool) -> Result<Self, ReferenceError> {
         std::fs::metadata(path)
             .map_err(|source| ReferenceError::Read { path: path.to_owned(), source })?;
+        if crate::onnx::is_packed_file(path) {
+            let detail = "it is a packed .fold file, not ONNX; Edgefold's runtime runs it (for \
+                          bench, --engine edgefold)"
+                .to_owned();
+            return Err(ReferenceError::Parse { path: path.to_owned(), detail });
+        }
         let mut model = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(|e| ReferenceError::Parse { path: path.to_owned(), detail: chain(&e) })?;

@@ -218,6 +218,21 @@ fn verify_directory_names_fix() {
 }
 
 #[test]
+fn packed_file_as_onnx_is_named() {
+    let dir = scratch_dir("packed-as-onnx");
+    let packed = packed_patterns(&dir);
+    let bench = edgefold().arg("bench").arg(&packed).args(["--engine", "tract"]).output().unwrap();
+    let again = dir.join("again.fold");
+    let compress = edgefold().arg("compress").arg(&packed).arg("-o").arg(&again).output().unwrap();
+    for (what, result) in [("bench", bench), ("compress", compress)] {
+        let stderr = stderr_of(&result);
+        assert_eq!(result.status.code(), Some(1), "{what}: {stderr}");
+        assert!(stderr.contains("it is a packed .fold file"), "{what}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn compress_output_directory_rejected() {
     let dir = scratch_dir("output-directory");
     let target = dir.join("adir");

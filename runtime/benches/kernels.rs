@@ -174,9 +174,9 @@ fn bench_attention(c: &mut Criterion) {
     }
 }
 
-/// A low-rank pair `y = (x Vᵀ) Uᵀ` of rank 96 in place of a 384 x 1536 weight, at 128 rows: the
-/// two products over all rows with the intermediate in memory, as a session runs them, against
-/// the pair computed in blocks of rows whose intermediate stays in a small buffer (a fused pair).
+/// Times a low-rank pair `y = (x Vᵀ) Uᵀ` of rank 96 in place of a 384 x 1536 weight, at 128 rows.
+/// The two products run over all rows with the intermediate in memory, as a session runs them,
+/// and in blocks of rows whose intermediate stays in a small buffer, as a fused pair would.
 fn bench_low_rank(c: &mut Criterion) {
     let (rows, k, rank, n) = (128, 384, 96, 1536);
     let (v, u) = (Aligned::new(&values(rank * k, 9)), Aligned::new(&values(n * rank, 10)));
@@ -186,6 +186,7 @@ fn bench_low_rank(c: &mut Criterion) {
     let x = Aligned::new(&values(rows * k, 11));
     let mut middle = Aligned::new(&vec![0f32; rows * rank]);
     let mut y = Aligned::new(&vec![0f32; rows * n]);
+
     let mut group = c.benchmark_group(format!("low_rank/rows{rows}_k{k}_rank{rank}_n{n}"));
     group.throughput(Throughput::Elements((rows * rank * (k + n)) as u64));
     group.sample_size(20);
@@ -203,6 +204,7 @@ fn bench_low_rank(c: &mut Criterion) {
             Weights::I8(I8Rows { q: uq.get(), scales: &u_scales, k: rank }),
         ));
     }
+
     for (kind, kernel, first, second) in cases {
         for block in [rows, 32, 16] {
             let name = match block == rows {

@@ -128,10 +128,10 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Copies `data` with shape `shape` into graph input `index`.
     ///
     /// # Errors
-    /// On an unknown index, a wrong element type ([`Error::InputDtypeMismatch`]), another number
-    /// of axes ([`Error::InputRankMismatch`]), an extent that the model's declared shape does not
-    /// allow ([`Error::InputShapeMismatch`]: constant axes must match, symbolic axes take 1 to
-    /// their maximum), or data of another length ([`Error::InputLengthMismatch`]).
+    /// On an unknown index, a wrong element type ([`Error::InputDtypeMismatch`]) or another
+    /// number of axes ([`Error::InputRankMismatch`]). [`Error::InputShapeMismatch`] for an extent
+    /// that the model's declared shape does not allow: constant axes must match, and symbolic
+    /// axes take 1 to their maximum. [`Error::InputLengthMismatch`] for data of another length.
     pub fn set_input<T: Element>(
         &mut self,
         index: usize,

@@ -141,12 +141,26 @@ pub(crate) fn invalid<T>(message: impl Into<String>) -> NodeResult<T> {
     Err(NodeError::Invalid(message.into()))
 }
 
+/// Returns whether the file at `path` starts with the magic bytes of a packed Edgefold file, which
+/// tract would otherwise report as a protobuf decoding error.
+pub fn is_packed_file(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && magic == edgefold_runtime::format::MAGIC
+}
+
 /// Imports an ONNX file into a graph of runtime ops.
 ///
 /// # Errors
 /// [`ImportError::Unsupported`] lists every unsupported op at once.
 pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError> {
     let read_error = |message: String| ImportError::Read { path: path.to_owned(), message };
+    if is_packed_file(path) {
+        return Err(read_error(
+            "it is a packed .fold file, the output of compress, not ONNX".into(),
+        ));
+    }
     let proto =
         tract_onnx::onnx().proto_model_for_path(path).map_err(|e| read_error(format!("{e:#}")))?;
     let graph = proto.graph.as_ref().ok_or_else(|| read_error("the file has no graph".into()))?;

@@ -44,7 +44,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Compress an ONNX model into a packed .fold file.
+    /// Compress a model (ONNX, GGUF or a Marian translation model) into a packed .fold file.
     Compress(CompressArgs),
     /// Show what a packed file contains.
     Inspect {
@@ -152,7 +152,8 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct CompressArgs {
-    /// The model: ONNX, or GGUF for a language model of the Llama architecture.
+    /// The model: ONNX, GGUF for a language model of the Llama architecture, or a Marian
+    /// translation model (its folder or its .bin file).
     model: PathBuf,
     /// Output file.
     #[arg(short, long)]
@@ -1999,8 +2000,11 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
             outcome.scheme,
             seconds
         );
+        if !outcome.drop_order.is_empty() {
+            eprintln!("verified block removals, greedy order (quality after each, f32 weights):");
+        }
         for (b, q) in &outcome.drop_order {
-            eprintln!("  removing block {b} (verified) keeps {q:.4}");
+            eprintln!("  block {b}: {q:.4}");
         }
     }
     Ok(())
