@@ -1102,46 +1102,31 @@ mod tests {
         assert!(!conv2d_nchw_int8(&x, &g, 1, w, None, act, &mut y));
         assert!(y.iter().all(|v| v.is_nan()), "a refused call wrote its output");
 
-        // A depthwise convolution whose planes are longer than a window, in place and not.
-        let c = Case {
-            batch: 1,
-            channels: 2,
-            size: [9, 57],
-            outputs: 2,
-            groups: 2,
-            window: window([3, 3], [1, 1], [1; 4], [1, 1]),
+        // Depthwise convolutions, in place and not: planes longer than a window, and a plane of
+        // 100 values whose padding of 12 on each side makes it 34 x 34.
+        let depthwise_rejected = |size: [usize; 2], kernel: [u32; 2], pads: [u32; 4], seed| {
+            let c = Case {
+                batch: 1,
+                channels: 2,
+                size,
+                outputs: 2,
+                groups: 2,
+                window: window(kernel, [1, 1], pads, [1, 1]),
+            };
+            let g = geometry(&c, false);
+            assert_eq!(g.out_size, size, "padding keeps the extents");
+            let x = random(2 * size[0] * size[1], seed);
+            let q = vec![1i8; 2 * (kernel[0] * kernel[1]) as usize];
+            let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
+            let mut y = vec![f32::NAN; x.len()];
+            assert!(!conv2d_nchw_int8(&x, &g, 2, w, None, act, &mut y), "{size:?}");
+            assert!(y.iter().all(|v| v.is_nan()), "{size:?}: a refused call wrote its output");
+            let mut xy = x.clone();
+            assert!(!conv2d_nchw_int8_in_place(&mut xy, &g, 2, w, None, act), "{size:?}");
+            assert_eq!(xy, x, "{size:?}: a refused call changed its input");
         };
-        let g = geometry(&c, false);
-        let x = random(2 * 9 * 57, 2);
-        let q = vec![1i8; 2 * 9];
-        let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
-        let mut y = vec![f32::NAN; x.len()];
-        assert!(!conv2d_nchw_int8(&x, &g, 2, w, None, act, &mut y));
-        assert!(y.iter().all(|v| v.is_nan()), "a refused call wrote its output");
-        let mut xy = x.clone();
-        assert!(!conv2d_nchw_int8_in_place(&mut xy, &g, 2, w, None, act));
-        assert_eq!(xy, x, "a refused call changed its input");
-
-        // A plane of 100 values whose padding of 12 on each side makes it 34 x 34.
-        let c = Case {
-            batch: 1,
-            channels: 2,
-            size: [10, 10],
-            outputs: 2,
-            groups: 2,
-            window: window([25, 25], [1, 1], [12; 4], [1, 1]),
-        };
-        let g = geometry(&c, false);
-        assert_eq!(g.out_size, [10, 10]);
-        let x = random(2 * 100, 3);
-        let q = vec![1i8; 2 * 25 * 25];
-        let w = ConvI8 { q: &q, scales: &[1.0, 1.0] };
-        let mut y = vec![f32::NAN; x.len()];
-        assert!(!conv2d_nchw_int8(&x, &g, 2, w, None, act, &mut y));
-        assert!(y.iter().all(|v| v.is_nan()), "a refused call wrote its output");
-        let mut xy = x.clone();
-        assert!(!conv2d_nchw_int8_in_place(&mut xy, &g, 2, w, None, act));
-        assert_eq!(xy, x, "a refused call changed its input");
+        depthwise_rejected([9, 57], [3, 3], [1; 4], 2);
+        depthwise_rejected([10, 10], [25, 25], [12; 4], 3);
     }
 
     /// Pads, strides and dilations that a file may state but whose input positions do not fit

@@ -585,7 +585,8 @@ mod tests {
         for model in ["pten.fold", "packed.fold", "enpt.ende.fold"] {
             let error = find_shortlist(&dir, &dir.join(model)).unwrap_err().to_string();
             assert!(error.contains("several lexical shortlists"), "{model}: {error}");
-            assert!(error.contains(names[0]) && error.contains(names[1]), "{model}: {error}");
+            assert!(error.contains(names[0]), "{model}: {error}");
+            assert!(error.contains(names[1]), "{model}: {error}");
             assert!(error.contains(model), "{model}: {error}");
         }
         std::fs::remove_dir_all(&dir).ok();
