@@ -4,7 +4,8 @@
 //! of a 384-wide transformer (MiniLM): the feed-forward layers at 1 and 128 tokens, and one
 //! head's two attention products. Fused attention (`attention_head` and its portable version)
 //! runs one head at 128 and 512 tokens next to the unfused product, softmax and product. A
-//! low-rank pair runs over all rows at once and in blocks of rows, as a fused pair would. Inputs
+//! low-rank pair runs over all rows at once and in blocks of rows, as a fused pair would. The
+//! transposes of a 12-head attention block's inputs and output run at 128 tokens. Inputs
 //! start on 64-byte boundaries, as weights in a packed file and tensors in a session arena do.
 //!
 //! Run with `cargo bench -p edgefold-runtime --bench kernels`.
@@ -12,11 +13,13 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use edgefold_runtime::format::MAX_RANK;
 use edgefold_runtime::kernels::attention::{attention_head, portable, HeadDims};
-use edgefold_runtime::kernels::generic::{softmax, F32Rows, I8Rows};
+use edgefold_runtime::kernels::generic::{softmax, transpose_bytes, F32Rows, I8Rows};
 use edgefold_runtime::kernels::{
     int8_products_supported, linear_int8, linear_int8_rows, linear_with, matmul_with, Isa, Weights,
 };
+use edgefold_runtime::Shape;
 
 /// A copy of `values` that starts on a 64-byte boundary.
 struct Aligned<T> {
@@ -229,5 +232,33 @@ fn bench_low_rank(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_linear, bench_matmul, bench_attention, bench_low_rank);
+/// Times the transposes around a 12-head attention block at 128 tokens, on f32 values given as
+/// bytes as sessions give them. Queries, values and outputs swap the sequence and head axes, so
+/// whole rows of 32 values move. Keys also move the sequence axis last, so each value moves alone.
+fn bench_transpose(c: &mut Criterion) {
+    let (seq, heads, depth) = (128, 12, 32);
+    let shape = Shape::from_slice(&[1, seq, heads, depth]).expect("rank 4");
+    let x: Vec<u8> = values(seq * heads * depth, 12).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let x = Aligned::new(&x);
+    let mut out = Aligned::new(&vec![0u8; x.len]);
+    let mut group = c.benchmark_group(format!("transpose/{seq}x{heads}x{depth}"));
+    group.throughput(Throughput::Bytes(x.len as u64));
+    for (name, order) in [("heads first", [0u8, 2, 1, 3]), ("keys as columns", [0, 2, 3, 1])] {
+        let mut perm = [0u8; MAX_RANK];
+        perm[..4].copy_from_slice(&order);
+        group.bench_function(name, |b| {
+            b.iter(|| transpose_bytes(black_box(x.get()), &shape, &perm, out.get_mut(), 4))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_linear,
+    bench_matmul,
+    bench_attention,
+    bench_low_rank,
+    bench_transpose
+);
 criterion_main!(benches);

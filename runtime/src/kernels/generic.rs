@@ -787,8 +787,18 @@ pub fn transpose_bytes(
     out: &mut [u8],
     size: usize,
 ) {
-    RowGather::transposed(in_shape, perm).copy_bytes(x, out, size);
+    let gather = RowGather::transposed(in_shape, perm);
+    #[cfg(feature = "std")]
+    if size == 4 && gather.copy_words_tiled(x, out) {
+        return;
+    }
+    gather.copy_bytes(x, out, size);
 }
+
+/// Side of the square tiles of [`RowGather::copy_words_tiled`]: 16 values of 4 bytes fill one
+/// 64-byte cache line.
+#[cfg(feature = "std")]
+const TILE_SIDE: usize = 16;
 
 /// [`expand`] of elements of `size` bytes, given as bytes.
 pub fn expand_bytes(x: &[u8], in_shape: &Shape, out: &mut [u8], out_shape: &Shape, size: usize) {
@@ -858,6 +868,70 @@ impl RowGather {
                 from += step;
             }
         });
+    }
+
+    /// Copies 4-byte elements in square tiles when the output's last axis is strided in the input
+    /// and another output axis is the input's contiguous one, as when a transpose moves the
+    /// sequence axis of keys last. A tile's values are read along the input's contiguous axis and
+    /// written along the output's, so both sides use whole cache lines. The row-by-row copy reads
+    /// one value per line. Returns `false`, having written nothing, where that does not apply or
+    /// a slice is too short for the shape.
+    #[cfg(feature = "std")]
+    fn copy_words_tiled(&self, x: &[u8], out: &mut [u8]) -> bool {
+        let rank = self.shape.rank;
+        if rank < 2 || self.strides[rank - 1] == 1 {
+            return false;
+        }
+        let last = rank - 1;
+        let Some(j) = (0..last).rev().find(|&a| self.strides[a] == 1 && self.shape.dims[a] > 1)
+        else {
+            return false;
+        };
+        let bytes = self.shape.numel().saturating_mul(4);
+        if x.len() < bytes || out.len() < bytes {
+            return false;
+        }
+
+        // The axes other than `j` and the last, then an axis of 1 that `for_each_outer` skips.
+        let out_strides = self.shape.strides();
+        let mut outer = Shape { dims: [1; MAX_RANK], rank: 0 };
+        let (mut from_strides, mut to_strides) = ([0; MAX_RANK], [0; MAX_RANK]);
+        for a in (0..last).filter(|&a| a != j) {
+            outer.dims[outer.rank] = self.shape.dims[a];
+            from_strides[outer.rank] = self.strides[a];
+            to_strides[outer.rank] = out_strides[a];
+            outer.rank += 1;
+        }
+        outer.rank += 1;
+
+        // Value (p, q) of a plane: p runs along axis `j`, contiguous in the input, and q along
+        // the last axis, contiguous in the output.
+        let (p_len, q_len) = (self.shape.dims[j], self.shape.dims[last]);
+        let (q_step, p_step) = (self.strides[last], out_strides[j]);
+        for_each_outer(&outer, &from_strides, &to_strides, |_, from, to| {
+            for p0 in (0..p_len).step_by(TILE_SIDE) {
+                let pn = (p_len - p0).min(TILE_SIDE);
+                for q0 in (0..q_len).step_by(TILE_SIDE) {
+                    let qn = (q_len - q0).min(TILE_SIDE);
+
+                    let mut tile = [[0u32; TILE_SIDE]; TILE_SIDE];
+                    for (q, row) in tile[..qn].iter_mut().enumerate() {
+                        let at = 4 * (from + (q0 + q) * q_step + p0);
+                        for (t, c) in row.iter_mut().zip(x[at..at + 4 * pn].chunks_exact(4)) {
+                            *t = u32::from_ne_bytes(c.try_into().unwrap_or_default());
+                        }
+                    }
+
+                    for p in 0..pn {
+                        let at = 4 * (to + (p0 + p) * p_step + q0);
+                        for (c, row) in out[at..at + 4 * qn].chunks_exact_mut(4).zip(&tile) {
+                            c.copy_from_slice(&row[p].to_ne_bytes());
+                        }
+                    }
+                }
+            }
+        });
+        true
     }
 
     /// Calls `f` with each output row's index and the input offset of its first element.
@@ -1132,5 +1206,53 @@ mod tests {
         expand_bytes(&bytes, &xs, &mut got, &os, 2);
         let want: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(got, want, "expand [3, 1, 2] to [2, 3, 4, 2]");
+    }
+
+    /// Every permutation of ranks 2 to 4, on extents that leave partial tiles, against the
+    /// definition of a transpose: 4-byte elements take the tiled copy where an output axis other
+    /// than the last is the input's contiguous one.
+    #[test]
+    fn word_transpose_matches_definition() {
+        let cases: [&[usize]; 4] = [&[17, 33], &[3, 1, 18], &[2, 19, 5, 16], &[1, 130, 12, 32]];
+        for dims in cases {
+            let xs = Shape::from_slice(dims).unwrap();
+            let in_strides = xs.strides();
+            let x: Vec<u32> = (0..xs.numel() as u32).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+            let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            for order in permutations(dims.len()) {
+                let mut perm = [0u8; MAX_RANK];
+                perm[..order.len()].copy_from_slice(&order);
+                let out_dims: Vec<usize> = order.iter().map(|&a| dims[a as usize]).collect();
+                let os = Shape::from_slice(&out_dims).unwrap();
+                let mut want = Vec::with_capacity(x.len());
+                let mut index = [0usize; MAX_RANK];
+                for _ in 0..x.len() {
+                    let from: usize =
+                        (0..order.len()).map(|i| index[i] * in_strides[order[i] as usize]).sum();
+                    want.extend_from_slice(&x[from].to_ne_bytes());
+                    next_index(&mut index, os.as_slice());
+                }
+                let mut got = std::vec![0xA5u8; bytes.len()];
+                transpose_bytes(&bytes, &xs, &perm, &mut got, 4);
+                assert!(got == want, "transpose {dims:?} by {order:?}");
+            }
+        }
+    }
+
+    /// Returns the permutations of `0..rank`, in lexicographic order.
+    fn permutations(rank: usize) -> Vec<Vec<u8>> {
+        if rank == 0 {
+            return std::vec![Vec::new()];
+        }
+        let mut all = Vec::new();
+        for rest in permutations(rank - 1) {
+            for at in 0..rank {
+                let mut p = rest.clone();
+                p.insert(at, (rank - 1) as u8);
+                all.push(p);
+            }
+        }
+        all.sort();
+        all
     }
 }
