@@ -11,12 +11,13 @@
 //!
 //! F16, int8 and int4 weights are converted to f32 (int8 times its row's scale, int4 with its
 //! group's scale and minimum) a tile at a time, and the tile's converted rows serve every block
-//! of the span. The conversion pays for itself from 64 rows on (32 for int4), so these weights
-//! take this kernel from there. The tiles store their sums to a transposed output block, which is
-//! transposed back into `y` in registers with the bias added. Each output is one chain of
+//! of the span. The conversion pays for itself from 16 rows on (64 on Zen 4, 32 for int4), so
+//! these weights take this kernel from there. The tiles store their sums to a transposed output
+//! block, which is transposed back into `y` in registers with the bias added. Each output is one chain of
 //! multiply-adds in ascending `k`, then the bias.
 
 use core::arch::x86_64::*;
+use std::sync::OnceLock;
 
 use super::generic::{F16Rows, F32Rows, I8Rows, WeightRows};
 use super::tiled::{I4Aligned, LinearArgs, Simd, VecRows};
@@ -25,10 +26,18 @@ use super::x86_64::Avx512;
 /// Minimum rows the kernel takes with f32 weights: one vector of 16.
 const MIN_ROWS_F32: usize = 16;
 
-/// Minimum rows the kernel takes with f16 and int8 weights, which it converts a tile at a time:
-/// four vectors of 16. Measured on MiniLM's layers, 16 rows of int8 weights ran about 10 %
-/// slower here than in the dot-product tiles on Zen 4, and 32 rows about as fast.
-const MIN_ROWS_CONVERTED: usize = 64;
+/// Minimum rows the kernel takes with f16 and int8 weights, which it converts a tile at a time,
+/// on cores that split 512-bit operations in two (AMD Zen 4): four vectors of 16. Measured there
+/// on MiniLM's layers, 16 rows of int8 weights ran about 10 % slower here than in the dot-product
+/// tiles, and 32 rows about as fast.
+const MIN_ROWS_CONVERTED_SPLIT: usize = 64;
+
+/// Minimum rows the kernel takes with f16 and int8 weights on other cores: one vector of 16.
+/// Measured on Zen 5 with all-MiniLM-L6-v2 (`edgefold bench`, one thread), the model took 20 %
+/// (int8) and 33 % (f16) less time at 16 tokens than with the dot-product tiles, and 34 to 41 %
+/// less at 32 and 48.
+/// NOTE: Intel cores with AVX-512 take this value without a measurement of their own.
+const MIN_ROWS_CONVERTED: usize = 16;
 
 /// Minimum rows the kernel takes with int4 weights, whose other kernel decodes blocks of 256
 /// columns. Measured on Zen 4 with SmolLM2-135M's int4 layers, passes of 32 prompt tokens ran
@@ -75,10 +84,29 @@ std::thread_local! {
 pub(crate) fn min_rows(w: &super::Weights<'_>) -> Option<usize> {
     match w {
         super::Weights::F32(_) => Some(MIN_ROWS_F32),
-        super::Weights::F16(_) | super::Weights::I8(_) => Some(MIN_ROWS_CONVERTED),
+        super::Weights::F16(_) | super::Weights::I8(_) => match splits_512_bit_operations() {
+            true => Some(MIN_ROWS_CONVERTED_SPLIT),
+            false => Some(MIN_ROWS_CONVERTED),
+        },
         super::Weights::I4(w) if w.group % 16 == 0 => Some(MIN_ROWS_INT4),
         super::Weights::I4(_) => None,
     }
+}
+
+/// Returns whether the CPU is an AMD Zen 4 (family 19h with AVX-512), whose cores run each
+/// 512-bit operation as two 256-bit halves. The result is read once, because `cpuid` can trap to
+/// the hypervisor in a virtual machine.
+fn splits_512_bit_operations() -> bool {
+    static SPLITS: OnceLock<bool> = OnceLock::new();
+    *SPLITS.get_or_init(|| {
+        // Leaf 0 spells the vendor "AuthenticAMD" in EBX, EDX and ECX.
+        let vendor = __cpuid(0);
+        let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6E65, 0x444D_4163);
+        let signature = __cpuid(1).eax;
+        let base = (signature >> 8) & 0xF;
+        let family = if base == 0xF { base + ((signature >> 20) & 0xFF) } else { base };
+        amd && family == 0x19
+    })
 }
 
 /// Returns whether [`linear`] takes a call of `rows` rows of `k` values with weights `w`.

@@ -11,10 +11,10 @@
 //!
 //! Work is split by rows of the output or by outputs, so each output value is computed by the
 //! same kernel in the same order as on one thread. The broadcast AVX-512 kernel takes f32
-//! weights from 16 rows, int4 in groups of a multiple of 16 from 32, and f16 and int8 from 64. A
-//! call that takes it is split by rows only into parts that keep that many rows, so that every
-//! part takes it too. Where that leaves fewer parts than threads, as for 16 to 31 rows of f32
-//! weights on two threads, the call is split by outputs instead: every part then has all the
+//! weights from 16 rows, int4 in groups of a multiple of 16 from 32, and f16 and int8 from 16
+//! (64 on Zen 4). A call that takes it is split by rows only into parts that keep that many
+//! rows, so that every part takes it too. Where that leaves fewer parts than threads, as for 16
+//! to 31 rows of f32 weights on two threads, the call is split by outputs instead: every part then has all the
 //! rows. The exception is the one the note on [`linear`] describes: with int4 and f16 weights
 //! below that kernel, a part with fewer rows can round differently. Results for a given thread
 //! count repeat exactly.

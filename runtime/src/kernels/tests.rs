@@ -307,8 +307,8 @@ fn linear_layer_widths() {
 
 #[test]
 fn linear_many_rows() {
-    // On AVX-512, f32 weights from 16 rows, int4 from 32, and f16 and int8 from 64 take the
-    // kernel that transposes blocks of one to four vectors of 16 rows. Rows: one full block, one
+    // On AVX-512, f32 weights from 16 rows, int4 from 32, and f16 and int8 from 16 (from 64 on
+    // Zen 4) take the kernel that transposes blocks of one to four vectors of 16 rows. Rows: one full block, one
     // row past it, and two blocks with a partial third. Row lengths: one value, odd ones,
     // MiniLM's, and (one block only) the longest the kernel takes and one past it. Output counts:
     // around its tile of 6 weight rows. Then outputs past its pass of 768, ending inside a
@@ -321,9 +321,11 @@ fn linear_many_rows() {
     // Blocks of one, two and three vectors, with tiles of 24, 8 and 6 weight rows: rows at and
     // past each block size, output counts around each tile.
     if !cfg!(miri) {
-        for rows in [16, 17, 31, 32, 33, 47, 48, 63] {
-            for (k, n) in [(1, 25), (17, 23), (384, 49), (1537, 9)] {
-                check_linear(Kind::F32, rows, k, n, 1, (rows * 5 + k + n) as u64);
+        for kind in [Kind::F32, Kind::F16, Kind::I8] {
+            for rows in [16, 17, 31, 32, 33, 47, 48, 63] {
+                for (k, n) in [(1, 25), (17, 23), (384, 49), (1537, 9)] {
+                    check_linear(kind, rows, k, n, 1, (rows * 5 + k + n) as u64);
+                }
             }
         }
     }
