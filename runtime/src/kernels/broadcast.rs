@@ -13,8 +13,8 @@
 //! group's scale and minimum) a tile at a time, and the tile's converted rows serve every block
 //! of the span. The conversion pays for itself from 16 rows on (64 on Zen 4, 32 for int4), so
 //! these weights take this kernel from there. The tiles store their sums to a transposed output
-//! block, which is transposed back into `y` in registers with the bias added. Each output is one chain of
-//! multiply-adds in ascending `k`, then the bias.
+//! block, which is transposed back into `y` in registers with the bias added. Each output is one
+//! chain of multiply-adds in ascending `k`, then the bias.
 
 use core::arch::x86_64::*;
 use std::sync::OnceLock;
