@@ -7,13 +7,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{random_f32, Aligned};
+use common::{minilm_l3_model, mlperf_tiny_file, random_f32, Aligned};
 use edgefold_compressor::ir::{Graph, Node, Storage, Symbol, Value, ValueId};
 use edgefold_compressor::onnx::{import, ImportOptions};
 use edgefold_compressor::passes::fuse;
 use edgefold_compressor::plan::{plan_arena_with, PlanOptions};
 use edgefold_compressor::quantize::{quantize, Quantize};
-use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::pack;
 use edgefold_runtime::crc32::crc32;
 use edgefold_runtime::format::{
@@ -296,20 +295,9 @@ fn onnx_fixtures_state_their_arena() {
     }
 }
 
-/// The path of an MLPerf Tiny model, or `None` (after reporting the skip) when it is absent.
-fn mlperf_tiny(name: &str) -> Option<String> {
-    let path = format!("{}/../../shared/data/mlperf-tiny/{name}", env!("CARGO_MANIFEST_DIR"));
-    if Path::new(&path).exists() {
-        Some(path)
-    } else {
-        skip(&format!("{path} is missing"));
-        None
-    }
-}
-
 #[test]
 fn keyword_spotting_fits_in_one_activation() {
-    let Some(path) = mlperf_tiny("kws_ref_model.onnx") else { return };
+    let Some(path) = mlperf_tiny_file("kws_ref_model.onnx") else { return };
     let options = ImportOptions::default();
     for mode in [Quantize::Int8, Quantize::F32] {
         let used = check(&format!("kws {mode}"), &load(Path::new(&path), &options, Some(mode)));
@@ -324,19 +312,14 @@ fn keyword_spotting_fits_in_one_activation() {
 
 #[test]
 fn wake_word_states_its_arena() {
-    let Some(path) = mlperf_tiny("str_ww_ref_model.onnx") else { return };
+    let Some(path) = mlperf_tiny_file("str_ww_ref_model.onnx") else { return };
     let graph = load(Path::new(&path), &ImportOptions::default(), Some(Quantize::Int8));
     check("wake word int8", &graph);
 }
 
 #[test]
 fn minilm_states_its_arena() {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/paraphrase-MiniLM-L3-v2/model.onnx");
-    if !path.exists() {
-        skip(&format!("{} is absent (run scripts/fetch-models.sh)", path.display()));
-        return;
-    }
+    let Some(path) = minilm_l3_model() else { return };
     let options = ImportOptions { max_batch: 1, max_seq: 16 };
     let used = check("MiniLM-L3 int8", &load(&path, &options, Some(Quantize::Int8)));
     assert!(used.in_place_ops > 0, "no op of the encoder runs in place");

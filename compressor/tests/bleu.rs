@@ -6,9 +6,12 @@
 //! tags, escaped entities and numbers with commas, periods and hyphens. The expected scores come
 //! from sacreBLEU, run by python3 on the same files at test time (`pip install sacrebleu`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::{python_can_import, scratch_dir, tatoeba_path};
 use edgefold_compressor::bleu::{
     corpus_bleu, corpus_chrf, sentence_bleu, tokenize_13a, BleuScore, ChrfScore, ScoreError,
 };
@@ -177,13 +180,9 @@ fn corrupt(line: &str, rng: &mut Rng) -> String {
     corrupted
 }
 
-fn data_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/translation/tatoeba-eng-por.por")
-}
-
 /// Reads the reference sentences, or returns `None` after reporting the skip.
 fn reference_lines() -> Option<Vec<String>> {
-    let path = data_file();
+    let path = tatoeba_path("por");
     if !path.exists() {
         skip(&format!("{} is absent (the evaluation data beside the repository)", path.display()));
         return None;
@@ -196,15 +195,8 @@ fn reference_lines() -> Option<Vec<String>> {
 
 /// Returns whether python3 can import sacrebleu, after reporting the skip when it cannot.
 fn sacrebleu_available() -> bool {
-    let available = Command::new("python3")
-        .args(["-c", "import sacrebleu"])
-        .status()
-        .map(|status| status.success())
-        .unwrap_or(false);
-    if !available {
-        skip("python3 with sacrebleu is needed for the expected scores (pip install sacrebleu)");
-    }
-    available
+    let reason = "python3 with sacrebleu is needed for the expected scores (pip install sacrebleu)";
+    python_can_import("sacrebleu", reason)
 }
 
 /// Runs a Python script with arguments and parses the JSON it prints.
@@ -212,13 +204,6 @@ fn run_python(script: &str, args: &[PathBuf]) -> Value {
     let output = Command::new("python3").arg("-c").arg(script).args(args).output().unwrap();
     assert!(output.status.success(), "python3 failed: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
-}
-
-/// Creates an empty directory for one test's files.
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edgefold-bleu-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Writes lines separated by `\n`, which no line may contain.

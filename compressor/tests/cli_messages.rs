@@ -1,10 +1,14 @@
 //! Error messages, JSON errors and progress of the `edgefold` binary, run as the built binary on
 //! the small ONNX fixtures and on files that the tests write.
 
+mod common;
+
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{compress_command, edgefold, onnx_fixture, scratch_dir, stderr_of};
 use edgefold_compressor::ir::{Graph, Node, Symbol, Value, ValueId};
 use edgefold_compressor::npy::{to_npy_bytes, write_npy};
 use edgefold_compressor::plan::plan_arena;
@@ -15,28 +19,6 @@ use edgefold_runtime::ops::{BinaryKind, Op};
 use edgefold_runtime::selftest::SELF_TEST_KEY;
 use edgefold_runtime::{DType, MappedFile, Model};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx/");
-
-fn edgefold() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_edgefold"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(FIXTURES).join(name)
-}
-
-/// Returns an empty directory for one test.
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-messages-{name}"));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn stderr_of(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 /// Parses stdout as one JSON object, failing the test with both streams when it is not one.
 fn stdout_json(output: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -44,16 +26,15 @@ fn stdout_json(output: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout:?}\n{output:?}"))
 }
 
+/// Returns `edgefold compress patterns.onnx -o OUTPUT`, to which the caller adds options.
+fn compress_patterns(output: impl AsRef<OsStr>) -> Command {
+    compress_command(onnx_fixture("patterns.onnx"), output)
+}
+
 /// Compresses `patterns.onnx` (input x f32 [batch, 6]) into `dir`.
 fn packed_patterns(dir: &Path) -> PathBuf {
     let packed = dir.join("patterns.fold");
-    let result = edgefold()
-        .arg("compress")
-        .arg(fixture("patterns.onnx"))
-        .arg("-o")
-        .arg(&packed)
-        .output()
-        .unwrap();
+    let result = compress_patterns(&packed).output().unwrap();
     assert!(result.status.success(), "{}", stderr_of(&result));
     packed
 }
@@ -112,11 +93,7 @@ fn json_error_on_stdout() {
 #[test]
 fn json_error_for_invalid_option() {
     let dir = scratch_dir("json-usage");
-    let result = edgefold()
-        .arg("compress")
-        .arg(fixture("patterns.onnx"))
-        .arg("-o")
-        .arg(dir.join("out.fold"))
+    let result = compress_patterns(dir.join("out.fold"))
         .args(["--max-seq", "0", "--json"])
         .output()
         .unwrap();
@@ -147,7 +124,7 @@ fn causes_printed_once() {
     let eval = |data: &str, task: &str| {
         edgefold()
             .arg("eval")
-            .arg(fixture("patterns.onnx"))
+            .arg(onnx_fixture("patterns.onnx"))
             .arg(&packed)
             .args(["--task", task, "--data"])
             .arg(dir.join(data))
@@ -165,11 +142,7 @@ fn causes_printed_once() {
         .arg(dir.join("no-such-dir").join("out.npy"))
         .output()
         .unwrap();
-    let tokenizer_missing = edgefold()
-        .arg("compress")
-        .arg(fixture("patterns.onnx"))
-        .arg("-o")
-        .arg(dir.join("out.fold"))
+    let tokenizer_missing = compress_patterns(dir.join("out.fold"))
         .arg("--tokenizer")
         .arg(dir.join("missing.json"))
         .output()
@@ -223,7 +196,7 @@ fn packed_file_as_onnx_is_named() {
     let packed = packed_patterns(&dir);
     let bench = edgefold().arg("bench").arg(&packed).args(["--engine", "tract"]).output().unwrap();
     let again = dir.join("again.fold");
-    let compress = edgefold().arg("compress").arg(&packed).arg("-o").arg(&again).output().unwrap();
+    let compress = compress_command(&packed, &again).output().unwrap();
     for (what, result) in [("bench", bench), ("compress", compress)] {
         let stderr = stderr_of(&result);
         assert_eq!(result.status.code(), Some(1), "{what}: {stderr}");
@@ -240,13 +213,7 @@ fn compress_output_directory_rejected() {
     let with_slash = format!("{}/", target.display());
     let missing_with_slash = format!("{}/", dir.join("not-yet").display());
     for output in [target.display().to_string(), with_slash, missing_with_slash] {
-        let result = edgefold()
-            .arg("compress")
-            .arg(fixture("patterns.onnx"))
-            .arg("-o")
-            .arg(&output)
-            .output()
-            .unwrap();
+        let result = compress_patterns(&output).output().unwrap();
         let stderr = stderr_of(&result);
         assert_eq!(result.status.code(), Some(1), "-o {output}: {stderr}");
         assert!(stderr.contains("directory; -o takes the path of the file"), "{stderr}");
@@ -261,14 +228,7 @@ fn compress_output_directory_rejected() {
 fn zero_max_seq_and_batch_rejected() {
     let dir = scratch_dir("zero-limits");
     for option in ["--max-seq", "--max-batch"] {
-        let result = edgefold()
-            .arg("compress")
-            .arg(fixture("patterns.onnx"))
-            .arg("-o")
-            .arg(dir.join("out.fold"))
-            .args([option, "0"])
-            .output()
-            .unwrap();
+        let result = compress_patterns(dir.join("out.fold")).args([option, "0"]).output().unwrap();
         let stderr = stderr_of(&result);
         assert_eq!(result.status.code(), Some(2), "{option}: {stderr}");
         assert!(stderr.contains(&format!("'0' for '{option}")), "{stderr}");
@@ -277,7 +237,7 @@ fn zero_max_seq_and_batch_rejected() {
     }
     let result = edgefold()
         .arg("analyze")
-        .arg(fixture("patterns.onnx"))
+        .arg(onnx_fixture("patterns.onnx"))
         .args(["--max-seq", "0"])
         .output()
         .unwrap();
@@ -294,11 +254,7 @@ fn planner_progress_on_stderr() {
     let dir = scratch_dir("planner-progress");
     let calibration = dir.join("calibration.npz");
     write_patterns_npz(&calibration, 20);
-    let result = edgefold()
-        .arg("compress")
-        .arg(fixture("patterns.onnx"))
-        .arg("-o")
-        .arg(dir.join("out.fold"))
+    let result = compress_patterns(dir.join("out.fold"))
         .args(["--min-quality", "0.5", "--task", "raw", "--calibration"])
         .arg(&calibration)
         .output()
@@ -322,7 +278,7 @@ fn eval_warns_on_other_original() {
     // The same graph with an unknown protobuf field (number 100, varint 1) appended: tract reads
     // the same model, but the file's sha256 differs.
     let other = dir.join("other.onnx");
-    let mut bytes = std::fs::read(fixture("patterns.onnx")).unwrap();
+    let mut bytes = std::fs::read(onnx_fixture("patterns.onnx")).unwrap();
     bytes.extend_from_slice(&[0xa0, 0x06, 0x01]);
     std::fs::write(&other, bytes).unwrap();
 
@@ -343,7 +299,7 @@ fn eval_warns_on_other_original() {
     assert!(stderr.contains("patterns.fold was not compressed from"), "{stderr}");
     assert_eq!(stdout_json(&result)["source_matches"], false);
 
-    let result = eval(&fixture("patterns.onnx"));
+    let result = eval(&onnx_fixture("patterns.onnx"));
     let stderr = stderr_of(&result);
     assert!(result.status.success(), "{stderr}");
     assert!(!stderr.contains("was not compressed from"), "{stderr}");
@@ -383,15 +339,18 @@ fn run_symbol_conflict_names_symbol() {
     write_npy(&four, &HostTensor::f32(vec![4], vec![1.0; 4])).unwrap();
     write_npy(&three, &HostTensor::f32(vec![3], vec![1.0; 3])).unwrap();
 
-    let result = edgefold()
-        .arg("run")
-        .arg(&model)
-        .arg("--input")
-        .arg(&four)
-        .arg("--input")
-        .arg(&three)
-        .output();
-    let result = result.unwrap();
+    let run = |first: &Path, second: &Path| {
+        edgefold()
+            .arg("run")
+            .arg(&model)
+            .arg("--input")
+            .arg(first)
+            .arg("--input")
+            .arg(second)
+            .output()
+            .unwrap()
+    };
+    let result = run(&four, &three);
     let stderr = stderr_of(&result);
     assert_eq!(result.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("\"sequence\""), "{stderr}");
@@ -402,15 +361,7 @@ fn run_symbol_conflict_names_symbol() {
     assert!(stderr.contains("three.npy"), "{stderr}");
 
     // Inputs that agree run.
-    let result = edgefold()
-        .arg("run")
-        .arg(&model)
-        .arg("--input")
-        .arg(&four)
-        .arg("--input")
-        .arg(&four)
-        .output();
-    let result = result.unwrap();
+    let result = run(&four, &four);
     assert!(result.status.success(), "{}", stderr_of(&result));
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -423,15 +374,7 @@ fn verify_failure_json_says_inf() {
     let input = dir.join("x.npy");
     write_npy(&input, &HostTensor::f32(vec![1, 6], vec![0.5; 6])).unwrap();
     let packed = dir.join("checked.fold");
-    let result = edgefold()
-        .arg("compress")
-        .arg(fixture("patterns.onnx"))
-        .arg("-o")
-        .arg(&packed)
-        .arg("--self-test-input")
-        .arg(&input)
-        .output()
-        .unwrap();
+    let result = compress_patterns(&packed).arg("--self-test-input").arg(&input).output().unwrap();
     assert!(result.status.success(), "{}", stderr_of(&result));
 
     // The record is 20 bytes of header, the input (4 bytes of type and rank, extents [1, 6], a

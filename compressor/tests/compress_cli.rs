@@ -2,37 +2,20 @@
 //! input file is rejected. A too-large arena gives a warning at compress time and an error, not
 //! an abort, at load time. An interrupted write leaves no temporary file.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{
+    compress_command, edgefold, minilm_l3_model, onnx_fixture, repo_root, scratch_dir, stderr_of,
+};
 use edgefold_compressor::testdata::skip;
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx/");
 
 /// A sequence length whose arena (about 366 GiB for `dynamic_shapes.onnx`, 35 TiB for MiniLM)
 /// is far more memory than test machines have.
 const HUGE_MAX_SEQ: &str = "4000000000";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn edgefold() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_edgefold"))
-}
-
-/// Returns an empty directory for one test.
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("compress-cli-{name}"));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn stderr_of(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 /// Returns whether an allocation larger than the machine's memory fails, as it does unless the
 /// kernel overcommits every allocation (`vm.overcommit_memory = 1`).
@@ -49,7 +32,7 @@ fn huge_allocations_fail() -> bool {
 fn compress_rejects_output_that_is_input() {
     let dir = scratch_dir("output-is-input");
     let model = dir.join("same.onnx");
-    std::fs::copy(Path::new(FIXTURES).join("dynamic_shapes.onnx"), &model).unwrap();
+    std::fs::copy(onnx_fixture("dynamic_shapes.onnx"), &model).unwrap();
     let original = std::fs::read(&model).unwrap();
     let link = dir.join("link.onnx");
     std::fs::hard_link(&model, &link).unwrap();
@@ -60,7 +43,7 @@ fn compress_rejects_output_that_is_input() {
     // is read from beside the model.
     let relative = dir.join("..").join(dir.file_name().unwrap()).join("same.onnx");
     for output in [&model, &relative, &link, &tokenizer] {
-        let result = edgefold().arg("compress").arg(&model).arg("-o").arg(output).output().unwrap();
+        let result = compress_command(&model, output).output().unwrap();
         let stderr = stderr_of(&result);
         assert_eq!(result.status.code(), Some(1), "-o {}: {stderr}", output.display());
         assert!(stderr.contains(&output.display().to_string()), "{stderr}");
@@ -72,7 +55,7 @@ fn compress_rejects_output_that_is_input() {
     // An output that exists but is no input is replaced as before.
     let other = dir.join("other.fold");
     std::fs::write(&other, b"old").unwrap();
-    let result = edgefold().arg("compress").arg(&model).arg("-o").arg(&other).output().unwrap();
+    let result = compress_command(&model, &other).output().unwrap();
     assert!(result.status.success(), "{}", stderr_of(&result));
     assert_ne!(std::fs::read(&other).unwrap(), b"old");
     std::fs::remove_dir_all(&dir).ok();
@@ -85,11 +68,7 @@ fn huge_arena_warns_then_fails_cleanly() {
     }
     let dir = scratch_dir("huge-arena");
     let packed = dir.join("huge.fold");
-    let result = edgefold()
-        .arg("compress")
-        .arg(Path::new(FIXTURES).join("dynamic_shapes.onnx"))
-        .arg("-o")
-        .arg(&packed)
+    let result = compress_command(onnx_fixture("dynamic_shapes.onnx"), &packed)
         .args(["--max-seq", HUGE_MAX_SEQ])
         .output()
         .unwrap();
@@ -121,21 +100,11 @@ fn huge_arena_embed_fails_cleanly() {
     if !huge_allocations_fail() {
         return;
     }
-    let model = repo_root().join("models/paraphrase-MiniLM-L3-v2/model.onnx");
-    if !model.exists() {
-        skip(&format!("{} is missing", model.display()));
-        return;
-    }
+    let Some(model) = minilm_l3_model() else { return };
     let dir = scratch_dir("huge-arena-embed");
     let packed = dir.join("huge.fold");
-    let result = edgefold()
-        .arg("compress")
-        .arg(&model)
-        .arg("-o")
-        .arg(&packed)
-        .args(["--max-seq", HUGE_MAX_SEQ])
-        .output()
-        .unwrap();
+    let result =
+        compress_command(&model, &packed).args(["--max-seq", HUGE_MAX_SEQ]).output().unwrap();
     assert!(result.status.success(), "{}", stderr_of(&result));
     let result = edgefold().arg("embed").arg(&packed).arg("hello").output().unwrap();
     assert_clean_arena_error(&result, "embed", &packed.display().to_string());
@@ -181,11 +150,7 @@ fn interrupted_write_leaves_no_temporary_file() {
     // A signal that arrives after the write finished proves nothing, so the test tries again.
     for _ in 0..5 {
         std::fs::write(&output, b"previous output").unwrap();
-        let mut child = edgefold()
-            .arg("compress")
-            .arg(model)
-            .arg("-o")
-            .arg(&output)
+        let mut child = compress_command(model, &output)
             .args(["--quantize", "f32"])
             .stderr(Stdio::null())
             .spawn()

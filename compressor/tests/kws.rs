@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{max_abs_diff, pack_graph, run, Aligned};
+use common::{max_abs_diff, mlperf_tiny_file, pack_graph, run, Aligned};
 use edgefold_compressor::ir::{Graph, Storage};
 use edgefold_compressor::npy::read_npz;
 use edgefold_compressor::onnx::{import, ImportOptions};
@@ -13,28 +13,14 @@ use edgefold_compressor::passes::fuse;
 use edgefold_compressor::quantize::{quantize, Quantize};
 use edgefold_compressor::reference::ReferenceModel;
 use edgefold_compressor::tensor::{HostTensor, TensorData};
-use edgefold_compressor::testdata::skip;
 use edgefold_runtime::ops::{Op, PoolKind};
 use edgefold_runtime::Model;
-
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/mlperf-tiny/");
 
 /// Quantization of the int8 input of the TFLite keyword spotting model (tensor `input_1`): the
 /// float ONNX model takes `(q - 83) * 0.5847029`.
 const KWS_INPUT: (f32, i64) = (0.584_702_9, 83);
 /// Quantization of the int8 input of the TFLite wake word model.
 const WAKE_WORD_INPUT: (f32, i64) = (0.003_701_042_6, -128);
-
-/// The path of an MLPerf Tiny file, or `None` (after reporting the skip) when it is absent.
-fn data_file(name: &str) -> Option<String> {
-    let path = format!("{DATA}{name}");
-    if Path::new(&path).exists() {
-        Some(path)
-    } else {
-        skip(&format!("{path} is missing"));
-        None
-    }
-}
 
 /// Imports, fuses, quantizes and packs a model, as `edgefold compress` does.
 fn compress(path: &str, mode: Quantize) -> (Graph, Aligned) {
@@ -71,7 +57,7 @@ fn argmax(values: &[f32]) -> usize {
 
 #[test]
 fn kws_lowers_to_fused_convolutions() {
-    let Some(path) = data_file("kws_ref_model.onnx") else { return };
+    let Some(path) = mlperf_tiny_file("kws_ref_model.onnx") else { return };
     let (graph, _) = compress(&path, Quantize::F32);
     let convs: Vec<&Op> =
         graph.nodes.iter().map(|n| &n.op).filter(|op| matches!(op, Op::Conv2d { .. })).collect();
@@ -93,7 +79,7 @@ fn kws_lowers_to_fused_convolutions() {
 #[test]
 fn kws_f32_matches_tract() {
     let (Some(model), Some(npz)) =
-        (data_file("kws_ref_model.onnx"), data_file("kws_ref_model.npz"))
+        (mlperf_tiny_file("kws_ref_model.onnx"), mlperf_tiny_file("kws_ref_model.npz"))
     else {
         return;
     };
@@ -112,7 +98,7 @@ fn kws_f32_matches_tract() {
 #[test]
 fn kws_int8_keeps_top_class() {
     let (Some(model), Some(npz)) =
-        (data_file("kws_ref_model.onnx"), data_file("kws_ref_model.npz"))
+        (mlperf_tiny_file("kws_ref_model.onnx"), mlperf_tiny_file("kws_ref_model.npz"))
     else {
         return;
     };
@@ -145,7 +131,9 @@ fn reconstruction_error(input: &HostTensor, output: &HostTensor) -> f64 {
 
 #[test]
 fn anomaly_autoencoder_matches_tract() {
-    let (Some(model), Some(npz)) = (data_file("ad01_fp32.onnx"), data_file("ad01_fp32.npz")) else {
+    let (Some(model), Some(npz)) =
+        (mlperf_tiny_file("ad01_fp32.onnx"), mlperf_tiny_file("ad01_fp32.npz"))
+    else {
         return;
     };
     let input = npz_input(&npz, "in0", None);
@@ -173,9 +161,9 @@ fn anomaly_autoencoder_matches_tract() {
 #[test]
 fn wake_word_matches_tract_on_every_sample() {
     let (Some(model), Some(npz), Some(samples)) = (
-        data_file("str_ww_ref_model.onnx"),
-        data_file("str_ww_ref_model.npz"),
-        data_file("str_ww_calibration_samples.npz"),
+        mlperf_tiny_file("str_ww_ref_model.onnx"),
+        mlperf_tiny_file("str_ww_ref_model.npz"),
+        mlperf_tiny_file("str_ww_calibration_samples.npz"),
     ) else {
         return;
     };
@@ -215,7 +203,7 @@ fn wake_word_matches_tract_on_every_sample() {
 #[test]
 fn kws_f16_and_int4_modes_run() {
     let (Some(model), Some(npz)) =
-        (data_file("kws_ref_model.onnx"), data_file("kws_ref_model.npz"))
+        (mlperf_tiny_file("kws_ref_model.onnx"), mlperf_tiny_file("kws_ref_model.npz"))
     else {
         return;
     };

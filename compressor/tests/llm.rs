@@ -5,10 +5,13 @@
 //! The model comes from `scripts/fetch-models.sh`. The reference logits come from
 //! `scripts/llama_reference.py`, which needs python3 with numpy, gguf and tokenizers.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+use common::{python_can_import, repo_root, scratch_dir};
 use edgefold_compressor::gguf::GgufFile;
 use edgefold_compressor::llm::analysis::{block_influence, lowest_influence};
 use edgefold_compressor::llm::packed::{pack, tokenizer_of, PackedLm};
@@ -23,10 +26,6 @@ use edgefold_compressor::text::cosine;
 use edgefold_compressor::writer::with_metadata;
 use edgefold_runtime::decoder::{Decoder, DecoderConfig, Logits, CONFIG_KEY};
 use edgefold_runtime::{MappedFile, Model};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 
 fn model_path() -> PathBuf {
     repo_root().join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -66,13 +65,8 @@ const HARD_PROMPT: &str =
 /// Runs the NumPy reference on `prompt` and returns its token ids and logits, or `None` when
 /// python3 or its packages are missing.
 fn reference(prompt: &str) -> Option<(Vec<u32>, Vec<f32>, usize)> {
-    let probe = Command::new("python3")
-        .args(["-c", "import numpy, gguf, tokenizers"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !probe {
-        skip("python3 with numpy, gguf and tokenizers is needed (pip install gguf tokenizers)");
+    let reason = "python3 with numpy, gguf and tokenizers is needed (pip install gguf tokenizers)";
+    if !python_can_import("numpy, gguf, tokenizers", reason) {
         return None;
     }
     let out = std::env::temp_dir().join(format!("edgefold-llama-ref-{}.npy", std::process::id()));
@@ -189,14 +183,21 @@ fn chat_template_renders() {
     assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
 }
 
-#[test]
-fn perplexity_of_wikitext_is_plausible() {
-    let Some(m) = loaded() else { return };
+/// Returns the WikiText-2 validation text from the evaluation data beside the repository, or
+/// `None` after reporting the skip.
+fn wikitext() -> Option<String> {
     let path = repo_root().join("../shared/data/lm/wikitext2_valid.txt");
     let Ok(text) = std::fs::read_to_string(&path) else {
         skip(&format!("{} is missing", path.display()));
-        return;
+        return None;
     };
+    Some(text)
+}
+
+#[test]
+fn perplexity_of_wikitext_is_plausible() {
+    let Some(m) = loaded() else { return };
+    let Some(text) = wikitext() else { return };
     let ids = m.tokenizer.encode(&text[..20_000]).unwrap();
     let tokens = &ids[..512];
     let result = perplexity(&m.model, tokens, 256, |_| {}).unwrap();
@@ -258,14 +259,24 @@ fn argmax(values: &[f32]) -> u32 {
     edgefold_compressor::llm::sample::argmax(values)
 }
 
+/// Runs `prompt` after the cached positions of `lm` and returns the next `count` tokens, each the
+/// argmax of the logits before it. Every returned token is run too, so `lm` grows by
+/// `prompt.len() + count` positions.
+fn greedy_tokens(lm: &mut impl CausalLm, prompt: &[u32], count: usize) -> Vec<u32> {
+    let mut logits = lm.forward(prompt, false).unwrap();
+    let mut generated = Vec::new();
+    for _ in 0..count {
+        let next = argmax(&logits);
+        generated.push(next);
+        logits = lm.forward(&[next], false).unwrap();
+    }
+    generated
+}
+
 #[test]
 fn block_influence_ranks_removals() {
     let Some(m) = loaded() else { return };
-    let path = repo_root().join("../shared/data/lm/wikitext2_valid.txt");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        skip(&format!("{} is missing", path.display()));
-        return;
-    };
+    let Some(text) = wikitext() else { return };
     let ids = m.tokenizer.encode(&text[..8_000]).unwrap();
     let tokens = &ids[..256];
     let influence = block_influence(&m.model, tokens, 256).unwrap();
@@ -301,8 +312,7 @@ fn damaged_model_files_fail_cleanly() {
         skip(&format!("{} is missing; run scripts/fetch-models.sh", path.display()));
         return;
     };
-    let dir = std::env::temp_dir().join(format!("edgefold-llm-damaged-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("damaged");
 
     // Cut inside the metadata (the vocabulary takes its first 1.7 MB) and in the last tensor.
     for len in [4096, 1 << 20, bytes.len() - 1] {
@@ -396,13 +406,7 @@ fn packed_int4_keeps_paris() {
     // Greedy decoding continues with " Paris".
     let mut lm = PackedLm::new(decoder);
     lm.clear();
-    let mut logits = lm.forward(&ids, false).unwrap();
-    let mut generated = Vec::new();
-    for _ in 0..3 {
-        let next = argmax(&logits);
-        generated.push(next);
-        logits = lm.forward(&[next], false).unwrap();
-    }
+    let generated = greedy_tokens(&mut lm, &ids, 3);
     let text = tokenizer.decode(&generated);
     assert!(text.trim_start().starts_with("Paris"), "continued with {text:?}");
 
@@ -417,11 +421,7 @@ fn packed_int4_keeps_paris() {
 #[test]
 fn packed_perplexity_matches_host() {
     let Some(m) = loaded() else { return };
-    let path = repo_root().join("../shared/data/lm/wikitext2_valid.txt");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        skip(&format!("{} is missing", path.display()));
-        return;
-    };
+    let Some(text) = wikitext() else { return };
     let tokens = &m.tokenizer.encode(&text[..4_000]).unwrap()[..200];
     let (quantized, bytes) = packed_int4(m, 100);
     let map = mapped(&bytes, "perplexity");
@@ -443,11 +443,7 @@ fn packed_perplexity_matches_host() {
 #[test]
 fn int8_activations_keep_paris_and_perplexity() {
     let Some(m) = loaded() else { return };
-    let path = repo_root().join("../shared/data/lm/wikitext2_valid.txt");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        skip(&format!("{} is missing", path.display()));
-        return;
-    };
+    let Some(text) = wikitext() else { return };
     let (_, bytes) = packed_int4(m, 100);
     let map = mapped(&bytes, "int8-activations");
     let model = Model::open(map.bytes()).unwrap();
@@ -463,13 +459,7 @@ fn int8_activations_keep_paris_and_perplexity() {
 
     lm.clear();
     let ids = m.tokenizer.encode("The capital of France is").unwrap();
-    let mut logits = lm.forward(&ids, false).unwrap();
-    let mut generated = Vec::new();
-    for _ in 0..3 {
-        let next = argmax(&logits);
-        generated.push(next);
-        logits = lm.forward(&[next], false).unwrap();
-    }
+    let generated = greedy_tokens(&mut lm, &ids, 3);
     let text = m.tokenizer.decode(&generated);
     assert!(text.trim_start().starts_with("Paris"), "continued with {text:?}");
 }

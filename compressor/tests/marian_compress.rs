@@ -8,33 +8,19 @@ use std::path::Path;
 
 mod common;
 
-use common::{load_en_pt as load, repo_root, EnPt as Loaded};
+use common::{empty_packed_file, load_en_pt as load, tatoeba_lines, EnPt as Loaded};
 
 use edgefold_compressor::bleu::corpus_bleu;
-use edgefold_compressor::ir::Graph;
 use edgefold_compressor::marian::{
     pack, MarianError, MarianModel, MarianPart, MatrixStorage, CONFIG_KEY,
 };
-use edgefold_compressor::plan::ArenaPlan;
-use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::with_metadata;
 use edgefold_runtime::Model;
 
 /// Returns `count` English sentences and their Portuguese references, from line `start` of the
 /// Tatoeba files.
 fn pairs(start: usize, count: usize) -> Option<(Vec<String>, Vec<String>)> {
-    let base = repo_root().join("../shared/data/translation/tatoeba-eng-por");
-    let read = |suffix: &str| {
-        let path = base.with_extension(suffix);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Some(text.lines().skip(start).take(count).map(str::to_owned).collect()),
-            Err(_) => {
-                skip(&format!("{} is missing", path.display()));
-                None
-            }
-        }
-    };
-    Some((read("eng")?, read("por")?))
+    Some((tatoeba_lines("eng", start, count)?, tatoeba_lines("por", start, count)?))
 }
 
 impl Loaded {
@@ -198,14 +184,6 @@ fn damaged_packed_models_fail_cleanly() {
     }
 
     // A packed file without a translation model.
-    let plan = ArenaPlan {
-        offsets: Vec::new(),
-        sizes: Vec::new(),
-        in_place: Vec::new(),
-        scratch: Vec::new(),
-        arena_bytes: 0,
-    };
-    let empty = edgefold_compressor::writer::pack(&Graph::default(), &plan, &[]).unwrap();
-    let err = open(&empty).unwrap_err();
+    let err = open(&empty_packed_file()).unwrap_err();
     assert!(err.to_string().contains("contains no Marian model"), "{err}");
 }

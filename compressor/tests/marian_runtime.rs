@@ -7,13 +7,12 @@
 
 mod common;
 
-use common::{load_en_pt as load, repo_root, Aligned, EnPt as Loaded};
+use common::{empty_packed_file, load_en_pt as load, tatoeba_lines, Aligned, EnPt as Loaded};
 use edgefold_compressor::ir::{Graph, Storage};
 use edgefold_compressor::marian::{
     pack, MarianModel, MarianPart, MatrixStorage, MAX_SOURCE, TRANSLATOR_KEY,
 };
 use edgefold_compressor::plan::ArenaPlan;
-use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::with_metadata;
 use edgefold_runtime::kernels::int8_products_supported;
 use edgefold_runtime::translator::{
@@ -29,14 +28,7 @@ const SENTENCES: usize = 20;
 
 /// Returns the first `count` English sentences of the Tatoeba test set.
 fn sentences(count: usize) -> Option<Vec<String>> {
-    let path = repo_root().join("../shared/data/translation/tatoeba-eng-por.eng");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(text.lines().take(count).map(str::to_owned).collect()),
-        Err(_) => {
-            skip(&format!("{} is missing", path.display()));
-            None
-        }
-    }
+    tatoeba_lines("eng", 0, count)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -287,15 +279,7 @@ fn translator_rejects_damaged_records() {
     assert!(matches!(err, Error::InvalidTranslator { tensor: u32::MAX, .. }), "{err}");
 
     // A packed file without a translation model.
-    let plan = ArenaPlan {
-        offsets: Vec::new(),
-        sizes: Vec::new(),
-        in_place: Vec::new(),
-        scratch: Vec::new(),
-        arena_bytes: 0,
-    };
-    let empty =
-        Aligned::new(&edgefold_compressor::writer::pack(&Graph::default(), &plan, &[]).unwrap());
+    let empty = Aligned::new(&empty_packed_file());
     let packed = Model::open(empty.bytes()).unwrap();
     let err = Translator::new(&packed, &mut [0u8; 64]).err().unwrap();
     assert_eq!(err, Error::NotATranslator);

@@ -2,8 +2,11 @@
 //! streaming wake word model scored by top-1 accuracy on its 45 labelled samples, and the anomaly
 //! detection autoencoder scored by how well its reconstruction errors follow the original's.
 
+mod common;
+
 use std::path::Path;
 
+use common::{mlperf_tiny_file, pack_graph};
 use edgefold_compressor::calibrate::calibrate;
 use edgefold_compressor::datasets::{self, Dataset};
 use edgefold_compressor::exec::PackedGraph;
@@ -13,18 +16,12 @@ use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::load_graph;
 use edgefold_compressor::planner::{plan, Evaluator, Goal, Task};
 use edgefold_compressor::tensor::HostTensor;
-use edgefold_compressor::testdata::skip;
-
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/mlperf-tiny/");
 
 /// The paths of MLPerf Tiny files, or `None` (after reporting the skip) when one is absent.
 fn data_files<const N: usize>(names: [&str; N]) -> Option<[String; N]> {
-    let paths = names.map(|n| format!("{DATA}{n}"));
-    if let Some(missing) = paths.iter().find(|p| !Path::new(p).exists()) {
-        skip(&format!("{missing} is missing"));
-        return None;
-    }
-    Some(paths)
+    // Stops at the first missing file, so that one skip is reported.
+    let paths: Vec<String> = names.iter().map_while(|name| mlperf_tiny_file(name)).collect();
+    paths.try_into().ok()
 }
 
 /// Half the size of a file: the budget for "at least 50 % smaller".
@@ -58,14 +55,10 @@ fn wake_word_half_tflite_size() {
     let outcome = plan(&graph, &calibration, &evaluator, Goal::TargetSize(budget), 0, |_| {})
         .expect("a candidate fits");
 
-    let file = edgefold_compressor::writer::pack(
-        &outcome.graph,
-        &edgefold_compressor::plan::plan_arena(&outcome.graph),
-        &[],
-    )
-    .expect("packs");
+    let packed_file = pack_graph(&outcome.graph);
+    let file = packed_file.bytes();
     assert!(file.len() as u64 <= budget, "{} bytes, budget {budget}", file.len());
-    let mut packed = PackedGraph::from_bytes(&file).expect("opens");
+    let mut packed = PackedGraph::from_bytes(file).expect("opens");
     let outputs: Vec<Vec<HostTensor>> =
         samples.iter().map(|s| packed.run(s).expect("runs")).collect();
     let scores: Vec<&[f32]> = outputs.iter().map(|o| o[0].as_f32().expect("f32 scores")).collect();
@@ -141,12 +134,8 @@ fn anomaly_half_tflite_size() {
         Evaluator::new(&graph, Task::Anomaly { samples: eval_samples }).expect("original runs");
     let outcome = plan(&graph, &calibration, &evaluator, Goal::TargetSize(budget), 0, |_| {})
         .expect("a candidate fits");
-    let file = edgefold_compressor::writer::pack(
-        &outcome.graph,
-        &edgefold_compressor::plan::plan_arena(&outcome.graph),
-        &[],
-    )
-    .expect("packs");
+    let packed_file = pack_graph(&outcome.graph);
+    let file = packed_file.bytes();
     eprintln!(
         "anomaly autoencoder: {} bytes (budget {budget}), error correlation {:.5}, {}",
         file.len(),

@@ -7,14 +7,11 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::Aligned;
+use common::{minilm_l3_model, Aligned};
 use edgefold_compressor::onnx::{import, ImportOptions};
 use edgefold_compressor::passes::fuse;
 use edgefold_compressor::plan::plan_arena;
 use edgefold_compressor::quantize::{quantize, Quantize};
-use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::pack;
 use edgefold_runtime::{DType, Model, Session};
 
@@ -55,12 +52,7 @@ fn run(file: &Aligned, seq: usize, threads: usize) -> Vec<Vec<f32>> {
 
 #[test]
 fn threads_match_one_thread() {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/paraphrase-MiniLM-L3-v2/model.onnx");
-    if !path.exists() {
-        skip(&format!("{} is absent (run scripts/fetch-models.sh)", path.display()));
-        return;
-    }
+    let Some(path) = minilm_l3_model() else { return };
     // 61 tokens: the 61 rows of each linear layer split 31 + 30 and 21 + 20 + 20. 20 tokens: on
     // AVX-512 the f32 kernel takes 16 rows or more, so the outputs split instead.
     let options = ImportOptions { max_batch: 1, max_seq: 64 };

