@@ -16,6 +16,7 @@ use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::{compress, CompressOptions};
 use edgefold_compressor::plan::plan_arena;
 use edgefold_compressor::quantize::{LowRank, Quantize};
+use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::pack;
 use edgefold_runtime::crc32::crc32;
 use edgefold_runtime::error::Section;
@@ -957,7 +958,7 @@ fn real_file() -> Option<&'static [u8]> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../models/paraphrase-MiniLM-L3-v2/model.onnx");
         if !path.exists() {
-            eprintln!("skipping: {} is absent; run scripts/fetch-models.sh", path.display());
+            skip(&format!("{} is absent; run scripts/fetch-models.sh", path.display()));
             return None;
         }
         let options = CompressOptions {
