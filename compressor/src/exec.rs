@@ -21,6 +21,8 @@ pub enum ExecError {
     Runtime(edgefold_runtime::Error),
     /// An input or output has an element type this helper does not handle.
     Unsupported(String),
+    /// The arena the file needs cannot be allocated.
+    Arena(ArenaError),
 }
 
 impl std::fmt::Display for ExecError {
@@ -29,6 +31,7 @@ impl std::fmt::Display for ExecError {
             ExecError::Pack(e) => write!(f, "{e}"),
             ExecError::Runtime(e) => write!(f, "runtime error: {e}"),
             ExecError::Unsupported(m) => f.write_str(m),
+            ExecError::Arena(e) => write!(f, "{e}"),
         }
     }
 }
@@ -91,10 +94,35 @@ pub fn alloc_arena(path: &Path, bytes: usize) -> Result<Vec<u8>, ArenaError> {
     Ok(unsafe { Vec::from_raw_parts(pointer, bytes, bytes) })
 }
 
-/// A graph packed into an aligned buffer, with an arena, ready to run repeatedly.
-pub struct PackedGraph {
+/// A copy of a packed file in a buffer with the 16-byte alignment the runtime requires.
+pub struct AlignedFile {
     words: Vec<u128>,
     len: usize,
+}
+
+impl AlignedFile {
+    /// Copies `bytes` into an aligned buffer.
+    pub fn new(bytes: &[u8]) -> Self {
+        let mut words = vec![0u128; bytes.len().div_ceil(16)];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks(16)) {
+            let mut b = [0u8; 16];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u128::from_le_bytes(b);
+        }
+        AlignedFile { words, len: bytes.len() }
+    }
+
+    /// The file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` is `16 * words.len()` initialized bytes (u128 has no padding) and `len`
+        // never exceeds that.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+}
+
+/// A graph packed into an aligned buffer, with an arena, ready to run repeatedly.
+pub struct PackedGraph {
+    file: AlignedFile,
     arena: Vec<u8>,
 }
 
@@ -114,23 +142,27 @@ impl PackedGraph {
     /// # Errors
     /// A validation error from the runtime.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ExecError> {
-        let mut words = vec![0u128; bytes.len().div_ceil(16)];
-        for (w, chunk) in words.iter_mut().zip(bytes.chunks(16)) {
-            let mut b = [0u8; 16];
-            b[..chunk.len()].copy_from_slice(chunk);
-            *w = u128::from_le_bytes(b);
-        }
-        let mut packed = PackedGraph { words, len: bytes.len(), arena: Vec::new() };
-        let model = Model::open(packed.bytes())?;
-        packed.arena = vec![0u8; model.arena_bytes_unaligned()];
-        Ok(packed)
+        let file = AlignedFile::new(bytes);
+        let model = Model::open(file.bytes())?;
+        let arena = vec![0u8; model.arena_bytes_unaligned()];
+        Ok(PackedGraph { file, arena })
+    }
+
+    /// Copies the bytes of the packed file at `path` into an aligned buffer, and allocates its
+    /// arena without aborting when the memory is not available.
+    ///
+    /// # Errors
+    /// A validation error from the runtime, or [`ExecError::Arena`] naming `path`.
+    pub fn load(bytes: &[u8], path: &Path) -> Result<Self, ExecError> {
+        let file = AlignedFile::new(bytes);
+        let model = Model::open(file.bytes())?;
+        let arena = alloc_arena(path, model.arena_bytes_unaligned()).map_err(ExecError::Arena)?;
+        Ok(PackedGraph { file, arena })
     }
 
     /// The packed file's bytes.
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `words` is `16 * words.len()` initialized bytes (u128 has no padding) and `len`
-        // never exceeds that.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+        self.file.bytes()
     }
 
     /// Runs the graph and returns every output.
@@ -138,10 +170,7 @@ impl PackedGraph {
     /// # Errors
     /// Runtime errors, or an element type this helper does not convert.
     pub fn run(&mut self, inputs: &[HostTensor]) -> Result<Vec<HostTensor>, ExecError> {
-        // SAFETY: same buffer as `bytes`; the arena is a separate allocation, so the shared view
-        // of the file and the mutable arena never alias.
-        let file =
-            unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) };
+        let file = self.file.bytes();
         let options = edgefold_runtime::OpenOptions { verify_weights: false };
         let model = Model::open_with(file, options)?;
         let mut session = Session::new(&model, &mut self.arena)?;

@@ -7,7 +7,9 @@ use edgefold_runtime::format::MAX_RANK;
 use edgefold_runtime::selftest::{self, RecordTensor, SELF_TEST_KEY};
 use edgefold_runtime::{DType, Model, Session, Shape};
 
-use crate::exec::{ExecError, PackedGraph};
+use std::path::Path;
+
+use crate::exec::{alloc_arena, AlignedFile, ArenaError};
 use crate::tensor::{HostTensor, TensorData};
 use crate::writer::{with_metadata, WriteError};
 
@@ -29,6 +31,8 @@ pub enum SelfTestError {
     Input(String),
     /// The file could not be rewritten with the record.
     Write(WriteError),
+    /// The arena the file needs cannot be allocated.
+    Arena(ArenaError),
 }
 
 impl std::fmt::Display for SelfTestError {
@@ -37,6 +41,7 @@ impl std::fmt::Display for SelfTestError {
             SelfTestError::Runtime(e) => write!(f, "the self-test's sample does not run: {e}"),
             SelfTestError::Input(m) => write!(f, "the self-test's sample input is unusable: {m}"),
             SelfTestError::Write(e) => write!(f, "{e}"),
+            SelfTestError::Arena(e) => write!(f, "{e}"),
         }
     }
 }
@@ -130,15 +135,18 @@ fn sample_inputs(model: &Model<'_>) -> Result<Vec<Owned>, SelfTestError> {
 
 /// Runs `file` on `inputs` (generated when `None`), and returns a copy of `file` that carries the
 /// inputs and the outputs as its self-test record, with a tolerance of [`RELATIVE_TOLERANCE`]
-/// times the largest expected float magnitude (at least 1).
+/// times the largest expected float magnitude (at least 1). Errors name `path`, where the file
+/// is to be written.
 ///
 /// # Errors
-/// [`SelfTestError`] when the file does not open or run on the sample, or cannot be rewritten.
+/// [`SelfTestError`] when the file does not open or run on the sample, its arena cannot be
+/// allocated, or it cannot be rewritten.
 pub fn embed(
     file: &[u8],
+    path: &Path,
     inputs: Option<&[HostTensor]>,
 ) -> Result<(Vec<u8>, Embedded), SelfTestError> {
-    let aligned = aligned(file)?;
+    let aligned = AlignedFile::new(file);
     let model = Model::open(aligned.bytes())?;
     let inputs: Vec<Owned> = match inputs {
         Some(given) => given.iter().map(host_to_owned).collect(),
@@ -151,7 +159,8 @@ pub fn embed(
             model.input_count()
         )));
     }
-    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut arena =
+        alloc_arena(path, model.arena_bytes_unaligned()).map_err(SelfTestError::Arena)?;
     let mut session = Session::new(&model, &mut arena)?;
     for (i, t) in inputs.iter().enumerate() {
         session.set_input_bytes(i, t.dtype, &t.shape, &t.bytes)?;
@@ -188,23 +197,42 @@ pub fn embed(
     Ok((bytes, embedded))
 }
 
-/// Runs the self-test that `file` carries, on this host.
-///
-/// # Errors
-/// The runtime's errors: the file does not open, carries no or a malformed record, or fails to
-/// run.
-pub fn verify(file: &[u8]) -> Result<selftest::Outcome, edgefold_runtime::Error> {
-    let aligned = aligned(file)?;
-    let model = Model::open(aligned.bytes())?;
-    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
-    selftest::run(&model, &mut arena)
+/// Error raised when a self-test cannot be run.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The file does not open, carries no or a malformed record, or fails to run.
+    Runtime(edgefold_runtime::Error),
+    /// The arena the file needs cannot be allocated.
+    Arena(ArenaError),
 }
 
-/// Copies `file` into a buffer with the alignment the runtime requires and opens it once.
-fn aligned(file: &[u8]) -> Result<PackedGraph, edgefold_runtime::Error> {
-    PackedGraph::from_bytes(file).map_err(|e| match e {
-        ExecError::Runtime(e) => e,
-        // `from_bytes` packs nothing, so its only errors come from `Model::open`.
-        _ => edgefold_runtime::Error::BadMagic,
-    })
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VerifyError::Runtime(e) => write!(f, "{e}"),
+            VerifyError::Arena(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+impl From<edgefold_runtime::Error> for VerifyError {
+    fn from(e: edgefold_runtime::Error) -> Self {
+        VerifyError::Runtime(e)
+    }
+}
+
+/// Runs the self-test that `file`, read from `path`, carries on this host. The arena is
+/// allocated before the record is read.
+///
+/// # Errors
+/// [`VerifyError::Runtime`] when the file does not open, carries no or a malformed record, or
+/// fails to run, and [`VerifyError::Arena`] when its arena cannot be allocated.
+pub fn verify(file: &[u8], path: &Path) -> Result<selftest::Outcome, VerifyError> {
+    let aligned = AlignedFile::new(file);
+    let model = Model::open(aligned.bytes())?;
+    let mut arena = alloc_arena(path, model.arena_bytes_unaligned()).map_err(VerifyError::Arena)?;
+    Ok(selftest::run(&model, &mut arena)?)
 }

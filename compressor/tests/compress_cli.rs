@@ -92,6 +92,15 @@ fn huge_arena_warns_then_fails_cleanly() {
             .unwrap();
         assert_clean_arena_error(&result, args[0], "huge.fold");
     }
+
+    // Embedding a self-test runs the model, so it needs the arena at compress time.
+    let with_test = dir.join("huge-self-test.fold");
+    let result = compress_command(onnx_fixture("dynamic_shapes.onnx"), &with_test)
+        .args(["--max-seq", HUGE_MAX_SEQ, "--self-test"])
+        .output()
+        .unwrap();
+    assert_clean_arena_error(&result, "compress --self-test", &with_test.display().to_string());
+    assert!(!with_test.exists(), "a file was written without its self-test");
     std::fs::remove_dir_all(&dir).ok();
 }
 

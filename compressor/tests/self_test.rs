@@ -9,7 +9,7 @@ use edgefold_compressor::exec::PackedGraph;
 use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::{compress, CompressOptions};
 use edgefold_compressor::quantize::{LowRank, Quantize};
-use edgefold_compressor::selftest::{embed, verify};
+use edgefold_compressor::selftest::{embed, verify, VerifyError};
 use edgefold_compressor::tensor::HostTensor;
 use edgefold_compressor::testdata::skip;
 use edgefold_compressor::writer::with_metadata;
@@ -19,6 +19,9 @@ use edgefold_runtime::{Error, Model};
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/onnx/");
 const KWS: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/mlperf-tiny/kws_ref_model.onnx");
+
+/// The file name that errors of `embed` and `verify` give.
+const FILE_NAME: &str = "sample.fold";
 
 fn packed(name: &str, quantize: Quantize) -> Vec<u8> {
     let options = CompressOptions {
@@ -45,13 +48,18 @@ fn self_test_exact_on_same_host() {
         ("patterns.onnx", Quantize::Int4),
     ] {
         let plain = packed(name, quantize);
-        assert_eq!(verify(&plain), Err(Error::NoSelfTest), "{name} without a record");
-        let (with_test, embedded) = embed(&plain, None).expect("self-test embeds");
+        let missing = verify(&plain, Path::new(FILE_NAME));
+        assert!(
+            matches!(missing, Err(VerifyError::Runtime(Error::NoSelfTest))),
+            "{name}: {missing:?}"
+        );
+        let (with_test, embedded) =
+            embed(&plain, Path::new(FILE_NAME), None).expect("self-test embeds");
         assert!(with_test.len() > plain.len());
         assert!(embedded.tolerance >= 1e-4, "{name}: tolerance {}", embedded.tolerance);
         // Symbolic batch and sequence axes take the sample value 4, capped by the maximum.
         assert!(embedded.input_shapes[0].starts_with(&[2]), "{:?}", embedded.input_shapes);
-        let outcome = verify(&with_test).expect("self-test runs");
+        let outcome = verify(&with_test, Path::new(FILE_NAME)).expect("self-test runs");
         assert!(outcome.passed(), "{name}: {outcome:?}");
         assert_eq!(outcome.max_abs_error, 0.0, "{name}: the same host computes the same bits");
         assert!(outcome.outputs >= 1);
@@ -62,7 +70,7 @@ fn self_test_exact_on_same_host() {
 #[test]
 fn embedding_keeps_other_sections() {
     let plain = packed("patterns.onnx", Quantize::Int8);
-    let (with_test, _) = embed(&plain, None).expect("self-test embeds");
+    let (with_test, _) = embed(&plain, Path::new(FILE_NAME), None).expect("self-test embeds");
     let a = PackedGraph::from_bytes(&plain).expect("opens");
     let b = PackedGraph::from_bytes(&with_test).expect("opens");
     let (a, b) = (Model::open(a.bytes()).unwrap(), Model::open(b.bytes()).unwrap());
@@ -76,14 +84,15 @@ fn embedding_keeps_other_sections() {
     };
     assert_eq!(entries(&a), entries(&b));
     // Embedding twice replaces the record instead of adding a second one.
-    let (twice, _) = embed(&with_test, None).expect("embeds again");
+    let (twice, _) = embed(&with_test, Path::new(FILE_NAME), None).expect("embeds again");
     assert_eq!(twice, with_test);
 }
 
 #[test]
 fn self_test_changed_value_fails() {
     let plain = packed("patterns.onnx", Quantize::Int8);
-    let (with_test, embedded) = embed(&plain, None).expect("self-test embeds");
+    let (with_test, embedded) =
+        embed(&plain, Path::new(FILE_NAME), None).expect("self-test embeds");
     let mut value = record_of(&with_test);
     // The last tensor is the expected output; its last four bytes are its last f32 element.
     let n = value.len();
@@ -91,7 +100,7 @@ fn self_test_changed_value_fails() {
     let shifted = last + 10.0 * embedded.tolerance;
     value[n - 4..].copy_from_slice(&shifted.to_le_bytes());
     let tampered = with_metadata(&with_test, SELF_TEST_KEY, &value).expect("rewrites");
-    let outcome = verify(&tampered).expect("self-test runs");
+    let outcome = verify(&tampered, Path::new(FILE_NAME)).expect("self-test runs");
     assert!(!outcome.passed());
     let expected = (shifted - last).abs();
     assert!((outcome.max_abs_error - expected).abs() <= 1e-3 * expected, "{outcome:?}");
@@ -100,7 +109,7 @@ fn self_test_changed_value_fails() {
 #[test]
 fn malformed_record_typed_error() {
     let plain = packed("dynamic_shapes.onnx", Quantize::F32);
-    let (with_test, _) = embed(&plain, None).expect("self-test embeds");
+    let (with_test, _) = embed(&plain, Path::new(FILE_NAME), None).expect("self-test embeds");
     let value = record_of(&with_test);
     assert!(Record::parse(&value).is_ok());
     // Every truncation, and every byte of the header and first tensor header flipped.
@@ -113,10 +122,13 @@ fn malformed_record_typed_error() {
     let mut errors = 0;
     for case in &cases {
         let file = with_metadata(&with_test, SELF_TEST_KEY, case).expect("rewrites");
-        match verify(&file) {
-            Err(Error::InvalidSelfTest { .. }) => errors += 1,
+        match verify(&file, Path::new(FILE_NAME)) {
+            Err(VerifyError::Runtime(Error::InvalidSelfTest { .. })) => errors += 1,
             // A flip in a value (or an extent the model accepts) may still decode and run.
-            Ok(_) | Err(Error::InputShapeMismatch { .. } | Error::InputDtypeMismatch { .. }) => {}
+            Ok(_)
+            | Err(VerifyError::Runtime(
+                Error::InputShapeMismatch { .. } | Error::InputDtypeMismatch { .. },
+            )) => {}
             Err(other) => panic!("unexpected error {other:?}"),
         }
     }
@@ -128,7 +140,8 @@ fn malformed_record_typed_error() {
 fn self_test_given_input_used() {
     let plain = packed("patterns.onnx", Quantize::F32);
     let x = HostTensor::f32(vec![1, 6], vec![0.5, -1.0, 2.0, 0.0, 3.5, -0.25]);
-    let (with_test, embedded) = embed(&plain, Some(std::slice::from_ref(&x))).expect("embeds");
+    let (with_test, embedded) =
+        embed(&plain, Path::new(FILE_NAME), Some(std::slice::from_ref(&x))).expect("embeds");
     assert_eq!(embedded.input_shapes, vec![vec![1, 6]]);
     let record = record_of(&with_test);
     let parsed = Record::parse(&record).expect("parses");
@@ -136,11 +149,11 @@ fn self_test_given_input_used() {
     let values: Vec<f32> =
         first.bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(values, x.as_f32().unwrap());
-    assert!(verify(&with_test).unwrap().passed());
+    assert!(verify(&with_test, Path::new(FILE_NAME)).unwrap().passed());
     // An input of the wrong width is refused with the runtime's error.
     let wrong = HostTensor::f32(vec![1, 5], vec![0.0; 5]);
-    assert!(embed(&plain, Some(&[wrong])).is_err());
-    assert!(embed(&plain, Some(&[])).is_err());
+    assert!(embed(&plain, Path::new(FILE_NAME), Some(&[wrong])).is_err());
+    assert!(embed(&plain, Path::new(FILE_NAME), Some(&[])).is_err());
 }
 
 /// The command line on keyword spotting: compress with a self-test, then verify it.

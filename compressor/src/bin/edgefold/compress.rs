@@ -9,16 +9,14 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use edgefold_compressor::exec::alloc_arena;
 use edgefold_compressor::npy::read_npy;
 use edgefold_compressor::onnx::ImportOptions;
 use edgefold_compressor::pipeline::{compress, load_graph, CompressOptions};
 use edgefold_compressor::quantize::{LowRank, Quantize};
-use edgefold_compressor::selftest;
+use edgefold_compressor::selftest::{self, SelfTestError};
 use edgefold_compressor::tensor::HostTensor;
 use edgefold_compressor::text::TextEncoder;
 use edgefold_compressor::writer::check_output_is_not_input;
-use edgefold_runtime::format::Header;
 
 use crate::output::{write_output, write_packed};
 use crate::report::{human_bytes, parse_at_least_one, print_json, show_stage, spinner};
@@ -258,9 +256,15 @@ fn with_self_test(args: &CompressArgs, bytes: Vec<u8>) -> Result<Vec<u8>> {
         .map(|p| read_npy(p).context("cannot read --self-test-input"))
         .collect::<Result<Vec<_>>>()?;
     let inputs = (!given.is_empty()).then_some(given.as_slice());
-    check_arena_fits(&args.output, &bytes)?;
-    let (bytes, embedded) = selftest::embed(&bytes, inputs)
-        .with_context(|| format!("cannot embed a self-test in {}", args.output.display()))?;
+    let (bytes, embedded) = match selftest::embed(&bytes, &args.output, inputs) {
+        Ok(embedded) => embedded,
+        // The allocation error names the file already.
+        Err(SelfTestError::Arena(e)) => return Err(e.into()),
+        Err(e) => {
+            let context = format!("cannot embed a self-test in {}", args.output.display());
+            return Err(anyhow::Error::new(e).context(context));
+        }
+    };
     log::info!(
         "embedded a self-test of {} bytes (inputs {:?}, tolerance {:e})",
         embedded.record_bytes,
@@ -268,18 +272,6 @@ fn with_self_test(args: &CompressArgs, bytes: Vec<u8>) -> Result<Vec<u8>> {
         embedded.tolerance
     );
     Ok(bytes)
-}
-
-/// Checks that the arena of the packed file `bytes` (to be written to or read from `path`) can be
-/// allocated. The self-test allocates it with `vec!`, which aborts the process when the memory
-/// is not available. The check writes no byte of the memory it allocates and frees it at once.
-pub(crate) fn check_arena_fits(path: &Path, bytes: &[u8]) -> Result<()> {
-    let Ok(header) = Header::parse(bytes) else { return Ok(()) };
-    let bytes = usize::try_from(header.arena_bytes)
-        .unwrap_or(usize::MAX)
-        .saturating_add(edgefold_runtime::format::SECTION_ALIGN - 1);
-    alloc_arena(path, bytes)?;
-    Ok(())
 }
 
 /// Parses a size: plain bytes, with a K/M/G suffix (powers of 1000), or a percentage of `reference`.

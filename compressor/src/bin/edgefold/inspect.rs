@@ -6,11 +6,10 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value as Json};
 
-use edgefold_compressor::selftest;
+use edgefold_compressor::selftest::{self, VerifyError};
 use edgefold_runtime::format::{Quant, SectionKind, TensorKind};
 use edgefold_runtime::{DType, MappedFile, Model};
 
-use crate::compress::check_arena_fits;
 use crate::report::{human_bytes, json_float, print_json};
 use crate::ReportedInJson;
 
@@ -18,9 +17,15 @@ pub(crate) fn cmd_verify(path: &Path, as_json: bool) -> Result<()> {
     // The map gives the same message as the other subcommands when `path` is a directory.
     let map = open_mapped(path)?;
     let bytes = map.bytes();
-    check_arena_fits(path, bytes)?;
-    let outcome = selftest::verify(bytes)
-        .with_context(|| format!("cannot run the self-test of {}", path.display()))?;
+    let outcome = match selftest::verify(bytes, path) {
+        Ok(outcome) => outcome,
+        // The allocation error names the file already.
+        Err(VerifyError::Arena(e)) => return Err(e.into()),
+        Err(e) => {
+            let context = format!("cannot run the self-test of {}", path.display());
+            return Err(anyhow::Error::new(e).context(context));
+        }
+    };
     let passed = outcome.passed();
     let failure = format!("the self-test of {} failed", path.display());
     if as_json {
