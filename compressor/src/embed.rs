@@ -54,7 +54,15 @@ impl std::fmt::Display for EmbedError {
     }
 }
 
-impl std::error::Error for EmbedError {}
+impl std::error::Error for EmbedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Display prints the reference error itself, so its cause is the next in the chain.
+            EmbedError::Reference(e) => e.source(),
+            _ => None,
+        }
+    }
+}
 
 /// Embedding output index and whether it needs pooling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -83,7 +83,15 @@ impl std::fmt::Display for CompressError {
     }
 }
 
-impl std::error::Error for CompressError {}
+impl std::error::Error for CompressError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Display prints the import error itself, so its cause is the next in the chain.
+            CompressError::Import(e) => e.source(),
+            _ => None,
+        }
+    }
+}
 
 /// Imports and fuses a model: the graph every transform starts from.
 ///
@@ -176,6 +184,50 @@ pub fn pack_graph(
     pack(graph, &plan, &metadata).map_err(CompressError::Write)
 }
 
+/// Metadata key of the source model file's SHA-256, which `eval` compares with the original it
+/// is given.
+pub const SOURCE_SHA256_KEY: &str = "source.sha256";
+
+/// Returns the metadata records that name the source model: the compressor's version, and the
+/// source file's name, SHA-256 (64 lowercase hex digits) and size in bytes.
+fn source_records(path: &Path, sha256: String, bytes: u64) -> Vec<(String, Vec<u8>)> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    vec![
+        ("edgefold.compressor".into(), env!("CARGO_PKG_VERSION").into()),
+        ("source.name".into(), name.into()),
+        (SOURCE_SHA256_KEY.into(), sha256.into()),
+        ("source.bytes".into(), bytes.to_string().into()),
+    ]
+}
+
+/// Returns the records that name the source model, as every packed file of an ONNX model
+/// carries them, for a model that another packer writes (GGUF and Marian models). The file is
+/// read in a stream, so a large model is not held in memory.
+///
+/// # Errors
+/// [`CompressError::Io`] when the file cannot be read.
+pub fn source_metadata(path: &Path) -> Result<Vec<(String, Vec<u8>)>, CompressError> {
+    let (sha256, bytes) =
+        sha256_file(path).map_err(|source| CompressError::Io { path: path.to_owned(), source })?;
+    Ok(source_records(path, sha256, bytes))
+}
+
+/// Returns the SHA-256 of the file at `path` in lowercase hex, as the `source.sha256` record
+/// stores it, and the file's length in bytes.
+///
+/// # Errors
+/// When the file cannot be opened or read.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+    let bytes = std::io::copy(&mut reader, &mut hasher)?;
+    Ok((to_hex(&hasher.finalize()), bytes))
+}
+
+fn to_hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Builds the metadata every packed file carries: compressor version, source name, SHA-256 and
 /// size, the settings, the arena limits and the tokenizer when there is one.
 fn file_metadata(
@@ -185,14 +237,8 @@ fn file_metadata(
     options: &CompressOptions,
     tokenizer: Option<&Path>,
 ) -> Result<Vec<(String, Vec<u8>)>, CompressError> {
-    let sha_hex: String = Sha256::digest(source).iter().map(|b| format!("{b:02x}")).collect();
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut metadata: Vec<(String, Vec<u8>)> = vec![
-        ("edgefold.compressor".into(), env!("CARGO_PKG_VERSION").into()),
-        ("source.name".into(), name.into()),
-        ("source.sha256".into(), sha_hex.into()),
-        ("source.bytes".into(), source.len().to_string().into()),
-    ];
+    let sha256 = to_hex(&Sha256::digest(source));
+    let mut metadata = source_records(path, sha256, source.len() as u64);
     for (key, value) in settings {
         metadata.push(((*key).to_owned(), value.as_bytes().to_vec()));
     }

@@ -37,6 +37,8 @@ pub enum ReferenceError {
         /// Underlying I/O error.
         source: std::io::Error,
     },
+    /// The file is not an ONNX model: its bytes are not a protobuf `ModelProto` with a graph.
+    NotOnnx(crate::onnx::NotOnnxError),
     /// tract could not parse the file as ONNX or translate it into a graph.
     Parse {
         /// Model file.
@@ -124,6 +126,7 @@ impl fmt::Display for ReferenceError {
             Self::Read { path, source } => {
                 write!(f, "failed to read ONNX model {}: {source}", path.display())
             }
+            Self::NotOnnx(e) => write!(f, "{e}"),
             Self::Parse { path, detail } => {
                 write!(f, "failed to load ONNX model {}: {detail}", path.display())
             }
@@ -181,7 +184,9 @@ impl fmt::Display for ReferenceError {
 impl std::error::Error for ReferenceError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Read { source, .. } => Some(source),
+            // Display prints the inner error itself, so its cause is the next in the chain.
+            Self::NotOnnx(e) => std::error::Error::source(e),
+            // Display prints the I/O error of `Read`, so it is not repeated as a cause.
             _ => None,
         }
     }
@@ -229,6 +234,30 @@ impl ShapeCache {
     }
 }
 
+/// Reads the ONNX file at `path` into tract's graph, as tract's `model_for_path` does, but with
+/// the importer's checks of what the file contains. A file of another kind is then named as
+/// such instead of getting tract's decoding error alone.
+fn parse_model(path: &Path) -> Result<InferenceModel, ReferenceError> {
+    use crate::onnx::{read_model_proto, ImportError};
+
+    let parse_error = |detail: String| ReferenceError::Parse { path: path.to_owned(), detail };
+    let proto = read_model_proto(path).map_err(|e| match e {
+        ImportError::NotOnnx(e) => ReferenceError::NotOnnx(e),
+        ImportError::Read { message, .. } => parse_error(message),
+        other => parse_error(other.to_string()),
+    })?;
+    // External tensor data is looked for beside the model, as `model_for_path` does.
+    let model_dir = path.parent().and_then(Path::to_str);
+    let parsed = tract_onnx::onnx().parse(&proto, model_dir).map_err(|e| parse_error(chain(&e)))?;
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err(parse_error(format!(
+            "inputs {:?} are used but never defined",
+            parsed.unresolved_inputs
+        )));
+    }
+    Ok(parsed.model)
+}
+
 impl ReferenceModel {
     /// Loads and optimizes an ONNX file once, with symbolic dimensions kept symbolic, so batch and
     /// sequence length can vary between runs without optimizing again.
@@ -240,7 +269,8 @@ impl ReferenceModel {
     ///
     /// # Errors
     /// Returns [`ReferenceError::Read`] or [`ReferenceError::Parse`] when the file cannot be read
-    /// or parsed, [`ReferenceError::UnsupportedOps`] when tract-onnx lacks operators the graph
+    /// or parsed, [`ReferenceError::NotOnnx`] when its bytes are not an ONNX model,
+    /// [`ReferenceError::UnsupportedOps`] when tract-onnx lacks operators the graph
     /// uses, and [`ReferenceError::UnsupportedInputType`] for inputs of other element types than
     /// f32, i64, i32 and bool.
     pub fn load(path: &Path) -> Result<Self, ReferenceError> {
@@ -258,9 +288,7 @@ impl ReferenceModel {
                 .to_owned();
             return Err(ReferenceError::Parse { path: path.to_owned(), detail });
         }
-        let mut model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| ReferenceError::Parse { path: path.to_owned(), detail: chain(&e) })?;
+        let mut model = parse_model(path)?;
         check_ops_implemented(path, &model)?;
 
         let input_names = input_names(path, &model)?;
@@ -1009,8 +1037,11 @@ mod tests {
         // make.py is a file that exists but is not a protobuf model.
         let path = fixture_model("make.py");
         let error = ReferenceModel::load(&path).unwrap_err();
-        assert!(matches!(error, ReferenceError::Parse { .. }), "{error:?}");
+        assert!(matches!(error, ReferenceError::NotOnnx(_)), "{error:?}");
         assert!(error.to_string().contains("make.py"), "{error}");
+        assert!(error.to_string().contains("is not an ONNX model"), "{error}");
+        let cause = std::error::Error::source(&error).expect("the decoder's error is the cause");
+        assert!(cause.to_string().contains("Protobuf"), "{cause}");
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub enum ImportError {
         /// What went wrong.
         message: String,
     },
+    /// The file is not an ONNX model.
+    NotOnnx(NotOnnxError),
     /// Some ops are not supported; every one is listed.
     Unsupported {
         /// The model file.
@@ -74,6 +76,7 @@ impl fmt::Display for ImportError {
             ImportError::Read { path, message } => {
                 write!(f, "cannot read ONNX model {}: {message}", path.display())
             }
+            ImportError::NotOnnx(e) => write!(f, "{e}"),
             ImportError::Unsupported { path, ops } => {
                 let count: usize = ops.values().map(Vec::len).sum();
                 writeln!(
@@ -100,7 +103,38 @@ impl fmt::Display for ImportError {
     }
 }
 
-impl std::error::Error for ImportError {}
+impl std::error::Error for ImportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Display prints the inner error itself, so its cause is the next in the chain.
+            ImportError::NotOnnx(e) => e.source(),
+            _ => None,
+        }
+    }
+}
+
+/// A file given as an ONNX model whose bytes are not a protobuf `ModelProto` with a graph.
+#[derive(Debug)]
+pub struct NotOnnxError {
+    /// The file.
+    pub path: PathBuf,
+    /// Reason, as a clause such as "the file is empty".
+    pub reason: String,
+    /// The protobuf decoder's error, when decoding failed.
+    pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl fmt::Display for NotOnnxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} is not an ONNX model: {}", self.path.display(), self.reason)
+    }
+}
+
+impl std::error::Error for NotOnnxError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Value a source tensor name refers to during import.
 #[derive(Clone, Debug)]
@@ -150,19 +184,52 @@ pub fn is_packed_file(path: &Path) -> bool {
         && magic == edgefold_runtime::format::MAGIC
 }
 
-/// Imports an ONNX file into a graph of runtime ops.
+/// Reads the file at `path` and decodes it as an ONNX model: a protobuf `ModelProto` with a
+/// graph.
 ///
 /// # Errors
-/// [`ImportError::Unsupported`] lists every unsupported op at once.
-pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError> {
+/// [`ImportError::Read`] when the file cannot be read or is a packed file, and
+/// [`ImportError::NotOnnx`] when it is empty, does not decode as a `ModelProto`, or has no
+/// graph.
+pub fn read_model_proto(path: &Path) -> Result<tract_onnx::pb::ModelProto, ImportError> {
     let read_error = |message: String| ImportError::Read { path: path.to_owned(), message };
     if is_packed_file(path) {
         return Err(read_error(
             "it is a packed .fold file, the output of compress, not ONNX".into(),
         ));
     }
-    let proto =
-        tract_onnx::onnx().proto_model_for_path(path).map_err(|e| read_error(format!("{e:#}")))?;
+    let not_onnx = |reason: &str, cause: Option<tract_onnx::prelude::TractError>| {
+        ImportError::NotOnnx(NotOnnxError {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+            cause: cause.map(Into::into),
+        })
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
+    if file.metadata().is_ok_and(|m| m.is_file() && m.len() == 0) {
+        return Err(not_onnx("the file is empty", None));
+    }
+    let proto = tract_onnx::onnx().proto_model_for_read(&mut file).map_err(|e| {
+        // Reading fails with an I/O error (a directory, say); anything else is the decoder's.
+        match e.downcast_ref::<std::io::Error>() {
+            Some(io) => read_error(io.to_string()),
+            None => not_onnx("it does not decode as a protobuf ModelProto", Some(e)),
+        }
+    })?;
+    if proto.graph.is_none() {
+        return Err(not_onnx("it decodes as a protobuf ModelProto without a graph", None));
+    }
+    Ok(proto)
+}
+
+/// Imports an ONNX file into a graph of runtime ops.
+///
+/// # Errors
+/// [`ImportError::Read`] or [`ImportError::NotOnnx`] from [`read_model_proto`], and
+/// [`ImportError::Unsupported`], which lists every unsupported op at once.
+pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError> {
+    let read_error = |message: String| ImportError::Read { path: path.to_owned(), message };
+    let proto = read_model_proto(path)?;
     let graph = proto.graph.as_ref().ok_or_else(|| read_error("the file has no graph".into()))?;
     let opset = proto
         .opset_import

@@ -12,7 +12,7 @@ use edgefold_compressor::tensor::HostTensor;
 use edgefold_runtime::{Model, Session};
 
 use crate::inspect::open_mapped;
-use crate::report::{median, print_json};
+use crate::report::{json_float, median, print_json};
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
@@ -144,7 +144,7 @@ pub(crate) fn cmd_bench(args: BenchArgs) -> Result<()> {
             "file": args.file, "engine": args.engine, "seq": args.seq, "runs": args.runs,
             "threads": args.threads, "int8_activations": args.int8_activations,
             "open_ms": opened * 1e3, "load_to_first_output_ms": first * 1e3,
-            "latency_ms_median": med * 1e3,
+            "latency_ms_median": json_float(med * 1e3),
             "latency_ms_min": times.first().map(|t| t * 1e3),
         });
         if let Some(p) = &profile {

@@ -19,7 +19,7 @@ use edgefold_compressor::text::TextEncoder;
 use edgefold_compressor::writer::check_output_is_not_input;
 
 use crate::output::{write_output, write_packed};
-use crate::report::{human_bytes, parse_at_least_one, print_json, show_stage, spinner};
+use crate::report::{human_bytes, json_float, parse_at_least_one, print_json, show_stage, spinner};
 use crate::{llm, marian, translate};
 
 #[derive(clap::Args)]
@@ -474,10 +474,19 @@ fn cmd_plan(args: CompressArgs) -> Result<()> {
         "ratio": ratio,
         "scheme": format!("{}", outcome.scheme),
         "fused": fused.map(|run| run.to_string()),
-        "quality": outcome.quality,
-        "baseline_metric": outcome.baseline,
-        "drop_order": outcome.drop_order.iter().map(|(b, q)| json!({"block": b, "quality": q})).collect::<Vec<_>>(),
-        "candidates": outcome.tried.iter().map(|t| json!({"scheme": format!("{}", t.scheme), "bytes": t.bytes, "quality": t.quality, "confirmed": t.confirmed})).collect::<Vec<_>>(),
+        "quality": json_float(outcome.quality),
+        "baseline_metric": json_float(outcome.baseline),
+        "drop_order": outcome.drop_order.iter().map(|(b, q)| json!({
+            "block": b,
+            "quality": json_float(*q),
+        })).collect::<Vec<_>>(),
+        // A quality that was not measured is null, and a measured NaN is "nan".
+        "candidates": outcome.tried.iter().map(|t| json!({
+            "scheme": format!("{}", t.scheme),
+            "bytes": t.bytes,
+            "quality": t.quality.map(json_float),
+            "confirmed": t.confirmed.map(json_float),
+        })).collect::<Vec<_>>(),
         "seconds": seconds,
     });
     if let Some(dir) = &args.report {

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use edgefold_compressor::datasets::{self, Dataset};
 use edgefold_compressor::embed::{PackedEmbedder, ReferenceEmbedder};
-use edgefold_compressor::exec::PackedGraph;
+use edgefold_compressor::exec::{ExecError, PackedGraph};
+use edgefold_compressor::pipeline::{sha256_file, SOURCE_SHA256_KEY};
 use edgefold_compressor::reference::ReferenceModel;
 use edgefold_compressor::tensor::HostTensor;
 use edgefold_compressor::text::{cosine, read_sts, spearman};
@@ -73,14 +74,18 @@ pub(crate) struct EvalArgs {
 }
 
 /// Compares the sha256 of `original` with the `source.sha256` that `compress` stored in the packed
-/// `file`, and warns on stderr when they differ. Returns `None` when there is nothing to compare:
-/// `file` is no packed file with that key (a GGUF file, a Marian directory, or one that fails to
-/// open, whose error the evaluation reports), or `original` cannot be read.
+/// `file`, and warns on stderr when they differ. A Marian model directory is read as the model
+/// file in it, on either side. Returns `None` when there is nothing to compare: `file` is no
+/// packed file with that key (a GGUF file, a Marian model, or one that fails to open, whose error
+/// the evaluation reports), or `original` cannot be read.
 fn check_source_matches(original: &Path, file: &Path) -> Option<bool> {
+    let original = translate::model_file_of(original)?;
+    let file = translate::model_file_of(file)?;
+    let (original, file) = (original.as_path(), file.as_path());
     let map = MappedFile::open(file).ok()?;
     let model = Model::open(map.bytes()).ok()?;
-    let stored = std::str::from_utf8(model.metadata("source.sha256")?).ok()?.trim().to_owned();
-    let actual = sha256_hex(original).ok()?;
+    let stored = std::str::from_utf8(model.metadata(SOURCE_SHA256_KEY)?).ok()?.trim().to_owned();
+    let (actual, _) = sha256_file(original).ok()?;
     let matches = stored.eq_ignore_ascii_case(&actual);
     if !matches {
         log::warn!(
@@ -94,16 +99,6 @@ fn check_source_matches(original: &Path, file: &Path) -> Option<bool> {
         );
     }
     Some(matches)
-}
-
-/// Returns the sha256 of the file at `path` in lowercase hex, as `compress` stores it.
-fn sha256_hex(path: &Path) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-
-    let mut hasher = Sha256::new();
-    let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
-    std::io::copy(&mut reader, &mut hasher)?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
@@ -121,6 +116,7 @@ pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
                 },
                 weights: args.weights,
                 json: args.json,
+                source_matches,
             };
             return llm::eval_perplexity(&args.original, &args.file, &args.data, options);
         }
@@ -131,6 +127,7 @@ pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
                 limit: args.limit,
                 int8_activations: args.int8_activations,
                 json: args.json,
+                source_matches,
             };
             return translate::eval_bleu(&args.original, &args.file, options);
         }
@@ -191,11 +188,11 @@ pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
             "task": "sts",
             "source_matches": source_matches,
             "pairs": pairs.len(),
-            "original": original,
-            "compressed": compressed,
+            "original": json_float(original),
+            "compressed": json_float(compressed),
             "retained": json_float(retained),
-            "embedding_cosine_mean": mean_agreement,
-            "embedding_cosine_min": min_agreement,
+            "embedding_cosine_mean": json_float(mean_agreement),
+            "embedding_cosine_min": json_float(min_agreement),
             "original_bytes": original_bytes,
             "compressed_bytes": packed_bytes,
             "size_ratio": packed_bytes as f64 / original_bytes.max(1) as f64,
@@ -231,8 +228,15 @@ fn eval_tensors(args: &EvalArgs, source_matches: Option<bool>) -> Result<()> {
         .with_context(|| format!("cannot load {}", args.original.display()))?;
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let mut packed = PackedGraph::from_bytes(&bytes)
-        .with_context(|| format!("{} is not a valid packed file", args.file.display()))?;
+    let mut packed = match PackedGraph::load(&bytes, &args.file) {
+        Ok(packed) => packed,
+        // The allocation error names the file already.
+        Err(ExecError::Arena(e)) => return Err(e.into()),
+        Err(e) => {
+            let context = format!("{} is not a valid packed file", args.file.display());
+            return Err(anyhow::Error::new(e).context(context));
+        }
+    };
     let bar = ProgressBar::new(samples.len() as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {eta}").expect("valid template"),
     );
@@ -301,12 +305,12 @@ fn eval_tensors(args: &EvalArgs, source_matches: Option<bool>) -> Result<()> {
             "task": args.task,
             "source_matches": source_matches,
             "samples": samples.len(),
-            "original": original,
-            "compressed": compressed,
+            "original": json_float(original),
+            "compressed": json_float(compressed),
             "retained": json_float(retained),
-            "output_cosine_mean": cos_mean,
+            "output_cosine_mean": json_float(cos_mean),
             "output_cosine_min": json_float(cos_min),
-            "output_max_abs_diff": max_abs,
+            "output_max_abs_diff": json_float(max_abs),
             "original_bytes": original_bytes,
             "compressed_bytes": packed_bytes,
             "size_ratio": packed_bytes as f64 / original_bytes.max(1) as f64,

@@ -16,10 +16,13 @@ use edgefold_compressor::llm::packed::{pack, tokenizer_of, PackedLm};
 use edgefold_compressor::llm::sample::{Sampler, SamplerConfig};
 use edgefold_compressor::llm::tokenizer::{GgufTokenizer, TextStream, TokenizerSpec};
 use edgefold_compressor::llm::{perplexity_of, CausalLm, HostLm, Llama, WeightKind};
+use edgefold_compressor::pipeline::source_metadata;
 use edgefold_runtime::decoder::Decoder;
 use edgefold_runtime::{MappedFile, Model};
 
+use crate::kind::{check_packed_kind, PackedKind};
 use crate::output::{write_output, write_packed};
+use crate::report::json_float;
 
 /// Options of `edgefold generate`.
 #[derive(clap::Args)]
@@ -149,6 +152,7 @@ fn with_model<T>(
         let mut lm = HostLm::new(model, capacity);
         return f(&mut lm, &tokenizer, info);
     }
+    check_packed_kind(path, &[PackedKind::LanguageModel], "a language model")?;
     let map = MappedFile::open(path)
         .with_context(|| format!("cannot open {} as a packed file", path.display()))?;
     let model = Model::open(map.bytes()).with_context(|| {
@@ -319,6 +323,9 @@ pub struct PerplexityOptions {
     pub weights: WeightKind,
     /// Print one JSON object on stdout.
     pub json: bool,
+    /// Whether the original is the model that the packed file was compressed from, as `eval`
+    /// reports it. `None` when the file stores no source sha256 to compare.
+    pub source_matches: Option<bool>,
 }
 
 /// Runs `edgefold eval --task ppl`: perplexity of the original and of `file` on `data`.
@@ -328,7 +335,7 @@ pub fn eval_perplexity(
     data: &Path,
     options: PerplexityOptions,
 ) -> Result<()> {
-    let PerplexityOptions { limit, window, products, weights, json } = options;
+    let PerplexityOptions { limit, window, products, weights, json, source_matches } = options;
     if window < 2 {
         bail!("--window {window} is too small; a window needs at least 2 tokens");
     }
@@ -386,15 +393,20 @@ pub fn eval_perplexity(
                     "tokens": tokens,
                     "scored": r.scored,
                     "windows": r.windows,
-                    "perplexity": r.perplexity,
-                    "mean_nll": r.mean_nll,
+                    "perplexity": json_float(r.perplexity),
+                    "mean_nll": json_float(r.mean_nll),
                     "seconds": time.as_secs_f64(),
                 })
             })
             .collect();
         let ratio = (results.len() == 2).then(|| results[1].3.perplexity / results[0].3.perplexity);
-        let report = json!({ "task": "ppl", "window": window, "results": entries,
-            "perplexity_ratio": ratio });
+        let report = json!({
+            "task": "ppl",
+            "source_matches": source_matches,
+            "window": window,
+            "results": entries,
+            "perplexity_ratio": ratio.map(json_float),
+        });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -484,7 +496,8 @@ pub fn cmd_compress_gguf(model_path: &Path, output: &Path, o: GgufCompressOption
             (model, Some(candidates))
         }
     };
-    let metadata = vec![("source".to_owned(), model_path.display().to_string().into_bytes())];
+    let mut metadata = source_metadata(model_path)?;
+    metadata.push(("source".to_owned(), model_path.display().to_string().into_bytes()));
     let bytes = pack(&model, &spec, o.max_seq, &metadata)?;
     write_packed(output, &bytes)?;
     let kept = model.block_ids().to_vec();
@@ -504,8 +517,8 @@ pub fn cmd_compress_gguf(model_path: &Path, output: &Path, o: GgufCompressOption
             "weights": format!("{:?}", c.weights),
             "removed_blocks": c.removed,
             "weight_bytes": c.bytes,
-            "perplexity": c.perplexity,
-            "quality": c.quality,
+            "perplexity": json_float(c.perplexity),
+            "quality": json_float(c.quality),
         })).collect::<Vec<_>>()),
     });
     if o.json {

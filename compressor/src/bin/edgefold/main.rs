@@ -10,6 +10,7 @@ mod bench;
 mod compress;
 mod eval;
 mod inspect;
+mod kind;
 mod llm;
 mod marian;
 mod output;

@@ -12,8 +12,10 @@ use edgefold_compressor::bleu::corpus_bleu;
 use edgefold_compressor::marian::{
     pack, MarianCalibration, MarianModel, MarianPart, MatrixStorage,
 };
+use edgefold_compressor::pipeline::source_metadata;
 
 use crate::output::{write_output, write_packed};
+use crate::report::json_float;
 use crate::translate::{find_model_files, ModelFiles, Translator};
 
 /// Storage of a Marian model's matrices without a search.
@@ -430,7 +432,8 @@ pub fn cmd_compress_marian(
         }
     };
 
-    let bytes = pack(&compressed, &[]).context("cannot pack the translation model")?;
+    let metadata = source_metadata(&files.model)?;
+    let bytes = pack(&compressed, &metadata).context("cannot pack the translation model")?;
     let companions = companions_to_copy(&files, output)?;
     write_packed(output, &bytes)?;
     let copied = copy_companions(companions)?;
@@ -448,12 +451,15 @@ pub fn cmd_compress_marian(
             "output_bytes": bytes.len(),
             "ratio": ratio,
             "encoder_layers": config.encoder_layers,
-            "calibration_bleu": measured.map(|(b, ..)| b),
-            "quality": measured.map(|(_, q, ..)| q),
+            "calibration_bleu": measured.map(|(b, ..)| json_float(b)),
+            "quality": measured.map(|(_, q, ..)| json_float(q)),
             "calibration_sentences": measured.map(|(_, _, n, _)| n),
             "confirmed_on_held_apart_sentences": measured.map(|(.., confirmed)| confirmed),
             "steps": steps.iter().map(|s| json!({
-                "change": s.change, "bytes": s.bytes, "quality": s.quality, "kept": s.kept,
+                "change": s.change,
+                "bytes": s.bytes,
+                "quality": json_float(s.quality),
+                "kept": s.kept,
             })).collect::<Vec<_>>(),
             "copied": copied,
             "seconds": seconds,

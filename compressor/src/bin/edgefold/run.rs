@@ -15,8 +15,9 @@ use edgefold_compressor::text::cosine;
 use edgefold_runtime::{DType, Model, Session};
 
 use crate::inspect::open_mapped;
+use crate::kind::{check_model_kind, check_packed_kind, PackedKind};
 use crate::llm;
-use crate::report::print_json;
+use crate::report::{json_float, print_json};
 
 fn to_input<'a>(
     t: &'a HostTensor,
@@ -58,6 +59,8 @@ pub(crate) fn cmd_run(
     let map = open_mapped(path)?;
     let model = Model::open(map.bytes())
         .with_context(|| format!("{} is not a valid packed file", path.display()))?;
+    let graphs = [PackedKind::Graph, PackedKind::SentenceEncoder];
+    check_model_kind(path, &model, &graphs, "a graph")?;
     if inputs.len() != model.input_count() {
         bail!(
             "{} has {} inputs; {} --input files were given",
@@ -105,7 +108,7 @@ pub(crate) fn cmd_run(
                 let (s, v) = session.output::<f32>(i)?;
                 (
                     s,
-                    v.iter().take(8).map(|x| json!(x)).collect::<Vec<_>>(),
+                    v.iter().take(8).map(|&x| json_float(x.into())).collect::<Vec<_>>(),
                     HostTensor::f32(s.as_slice().to_vec(), v.to_vec()),
                 )
             }
@@ -184,6 +187,8 @@ pub(crate) fn cmd_embed(
     output: Option<&str>,
     as_json: bool,
 ) -> Result<()> {
+    let graphs = [PackedKind::SentenceEncoder, PackedKind::Graph];
+    check_packed_kind(path, &graphs, "a sentence encoder")?;
     let mut embedder = PackedEmbedder::open(path, tokenizer, output)?;
     let mut vectors = Vec::new();
     for s in sentences {
@@ -196,11 +201,19 @@ pub(crate) fn cmd_embed(
         }
     }
     if as_json {
-        print_json(&json!({
-            "file": path,
-            "embeddings": sentences.iter().zip(&vectors).map(|(s, v)| json!({"sentence": s, "dim": v.len(), "vector": v})).collect::<Vec<_>>(),
-            "cosine": pairs.iter().map(|(i, j, c)| json!({"a": i, "b": j, "cosine": c})).collect::<Vec<_>>(),
-        }));
+        let embeddings: Vec<_> = sentences
+            .iter()
+            .zip(&vectors)
+            .map(|(s, v)| {
+                let vector: Vec<_> = v.iter().map(|&x| json_float(x.into())).collect();
+                json!({"sentence": s, "dim": v.len(), "vector": vector})
+            })
+            .collect();
+        let cosines: Vec<_> = pairs
+            .iter()
+            .map(|&(i, j, c)| json!({"a": i, "b": j, "cosine": json_float(c)}))
+            .collect();
+        print_json(&json!({ "file": path, "embeddings": embeddings, "cosine": cosines }));
         return Ok(());
     }
     for (s, v) in sentences.iter().zip(&vectors) {

@@ -16,6 +16,9 @@ use edgefold_compressor::marian::{
 use edgefold_runtime::mmap::MappedFile;
 use edgefold_runtime::Model;
 
+use crate::kind::{check_packed_kind, PackedKind};
+use crate::report::json_float;
+
 /// Options of `edgefold translate`.
 #[derive(clap::Args)]
 pub struct TranslateArgs {
@@ -69,6 +72,8 @@ pub fn find_model_files(path: &Path, with_shortlist: bool) -> Result<ModelFiles>
         };
         (dir, path.to_path_buf())
     };
+    // A packed file of another kind is named before the tokenizer is looked for.
+    check_packed_kind(&model, &[PackedKind::Translator], "a translation model")?;
 
     let tokenizer = dir.join("tokenizer.json");
     if !tokenizer.is_file() {
@@ -139,6 +144,15 @@ fn file_name(path: &Path) -> &str {
 fn is_shortlist(path: &Path) -> bool {
     let name = file_name(path);
     name.starts_with("lex.") && name.ends_with(".s2t.bin")
+}
+
+/// Returns the model file of `path`: `path` itself, or for a directory the only model file in it
+/// (see [`find_model_bin`]). `None` when the directory has no single model file.
+pub(crate) fn model_file_of(path: &Path) -> Option<PathBuf> {
+    if path.is_dir() {
+        return find_model_bin(path).ok();
+    }
+    Some(path.to_path_buf())
 }
 
 /// Returns the only model file of `dir`: a `.bin` file that is not a lexical shortlist, or a
@@ -348,6 +362,9 @@ pub struct BleuOptions<'a> {
     pub int8_activations: bool,
     /// Print one JSON object on stdout.
     pub json: bool,
+    /// Whether the original is the model that the packed file was compressed from, as `eval`
+    /// reports it. `None` when the file stores no source sha256 to compare.
+    pub source_matches: Option<bool>,
 }
 
 /// Scores and timings of one model in `eval --task bleu`.
@@ -411,7 +428,7 @@ pub fn eval_bleu(original: &Path, file: &Path, options: BleuOptions) -> Result<(
         runs.push(run_bleu(model, &sources, &references, int8)?);
     }
     if options.json {
-        print_bleu_json(&runs, sources.len(), same)
+        print_bleu_json(&runs, sources.len(), same, options.source_matches)
     } else {
         print_bleu_text(&runs, sources.len(), same);
         Ok(())
@@ -469,7 +486,12 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn print_bleu_json(runs: &[BleuRun], sentences: usize, same: bool) -> Result<()> {
+fn print_bleu_json(
+    runs: &[BleuRun],
+    sentences: usize,
+    same: bool,
+    source_matches: Option<bool>,
+) -> Result<()> {
     let results: Vec<_> = runs
         .iter()
         .map(|run| {
@@ -477,20 +499,22 @@ fn print_bleu_json(runs: &[BleuRun], sentences: usize, same: bool) -> Result<()>
                 "model": run.model,
                 "shortlist": run.shortlist,
                 "int8_activations": run.int8_activations,
-                "bleu": run.bleu,
-                "chrf": run.chrf,
+                "bleu": json_float(run.bleu),
+                "chrf": json_float(run.chrf),
                 "seconds": run.seconds,
                 "sentences_per_second": run.sentences_per_second(sentences),
-                "median_ms": run.median_ms,
+                "median_ms": json_float(run.median_ms),
             })
         })
         .collect();
+    // A ratio is NaN when both scores are 0, and infinite when only the first is.
     let ratio = |score: fn(&BleuRun) -> f64| match runs {
-        [first, second] => Some(score(second) / score(first)),
+        [first, second] => Some(json_float(score(second) / score(first))),
         _ => None,
     };
     let report = json!({
         "task": "bleu",
+        "source_matches": source_matches,
         "search": "greedy",
         "sentences": sentences,
         "same_model": same,
