@@ -30,7 +30,7 @@ const MIN_ROWS_F32: usize = 16;
 /// on cores that split 512-bit operations in two (AMD Zen 4): four vectors of 16. Measured there
 /// on MiniLM's layers, 16 rows of int8 weights ran about 10 % slower here than in the dot-product
 /// tiles, and 32 rows about as fast.
-const MIN_ROWS_CONVERTED_SPLIT: usize = 64;
+const MIN_ROWS_CONVERTED_ZEN4: usize = 64;
 
 /// Minimum rows the kernel takes with f16 and int8 weights on other cores: one vector of 16.
 /// Measured on Zen 5 with all-MiniLM-L6-v2 (`edgefold bench`, one thread), the model took 20 %
@@ -84,8 +84,8 @@ std::thread_local! {
 pub(crate) fn min_rows(w: &super::Weights<'_>) -> Option<usize> {
     match w {
         super::Weights::F32(_) => Some(MIN_ROWS_F32),
-        super::Weights::F16(_) | super::Weights::I8(_) => match splits_512_bit_operations() {
-            true => Some(MIN_ROWS_CONVERTED_SPLIT),
+        super::Weights::F16(_) | super::Weights::I8(_) => match is_amd_family_19h() {
+            true => Some(MIN_ROWS_CONVERTED_ZEN4),
             false => Some(MIN_ROWS_CONVERTED),
         },
         super::Weights::I4(w) if w.group % 16 == 0 => Some(MIN_ROWS_INT4),
@@ -93,20 +93,33 @@ pub(crate) fn min_rows(w: &super::Weights<'_>) -> Option<usize> {
     }
 }
 
-/// Returns whether the CPU is an AMD Zen 4 (family 19h with AVX-512), whose cores run each
-/// 512-bit operation as two 256-bit halves. The result is read once, because `cpuid` can trap to
-/// the hypervisor in a virtual machine.
-fn splits_512_bit_operations() -> bool {
-    static SPLITS: OnceLock<bool> = OnceLock::new();
-    *SPLITS.get_or_init(|| {
+/// Returns whether the CPU is an AMD processor of family 19h. Callers reach it only with
+/// AVX-512, which in that family means Zen 4, whose cores run each 512-bit operation as two
+/// 256-bit halves. The result is read once, because `cpuid` can trap to the hypervisor in a
+/// virtual machine.
+/// NOTE: AMD family 1Ah parts with 256-bit AVX-512 datapaths, if any, are not told apart.
+fn is_amd_family_19h() -> bool {
+    static FAMILY_19H: OnceLock<bool> = OnceLock::new();
+    *FAMILY_19H.get_or_init(|| {
+        // SAFETY: every x86_64 CPU has `cpuid` with leaves 0 and 1. Rust 1.94 made the
+        // intrinsic safe to call, and the crate still builds with older compilers.
+        #[allow(unused_unsafe)]
+        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1).eax) };
         // Leaf 0 spells the vendor "AuthenticAMD" in EBX, EDX and ECX.
-        let vendor = __cpuid(0);
         let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6E65, 0x444D_4163);
-        let signature = __cpuid(1).eax;
-        let base = (signature >> 8) & 0xF;
-        let family = if base == 0xF { base + ((signature >> 20) & 0xFF) } else { base };
-        amd && family == 0x19
+        amd && family(signature) == 0x19
     })
+}
+
+/// Returns the family of an x86 processor signature (`cpuid` leaf 1, EAX): the base family
+/// (bits 8 to 11), plus the extended family (bits 20 to 27) when the base family is 0xF.
+fn family(signature: u32) -> u32 {
+    let base = (signature >> 8) & 0xF;
+    if base == 0xF {
+        base + ((signature >> 20) & 0xFF)
+    } else {
+        base
+    }
 }
 
 /// Returns whether [`linear`] takes a call of `rows` rows of `k` values with weights `w`.
@@ -517,5 +530,18 @@ unsafe fn step<const V: usize, const C: usize>(
                 *a = _mm512_fmadd_ps(x, weight, *a);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::family;
+
+    #[test]
+    fn family_from_signature() {
+        // Zen 4 (EPYC 9004), Zen 5 (EPYC 9005) and an Intel Core of family 6.
+        assert_eq!(family(0x00A1_0F11), 0x19);
+        assert_eq!(family(0x00B0_0F21), 0x1A);
+        assert_eq!(family(0x0009_06EA), 6);
     }
 }

@@ -875,7 +875,8 @@ impl RowGather {
     /// sequence axis of keys last. A tile's values are read along the input's contiguous axis and
     /// written along the output's, so both sides use whole cache lines. The row-by-row copy reads
     /// one value per line. Returns `false`, having written nothing, where that does not apply or
-    /// a slice is too short for the shape.
+    /// a slice is too short for the shape. Builds without `std` (microcontrollers) leave it out
+    /// and keep the row copy's smaller code and stack.
     #[cfg(feature = "std")]
     fn copy_words_tiled(&self, x: &[u8], out: &mut [u8]) -> bool {
         let rank = self.shape.rank;
@@ -1236,6 +1237,18 @@ mod tests {
                 transpose_bytes(&bytes, &xs, &perm, &mut got, 4);
                 assert!(got == want, "transpose {dims:?} by {order:?}");
             }
+        }
+
+        // The keys' transpose of attention takes the tiled copy, and the one that moves whole
+        // rows does not.
+        let xs = Shape::from_slice(&[1, 130, 12, 32]).unwrap();
+        let bytes = std::vec![0u8; 4 * xs.numel()];
+        let mut out = std::vec![0u8; bytes.len()];
+        for (order, tiled) in [([0u8, 2, 3, 1], true), ([0, 2, 1, 3], false)] {
+            let mut perm = [0u8; MAX_RANK];
+            perm[..4].copy_from_slice(&order);
+            let gather = RowGather::transposed(&xs, &perm);
+            assert_eq!(gather.copy_words_tiled(&bytes, &mut out), tiled, "{order:?}");
         }
     }
 

@@ -404,6 +404,19 @@ pub(crate) fn min_part_rows(w: &Weights<'_>, rows: usize, k: usize) -> usize {
     1
 }
 
+/// [`min_part_rows`] for [`linear_int8_rows`]: 1 where it takes the call with integer products
+/// over whole rows, whose results do not depend on the other rows of the call.
+#[cfg(feature = "std")]
+pub(crate) fn min_part_rows_int8_rows(w: &Weights<'_>, rows: usize, k: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if vnni::rows_apply(w, k) {
+            return 1;
+        }
+    }
+    min_part_rows(w, rows, k)
+}
+
 /// Returns whether this CPU has a kernel for [`linear_int8`]'s integer products (x86_64 with
 /// AVX-512 VNNI); without one, [`linear_int8`] is [`linear`].
 pub fn int8_products_supported() -> bool {

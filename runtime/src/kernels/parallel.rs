@@ -14,8 +14,9 @@
 //! weights from 16 rows, int4 in groups of a multiple of 16 from 32, and f16 and int8 from 16
 //! (64 on Zen 4). A call that takes it is split by rows only into parts that keep that many
 //! rows, so that every part takes it too. Where that leaves fewer parts than threads, as for 16
-//! to 31 rows of f32 weights on two threads, the call is split by outputs instead: every part then has all the
-//! rows. The exception is the one the note on [`linear`] describes: with int4 and f16 weights
+//! to 31 rows of f32 weights on two threads, the call is split by outputs instead: every part
+//! then has all the rows. Int8 weights with int8 activations over whole rows
+//! ([`linear_int8_rows_threads`]) split by rows at any size. The exception is the one the note on [`linear`] describes: with int4 and f16 weights
 //! below that kernel, a part with fewer rows can round differently. Results for a given thread
 //! count repeat exactly.
 
@@ -73,6 +74,49 @@ pub fn linear_threads_with(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    let min_rows = super::min_part_rows(&w, rows, k);
+    split_linear(kernel, min_rows, activation, threads, x, rows, k, w, n, bias, y);
+}
+
+/// [`linear_threads_with`] running [`linear_int8_rows`](super::linear_int8_rows). Where that
+/// kernel takes the call with integer products over whole rows, parts of rows may have any size,
+/// because each row's results depend on that row alone.
+///
+/// # Panics
+///
+/// As the kernel does, or if a thread panics.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_int8_rows_threads(
+    activation: Option<Activation>,
+    threads: usize,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let min_rows = super::min_part_rows_int8_rows(&w, rows, k);
+    let kernel = super::linear_int8_rows;
+    split_linear(kernel, min_rows, activation, threads, x, rows, k, w, n, bias, y);
+}
+
+/// Runs `kernel` on up to `threads` threads, with parts of rows of at least `min_rows` rows.
+#[allow(clippy::too_many_arguments)]
+fn split_linear(
+    kernel: LinearKernel,
+    min_rows: usize,
+    activation: Option<Activation>,
+    threads: usize,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let macs = rows.saturating_mul(k).saturating_mul(n);
     // A single row is split by outputs, more rows by rows, unless parts of rows would be too
     // small to take the kernel the whole call takes.
@@ -81,17 +125,18 @@ pub fn linear_threads_with(
     if parts == 1 {
         kernel(x, rows, k, w, n, bias, y);
         activate(activation, &mut y[..rows * n]);
-    } else if rows == 1 || row_parts(&w, parts, rows, k) < parts.min(n) {
+    } else if rows == 1 || row_parts(min_rows, parts, rows) < parts.min(n) {
         linear_by_outputs(kernel, activation, parts.min(n), x, rows, k, w, n, bias, y);
     } else {
+        let parts = row_parts(min_rows, parts, rows);
         linear_by_rows(kernel, activation, parts, x, rows, k, w, n, bias, y);
     }
 }
 
-/// Returns how many parts of `rows` rows [`linear_by_rows`] makes for `parts` threads: fewer
-/// when each part must keep enough rows to take the kernel the whole call takes.
-fn row_parts(w: &Weights<'_>, parts: usize, rows: usize, k: usize) -> usize {
-    let min_rows = super::min_part_rows(w, rows, k);
+/// Returns how many parts of `rows` rows to make for `parts` threads when each part must keep
+/// at least `min_rows` rows, as a kernel's threshold requires.
+pub(crate) fn row_parts(min_rows: usize, parts: usize, rows: usize) -> usize {
+    let min_rows = min_rows.max(1);
     let mut parts = parts.min(rows / min_rows).max(1);
     // The last part gets what the others leave, which may be nothing.
     while parts > 1 && rows.saturating_sub((parts - 1) * rows.div_ceil(parts)) < min_rows {
@@ -101,7 +146,8 @@ fn row_parts(w: &Weights<'_>, parts: usize, rows: usize, k: usize) -> usize {
 }
 
 /// Runs `kernel`, then `activation`, with the rows of `x` split into `parts` contiguous parts,
-/// one per thread.
+/// one per thread. The caller chooses `parts` with [`row_parts`], so that each part takes the
+/// kernel the whole call would.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_by_rows(
     kernel: LinearKernel,
@@ -115,10 +161,7 @@ pub(crate) fn linear_by_rows(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    // Parts keep enough rows to take the kernel the whole call would, so each row's result is
-    // the one-thread result.
-    let parts = row_parts(&w, parts, rows, k);
-    let per = rows.div_ceil(parts);
+    let per = rows.div_ceil(parts.max(1));
     let x = &x[..rows * k];
     split_mut(&mut y[..rows * n], per * n, &|i, ys| {
         let xs = &x[i * per * k..][..ys.len() / n.max(1) * k];

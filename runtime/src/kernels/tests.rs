@@ -308,8 +308,8 @@ fn linear_layer_widths() {
 #[test]
 fn linear_many_rows() {
     // On AVX-512, f32 weights from 16 rows, int4 from 32, and f16 and int8 from 16 (from 64 on
-    // Zen 4) take the kernel that transposes blocks of one to four vectors of 16 rows. Rows: one full block, one
-    // row past it, and two blocks with a partial third. Row lengths: one value, odd ones,
+    // Zen 4) take the kernel that transposes blocks of one to four vectors of 16 rows. Rows: one
+    // full block, one row past it, and two blocks with a partial third. Row lengths: one value, odd ones,
     // MiniLM's, and (one block only) the longest the kernel takes and one past it. Output counts:
     // around its tile of 6 weight rows. Then outputs past its pass of 768, ending inside a
     // 16-output transpose.
@@ -510,7 +510,7 @@ fn best_isa_is_supported() {
 #[test]
 #[cfg_attr(miri, ignore = "spawns threads for shapes too large for Miri")]
 fn threaded_linear_matches_one_thread() {
-    use super::parallel::{linear_by_outputs, linear_by_rows};
+    use super::parallel::{linear_by_outputs, linear_by_rows, row_parts};
     let mut rng = Rng(91);
     let k = 96;
     for kind in [Kind::F32, Kind::F16, Kind::I8, Kind::I4, Kind::I4Min] {
@@ -544,6 +544,7 @@ fn threaded_linear_matches_one_thread() {
                     linear_by_outputs(linear, None, parts, x, rows, k, w, n, b, &mut split);
                 } else if rows > 1 {
                     let (x, w) = (&x, w.weights());
+                    let parts = row_parts(super::min_part_rows(&w, rows, k), parts, rows);
                     linear_by_rows(linear, None, parts, x, rows, k, w, n, b, &mut split);
                 } else {
                     continue;
@@ -566,6 +567,31 @@ fn threaded_linear_matches_one_thread() {
             }
         }
     }
+}
+
+/// Checks that int8 weights with int8 activations split by rows at any part size where the
+/// integer kernel over whole rows takes the call, while the f32-activation kernel keeps the
+/// broadcast kernel's minimum. Below that minimum, 16 rows on two threads would be split by
+/// outputs, each part reading all the rows.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn int8_rows_split_by_rows() {
+    if !super::int8_row_products_supported() {
+        return;
+    }
+    let mut rng = Rng(23);
+    let (n, k) = (64, 384);
+    let w = TestWeights::new(Kind::I8, n, k, 32, &mut rng);
+    for rows in [2, 16, 17, 31] {
+        let min_rows = super::min_part_rows_int8_rows(&w.weights(), rows, k);
+        assert_eq!(min_rows, 1, "rows {rows}");
+        assert_eq!(super::parallel::row_parts(min_rows, 2, rows), 2, "rows {rows}");
+    }
+    // Rows longer than the integer kernel takes fall back to the f32-activation rule.
+    let long = TestWeights::new(Kind::I8, 4, 8200, 32, &mut rng);
+    let rows = 64;
+    let fallback = super::min_part_rows_int8_rows(&long.weights(), rows, 8200);
+    assert_eq!(fallback, super::min_part_rows(&long.weights(), rows, 8200));
 }
 
 /// Checks that a product with an activation, on one thread and split by rows or by outputs,

@@ -440,7 +440,7 @@ pub(crate) fn linear_rows(call: &mut LinearCall<'_>) -> bool {
     let Weights::I8(w) = call.w else {
         return false;
     };
-    if call.k == 0 || call.k > MAX_K || !supported() {
+    if !rows_apply(&call.w, call.k) {
         return false;
     }
     #[cfg(feature = "std")]
@@ -456,6 +456,13 @@ pub(crate) fn linear_rows(call: &mut LinearCall<'_>) -> bool {
     // block that it reads.
     unsafe { rows_i8(call, &w, block.as_mut_ptr()) };
     true
+}
+
+/// Returns whether [`linear_rows`] takes a call with weights `w` and rows of `k` values: int8
+/// weights, `0 < k <= MAX_K`, and a CPU with VNNI. Each row's results then depend on that row
+/// alone, whatever the number of rows.
+pub(crate) fn rows_apply(w: &Weights<'_>, k: usize) -> bool {
+    matches!(w, Weights::I8(_)) && k > 0 && k <= MAX_K && supported()
 }
 
 /// See [`linear_rows`].

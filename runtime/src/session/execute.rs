@@ -324,18 +324,31 @@ impl<'m> Session<'m, '_> {
             false => kernels::linear as kernels::LinearKernel,
         };
         #[cfg(feature = "std")]
-        kernels::parallel::linear_threads_with(
-            kernel,
-            activation,
-            self.threads,
-            x,
-            rows,
-            kk,
-            weights,
-            n,
-            bias,
-            y,
-        );
+        match self.int8_activations {
+            true => kernels::parallel::linear_int8_rows_threads(
+                activation,
+                self.threads,
+                x,
+                rows,
+                kk,
+                weights,
+                n,
+                bias,
+                y,
+            ),
+            false => kernels::parallel::linear_threads_with(
+                kernel,
+                activation,
+                self.threads,
+                x,
+                rows,
+                kk,
+                weights,
+                n,
+                bias,
+                y,
+            ),
+        }
         #[cfg(not(feature = "std"))]
         {
             kernel(x, rows, kk, weights, n, bias, y);
