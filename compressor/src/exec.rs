@@ -44,25 +44,34 @@ impl From<edgefold_runtime::Error> for ExecError {
     }
 }
 
-/// A failed allocation of a packed file's arena, which is too large for this host's memory.
+/// A failed allocation of a packed graph's arena, which is too large for this host's memory.
 #[derive(Debug)]
 pub struct ArenaError {
-    /// The packed file.
-    pub path: PathBuf,
+    /// The packed file, or `None` for a graph that the compressor packed in memory to measure it.
+    pub path: Option<PathBuf>,
     /// The arena size that could not be allocated, in bytes.
     pub bytes: usize,
 }
 
 impl std::fmt::Display for ArenaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cannot allocate the arena of {:.1} MiB ({} bytes) that {} needs; compress the model \
-             again with a smaller --max-seq or --max-batch",
-            self.bytes as f64 / (1u64 << 20) as f64,
-            self.bytes,
-            self.path.display()
-        )
+        let mebibytes = self.bytes as f64 / (1u64 << 20) as f64;
+        match &self.path {
+            Some(path) => write!(
+                f,
+                "cannot allocate the arena of {mebibytes:.1} MiB ({} bytes) that {} needs; \
+                 compress the model again with a smaller --max-seq or --max-batch",
+                self.bytes,
+                path.display()
+            ),
+            None => write!(
+                f,
+                "cannot allocate the arena of {mebibytes:.1} MiB ({} bytes) that the model \
+                 needs at the requested sizes, so run this command again with a smaller \
+                 --max-seq or --max-batch",
+                self.bytes
+            ),
+        }
     }
 }
 
@@ -78,20 +87,25 @@ impl std::error::Error for ArenaError {}
 /// # Errors
 /// [`ArenaError`] naming `path` and the size when the allocation fails.
 pub fn alloc_arena(path: &Path, bytes: usize) -> Result<Vec<u8>, ArenaError> {
-    let error = || ArenaError { path: path.to_owned(), bytes };
+    try_alloc_zeroed(bytes).ok_or_else(|| ArenaError { path: Some(path.to_owned()), bytes })
+}
+
+/// Allocates `bytes` zeroed bytes as [`alloc_arena`] does, or returns `None` when the allocator
+/// fails or `bytes` exceeds `isize::MAX`.
+fn try_alloc_zeroed(bytes: usize) -> Option<Vec<u8>> {
     if bytes == 0 {
-        return Ok(Vec::new());
+        return Some(Vec::new());
     }
-    let layout = Layout::array::<u8>(bytes).map_err(|_| error())?;
+    let layout = Layout::array::<u8>(bytes).ok()?;
     // SAFETY: `layout` has a nonzero size, as `alloc_zeroed` requires.
     let pointer = unsafe { std::alloc::alloc_zeroed(layout) };
     if pointer.is_null() {
-        return Err(error());
+        return None;
     }
     // SAFETY: `pointer` comes from the global allocator with the layout of `bytes` u8 values,
     // which is the layout of a `Vec<u8>` of capacity `bytes`, and all `bytes` are initialized
     // to zero.
-    Ok(unsafe { Vec::from_raw_parts(pointer, bytes, bytes) })
+    Some(unsafe { Vec::from_raw_parts(pointer, bytes, bytes) })
 }
 
 /// A copy of a packed file in a buffer with the 16-byte alignment the runtime requires.
@@ -137,26 +151,31 @@ impl PackedGraph {
         Self::from_bytes(&bytes)
     }
 
-    /// Copies packed file bytes into an aligned buffer.
+    /// Copies packed file bytes into an aligned buffer, and allocates their arena without
+    /// aborting when the memory is not available.
     ///
     /// # Errors
-    /// A validation error from the runtime.
+    /// A validation error from the runtime, or [`ExecError::Arena`] with the arena size.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ExecError> {
-        let file = AlignedFile::new(bytes);
-        let model = Model::open(file.bytes())?;
-        let arena = vec![0u8; model.arena_bytes_unaligned()];
-        Ok(PackedGraph { file, arena })
+        Self::open(bytes, None)
     }
 
-    /// Copies the bytes of the packed file at `path` into an aligned buffer, and allocates its
-    /// arena without aborting when the memory is not available.
+    /// Copies `bytes`, read from the packed file at `path`, into an aligned buffer, and allocates
+    /// their arena as [`PackedGraph::from_bytes`] does.
     ///
     /// # Errors
     /// A validation error from the runtime, or [`ExecError::Arena`] naming `path`.
     pub fn load(bytes: &[u8], path: &Path) -> Result<Self, ExecError> {
+        Self::open(bytes, Some(path))
+    }
+
+    fn open(bytes: &[u8], path: Option<&Path>) -> Result<Self, ExecError> {
         let file = AlignedFile::new(bytes);
         let model = Model::open(file.bytes())?;
-        let arena = alloc_arena(path, model.arena_bytes_unaligned()).map_err(ExecError::Arena)?;
+        let arena_bytes = model.arena_bytes_unaligned();
+        let arena = try_alloc_zeroed(arena_bytes).ok_or_else(|| {
+            ExecError::Arena(ArenaError { path: path.map(Path::to_owned), bytes: arena_bytes })
+        })?;
         Ok(PackedGraph { file, arena })
     }
 

@@ -21,7 +21,7 @@ pub const RELATIVE_TOLERANCE: f32 = 1e-4;
 /// maximum allows it.
 pub const SAMPLE_SYMBOL_VALUE: u64 = 4;
 
-/// Error raised when a self-test cannot be embedded.
+/// Error returned when a self-test cannot be embedded.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SelfTestError {
@@ -135,12 +135,12 @@ fn sample_inputs(model: &Model<'_>) -> Result<Vec<Owned>, SelfTestError> {
 
 /// Runs `file` on `inputs` (generated when `None`), and returns a copy of `file` that carries the
 /// inputs and the outputs as its self-test record, with a tolerance of [`RELATIVE_TOLERANCE`]
-/// times the largest expected float magnitude (at least 1). Errors name `path`, where the file
-/// is to be written.
+/// times the largest expected float magnitude (at least 1). `path` is where the file is to be
+/// written.
 ///
 /// # Errors
 /// [`SelfTestError`] when the file does not open or run on the sample, its arena cannot be
-/// allocated, or it cannot be rewritten.
+/// allocated (an error that names `path`), or it cannot be rewritten.
 pub fn embed(
     file: &[u8],
     path: &Path,
@@ -197,7 +197,7 @@ pub fn embed(
     Ok((bytes, embedded))
 }
 
-/// Error raised when a self-test cannot be run.
+/// Error returned when a self-test cannot be run.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum VerifyError {

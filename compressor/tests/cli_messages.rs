@@ -6,9 +6,9 @@ mod common;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{compress_command, edgefold, onnx_fixture, scratch_dir, stderr_of};
+use common::{compress_command, edgefold, onnx_fixture, scratch_dir, stderr_of, stdout_json};
 use edgefold_compressor::ir::{Graph, Node, Symbol, Value, ValueId};
 use edgefold_compressor::npy::{to_npy_bytes, write_npy};
 use edgefold_compressor::plan::plan_arena;
@@ -18,13 +18,6 @@ use edgefold_runtime::format::Dim;
 use edgefold_runtime::ops::{BinaryKind, Op};
 use edgefold_runtime::selftest::SELF_TEST_KEY;
 use edgefold_runtime::{DType, MappedFile, Model};
-
-/// Parses stdout as one JSON object, failing the test with both streams when it is not one.
-fn stdout_json(output: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout:?}\n{output:?}"))
-}
 
 /// Returns `edgefold compress patterns.onnx -o OUTPUT`, to which the caller adds options.
 fn compress_patterns(output: impl AsRef<OsStr>) -> Command {

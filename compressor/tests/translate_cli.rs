@@ -302,7 +302,7 @@ fn compressed_model_translates_from_file() {
     let rejected = run_with_stdin(edgefold().arg("translate").arg(&other), "Hello!\n");
     assert!(!rejected.status.success());
     let stderr = stderr_of(&rejected);
-    assert!(stderr.contains("contains a packed graph, not a translation model"), "{stderr}");
+    assert!(stderr.contains("contains a graph, not a translation model"), "{stderr}");
     assert!(stderr.contains("run it with `edgefold run`"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

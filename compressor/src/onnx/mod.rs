@@ -230,7 +230,7 @@ pub fn read_model_proto(path: &Path) -> Result<tract_onnx::pb::ModelProto, Impor
 pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError> {
     let read_error = |message: String| ImportError::Read { path: path.to_owned(), message };
     let proto = read_model_proto(path)?;
-    let graph = proto.graph.as_ref().ok_or_else(|| read_error("the file has no graph".into()))?;
+    let graph = proto.graph.as_ref().expect("read_model_proto rejects a model without a graph");
     let opset = proto
         .opset_import
         .iter()

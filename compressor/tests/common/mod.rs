@@ -121,6 +121,13 @@ pub fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Parses stdout as one JSON object, failing the test with both streams when it is not one.
+pub fn stdout_json(output: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout:?}\n{output:?}"))
+}
+
 /// Returns whether python3 can import `modules`, a comma-separated list, after reporting the skip
 /// with `reason` when it cannot.
 pub fn python_can_import(modules: &str, reason: &str) -> bool {

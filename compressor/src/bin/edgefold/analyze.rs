@@ -16,7 +16,7 @@ use edgefold_compressor::text::TextEncoder;
 
 use crate::llm;
 use crate::output::write_output;
-use crate::report::{parse_at_least_one, print_json};
+use crate::report::{json_float_rows, json_floats, parse_at_least_one, print_json};
 
 #[derive(clap::Args)]
 pub(crate) struct AnalyzeArgs {
@@ -143,12 +143,12 @@ pub(crate) fn cmd_analyze(args: AnalyzeArgs) -> Result<()> {
             let mut j = json!({
                 "name": name, "rows": s.rows, "cols": s.cols, "elbow": s.elbow,
                 "energy_90": s.energy_90, "energy_99": s.energy_99, "break_even": s.break_even,
-                "singular_values": s.singular_values,
+                "singular_values": json_floats(&s.singular_values),
             });
             if let Some(w) = w {
                 j["whitened"] = json!({
                     "elbow": elbow_rank(w), "energy_90": energy_rank(w, 0.9), "energy_99": energy_rank(w, 0.99),
-                    "singular_values": w,
+                    "singular_values": json_floats(w),
                 });
             }
             j
@@ -157,8 +157,10 @@ pub(crate) fn cmd_analyze(args: AnalyzeArgs) -> Result<()> {
     let blocks_json = calibration.as_ref().and_then(|c| c.blocks.as_ref()).map(|b| {
         json!({
             "blocks": b.blocks.iter().map(|x| x.index).collect::<Vec<_>>(),
-            "influence": b.influence, "angular_distance": b.angular,
-            "cosine": b.cosine, "cka": b.cka,
+            "influence": json_floats(&b.influence),
+            "angular_distance": json_floats(&b.angular),
+            "cosine": json_float_rows(&b.cosine),
+            "cka": json_float_rows(&b.cka),
         })
     });
     let report = json!({

@@ -82,6 +82,7 @@ fn check_source_matches(original: &Path, file: &Path) -> Option<bool> {
     let original = translate::model_file_of(original)?;
     let file = translate::model_file_of(file)?;
     let (original, file) = (original.as_path(), file.as_path());
+    // NOTE: costs a full read of both files (sha256 of `original`, weight checksum of `file`).
     let map = MappedFile::open(file).ok()?;
     let model = Model::open(map.bytes()).ok()?;
     let stored = std::str::from_utf8(model.metadata(SOURCE_SHA256_KEY)?).ok()?.trim().to_owned();

@@ -11,13 +11,13 @@ use edgefold_runtime::{MappedFile, Model, OpenOptions};
 /// The kind of model in a packed file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PackedKind {
-    /// A Llama-family language model, with the `decoder.llama` record; `generate` runs it.
+    /// A Llama-family language model with the `decoder.llama` record, which `generate` runs.
     LanguageModel,
-    /// A Marian translation model, with the `translator.marian` record; `translate` runs it.
+    /// A Marian translation model with the `translator.marian` record, which `translate` runs.
     Translator,
-    /// A graph of ops with an embedded `tokenizer.json`; `embed` runs it on sentences.
+    /// A graph of ops with an embedded `tokenizer.json`, which `embed` runs on sentences.
     SentenceEncoder,
-    /// A graph of ops without a tokenizer; `run` runs it on .npy inputs.
+    /// A graph of ops without a tokenizer, which `run` runs on .npy inputs.
     Graph,
 }
 
@@ -49,8 +49,8 @@ impl PackedKind {
         match self {
             PackedKind::LanguageModel => "a language model",
             PackedKind::Translator => "a translation model",
-            PackedKind::SentenceEncoder => "a packed sentence encoder (a graph with a tokenizer)",
-            PackedKind::Graph => "a packed graph",
+            PackedKind::SentenceEncoder => "a sentence encoder (a graph with a tokenizer)",
+            PackedKind::Graph => "a graph",
         }
     }
 

@@ -22,7 +22,7 @@ use edgefold_runtime::{MappedFile, Model};
 
 use crate::kind::{check_packed_kind, PackedKind};
 use crate::output::{write_output, write_packed};
-use crate::report::json_float;
+use crate::report::{json_float, json_float_rows, json_floats};
 
 /// Options of `edgefold generate`.
 #[derive(clap::Args)]
@@ -699,8 +699,8 @@ pub fn cmd_analyze_gguf(model_path: &Path, o: AnalyzeOptions) -> Result<()> {
                 "energy_90": s.energy_90, "energy_99": s.energy_99, "break_even": s.break_even,
                 "whitened_elbow": w.as_deref().map(elbow_rank),
                 "whitened_energy_99": w.as_deref().map(|w| energy_rank(w, 0.99)),
-                "singular_values": s.singular_values,
-                "whitened_singular_values": w,
+                "singular_values": json_floats(&s.singular_values),
+                "whitened_singular_values": w.as_deref().map(json_floats),
             })
         })
         .collect();
@@ -710,9 +710,9 @@ pub fn cmd_analyze_gguf(model_path: &Path, o: AnalyzeOptions) -> Result<()> {
         "tokens": tokens.len(),
         "window": WINDOW,
         "blocks": {
-            "influence": similarity.influence,
-            "angular_distance": similarity.angular,
-            "cosine": similarity.cosine,
+            "influence": json_floats(&similarity.influence),
+            "angular_distance": json_floats(&similarity.angular),
+            "cosine": json_float_rows(&similarity.cosine),
         },
         "matrices": matrices,
     });

@@ -449,7 +449,7 @@ pub fn cmd_compress_marian(
             "output": output,
             "source_bytes": original_bytes,
             "output_bytes": bytes.len(),
-            "ratio": ratio,
+            "ratio": json_float(ratio),
             "encoder_layers": config.encoder_layers,
             "calibration_bleu": measured.map(|(b, ..)| json_float(b)),
             "quality": measured.map(|(_, q, ..)| json_float(q)),

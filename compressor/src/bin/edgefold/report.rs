@@ -18,6 +18,16 @@ pub(crate) fn json_float(value: f64) -> Json {
     }
 }
 
+/// Converts a list of floats for JSON output as [`json_float`] does.
+pub(crate) fn json_floats(values: &[f64]) -> Json {
+    values.iter().map(|&value| json_float(value)).collect()
+}
+
+/// Converts the rows of a matrix for JSON output as [`json_float`] does.
+pub(crate) fn json_float_rows(rows: &[Vec<f64>]) -> Json {
+    rows.iter().map(|row| json_floats(row)).collect()
+}
+
 pub(crate) fn print_json(value: &Json) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialize"));
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
+use serde_json::{json, Value as Json};
 
 use edgefold_compressor::embed::PackedEmbedder;
 use edgefold_compressor::exec::alloc_arena;
@@ -138,11 +138,26 @@ pub(crate) fn cmd_run(
         print_json(&json!({"file": path, "seconds": elapsed, "outputs": outs}));
     } else {
         for o in &outs {
-            println!("{} {} {}", o["name"].as_str().unwrap_or(""), o["shape"], o["first_values"]);
+            let name = o["name"].as_str().unwrap_or("");
+            println!("{name} {} {}", o["shape"], plain_values(&o["first_values"]));
         }
         eprintln!("ran in {:.2} ms", elapsed * 1e3);
     }
     Ok(())
+}
+
+/// Formats a JSON array of numbers from [`json_float`] as `[1.5,nan,-inf]`, without the quotes
+/// that JSON puts around the non-finite values.
+fn plain_values(values: &Json) -> String {
+    let Some(values) = values.as_array() else { return values.to_string() };
+    let texts: Vec<String> = values
+        .iter()
+        .map(|value| match value.as_str() {
+            Some(text) => text.to_owned(),
+            None => value.to_string(),
+        })
+        .collect();
+    format!("[{}]", texts.join(","))
 }
 
 /// Adds to a runtime error of `run` what the runtime cannot name without allocating: for a
@@ -224,4 +239,16 @@ pub(crate) fn cmd_embed(
         println!("cosine({i}, {j}) = {c:.4}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_values_without_quotes() {
+        let values = json!([1.5, json_float(f64::NAN), json_float(f64::NEG_INFINITY), 0]);
+        assert_eq!(plain_values(&values), "[1.5,nan,-inf,0]");
+        assert_eq!(plain_values(&json!([])), "[]");
+    }
 }

@@ -201,6 +201,9 @@ fn open_model(path: &Path, eos: u32) -> Result<MarianModel> {
         .with_context(|| format!("cannot open {} as a packed file", path.display()))?;
     let model = Model::open(map.bytes())
         .with_context(|| format!("{} is not a valid packed file", path.display()))?;
+    // `find_model_files` has already rejected the other kinds of packed file, but a file with the
+    // runtime's `translator.marian` record and without the `marian.config` record that the host
+    // reads still gets here.
     if !is_packed_marian(&model) {
         bail!(
             "{} is a packed file without a translation model; translate and eval --task bleu \

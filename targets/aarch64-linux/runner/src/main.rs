@@ -184,6 +184,34 @@ fn open_error(path: &Path, error: Error) -> String {
     )
 }
 
+/// Allocates the zeroed arena of `bytes` bytes that the model at `path` needs, returning an error
+/// that names the file, the size and the fix where `vec![0; bytes]` would abort the process.
+///
+/// Like `vec![0; bytes]`, it requests zeroed memory from the allocator, so that arena pages the
+/// runs never touch need not become resident, and peak memory stays what the model uses.
+fn alloc_arena(path: &Path, bytes: usize) -> Result<Vec<u8>, String> {
+    let error = || {
+        format!(
+            "cannot allocate the arena of {:.1} MiB ({bytes} bytes) that {} needs; compress the \
+             model again with a smaller --max-seq or --max-batch",
+            bytes as f64 / (1u64 << 20) as f64,
+            path.display()
+        )
+    };
+    if bytes == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(bytes).map_err(|_| error())?;
+    // SAFETY: `layout` has a nonzero size, as `alloc_zeroed` requires.
+    let pointer = unsafe { std::alloc::alloc_zeroed(layout) };
+    if pointer.is_null() {
+        return Err(error());
+    }
+    // SAFETY: the global allocator returned `pointer` for `bytes` u8 values, the layout of a
+    // `Vec<u8>` with capacity `bytes`, and `alloc_zeroed` initialized every byte to zero.
+    Ok(unsafe { Vec::from_raw_parts(pointer, bytes, bytes) })
+}
+
 fn set_input(session: &mut Session<'_, '_>, index: usize, path: &Path) -> Result<(), String> {
     let expected_file = "each INPUT must be a file of raw little-endian elements";
     let bytes = std::fs::read(path).map_err(|e| file_error(path, "read", expected_file, e))?;
@@ -353,7 +381,7 @@ fn run(args: &Args) -> Result<bool, String> {
             args.inputs.len()
         ));
     }
-    let mut arena = vec![0u8; model.arena_bytes_unaligned()];
+    let mut arena = alloc_arena(&args.model, model.arena_bytes_unaligned())?;
     let mut session = Session::new(&model, &mut arena).map_err(|e| e.to_string())?;
     if args.int8_activations && !edgefold_runtime::kernels::int8_row_products_supported() {
         // Linear layers would keep f32 inputs here while a board multiplies integers, so the
