@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use common::{max_abs_diff, pack_graph, random_f32, run};
 use edgefold_compressor::onnx::{import, ImportError, ImportOptions};
 use edgefold_compressor::passes::fuse;
+use edgefold_compressor::pipeline::load_graph;
 use edgefold_compressor::reference::ReferenceModel;
 use edgefold_compressor::tensor::HostTensor;
 use edgefold_runtime::ops::{Activation, Op, UnaryKind};
@@ -176,4 +177,88 @@ fn attention_fuses_in_minilm() {
     let (want, got) = (run(&before, &inputs), run(&after, &inputs));
     let diff = max_abs_diff(&want[0], &got[0]);
     assert!(diff < 1e-4, "fused and unfused outputs differ by up to {diff}");
+}
+
+/// Returns the names of the graph outputs in a packed file, in order.
+fn packed_output_names(file: &common::Aligned) -> Vec<String> {
+    let model = edgefold_runtime::Model::open(file.bytes()).unwrap();
+    let tensors = (0..model.output_count()).map(|i| model.output_tensor(i).unwrap());
+    tensors.map(|t| model.tensor_name(t).to_owned()).collect()
+}
+
+#[test]
+fn identity_outputs_keep_names() {
+    let path = fixture("identity_outputs.onnx");
+    let options = ImportOptions { max_batch: 2, ..ImportOptions::default() };
+    let (graph, _) = load_graph(&path, &options).unwrap();
+    let file = pack_graph(&graph);
+    assert_eq!(packed_output_names(&file), ["x_copy", "relu_copy", "relu_copy_again"]);
+    let inputs: Vec<&str> = graph.inputs.iter().map(|&i| graph.values[i].name.as_str()).collect();
+    assert_eq!(inputs, ["x"]);
+
+    let x = random_f32(8, 3);
+    let relu: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+    let outputs = run(&file, &[HostTensor::f32(vec![2, 4], x.clone())]);
+    assert_eq!(outputs.len(), 3);
+    assert_eq!(outputs[0].as_f32().unwrap(), x.as_slice(), "x_copy");
+    assert_eq!(outputs[1].as_f32().unwrap(), relu.as_slice(), "relu_copy");
+    assert_eq!(outputs[2].as_f32().unwrap(), relu.as_slice(), "relu_copy_again");
+}
+
+#[test]
+fn minilm_outputs_keep_names() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cases: [(PathBuf, &[&str]); 2] = [
+        (root.join("../shared/data/models/all-MiniLM-L6-v2-fp32.onnx"), &["last_hidden_state"]),
+        (
+            root.join("models/paraphrase-MiniLM-L3-v2/model.onnx"),
+            &["output", "463", "onnx::Shape_422", "461"],
+        ),
+    ];
+    for (path, expected) in cases {
+        if !path.exists() {
+            edgefold_compressor::testdata::skip(&format!("{} is absent", path.display()));
+            continue;
+        }
+        let (graph, _) = load_graph(&path, &ImportOptions::default()).unwrap();
+        let names = packed_output_names(&pack_graph(&graph));
+        assert_eq!(names, expected, "{}", path.display());
+    }
+}
+
+#[test]
+fn slice_of_position_table_within_max_seq() {
+    let path = fixture("position_table.onnx");
+    let graph = import(&path, &ImportOptions { max_batch: 1, max_seq: 8 }).unwrap();
+    let file = pack_graph(&graph);
+    let x = random_f32(3 * 4, 5);
+    let outputs = run(&file, &[HostTensor::f32(vec![1, 3, 4], x.clone())]);
+    let expected: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + i as f32).collect();
+    assert_eq!(outputs[0].as_f32().unwrap(), expected.as_slice());
+}
+
+#[test]
+fn slice_past_position_table_rejected() {
+    let path = fixture("position_table.onnx");
+    let err = import(&path, &ImportOptions { max_batch: 1, max_seq: 9 }).unwrap_err();
+    let ImportError::Invalid { node, op_type, message, .. } = &err else {
+        panic!("expected an invalid-node error, got {err}");
+    };
+    assert_eq!(node, "positions");
+    assert_eq!(op_type, "Slice");
+    assert!(message.contains("sequence = 9"), "{message}");
+    assert!(message.contains("extent 8 of axis 1 of input table"), "{message}");
+    assert!(message.contains("(--max-seq) to 8 or less"), "{message}");
+}
+
+#[test]
+fn minilm_max_seq_past_positions_rejected() {
+    let Some(path) = common::minilm_l3_model() else {
+        return;
+    };
+    let err = import(&path, &ImportOptions { max_batch: 1, max_seq: 1000 }).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("(Slice)"), "{message}");
+    assert!(message.contains("(--max-seq) to 512 or less"), "{message}");
+    assert!(import(&path, &ImportOptions { max_batch: 1, max_seq: 512 }).is_ok());
 }

@@ -1,6 +1,6 @@
 //! Lowering of ONNX nodes with run-time inputs into runtime ops, with symbolic shape inference.
 
-use edgefold_runtime::format::{DType, Dim, MAX_RANK};
+use edgefold_runtime::format::{DType, Dim, MAX_RANK, MAX_SYMBOLS};
 use edgefold_runtime::ops::{BinaryKind, Op, PoolKind, ReduceKind, UnaryKind, Window2d};
 use tract_onnx::pb::NodeProto;
 
@@ -770,6 +770,9 @@ fn slice(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
                         "slice to a negative end on a variable axis".into(),
                     ))?,
                 };
+                if let Some(extent) = dim.as_constant() {
+                    check_prefix_fits(imp, cx, axis, end_dim, extent)?;
+                }
                 (0, end_dim)
             }
             _ => {
@@ -790,6 +793,76 @@ fn slice(imp: &mut Importer, cx: &Ctx<'_>) -> NodeResult<Val> {
         return Ok(Val::Runtime(x));
     }
     emit(imp, cx, Op::Slice { starts, steps }, vec![Some(x)], dtype, shape)
+}
+
+/// Rejects a slice `[0, end)` whose symbolic `end` passes the constant `extent` of its axis when
+/// the symbols are at their maximums. ONNX clamps such an end to the extent, but the packed Slice
+/// keeps `end` as the output extent and fails at run time, so the maximum must be lowered.
+fn check_prefix_fits(
+    imp: &Importer,
+    cx: &Ctx<'_>,
+    axis: usize,
+    end: Dim,
+    extent: u32,
+) -> NodeResult<()> {
+    let symbols = &imp.graph.symbols;
+    let mut maxes = [1u64; MAX_SYMBOLS];
+    for (max, symbol) in maxes.iter_mut().zip(symbols) {
+        *max = u64::from(symbol.max);
+    }
+    let reach = end.eval(&maxes).unwrap_or(u64::MAX);
+    if reach <= u64::from(extent) {
+        return Ok(());
+    }
+
+    let used: Vec<usize> = (0..symbols.len()).filter(|&i| end.exponents[i] > 0).collect();
+    let at_max: Vec<String> =
+        used.iter().map(|&i| format!("{} = {}", symbols[i].name, symbols[i].max)).collect();
+    let end_text = match end.as_symbol() {
+        Some(_) => format_dim(end, symbols),
+        None => format!("{} = {reach}", format_dim(end, symbols)),
+    };
+    let mut message = format!(
+        "with {} (the maximum), the slice end {end_text} is past the extent {extent} of axis \
+         {axis} of input {}",
+        at_max.join(", "),
+        cx.hint(0)
+    );
+    // With one symbol of exponent 1, the end is `factor * symbol`, so the limit is exact.
+    if let [symbol] = used[..] {
+        if end.exponents[symbol] == 1 {
+            let limit = extent / end.factor;
+            let option = match symbol_is_batch(imp, symbol) {
+                true => "maximum batch size (--max-batch)",
+                false => "maximum sequence length (--max-seq)",
+            };
+            message.push_str(&format!("; set the {option} to {limit} or less"));
+        }
+    }
+    invalid(message)
+}
+
+/// Returns whether `symbol` first appears on axis 0 of a graph input, where the importer gives it
+/// the maximum batch size, and not the maximum sequence length.
+fn symbol_is_batch(imp: &Importer, symbol: usize) -> bool {
+    let axis_of = |&input: &usize| {
+        imp.graph.values[input].shape.iter().position(|d| d.as_symbol() == Some(symbol))
+    };
+    imp.graph.inputs.iter().find_map(axis_of) == Some(0)
+}
+
+/// Formats an extent such as `2*sequence` with the symbols' names.
+fn format_dim(dim: Dim, symbols: &[crate::ir::Symbol]) -> String {
+    let mut parts = Vec::new();
+    if dim.factor != 1 || dim.exponents.iter().all(|&e| e == 0) {
+        parts.push(dim.factor.to_string());
+    }
+    for (symbol, &exponent) in symbols.iter().zip(&dim.exponents) {
+        for _ in 0..exponent {
+            parts.push(symbol.name.clone());
+        }
+    }
+    parts.join("*")
 }
 
 /// Extents of a window op's input: batch (maybe symbolic), channels, and 1 or 2 constant spatial

@@ -349,6 +349,7 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Graph, ImportError
             },
             _ => return Err(read_error(format!("graph output {} is never produced", output.name))),
         };
+        let id = imp.name_output(&output.name, id);
         imp.graph.outputs.push(id);
     }
     let mut graph = imp.graph;
@@ -443,6 +444,34 @@ impl Importer {
     /// returns activations.
     fn materialize_output(&mut self, name: &str, value: ConstTensor) -> NodeResult<ValueId> {
         let source = self.value_id(&Val::Const(value), &format!("{name}.constant"))?;
+        Ok(self.copy_output(name, source))
+    }
+
+    /// Names the value of graph output `name` after it and returns that value. The packed file
+    /// names each output by its tensor, but an Identity node lowers to its input's value and name.
+    /// An intermediate value is renamed, and a graph input or an earlier output, whose names must
+    /// stay, is copied.
+    fn name_output(&mut self, name: &str, id: ValueId) -> ValueId {
+        if self.graph.values[id].name == name {
+            return id;
+        }
+        let is_io =
+            |graph: &Graph, v: ValueId| graph.inputs.contains(&v) || graph.outputs.contains(&v);
+        // An importer-made name such as `{node}.{suffix}` can equal an ONNX tensor name.
+        if let Some(holder) = self.graph.values.iter().position(|v| v.name == name) {
+            if !is_io(&self.graph, holder) {
+                self.graph.values[holder].name = self.unique_name(name);
+            }
+        }
+        if is_io(&self.graph, id) {
+            return self.copy_output(name, id);
+        }
+        self.graph.values[id].name = self.unique_name(name);
+        id
+    }
+
+    /// Adds a Reshape to the same shape that copies `source` into a new activation named `name`.
+    fn copy_output(&mut self, name: &str, source: ValueId) -> ValueId {
         let (dtype, shape) =
             (self.graph.values[source].dtype, self.graph.values[source].shape.clone());
         let out = self.activation(name, dtype, shape);
@@ -452,7 +481,7 @@ impl Importer {
             inputs: vec![Some(source)],
             outputs: vec![out],
         });
-        Ok(out)
+        out
     }
 
     fn poison(&mut self, node: &NodeProto) {
