@@ -283,9 +283,8 @@ impl ReferenceModel {
         std::fs::metadata(path)
             .map_err(|source| ReferenceError::Read { path: path.to_owned(), source })?;
         if crate::onnx::is_packed_file(path) {
-            let detail = "it is a packed .fold file, not ONNX; Edgefold's runtime runs it (for \
-                          bench, --engine edgefold)"
-                .to_owned();
+            // The caller adds the advice that fits its command.
+            let detail = "it is a packed .fold file, not ONNX".to_owned();
             return Err(ReferenceError::Parse { path: path.to_owned(), detail });
         }
         let mut model = parse_model(path)?;

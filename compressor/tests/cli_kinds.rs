@@ -557,22 +557,78 @@ fn write_token_copy_model(path: &Path) {
 }
 
 #[test]
-fn bench_json_nan_median() {
-    let dir = scratch_dir("bench-nan");
+fn bench_rejects_zero_runs() {
+    let dir = scratch_dir("bench-runs");
     let model = dir.join("copy.fold");
     write_token_copy_model(&model);
-    // With no timed runs the median latency is NaN.
+    // With no timed runs there is no median latency to report.
     let result = edgefold()
         .arg("bench")
         .arg(&model)
         .args(["--seq", "4", "--runs", "0", "--json"])
         .output()
         .unwrap();
+    assert_eq!(result.status.code(), Some(2), "{}", stderr_of(&result));
+    let error = stdout_json(&result)["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("invalid value '0' for '--runs"), "{error}");
+
+    let result = edgefold()
+        .arg("bench")
+        .arg(&model)
+        .args(["--seq", "4", "--runs", "1", "--json"])
+        .output()
+        .unwrap();
     assert!(result.status.success(), "{}", stderr_of(&result));
     let report = stdout_json(&result);
-    assert_eq!(report["latency_ms_median"], "nan", "{report}");
-    assert!(report["open_ms"].is_f64(), "{report}");
+    assert!(report["latency_ms_median"].is_f64(), "{report}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_names_other_kinds() {
+    let dir = scratch_dir("bench-kinds");
+    let language_model = dir.join("lm.fold");
+    compress_language_model(&tiny_llama(), &language_model);
+    let marian = write_tiny_marian(&dir, "marian", 1);
+    let translator = packed_translator(&marian, &dir);
+
+    let cases = [
+        (&language_model, "a language model", "edgefold generate"),
+        (&translator, "a translation model", "edgefold translate"),
+    ];
+    for (file, noun, subcommand) in cases {
+        let result =
+            edgefold().arg("bench").arg(file).args(["--seq", "4", "--runs", "1"]).output().unwrap();
+        let stderr = stderr_of(&result);
+        let expected = format!(
+            "{} contains {noun}, not a text encoder graph; run it with `{subcommand}`",
+            file.display()
+        );
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&expected), "{stderr}");
+        assert!(result.stdout.is_empty(), "{}", String::from_utf8_lossy(&result.stdout));
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_tract_large_seq_is_an_error() {
+    let Some(model) = common::minilm_l3_model() else { return };
+    // 10^8 tokens need attention scores of far more memory than any test machine has, so tract
+    // fails to allocate them and panics.
+    let result = edgefold()
+        .arg("bench")
+        .arg(&model)
+        .args(["--engine", "tract", "--seq", "100000000", "--runs", "1", "--json"])
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&result);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--seq 100000000"), "{stderr}");
+    assert!(stderr.contains("pass a shorter --seq"), "{stderr}");
+    assert!(!stderr.contains("panicked at"), "{stderr}");
+    let error = stdout_json(&result)["error"].as_str().unwrap().to_owned();
+    assert!(error.contains(&model.display().to_string()), "{error}");
 }
 
 #[test]
@@ -606,5 +662,322 @@ fn compress_json_nan_quality() {
     let candidates = report["candidates"].as_array().unwrap();
     assert!(!candidates.is_empty(), "{report}");
     assert!(candidates.iter().all(|c| c["quality"] == "nan"), "{report}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn gguf_cache_too_large_is_an_error() {
+    let dir = scratch_dir("gguf-cache");
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "the cat sat on the mat. ".repeat(20)).unwrap();
+    // 10^12 positions need hundreds of terabytes, which no allocator grants.
+    let positions = "1000000000000";
+    let generate = edgefold()
+        .arg("generate")
+        .arg(tiny_llama())
+        .args(["--prompt", "hi", "--max-tokens", "2", "--json", "--max-seq", positions])
+        .output()
+        .unwrap();
+    let eval = edgefold()
+        .arg("eval")
+        .arg(tiny_llama())
+        .arg(tiny_llama())
+        .args(["--task", "ppl", "--window", positions, "--data"])
+        .arg(&text)
+        .output()
+        .unwrap();
+
+    for (result, option) in [(&generate, "--max-seq"), (&eval, "--window")] {
+        let stderr = stderr_of(result);
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&tiny_llama().display().to_string()), "{stderr}");
+        assert!(stderr.contains("key-value cache of 1000000000000 positions"), "{stderr}");
+        assert!(stderr.contains(&format!("lower {option}")), "{stderr}");
+    }
+    let error = stdout_json(&generate)["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("failed to allocate"), "{error}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Writes an .npz file with `inputs.npy` and, when given, `labels.npy`.
+fn write_npz(path: &Path, inputs: &HostTensor, labels: Option<&HostTensor>) {
+    let mut archive = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let arrays = [("inputs.npy", Some(inputs)), ("labels.npy", labels)];
+    for (name, tensor) in arrays {
+        let Some(tensor) = tensor else { continue };
+        archive.start_file(name, options).unwrap();
+        archive.write_all(&to_npy_bytes(tensor)).unwrap();
+    }
+    archive.finish().unwrap();
+}
+
+/// Runs `edgefold eval` on `patterns.onnx` and `file` with `--task task` and `args` after it.
+fn eval_patterns(file: &Path, task: &str, args: &[&str]) -> Output {
+    edgefold()
+        .arg("eval")
+        .arg(onnx_fixture("patterns.onnx"))
+        .arg(file)
+        .args(["--task", task])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn eval_raw_nan_outputs() {
+    let dir = scratch_dir("eval-raw-nan");
+    let graph = dir.join("graph.fold");
+    compress_graph(&graph);
+    // The first sample gives finite outputs and the second NaN ones, so a minimum or maximum
+    // that skips NaN would report the first sample's values.
+    let mut values = random_f32(12, 5);
+    values[6..].fill(f32::NAN);
+    let data = dir.join("nan.npz");
+    write_npz(&data, &HostTensor::f32(vec![2, 6], values), None);
+    let data = data.to_str().unwrap();
+
+    let text = eval_patterns(&graph, "raw", &["--data", data]);
+    assert!(text.status.success(), "{}", stderr_of(&text));
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(stdout.contains("cosine mean NaN, min NaN, largest difference NaN"), "{stdout}");
+
+    let json = eval_patterns(&graph, "raw", &["--json", "--data", data]);
+    assert!(json.status.success(), "{}", stderr_of(&json));
+    let report = stdout_json(&json);
+    assert_eq!(report["output_cosine_mean"], "nan", "{report}");
+    assert_eq!(report["output_cosine_min"], "nan", "{report}");
+    assert_eq!(report["output_max_abs_diff"], "nan", "{report}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn eval_accuracy_rejects_labels_out_of_range() {
+    let dir = scratch_dir("eval-labels");
+    let graph = dir.join("graph.fold");
+    compress_graph(&graph);
+    let inputs = HostTensor::f32(vec![2, 6], random_f32(12, 6));
+    // patterns.onnx has 4 classes, so labels run from 0 to 3.
+    for bad in [99, -1] {
+        let data = dir.join(format!("labels{bad}.npz"));
+        write_npz(&data, &inputs, Some(&HostTensor::i64(vec![2], vec![1, bad])));
+        let result = eval_patterns(&graph, "accuracy", &["--data", data.to_str().unwrap()]);
+        let stderr = stderr_of(&result);
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&data.display().to_string()), "{stderr}");
+        assert!(stderr.contains(&format!("label {bad} for sample 1")), "{stderr}");
+        assert!(stderr.contains("class range 0 to 3"), "{stderr}");
+    }
+
+    let data = dir.join("labels-valid.npz");
+    write_npz(&data, &inputs, Some(&HostTensor::i64(vec![2], vec![0, 3])));
+    let result = eval_patterns(&graph, "accuracy", &["--data", data.to_str().unwrap()]);
+    assert!(result.status.success(), "{}", stderr_of(&result));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn eval_names_other_kinds_first() {
+    let dir = scratch_dir("eval-kinds");
+    let language_model = dir.join("lm.fold");
+    compress_language_model(&tiny_llama(), &language_model);
+    let data = dir.join("inputs.npz");
+    write_npz(&data, &HostTensor::f32(vec![1, 6], random_f32(6, 7)), None);
+    let sts = dir.join("sts.csv");
+    std::fs::write(&sts, "a\tb\tc\td\t4.0\tthe cat\tthe dog\na\tb\tc\td\t1.0\tred\tblue\n")
+        .unwrap();
+    let marian = write_tiny_marian(&dir, "marian", 1);
+    let sources = dir.join("sources.txt");
+    write_sources(&sources, 2);
+
+    let cases = [
+        (eval_patterns(&language_model, "raw", &["--data", data.to_str().unwrap()]), "a graph"),
+        (
+            eval_patterns(&language_model, "sts", &["--data", sts.to_str().unwrap()]),
+            "a sentence encoder",
+        ),
+        (eval_bleu(&marian, &language_model, &sources, &sources), "a translation model"),
+    ];
+    for (result, expected) in cases {
+        let stderr = stderr_of(&result);
+        let message = format!(
+            "{} contains a language model, not {expected}; run it with `edgefold generate`",
+            language_model.display()
+        );
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&message), "{stderr}");
+        // The file is rejected before its source sha256 is compared.
+        assert!(!stderr.contains("was not compressed from"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn eval_messages_name_file_once() {
+    let dir = scratch_dir("eval-messages");
+    let graph = dir.join("graph.fold");
+    compress_graph(&graph);
+    let data = dir.join("inputs.npz");
+    write_npz(&data, &HostTensor::f32(vec![1, 6], random_f32(6, 8)), None);
+
+    // The packed file given where the ONNX original belongs.
+    let result = edgefold()
+        .arg("eval")
+        .arg(&graph)
+        .arg(&graph)
+        .args(["--task", "raw", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&result);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert_once(&stderr, &graph.display().to_string());
+    assert!(stderr.contains("give the ONNX model first"), "{stderr}");
+    assert!(!stderr.contains("--engine"), "{stderr}");
+
+    let sts = dir.join("sts.csv");
+    std::fs::write(&sts, "a\tb\tc\td\t4.0\tthe cat\tthe dog\na\tb\tc\td\t1.0\tred\tblue\n")
+        .unwrap();
+    let result = eval_patterns(&graph, "sts", &["--limit", "1", "--data", sts.to_str().unwrap()]);
+    let stderr = stderr_of(&result);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--limit 1 leaves fewer than 2 pairs"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_tract_packed_file_hint() {
+    let dir = scratch_dir("bench-tract-packed");
+    let graph = dir.join("graph.fold");
+    compress_graph(&graph);
+    let result = edgefold().arg("bench").arg(&graph).args(["--engine", "tract"]).output().unwrap();
+    let stderr = stderr_of(&result);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert_once(&stderr, &graph.display().to_string());
+    assert!(stderr.contains("bench it with --engine edgefold"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn translate_names_gguf_and_onnx() {
+    let cases = [
+        (tiny_llama(), "is a GGUF language model, not a translation model"),
+        (onnx_fixture("patterns.onnx"), "is an ONNX graph, not a translation model"),
+    ];
+    for (model, expected) in cases {
+        let result = output_without_stdin(edgefold().arg("translate").arg(&model));
+        let stderr = stderr_of(&result);
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&format!("{} {expected}", model.display())), "{stderr}");
+        assert!(!stderr.contains("tokenizer.json"), "{stderr}");
+    }
+}
+
+#[test]
+fn inspect_prints_kind_and_sha256() {
+    let dir = scratch_dir("inspect-kind");
+    let graph = dir.join("graph.fold");
+    compress_graph(&graph);
+    let language_model = dir.join("lm.fold");
+    compress_language_model(&tiny_llama(), &language_model);
+
+    let cases = [
+        (&graph, "a graph, run with `edgefold run`", "graph"),
+        (&language_model, "a language model, run with `edgefold generate`", "language_model"),
+    ];
+    for (file, noun, id) in cases {
+        let text = edgefold().arg("inspect").arg(file).output().unwrap();
+        assert!(text.status.success(), "{}", stderr_of(&text));
+        let stdout = String::from_utf8_lossy(&text.stdout);
+        assert!(stdout.contains(&format!("  kind: {noun}\n")), "{stdout}");
+        let sha256 = metadata_of(file)["source.sha256"].as_str().unwrap().to_owned();
+        assert!(stdout.contains(&format!("  source.sha256: {sha256}\n")), "{stdout}");
+
+        let json = edgefold().arg("inspect").arg(file).arg("--json").output().unwrap();
+        assert_eq!(stdout_json(&json)["kind"], id);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn verify_language_model_names_eval() {
+    let dir = scratch_dir("verify-kinds");
+    let language_model = dir.join("lm.fold");
+    compress_language_model(&tiny_llama(), &language_model);
+    let marian = write_tiny_marian(&dir, "marian", 1);
+    let translator = packed_translator(&marian, &dir);
+
+    let cases = [
+        (&language_model, "a language model", "ppl"),
+        (&translator, "a translation model", "bleu"),
+    ];
+    for (file, noun, task) in cases {
+        let result = edgefold().arg("verify").arg(file).output().unwrap();
+        let stderr = stderr_of(&result);
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&format!("contains {noun}")), "{stderr}");
+        assert!(stderr.contains("self-tests exist for graphs compressed from ONNX"), "{stderr}");
+        assert!(stderr.contains(&format!("`edgefold eval --task {task}`")), "{stderr}");
+        assert!(!stderr.contains("--self-test"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn messages_count_in_singular() {
+    let dir = scratch_dir("singular");
+    let model = dir.join("copy.fold");
+    write_token_copy_model(&model);
+    let result =
+        edgefold().arg("bench").arg(&model).args(["--seq", "4", "--runs", "1"]).output().unwrap();
+    assert!(result.status.success(), "{}", stderr_of(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("over 1 run\n"), "{stdout}");
+
+    let inputs = ["--input", "a.npy", "--input", "b.npy"];
+    let result = edgefold().arg("run").arg(&model).args(inputs).output().unwrap();
+    let stderr = stderr_of(&result);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("has 1 input; pass one --input file per input (2 given)"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn gguf_large_arena_warning_names_max_seq() {
+    let dir = scratch_dir("gguf-arena");
+    let packed = dir.join("lm.fold");
+    // 5 million positions plan an arena of about 3 GiB, above the 1 GiB warning threshold.
+    let result = compress_command(tiny_llama(), &packed).args(["--max-seq", "5000000"]).output();
+    let result = result.unwrap();
+    let stderr = stderr_of(&result);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("plans an arena of"), "{stderr}");
+    assert!(stderr.contains("`generate`, `eval --task ppl`"), "{stderr}");
+    assert!(stderr.contains("a smaller --max-seq"), "{stderr}");
+    assert!(!stderr.contains("--max-batch"), "{stderr}");
+    assert!(!stderr.contains("`bench`"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Returns the messages of `error` and of its chain of causes, joined as anyhow's `{:#}` does.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut messages = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        messages.push(next.to_string());
+        cause = next.source();
+    }
+    messages.join(": ")
+}
+
+#[test]
+fn gguf_io_error_printed_once() {
+    let dir = scratch_dir("gguf-io");
+    let missing = dir.join("missing.bin");
+    let chain = error_chain(&GgufFile::open(&missing).unwrap_err());
+    assert_eq!(chain.matches("os error").count(), 1, "{chain}");
+    let chain = error_chain(&edgefold_compressor::marian::MarianFile::open(&missing).unwrap_err());
+    assert_eq!(chain.matches("os error").count(), 1, "{chain}");
     std::fs::remove_dir_all(&dir).ok();
 }

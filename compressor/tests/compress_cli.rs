@@ -76,7 +76,7 @@ fn huge_arena_warns_then_fails_cleanly() {
     assert!(result.status.success(), "{stderr}");
     assert!(stderr.contains("plans an arena of"), "{stderr}");
     assert!(stderr.contains("MiB"), "{stderr}");
-    assert!(stderr.contains("--max-seq and --max-batch"), "{stderr}");
+    assert!(stderr.contains("a smaller --max-seq or --max-batch"), "{stderr}");
 
     let input = dir.join("x.npy");
     let npy_fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/npy/f4_2x3.npy");

@@ -91,14 +91,9 @@ impl fmt::Display for GgufError {
     }
 }
 
-impl std::error::Error for GgufError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            GgufError::Io { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
+// Display prints the I/O error of `Io`, so `source` returns `None` and a report that walks the
+// chain of causes (anyhow's `{:#}`) does not print it twice.
+impl std::error::Error for GgufError {}
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]

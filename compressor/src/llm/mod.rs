@@ -456,8 +456,19 @@ impl Llama {
     }
 
     /// Returns an empty key-value cache for up to `capacity` positions.
+    ///
+    /// # Panics
+    /// When the allocation fails; [`Llama::try_new_cache`] returns an error instead.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         KvCache::new(&self.config, capacity)
+    }
+
+    /// Allocates an empty key-value cache for up to `capacity` positions.
+    ///
+    /// # Errors
+    /// When the size overflows `usize` or the allocator fails.
+    pub fn try_new_cache(&self, capacity: usize) -> Result<KvCache, CacheAllocError> {
+        KvCache::try_new(&self.config, capacity)
     }
 
     fn linear(&self, x: &[f32], rows: usize, w: &Matrix, y: &mut [f32]) {
@@ -781,6 +792,27 @@ impl fmt::Display for ForwardError {
 
 impl std::error::Error for ForwardError {}
 
+/// A key-value cache that could not be allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheAllocError {
+    /// Positions requested.
+    pub positions: usize,
+    /// Bytes of the keys and values together.
+    pub bytes: u128,
+}
+
+impl fmt::Display for CacheAllocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "failed to allocate {} bytes for a key-value cache of {} positions",
+            self.bytes, self.positions
+        )
+    }
+}
+
+impl std::error::Error for CacheAllocError {}
+
 /// Keys and values of past positions, per layer and key-value head: `[layer][head][pos][dim]`.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -803,6 +835,17 @@ impl KvCache {
             capacity,
             len: 0,
         }
+    }
+
+    fn try_new(c: &LlamaConfig, capacity: usize) -> Result<KvCache, CacheAllocError> {
+        let per_position = (c.layers * c.kv_heads * c.head_dim) as u128;
+        let floats = per_position * capacity as u128;
+        let bytes = floats * 2 * std::mem::size_of::<f32>() as u128;
+        let error = CacheAllocError { positions: capacity, bytes };
+        let size = usize::try_from(floats).map_err(|_| error.clone())?;
+        let keys = try_zeroed(size).ok_or_else(|| error.clone())?;
+        let values = try_zeroed(size).ok_or(error)?;
+        Ok(KvCache { keys, values, kv_heads: c.kv_heads, head_dim: c.head_dim, capacity, len: 0 })
     }
 
     /// Returns the number of positions stored.
@@ -852,6 +895,14 @@ impl KvCache {
     }
 }
 
+/// Returns `len` zeros, or `None` when the allocator fails.
+fn try_zeroed(len: usize) -> Option<Vec<f32>> {
+    let mut values = Vec::new();
+    values.try_reserve_exact(len).ok()?;
+    values.resize(len, 0.0);
+    Some(values)
+}
+
 /// Perplexity of a text, scored over non-overlapping windows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Perplexity {
@@ -894,9 +945,21 @@ pub struct HostLm {
 
 impl HostLm {
     /// Pairs `model` with a cache of `capacity` positions.
+    ///
+    /// # Panics
+    /// When the cache cannot be allocated; [`HostLm::try_new`] returns an error instead.
     pub fn new(model: Llama, capacity: usize) -> HostLm {
         let cache = model.new_cache(capacity);
         HostLm { model, cache }
+    }
+
+    /// Pairs `model` with a cache of `capacity` positions.
+    ///
+    /// # Errors
+    /// When the cache cannot be allocated.
+    pub fn try_new(model: Llama, capacity: usize) -> Result<HostLm, CacheAllocError> {
+        let cache = model.try_new_cache(capacity)?;
+        Ok(HostLm { model, cache })
     }
 
     /// Returns the model.

@@ -102,14 +102,9 @@ impl fmt::Display for MarianError {
     }
 }
 
-impl std::error::Error for MarianError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            MarianError::Io { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
+// Display prints the I/O error of `Io`, so `source` returns `None` and a report that walks the
+// chain of causes (anyhow's `{:#}`) does not print it twice.
+impl std::error::Error for MarianError {}
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! `edgefold bench`: load time and latency of a packed text encoder on a synthetic token input, or
 //! of the original ONNX model with tract, and with --profile the time spent in each op.
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -8,11 +9,13 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use edgefold_compressor::exec::alloc_arena;
+use edgefold_compressor::reference::ReferenceModel;
 use edgefold_compressor::tensor::HostTensor;
 use edgefold_runtime::{Model, Session};
 
 use crate::inspect::open_mapped;
-use crate::report::{json_float, median, print_json};
+use crate::kind::{check_model_kind, PackedKind};
+use crate::report::{counted, json_float, median, print_json};
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
@@ -24,9 +27,9 @@ pub(crate) struct BenchArgs {
     /// Sequence length of the synthetic token input.
     #[arg(long, default_value_t = 128)]
     seq: usize,
-    /// Timed runs after the first one.
-    #[arg(long, default_value_t = 20)]
-    runs: usize,
+    /// Timed runs after the first one (at least 1).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// Threads for the matrix products (edgefold engine only).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
@@ -45,18 +48,24 @@ pub(crate) struct BenchArgs {
 
 /// Synthetic text-encoder input of `seq` tokens for an input named like a BERT input.
 fn token_input(name: &str, seq: usize) -> Result<Vec<i64>> {
-    Ok(match name {
-        "input_ids" => (0..seq)
-            .map(|i| match i {
-                0 => 101,
-                i if i + 1 == seq => 102,
-                i => 1000 + (i as i64 * 7919) % 20000,
-            })
-            .collect(),
-        "attention_mask" => vec![1; seq],
-        "token_type_ids" => vec![0; seq],
-        other => bail!("bench feeds token inputs only; the model has an input named {other:?}"),
-    })
+    let token = |i: usize| -> i64 {
+        match name {
+            "input_ids" if i == 0 => 101,
+            "input_ids" if i + 1 == seq => 102,
+            "input_ids" => 1000 + (i as i64 * 7919) % 20000,
+            "attention_mask" => 1,
+            _ => 0,
+        }
+    };
+    if !matches!(name, "input_ids" | "attention_mask" | "token_type_ids") {
+        bail!("bench feeds token inputs only; the model has an input named {name:?}");
+    }
+    let mut values = Vec::new();
+    if values.try_reserve_exact(seq).is_err() {
+        bail!("failed to allocate an input of {seq} tokens; pass a shorter --seq");
+    }
+    values.extend((0..seq).map(token));
+    Ok(values)
 }
 
 pub(crate) fn cmd_bench(args: BenchArgs) -> Result<()> {
@@ -64,7 +73,7 @@ pub(crate) fn cmd_bench(args: BenchArgs) -> Result<()> {
         bail!("--seq must be at least 1");
     }
     let started = Instant::now();
-    let mut times = Vec::with_capacity(args.runs);
+    let mut times = Vec::with_capacity(args.runs as usize);
     let mut profile = args.profile.then(OpProfile::default);
     let first;
     let opened;
@@ -73,6 +82,8 @@ pub(crate) fn cmd_bench(args: BenchArgs) -> Result<()> {
             let map = open_mapped(&args.file)?;
             let model = Model::open(map.bytes())
                 .with_context(|| format!("{} is not a valid packed file", args.file.display()))?;
+            let graphs = [PackedKind::Graph, PackedKind::SentenceEncoder];
+            check_model_kind(&args.file, &model, &graphs, "a text encoder graph")?;
             let mut arena = alloc_arena(&args.file, model.arena_bytes_unaligned())?;
             let mut session = Session::new(&model, &mut arena)?;
             session.set_threads(args.threads.into());
@@ -120,25 +131,31 @@ pub(crate) fn cmd_bench(args: BenchArgs) -> Result<()> {
             if args.int8_activations {
                 bail!("--int8-activations is for the edgefold engine; tract runs in f32 here");
             }
-            let model = edgefold_compressor::reference::ReferenceModel::load(&args.file)?;
+            if edgefold_compressor::onnx::is_packed_file(&args.file) {
+                bail!(
+                    "{} is a packed .fold file, not ONNX; bench it with --engine edgefold",
+                    args.file.display()
+                );
+            }
+            let model = ReferenceModel::load(&args.file)?;
             opened = started.elapsed().as_secs_f64();
             let inputs: Vec<HostTensor> = model
                 .input_names()
                 .iter()
                 .map(|n| token_input(n, args.seq).map(|v| HostTensor::i64(vec![1, args.seq], v)))
                 .collect::<Result<_>>()?;
-            model.run(&inputs)?;
+            run_tract(&model, &inputs, &args)?;
             first = started.elapsed().as_secs_f64();
             for _ in 0..args.runs {
                 let t = Instant::now();
-                model.run(&inputs)?;
+                run_tract(&model, &inputs, &args)?;
                 times.push(t.elapsed().as_secs_f64());
             }
         }
         other => bail!("--engine {other} is not known; use edgefold or tract"),
     }
     let med = median(&mut times);
-    let runs = args.runs.max(1) as f64;
+    let runs = f64::from(args.runs);
     if args.json {
         let mut out = json!({
             "file": args.file, "engine": args.engine, "seq": args.seq, "runs": args.runs,
@@ -167,8 +184,8 @@ pub(crate) fn cmd_bench(args: BenchArgs) -> Result<()> {
         print_json(&out);
     } else {
         println!(
-            "{} ({}), sequence {}: open {:.2} ms, load to first output {:.2} ms, median latency {:.2} ms over {} runs",
-            args.file.display(), args.engine, args.seq, opened * 1e3, first * 1e3, med * 1e3, args.runs
+            "{} ({}), sequence {}: open {:.2} ms, load to first output {:.2} ms, median latency {:.2} ms over {}",
+            args.file.display(), args.engine, args.seq, opened * 1e3, first * 1e3, med * 1e3, counted(args.runs, "run")
         );
         if let Some(p) = &profile {
             let all: f64 = p.ops.iter().map(|o| o.total).sum::<f64>().max(f64::MIN_POSITIVE);
@@ -184,6 +201,30 @@ pub(crate) fn cmd_bench(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `model` with tract. A panic inside tract, as on an allocation that fails for a large
+/// --seq, becomes an error that names the file and the sequence length.
+fn run_tract(model: &ReferenceModel, inputs: &[HostTensor], args: &BenchArgs) -> Result<()> {
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(inputs)));
+    std::panic::set_hook(previous_hook);
+    match outcome {
+        Ok(result) => result.map(drop).map_err(Into::into),
+        Err(payload) => {
+            let detail = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            bail!(
+                "tract panicked running {} with --seq {}: {detail}; pass a shorter --seq",
+                args.file.display(),
+                args.seq
+            )
+        }
+    }
 }
 
 /// Number of ops that `bench --profile` lists one by one.

@@ -19,7 +19,9 @@ use edgefold_compressor::text::TextEncoder;
 use edgefold_compressor::writer::check_output_is_not_input;
 
 use crate::output::{write_output, write_packed};
-use crate::report::{human_bytes, json_float, parse_at_least_one, print_json, show_stage, spinner};
+use crate::report::{
+    counted, human_bytes, json_float, parse_at_least_one, print_json, show_stage, spinner,
+};
 use crate::{llm, marian, translate};
 
 #[derive(clap::Args)]
@@ -222,14 +224,14 @@ pub(crate) fn cmd_compress(args: CompressArgs) -> Result<()> {
         }));
     } else {
         eprintln!(
-            "{} -> {}: {} -> {} ({:.1} % of the original), arena {}, {} ops, {:.1} s",
+            "{} -> {}: {} -> {} ({:.1} % of the original), arena {}, {}, {:.1} s",
             args.model.display(),
             args.output.display(),
             human_bytes(report.source_bytes),
             human_bytes(report.output_bytes),
             100.0 * ratio,
             human_bytes(report.arena_bytes),
-            report.ops,
+            counted(report.ops as u64, "op"),
             seconds
         );
         if args.low_rank != LowRank::Off {

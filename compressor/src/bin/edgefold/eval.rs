@@ -17,6 +17,7 @@ use edgefold_compressor::tensor::HostTensor;
 use edgefold_compressor::text::{cosine, read_sts, spearman};
 use edgefold_runtime::{MappedFile, Model};
 
+use crate::kind::{check_packed_kind, PackedKind};
 use crate::report::{json_float, print_json, print_size};
 use crate::{llm, translate};
 
@@ -102,7 +103,37 @@ fn check_source_matches(original: &Path, file: &Path) -> Option<bool> {
     Some(matches)
 }
 
+/// Checks that the packed files among `args.original` and `args.file` contain the kind of model
+/// that `args.task` scores, before anything else reads them.
+fn check_eval_kinds(args: &EvalArgs) -> Result<()> {
+    let graphs = [PackedKind::Graph, PackedKind::SentenceEncoder];
+    let (accepted, expected): (&[PackedKind], &str) = match args.task.as_str() {
+        "sts" => (&graphs, "a sentence encoder"),
+        "raw" | "accuracy" | "anomaly" => (&graphs, "a graph"),
+        "ppl" => (&[PackedKind::LanguageModel], "a language model"),
+        "bleu" => (&[PackedKind::Translator], "a translation model"),
+        _ => return Ok(()),
+    };
+    let original = translate::model_file_of(&args.original).unwrap_or(args.original.clone());
+    let file = translate::model_file_of(&args.file).unwrap_or(args.file.clone());
+    if accepted == graphs.as_slice() {
+        // tract runs the original of a graph, so it cannot be a packed file.
+        if edgefold_compressor::onnx::is_packed_file(&original) {
+            bail!(
+                "{} is a packed file, but --task {} runs the original ONNX model with tract; \
+                 give the ONNX model first and the packed file second",
+                original.display(),
+                args.task
+            );
+        }
+    } else {
+        check_packed_kind(&original, accepted, expected)?;
+    }
+    check_packed_kind(&file, accepted, expected)
+}
+
 pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
+    check_eval_kinds(&args)?;
     let source_matches = check_source_matches(&args.original, &args.file);
     match args.task.as_str() {
         "sts" => {}
@@ -137,14 +168,22 @@ pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
         }
     }
     let mut pairs = read_sts(&args.data)?;
+    let pairs_in_file = pairs.len();
     if let Some(limit) = args.limit {
         pairs.truncate(limit);
     }
     if pairs.len() < 2 {
-        bail!(
-            "{} has fewer than 2 pairs; Spearman correlation needs at least 2",
-            args.data.display()
-        );
+        match args.limit.filter(|&limit| limit < pairs_in_file) {
+            Some(limit) => bail!(
+                "--limit {limit} leaves fewer than 2 pairs of {}; Spearman correlation needs at \
+                 least 2",
+                args.data.display()
+            ),
+            None => bail!(
+                "{} has fewer than 2 pairs; Spearman correlation needs at least 2",
+                args.data.display()
+            ),
+        }
     }
     let mut packed =
         PackedEmbedder::open(&args.file, args.tokenizer.as_deref(), args.output.as_deref())?;
@@ -181,7 +220,7 @@ pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
     let compressed = spearman(&ours, &gold);
     let retained = compressed / original;
     let mean_agreement = agreement.iter().sum::<f64>() / agreement.len() as f64;
-    let min_agreement = agreement.iter().copied().fold(f64::INFINITY, f64::min);
+    let min_agreement = agreement.iter().copied().fold(f64::INFINITY, min_or_nan);
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let (original_bytes, packed_bytes) = (size(&args.original), size(&args.file));
     if args.json {
@@ -210,6 +249,42 @@ pub(crate) fn cmd_eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Returns the smaller of `a` and `b`, or NaN when either is NaN (`f64::min` ignores NaN).
+fn min_or_nan(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.min(b)
+    }
+}
+
+/// Returns the larger of `a` and `b`, or NaN when either is NaN (`f64::max` ignores NaN).
+fn max_or_nan(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// Checks that every label in `labels`, read from `data`, is a class index below `classes`.
+fn check_labels(data: &Path, labels: &[i64], classes: usize) -> Result<()> {
+    if classes == 0 {
+        bail!("the original model's first output is empty, so it has no classes to score");
+    }
+    let outside =
+        |&(_, &label): &(usize, &i64)| usize::try_from(label).map_or(true, |l| l >= classes);
+    if let Some((sample, label)) = labels.iter().enumerate().find(outside) {
+        bail!(
+            "{} has the label {label} for sample {sample}, outside the class range 0 to {} of \
+             the model's first output",
+            data.display(),
+            classes - 1
+        );
+    }
+    Ok(())
+}
+
 /// `edgefold eval` for the tasks scored on tensor outputs: the original ONNX model runs through
 /// tract, the packed file through the runtime, on the same samples.
 fn eval_tensors(args: &EvalArgs, source_matches: Option<bool>) -> Result<()> {
@@ -225,8 +300,8 @@ fn eval_tensors(args: &EvalArgs, source_matches: Option<bool>) -> Result<()> {
         bail!("{} has no samples", args.data.display());
     }
     let samples: Vec<Vec<HostTensor>> = inputs.into_iter().map(|t| vec![t]).collect();
-    let reference = ReferenceModel::load(&args.original)
-        .with_context(|| format!("cannot load {}", args.original.display()))?;
+    // The error names the file already.
+    let reference = ReferenceModel::load(&args.original)?;
     let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let mut packed = match PackedGraph::load(&bytes, &args.file) {
@@ -261,10 +336,10 @@ fn eval_tensors(args: &EvalArgs, source_matches: Option<bool>) -> Result<()> {
             if let (Some(x), Some(y)) = (x.as_f32(), y.as_f32()) {
                 let c = cosine(x, y);
                 cos_sum += c;
-                cos_min = cos_min.min(c);
+                cos_min = min_or_nan(cos_min, c);
                 count += 1;
                 for (p, q) in x.iter().zip(y) {
-                    max_abs = max_abs.max((p - q).abs() as f64);
+                    max_abs = max_or_nan(max_abs, (p - q).abs() as f64);
                 }
             }
         }
@@ -282,6 +357,8 @@ fn eval_tensors(args: &EvalArgs, source_matches: Option<bool>) -> Result<()> {
             })?;
             let labels = &labels[..samples.len()];
             let (a, b) = (first(&theirs), first(&ours));
+            let classes = a.first().map_or(0, Vec::len);
+            check_labels(&args.data, labels, classes)?;
             let score = |v: &[Vec<f32>]| {
                 top1_accuracy(&v.iter().map(Vec::as_slice).collect::<Vec<_>>(), labels)
             };

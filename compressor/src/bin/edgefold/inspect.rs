@@ -10,13 +10,32 @@ use edgefold_compressor::selftest::{self, VerifyError};
 use edgefold_runtime::format::{Quant, SectionKind, TensorKind};
 use edgefold_runtime::{DType, MappedFile, Model};
 
+use crate::kind::PackedKind;
 use crate::report::{human_bytes, json_float, print_json};
 use crate::ReportedInJson;
+
+/// Checks that the packed file at `path` is not a language or translation model, which carry no
+/// self-test because `compress --self-test` takes graphs compressed from ONNX only.
+fn check_graph_for_self_test(path: &Path) -> Result<()> {
+    let (kind, quality_task) = match PackedKind::of_file(path) {
+        Some(kind @ PackedKind::LanguageModel) => (kind, "ppl"),
+        Some(kind @ PackedKind::Translator) => (kind, "bleu"),
+        _ => return Ok(()),
+    };
+    bail!(
+        "{} contains {}, and self-tests exist for graphs compressed from ONNX only; compare \
+         it with its original with `edgefold eval --task {quality_task}`",
+        path.display(),
+        kind.noun()
+    )
+}
 
 pub(crate) fn cmd_verify(path: &Path, as_json: bool) -> Result<()> {
     // The map gives the same message as the other subcommands when `path` is a directory.
     let map = open_mapped(path)?;
     let bytes = map.bytes();
+    check_graph_for_self_test(path)?;
+
     let outcome = match selftest::verify(bytes, path) {
         Ok(outcome) => outcome,
         // The allocation error names the file already.
@@ -165,8 +184,10 @@ pub(crate) fn cmd_inspect(path: &Path, list_tensors: bool, as_json: bool) -> Res
         })
         .collect();
     let _ = SectionKind::ALL;
+    let kind = PackedKind::of(&model);
     let summary = json!({
         "file": path,
+        "kind": kind.id(),
         "version": format!("{}.{}", header.version_major, header.version_minor),
         "file_bytes": header.file_len,
         "weight_bytes": model.weights_len(),
@@ -186,6 +207,7 @@ pub(crate) fn cmd_inspect(path: &Path, list_tensors: bool, as_json: bool) -> Res
         return Ok(());
     }
     println!("{} (format {}.{})", path.display(), header.version_major, header.version_minor);
+    println!("  kind: {}, run with `{}`", kind.noun(), kind.subcommand());
     println!(
         "  file {}  weights {}  arena {}",
         human_bytes(header.file_len),
@@ -207,7 +229,8 @@ pub(crate) fn cmd_inspect(path: &Path, list_tensors: bool, as_json: bool) -> Res
     }
     println!("  constants:");
     for (k, (n, b)) in &storage {
-        println!("    {k:<14} {n:>5} tensors {:>12}", human_bytes(*b));
+        let tensors = if *n == 1 { "tensor " } else { "tensors" };
+        println!("    {k:<14} {n:>5} {tensors} {:>12}", human_bytes(*b));
     }
     let ops: Vec<String> = op_counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("  ops ({}): {}", model.op_count(), ops.join(", "));

@@ -44,8 +44,18 @@ impl PackedKind {
         Some(PackedKind::of(&model))
     }
 
+    /// Returns the identifier of the kind in JSON reports.
+    pub(crate) fn id(self) -> &'static str {
+        match self {
+            PackedKind::LanguageModel => "language_model",
+            PackedKind::Translator => "translation_model",
+            PackedKind::SentenceEncoder => "sentence_encoder",
+            PackedKind::Graph => "graph",
+        }
+    }
+
     /// Returns the noun phrase that names the kind in messages.
-    fn noun(self) -> &'static str {
+    pub(crate) fn noun(self) -> &'static str {
         match self {
             PackedKind::LanguageModel => "a language model",
             PackedKind::Translator => "a translation model",
@@ -55,7 +65,7 @@ impl PackedKind {
     }
 
     /// Returns the subcommand that runs the kind, as users type it.
-    fn subcommand(self) -> &'static str {
+    pub(crate) fn subcommand(self) -> &'static str {
         match self {
             PackedKind::LanguageModel => "edgefold generate",
             PackedKind::Translator => "edgefold translate",
@@ -109,4 +119,32 @@ fn check_kind(
         kind.noun(),
         kind.subcommand()
     )
+}
+
+/// Checks that `path`, given where a model of the kind that `expected` names belongs, is not a
+/// GGUF language model or an ONNX graph, which only some subcommands take before packing. Other
+/// files pass, so that the subcommand reports them with its own message.
+///
+/// # Errors
+/// When the file starts with the GGUF magic bytes or has the `.onnx` extension: the message
+/// names the format and the subcommand that takes it.
+pub(crate) fn check_not_source_model(path: &Path, expected: &str) -> Result<()> {
+    let mut head = [0u8; 4];
+    let is_gguf = std::fs::File::open(path)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut head))
+        .is_ok_and(|()| &head == b"GGUF");
+    if is_gguf {
+        bail!(
+            "{} is a GGUF language model, not {expected}; run it with `edgefold generate`",
+            path.display()
+        );
+    }
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx")) {
+        bail!(
+            "{} is an ONNX graph, not {expected}; pack it with `edgefold compress` and run it \
+             with `edgefold run` or `edgefold embed`",
+            path.display()
+        );
+    }
+    Ok(())
 }

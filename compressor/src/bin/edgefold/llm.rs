@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -126,12 +126,14 @@ struct ModelInfo {
 
 /// Opens `path`, a packed file or a GGUF model, and runs `f` on it with a cache of `capacity`
 /// positions (a packed file's own context length when `None`, or for a GGUF model the model's,
-/// at most 2048). `weights` applies to GGUF models only.
+/// at most 2048). `weights` applies to GGUF models only. `capacity_option` is the option that
+/// sets `capacity`, which an allocation failure names.
 fn with_model<T>(
     path: &Path,
     products: Products,
     weights: WeightKind,
     capacity: Option<usize>,
+    capacity_option: &str,
     f: impl FnOnce(&mut dyn CausalLm, &GgufTokenizer, ModelInfo) -> Result<T>,
 ) -> Result<T> {
     let Products { threads, int8_activations } = products;
@@ -149,7 +151,8 @@ fn with_model<T>(
             storage: format!("{weights:?} on the host"),
         };
         let capacity = capacity.unwrap_or(model.config().context.min(2048));
-        let mut lm = HostLm::new(model, capacity);
+        let mut lm = HostLm::try_new(model, capacity)
+            .map_err(|e| anyhow!("cannot run {}: {e}; lower {capacity_option}", path.display()))?;
         return f(&mut lm, &tokenizer, info);
     }
     check_packed_kind(path, &[PackedKind::LanguageModel], "a language model")?;
@@ -196,9 +199,16 @@ pub fn cmd_generate(args: GenerateArgs) -> Result<()> {
     let model_path = args.model.clone();
     let products =
         Products { threads: args.threads.into(), int8_activations: args.int8_activations };
-    with_model(&model_path, products, args.weights, args.max_seq, |lm, tokenizer, info| {
-        generate(lm, tokenizer, &args, &info.storage, load_start.elapsed().as_secs_f64())
-    })
+    with_model(
+        &model_path,
+        products,
+        args.weights,
+        args.max_seq,
+        "--max-seq",
+        |lm, tokenizer, info| {
+            generate(lm, tokenizer, &args, &info.storage, load_start.elapsed().as_secs_f64())
+        },
+    )
 }
 
 fn generate(
@@ -359,7 +369,7 @@ pub fn eval_perplexity(
             _ => (weights, products),
         };
         let (bytes, n_tokens, result, time) =
-            with_model(path, run, kind, Some(window), |lm, tokenizer, info| {
+            with_model(path, run, kind, Some(window), "--window", |lm, tokenizer, info| {
                 let mut tokens = tokenizer.encode(&text)?;
                 tokens.truncate(limit.unwrap_or(8192));
                 if tokens.len() < 2 {

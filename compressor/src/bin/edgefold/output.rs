@@ -8,6 +8,9 @@ use anyhow::Result;
 
 use edgefold_compressor::writer::{temporary_path, write_atomic};
 use edgefold_runtime::format::Header;
+use edgefold_runtime::{Model, OpenOptions};
+
+use crate::kind::PackedKind;
 
 /// Arena size above which `compress` warns, in bytes.
 const LARGE_ARENA_BYTES: u64 = 1 << 30;
@@ -16,19 +19,37 @@ const LARGE_ARENA_BYTES: u64 = 1 << 30;
 /// that it plans exceeds [`LARGE_ARENA_BYTES`].
 pub fn write_packed(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Ok(header) = Header::parse(bytes) {
-        warn_large_arena(path, header.arena_bytes);
+        if header.arena_bytes > LARGE_ARENA_BYTES {
+            warn_large_arena(path, bytes, header.arena_bytes);
+        }
     }
     write_output(path, bytes)
 }
 
-fn warn_large_arena(path: &Path, arena_bytes: u64) {
-    if arena_bytes <= LARGE_ARENA_BYTES {
-        return;
-    }
+/// Warns that the packed file `bytes`, to be written to `path`, plans an arena of `arena_bytes`,
+/// naming the subcommands that allocate it and, for its kind, the options that set its size.
+fn warn_large_arena(path: &Path, bytes: &[u8], arena_bytes: u64) {
+    let options = OpenOptions { verify_weights: false };
+    let kind = Model::open_with(bytes, options).map_or(PackedKind::Graph, |m| PackedKind::of(&m));
+    let (users, fix) = match kind {
+        PackedKind::LanguageModel => (
+            "`generate`, `eval --task ppl`",
+            "compress again with a smaller --max-seq unless the target has that much memory",
+        ),
+        PackedKind::Translator => (
+            "`translate`, `eval --task bleu`",
+            "check that the target has that much memory, because no option of `compress` \
+             makes it smaller",
+        ),
+        PackedKind::Graph | PackedKind::SentenceEncoder => (
+            "`run`, `bench`, `embed`, `eval`",
+            "compress again with a smaller --max-seq or --max-batch unless the target has that \
+             much memory",
+        ),
+    };
     log::warn!(
-        "{} plans an arena of {:.1} MiB, which `run`, `bench`, `embed`, `generate` and the device \
-         allocate when they load it; --max-seq and --max-batch set its size, so compress again \
-         with smaller values unless the target has that much memory",
+        "{} plans an arena of {:.1} MiB, which {users} and the device allocate when they load \
+         it; {fix}",
         path.display(),
         arena_bytes as f64 / (1u64 << 20) as f64
     );

@@ -50,6 +50,14 @@ pub(crate) fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Returns `count` followed by `noun`, with an `s` added unless `count` is 1: "1 op", "2 ops".
+pub(crate) fn counted(count: impl Into<u64>, noun: &str) -> String {
+    match count.into() {
+        1 => format!("1 {noun}"),
+        count => format!("{count} {noun}s"),
+    }
+}
+
 pub(crate) fn spinner(message: &str) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
     bar.set_message(message.to_owned());

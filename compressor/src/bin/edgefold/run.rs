@@ -17,7 +17,7 @@ use edgefold_runtime::{DType, Model, Session};
 use crate::inspect::open_mapped;
 use crate::kind::{check_model_kind, check_packed_kind, PackedKind};
 use crate::llm;
-use crate::report::{json_float, print_json};
+use crate::report::{counted, json_float, print_json};
 
 fn to_input<'a>(
     t: &'a HostTensor,
@@ -63,9 +63,9 @@ pub(crate) fn cmd_run(
     check_model_kind(path, &model, &graphs, "a graph")?;
     if inputs.len() != model.input_count() {
         bail!(
-            "{} has {} inputs; {} --input files were given",
+            "{} has {}; pass one --input file per input ({} given)",
             path.display(),
-            model.input_count(),
+            counted(model.input_count() as u64, "input"),
             inputs.len()
         );
     }
@@ -130,8 +130,8 @@ pub(crate) fn cmd_run(
     }
     if output.is_some() && output_index >= model.output_count() {
         bail!(
-            "--output-index {output_index} is out of range: the model has {} outputs",
-            model.output_count()
+            "--output-index {output_index} is out of range: the model has {}",
+            counted(model.output_count() as u64, "output")
         );
     }
     if as_json {

@@ -16,7 +16,7 @@ use edgefold_compressor::marian::{
 use edgefold_runtime::mmap::MappedFile;
 use edgefold_runtime::Model;
 
-use crate::kind::{check_packed_kind, PackedKind};
+use crate::kind::{check_not_source_model, check_packed_kind, PackedKind};
 use crate::report::json_float;
 
 /// Options of `edgefold translate`.
@@ -72,7 +72,8 @@ pub fn find_model_files(path: &Path, with_shortlist: bool) -> Result<ModelFiles>
         };
         (dir, path.to_path_buf())
     };
-    // A packed file of another kind is named before the tokenizer is looked for.
+    // A model of another kind is named before the tokenizer is looked for.
+    check_not_source_model(&model, "a translation model")?;
     check_packed_kind(&model, &[PackedKind::Translator], "a translation model")?;
 
     let tokenizer = dir.join("tokenizer.json");
