@@ -13,9 +13,12 @@ use common::{
 };
 use edgefold_compressor::testdata::skip;
 
-/// A sequence length whose arena (about 366 GiB for `dynamic_shapes.onnx`, 35 TiB for MiniLM)
-/// is far more memory than test machines have.
-const HUGE_MAX_SEQ: &str = "4000000000";
+/// A batch size whose arena (terabytes for `dynamic_shapes.onnx` and for MiniLM) is far more
+/// memory than test machines have.
+const HUGE_MAX_BATCH: &str = "4000000000";
+
+/// The longest sequence `dynamic_shapes.onnx` takes: its table of positions has 16 rows.
+const FIXTURE_MAX_SEQ: &str = "16";
 
 /// Returns whether an allocation larger than the machine's memory fails, as it does unless the
 /// kernel overcommits every allocation (`vm.overcommit_memory = 1`).
@@ -43,7 +46,8 @@ fn compress_rejects_output_that_is_input() {
     // is read from beside the model.
     let relative = dir.join("..").join(dir.file_name().unwrap()).join("same.onnx");
     for output in [&model, &relative, &link, &tokenizer] {
-        let result = compress_command(&model, output).output().unwrap();
+        let result =
+            compress_command(&model, output).args(["--max-seq", FIXTURE_MAX_SEQ]).output().unwrap();
         let stderr = stderr_of(&result);
         assert_eq!(result.status.code(), Some(1), "-o {}: {stderr}", output.display());
         assert!(stderr.contains(&output.display().to_string()), "{stderr}");
@@ -55,7 +59,8 @@ fn compress_rejects_output_that_is_input() {
     // An output that exists but is no input is replaced as before.
     let other = dir.join("other.fold");
     std::fs::write(&other, b"old").unwrap();
-    let result = compress_command(&model, &other).output().unwrap();
+    let result =
+        compress_command(&model, &other).args(["--max-seq", FIXTURE_MAX_SEQ]).output().unwrap();
     assert!(result.status.success(), "{}", stderr_of(&result));
     assert_ne!(std::fs::read(&other).unwrap(), b"old");
     std::fs::remove_dir_all(&dir).ok();
@@ -69,7 +74,7 @@ fn huge_arena_warns_then_fails_cleanly() {
     let dir = scratch_dir("huge-arena");
     let packed = dir.join("huge.fold");
     let result = compress_command(onnx_fixture("dynamic_shapes.onnx"), &packed)
-        .args(["--max-seq", HUGE_MAX_SEQ])
+        .args(["--max-seq", FIXTURE_MAX_SEQ, "--max-batch", HUGE_MAX_BATCH])
         .output()
         .unwrap();
     let stderr = stderr_of(&result);
@@ -96,7 +101,7 @@ fn huge_arena_warns_then_fails_cleanly() {
     // Embedding a self-test runs the model, so it needs the arena at compress time.
     let with_test = dir.join("huge-self-test.fold");
     let result = compress_command(onnx_fixture("dynamic_shapes.onnx"), &with_test)
-        .args(["--max-seq", HUGE_MAX_SEQ, "--self-test"])
+        .args(["--max-seq", FIXTURE_MAX_SEQ, "--max-batch", HUGE_MAX_BATCH, "--self-test"])
         .output()
         .unwrap();
     assert_clean_arena_error(&result, "compress --self-test", &with_test.display().to_string());
@@ -113,7 +118,7 @@ fn huge_arena_embed_fails_cleanly() {
     let dir = scratch_dir("huge-arena-embed");
     let packed = dir.join("huge.fold");
     let result =
-        compress_command(&model, &packed).args(["--max-seq", HUGE_MAX_SEQ]).output().unwrap();
+        compress_command(&model, &packed).args(["--max-batch", HUGE_MAX_BATCH]).output().unwrap();
     assert!(result.status.success(), "{}", stderr_of(&result));
     let result = edgefold().arg("embed").arg(&packed).arg("hello").output().unwrap();
     assert_clean_arena_error(&result, "embed", &packed.display().to_string());
