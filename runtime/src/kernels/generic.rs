@@ -1214,8 +1214,13 @@ mod tests {
     /// than the last is the input's contiguous one.
     #[test]
     fn word_transpose_matches_definition() {
-        let cases: [&[usize]; 4] = [&[17, 33], &[3, 1, 18], &[2, 19, 5, 16], &[1, 130, 12, 32]];
-        for dims in cases {
+        // Miri interprets every copy, so it runs the smaller shapes only.
+        let cases: &[&[usize]] = if cfg!(miri) {
+            &[&[17, 3], &[3, 1, 18]]
+        } else {
+            &[&[17, 33], &[3, 1, 18], &[2, 19, 5, 16], &[1, 130, 12, 32]]
+        };
+        for &dims in cases {
             let xs = Shape::from_slice(dims).unwrap();
             let in_strides = xs.strides();
             let x: Vec<u32> = (0..xs.numel() as u32).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
@@ -1241,7 +1246,7 @@ mod tests {
 
         // The keys' transpose of attention takes the tiled copy, and the one that moves whole
         // rows does not.
-        let xs = Shape::from_slice(&[1, 130, 12, 32]).unwrap();
+        let xs = Shape::from_slice(&[1, 18, 3, 16]).unwrap();
         let bytes = std::vec![0u8; 4 * xs.numel()];
         let mut out = std::vec![0u8; bytes.len()];
         for (order, tiled) in [([0u8, 2, 3, 1], true), ([0, 2, 1, 3], false)] {
