@@ -126,7 +126,7 @@ impl AlignedFile {
         AlignedFile { words, len: bytes.len() }
     }
 
-    /// The file's bytes.
+    /// Returns the file's bytes.
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: `words` is `16 * words.len()` initialized bytes (u128 has no padding) and `len`
         // never exceeds that.

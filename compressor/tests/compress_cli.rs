@@ -17,7 +17,7 @@ use edgefold_compressor::testdata::skip;
 /// memory than test machines have.
 const HUGE_MAX_BATCH: &str = "4000000000";
 
-/// The longest sequence `dynamic_shapes.onnx` takes: its table of positions has 16 rows.
+/// The maximum sequence length of `dynamic_shapes.onnx`, whose table of positions has 16 rows.
 const FIXTURE_MAX_SEQ: &str = "16";
 
 /// Returns whether an allocation larger than the machine's memory fails, as it does unless the

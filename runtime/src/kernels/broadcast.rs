@@ -97,7 +97,7 @@ pub(crate) fn min_rows(w: &super::Weights<'_>) -> Option<usize> {
 /// AVX-512, which in that family means Zen 4, whose cores run each 512-bit operation as two
 /// 256-bit halves. The result is read once, because `cpuid` can trap to the hypervisor in a
 /// virtual machine.
-/// NOTE: AMD family 1Ah parts with 256-bit AVX-512 datapaths, if any, are not told apart.
+/// NOTE: AMD family 1Ah parts with 256-bit AVX-512 datapaths, if any, are not distinguished.
 fn is_amd_family_19h() -> bool {
     static FAMILY_19H: OnceLock<bool> = OnceLock::new();
     *FAMILY_19H.get_or_init(|| {
